@@ -1,0 +1,3 @@
+"""gruserve: serve Keras GRU models with per-session state."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,145 @@
+"""The ``gruserve`` command line: import Keras models, inspect the repository, serve, train.
+
+Every command turns a :class:`~gruserve.errors.GruServeError` into a one-line
+message on stderr and exit code 1; anything else is a bug and keeps its
+traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from gruserve.errors import GruServeError, MissingDependency
+
+app = typer.Typer(
+    name="gruserve",
+    help="Serve Keras GRU models with per-session state.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+console = Console()
+errors = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+ModelsDir = Annotated[
+    Path, typer.Option("--models-dir", help="Model repository folder.", envvar="GRUSERVE_MODELS_DIR")
+]
+
+
+def _reports_errors(func: F) -> F:
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except GruServeError as exc:
+            errors.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+    return wrapper  # type: ignore[return-value]
+
+
+def _require(module: str, extra: str, purpose: str) -> None:
+    if importlib.util.find_spec(module) is None:
+        raise MissingDependency(module, extra, purpose)
+
+
+@app.command("import-keras")
+@_reports_errors
+def import_keras(
+    path: Annotated[Path, typer.Argument(help="A .keras file, or a Keras 3 / tf-keras .h5 file.")],
+    name: Annotated[str, typer.Option("--name", help="Model name in the repository.")],
+    version: Annotated[int | None, typer.Option("--version", help="Version number (default: next).")] = None,
+    models_dir: ModelsDir = Path("models"),
+    reference: Annotated[str, typer.Option(help="Parity reference: auto, torch or numpy.")] = "auto",
+) -> None:
+    """Convert a trained Keras model (no TensorFlow needed) into models/NAME/VERSION."""
+    _require("onnx", "convert", "import-keras")
+    _require("h5py", "convert", "import-keras")
+    from gruserve.export.exporter import export_model
+    from gruserve.keras_io import load_keras_model
+
+    with console.status(f"reading {path}"):
+        loaded = load_keras_model(path)
+    with console.status("building the ONNX graph and checking parity"):
+        result = export_model(
+            loaded.spec, loaded.weights, models_dir=models_dir, name=name, version=version,
+            source=loaded.source, reference=reference,
+        )
+    parity = result.manifest.parity
+    console.print(
+        f"[green]wrote[/] {result.path} (parity max |diff| {parity['max_abs_diff']:.2e} "
+        f"vs {parity['reference']})"
+    )
+
+
+@app.command()
+@_reports_errors
+def inspect(
+    model: Annotated[Path, typer.Argument(help="models/NAME or models/NAME/VERSION.")],
+) -> None:
+    """Print a readable summary of one model in the repository."""
+    from gruserve.repository import load_version, versions
+
+    path = Path(model)
+    if path.name.isdigit():
+        chosen, available = load_version(path), versions(path.parent)
+    else:
+        available = versions(path)
+        if not available:
+            raise GruServeError(f"{path}: no model versions found (expected {path}/1/model.json)")
+        chosen = load_version(path / str(available[-1]))
+    console.print(_summary(chosen, available))
+
+
+def _summary(chosen: Any, available: list[int]) -> Table:
+    m = chosen.manifest
+    overview = Table.grid(padding=(0, 2))
+    overview.add_row("[bold]model[/]", f"{m.name} v{m.version} (versions: {', '.join(map(str, available))})")
+    overview.add_row("[bold]onnx[/]", f"{chosen.onnx_path} opset {m.opset}, IR {m.ir_version}, sha256 {m.onnx_sha256[:16]}…")
+    overview.add_row("[bold]source[/]", ", ".join(f"{k}={v}" for k, v in m.source.items()) or "-")
+    layout = "time-major" if m.time_major else "batch-major"
+    overview.add_row("[bold]layout[/]", f"{layout}; Keras {m.keras_version} semantics; "
+                     f"{'one output per timestep' if m.output_per_timestep else 'one output per sequence'}")
+    tensors = Table("role", "tensor", "dtype", "shape", box=None)
+    for role, items in (("input", m.inputs), ("output", m.outputs)):
+        for t in items:
+            tensors.add_row(role, t.name, t.dtype, escape(str(t.shape)))
+    for s in m.states:
+        tensors.add_row("state in", s.input, "float32", escape(str(["batch", s.units])))
+        tensors.add_row("state out", s.output, "float32", escape(str(["batch", s.units])))
+    layers = Table("layer", "class", "export", "cuDNN", "notes", box=None)
+    for layer in m.layers:
+        export = layer.export or {}
+        layers.add_row(layer.name, layer.class_name, export.get("strategy", "-"),
+                       {True: "yes", False: "no"}.get(export.get("cudnn_eligible"), "-"),
+                       "; ".join(export.get("notes", [])))
+    parity = m.parity
+    verdict = "[green]passed[/]" if parity.get("passed") else "[red]FAILED[/]"
+    cases = ", ".join(f"{c['case']} {c['max_abs_diff']:.1e}" for c in parity.get("cases", []))
+    overview.add_row("[bold]parity[/]", f"{verdict} vs {parity.get('reference')}: max |diff| "
+                     f"{parity.get('max_abs_diff', float('nan')):.2e} ({cases})")
+    if m.metrics:
+        overview.add_row("[bold]metrics[/]", ", ".join(f"{k}={v}" for k, v in m.metrics.items()))
+    outer = Table.grid()
+    outer.add_row(overview)
+    outer.add_row("")
+    outer.add_row(tensors)
+    outer.add_row("")
+    outer.add_row(layers)
+    return outer
+
+
+def main() -> None:  # pragma: no cover - console-script shim
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,168 @@
+"""Writing a model into the repository: ``models/NAME/VERSION/{model.onnx,model.json}``.
+
+Everything is built and verified in memory and in a hidden temporary folder
+beside the target; only a finished, parity-checked version is renamed into
+place, so a failed export leaves the repository exactly as it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gruserve import __version__
+from gruserve.errors import ExportError, ParityError, RepositoryError, WeightShapeError
+from gruserve.export.model_graph import build_model_graph
+from gruserve.export.parity import parity_report
+from gruserve.layers.model import ModelSpec, is_recurrent
+from gruserve.manifest import MANIFEST_FILE, ONNX_FILE, LayerInfo, Manifest, StateInfo, TensorInfo
+from gruserve.repository import next_version, validate_model_name
+
+DEFAULT_BATCHING = {"max_batch_size": 64, "max_delay_ms": 2.0}
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    path: Path
+    manifest: Manifest
+
+
+def check_weights(spec: ModelSpec, weights: Mapping[str, Mapping[str, np.ndarray]]) -> None:
+    """Every weight the spec implies is present with its Keras shape, and nothing else."""
+    expected = spec.weight_shapes()
+    for layer, shapes in expected.items():
+        given = weights.get(layer, {})
+        for key, shape in shapes.items():
+            if key not in given:
+                raise WeightShapeError(layer, f"missing weight {key!r} (expected shape {shape})")
+            if tuple(np.shape(given[key])) != tuple(shape):
+                raise WeightShapeError(
+                    layer, f"weight {key!r} has shape {tuple(np.shape(given[key]))}, expected {shape}"
+                )
+        extra = sorted(set(given) - set(shapes))
+        if extra:
+            raise WeightShapeError(layer, f"unexpected weights {extra}; expected {sorted(shapes)}")
+    unknown = sorted(set(weights) - set(expected))
+    if unknown:
+        raise WeightShapeError("model", f"weights for unknown layers {unknown}")
+
+
+def export_model(
+    spec: ModelSpec,
+    weights: Mapping[str, Mapping[str, np.ndarray]],
+    *,
+    models_dir: Path,
+    name: str,
+    version: int | None = None,
+    source: dict[str, Any] | None = None,
+    preprocessing: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
+    reference: str = "auto",
+) -> ExportResult:
+    """Build, verify and atomically write one model version.
+
+    Raises:
+        ExportError: the graph could not be built, or (ParityError) it
+            disagrees with the reference math.
+        RepositoryError: bad name, or the version already exists.
+    """
+    validate_model_name(name)
+    check_weights(spec, weights)
+    models_dir = Path(models_dir)
+    model_dir = models_dir / name
+    version = version if version is not None else next_version(model_dir)
+    if version < 1:
+        raise RepositoryError(f"version must be a positive integer, got {version}")
+    target = model_dir / str(version)
+    if target.exists():
+        raise RepositoryError(f"{target} already exists; choose another --version")
+
+    weights32 = {layer: {k: np.asarray(v, np.float32) for k, v in w.items()} for layer, w in weights.items()}
+    built = build_model_graph(spec, weights32)
+    onnx_bytes = built.model.SerializeToString()
+    parity = parity_report(spec, weights32, onnx_bytes, static_timesteps=built.static_timesteps,
+                           reference=reference)
+    if not parity["passed"]:
+        raise ParityError(
+            f"exported graph disagrees with the reference (max |diff| {parity['max_abs_diff']:.3g}); "
+            "nothing was written"
+        )
+    manifest = _manifest(spec, built, onnx_bytes, name, version, parity, source, preprocessing, metrics)
+    _write_atomically(target, {ONNX_FILE: onnx_bytes, MANIFEST_FILE: manifest.to_json().encode()})
+    return ExportResult(target, manifest)
+
+
+def _manifest(spec, built, onnx_bytes, name, version, parity, source, preprocessing, metrics) -> Manifest:  # type: ignore[no-untyped-def]
+    sig = built.signature
+    return Manifest(
+        name=name,
+        version=version,
+        onnx_sha256=hashlib.sha256(onnx_bytes).hexdigest(),
+        opset=built.model.opset_import[0].version,
+        ir_version=built.model.ir_version,
+        inputs=[TensorInfo(s.name, s.dtype, list(s.shape)) for s in sig.inputs],
+        outputs=[TensorInfo(s.name, s.dtype, list(s.shape)) for s in sig.outputs],
+        states=[
+            StateInfo(s.key, s.layer, s.path, s.units, i.name, o.name)
+            for s, i, o in zip(spec.states(), sig.state_inputs, sig.state_outputs)
+        ],
+        layers=[
+            LayerInfo(
+                layer.name,
+                layer.class_name,
+                layer.to_config(),
+                built.layers[layer.name].as_dict() if is_recurrent(layer) else None,
+            )
+            for layer in spec.layers
+        ],
+        time_major=spec.time_major,
+        output_per_timestep=spec.returns_sequences(),
+        static_timesteps=built.static_timesteps,
+        keras_version=spec.keras_version,
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        producer={"name": "gruserve", "version": __version__},
+        parity=parity,
+        source=dict(source or {}),
+        model_config=spec.to_config(),
+        preprocessing=preprocessing,
+        metrics=dict(metrics or {}),
+        batching=dict(DEFAULT_BATCHING),
+    )
+
+
+def _write_atomically(target: Path, files: dict[str, bytes]) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        for filename, data in files.items():
+            with open(staging / filename, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+        os.rename(staging, target)  # atomic on one filesystem; fails if target appeared meanwhile
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise ExportError(f"could not write {target}: {exc}") from exc
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        _remove_empty(target.parent)
+
+
+def _remove_empty(model_dir: Path) -> None:
+    """Drop a model folder this export created but never filled."""
+    try:
+        if model_dir.is_dir() and not any(model_dir.iterdir()):
+            model_dir.rmdir()
+    except OSError:
+        pass

@@ -1,0 +1,345 @@
+"""Exporting one recurrent layer: native ONNX GRU, Scan loop, or unrolled steps.
+
+Strategy per layer (recorded in the manifest):
+
+- ``native``: every cell's activations exist in the ONNX GRU operator. The
+  native node handles right-padded masks through ``sequence_lens``; a mask
+  with holes or left padding is only known at run time, so the node sits in
+  the ``then`` branch of an If whose ``else`` branch is the Scan loop.
+- ``loop``: a Scan whose body is the Keras step function.
+- ``unrolled``: ``unroll=True``; one copy of the step per timestep (the model
+  must declare its number of timesteps).
+
+Keras semantics the native branch restores around the operator: the output
+sequence of ``go_backwards`` is in processing order (ONNX returns input
+order), masked outputs repeat the previous output unless
+``zero_output_for_mask`` (ONNX writes zeros), and an all-masked sample keeps
+its initial state (ONNX reports zeros).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from onnx import helper
+
+from gruserve.errors import ExportError
+from gruserve.export.symbolic import OnnxBackend, OnnxTensor, value_info
+from gruserve.layers.activations import OnnxGruActivation
+from gruserve.layers.forward import (
+    bidirectional_forward,
+    cell_weights,
+    combine_directions,
+    merge_directions,
+    rnn_forward,
+)
+from gruserve.layers.recurrent import BidirectionalSpec, GRUCellSpec, RNNSpec
+
+# ONNX activations that read an alpha / a beta from the attribute lists.
+_TAKES_ALPHA = {"Affine", "HardSigmoid", "LeakyRelu", "Elu", "ThresholdedRelu", "ScaledTanh"}
+_TAKES_BETA = {"Affine", "HardSigmoid", "ScaledTanh"}
+
+
+@dataclass
+class LayerExport:
+    """How one layer was exported, for the manifest."""
+
+    strategy: str
+    cudnn_eligible: bool
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, object]:
+        return {"strategy": self.strategy, "cudnn_eligible": self.cudnn_eligible, "notes": self.notes}
+
+
+def _native_activations(cell: GRUCellSpec) -> list[OnnxGruActivation] | None:
+    f = cell.recurrent_activation_fn.onnx_gru
+    g = cell.activation_fn.onnx_gru
+    return None if f is None or g is None else [f, g]
+
+
+def _cudnn_reasons(cells: Sequence[GRUCellSpec]) -> list[str]:
+    """Why onnxruntime's CUDA EP would fall back to the CPU for these cells."""
+    reasons = []
+    for cell in cells:
+        if (cell.activation, cell.recurrent_activation) != ("tanh", "sigmoid"):
+            reasons.append(f"activations {cell.activation}/{cell.recurrent_activation} (cuDNN: tanh/sigmoid)")
+        if not cell.reset_after:
+            reasons.append("reset_after=False (cuDNN needs linear_before_reset=1)")
+    return sorted(set(reasons))
+
+
+def choose_strategy(spec: RNNSpec) -> LayerExport:
+    if spec.unroll:
+        return LayerExport("unrolled", False, ["unroll=True: one step per timestep"])
+    missing = [
+        f"{c.activation}/{c.recurrent_activation}" for c in spec.cells if _native_activations(c) is None
+    ]
+    if missing:
+        return LayerExport("loop", False, [f"activations {', '.join(missing)} have no ONNX GRU equivalent"])
+    reasons = _cudnn_reasons(spec.cells)
+    notes = ["masks with holes or left padding run the Scan loop (If branch)"] + reasons
+    return LayerExport("native", not reasons, notes)
+
+
+# ----------------------------------------------------------------------------- native node
+def _gru_node(
+    ob: OnnxBackend,
+    x_tbf: OnnxTensor,
+    cells: Sequence[tuple[GRUCellSpec, Mapping[str, OnnxTensor]]],
+    lens: OnnxTensor,
+    h0: OnnxTensor,
+    direction: str,
+) -> tuple[OnnxTensor, OnnxTensor]:
+    """One ONNX GRU node (1 or 2 directions) from Keras-layout weights.
+
+    The transposes of the Keras kernels are constant-folded by onnxruntime
+    when the session loads, so the file stores each weight once.
+    """
+    reset_after = {c.reset_after for c, _ in cells}
+    if len(reset_after) != 1:
+        raise ExportError("a bidirectional GRU node needs the same reset_after in both directions")
+    units = cells[0][0].units
+    ws, rs, bs = [], [], []
+    activations: list[OnnxGruActivation] = []
+    for cell, w in cells:
+        ws.append(ob.expand_dims(ob.transpose(w["kernel"], [1, 0]), 0))
+        rs.append(ob.expand_dims(ob.transpose(w["recurrent_kernel"], [1, 0]), 0))
+        if cell.use_bias:
+            bias = w["bias"]
+            flat = ob.op("Reshape", [bias, ob.ints([-1])], rank=1)
+            if not cell.reset_after:  # input bias only; recurrent half is zero
+                flat = ob.concat([flat, ob.const(np.zeros(3 * units, np.float32))], axis=0)
+        else:
+            flat = ob.const(np.zeros(6 * units, np.float32))
+        bs.append(ob.expand_dims(flat, 0))
+        acts = _native_activations(cell)
+        if acts is None:
+            raise ExportError(f"activations of {cell.name} are not native")
+        activations.extend(acts)
+    def cat(parts: list[OnnxTensor]) -> OnnxTensor:
+        return parts[0] if len(parts) == 1 else ob.concat(parts, axis=0)
+    attrs: dict[str, object] = {
+        "hidden_size": units,
+        "direction": direction,
+        "linear_before_reset": int(reset_after.pop()),
+        "layout": 0,
+    }
+    if any(a.op != s for a, s in zip(activations, ["Sigmoid", "Tanh"] * 2)):
+        attrs["activations"] = [a.op for a in activations]
+    alphas = [a.alpha for a in activations if a.op in _TAKES_ALPHA]
+    betas = [a.beta for a in activations if a.op in _TAKES_BETA]
+    if alphas:
+        attrs["activation_alpha"] = [float(v) for v in alphas]
+    if betas:
+        attrs["activation_beta"] = [float(v) for v in betas]
+    y, y_h = ob.op("GRU", [x_tbf, cat(ws), cat(rs), cat(bs), lens, h0], rank=4, n_outputs=2, **attrs)
+    y_h.rank = 3
+    return y, y_h
+
+
+def _right_padded_lengths(ob: OnnxBackend, mask: OnnxTensor) -> OnnxTensor:
+    return ob.op("ReduceSum", [ob.cast(mask, "int32"), ob.ints([1])], dtype="int32", rank=1, keepdims=0)
+
+
+def _is_right_padded(ob: OnnxBackend, mask: OnnxTensor, lens: OnnxTensor) -> OnnxTensor:
+    """A scalar bool: every row of ``mask`` is ``lens[b]`` trues then falses."""
+    steps = ob.op("Shape", [mask], dtype="int64", rank=1, start=1, end=2)
+    steps = ob.squeeze(steps, 0)
+    positions = ob.op("Range", [ob.const(0, "int64"), steps, ob.const(1, "int64")], dtype="int64", rank=1)
+    expected = ob.less(ob.expand_dims(positions, 0), ob.expand_dims(ob.cast(lens, "int64"), 1))
+    agree = ob.cast(ob.op("Equal", [expected, mask], dtype="bool", rank=2), "int32")
+    # ReduceMin over an empty batch gives INT_MAX, i.e. "true".
+    return ob.greater(ob.op("ReduceMin", [agree], dtype="int32", rank=0, keepdims=0), 0)
+
+
+def _restore_keras_outputs(
+    ob: OnnxBackend,
+    spec: RNNSpec,
+    y_seq: OnnxTensor,
+    y_last: OnnxTensor,
+    h0: OnnxTensor,
+    mask: OnnxTensor,
+    lens: OnnxTensor,
+) -> tuple[OnnxTensor, OnnxTensor]:
+    """Turn the node's (B, T, U) sequence and final state into Keras's output and state."""
+    any_valid = ob.expand_dims(ob.greater(lens, 0), -1)
+    state = ob.where(any_valid, y_last, h0)
+    last_valid = ob.where(any_valid, y_last, 0.0)
+    if spec.return_sequences:
+        if spec.go_backwards:
+            # Processing order puts the padding first, before any valid step: zeros either way.
+            return ob.flip(y_seq, 1), state
+        if spec.zero_output_for_mask:
+            return y_seq, state
+        return ob.where(ob.expand_dims(mask, -1), y_seq, ob.expand_dims(last_valid, 1)), state
+    if spec.zero_output_for_mask and not spec.go_backwards:
+        last_step = ob.expand_dims(ob.time_step(mask, -1), -1)
+        return ob.where(last_step, y_last, 0.0), state
+    return last_valid, state
+
+
+def _native_rnn(
+    ob: OnnxBackend,
+    spec: RNNSpec,
+    weights: Mapping[str, OnnxTensor],
+    x: OnnxTensor,
+    mask: OnnxTensor,
+    initial_states: Sequence[OnnxTensor],
+) -> tuple[OnnxTensor, list[OnnxTensor]]:
+    """Stacked native nodes; the batch-major x and mask are already Keras-ordered."""
+    lens = _right_padded_lengths(ob, mask)
+    direction = "reverse" if spec.go_backwards else "forward"
+    seq_tbf = ob.transpose(x, [1, 0, 2])
+    states: list[OnnxTensor] = []
+    output: OnnxTensor | None = None
+    for i, ((path, _), cell) in enumerate(zip(spec.state_paths(), spec.cells)):
+        y, y_h = _gru_node(ob, seq_tbf, [(cell, cell_weights(weights, path))], lens,
+                           ob.expand_dims(initial_states[i], 0), direction)
+        seq_tbf = ob.squeeze(y, 1)  # (T, B, U), input order; the next cell reads it as is
+        y_seq = ob.transpose(seq_tbf, [1, 0, 2])
+        last = ob.squeeze(y_h, 0)
+        output, state = _restore_keras_outputs(ob, spec, y_seq, last, initial_states[i], mask, lens)
+        states.append(state)
+    if output is None:
+        raise ExportError(f"layer {spec.name!r} has no cells")
+    return output, states
+
+
+def _with_fallback(ob: OnnxBackend, mask: OnnxTensor, native, loop, n_states: int, output_ranks: list[int]):  # type: ignore[no-untyped-def]
+    """If(mask is right-padded) then native() else loop(); both return (outputs, states)."""
+    ctx = ob.ctx
+    lens = _right_padded_lengths(ob, mask)
+    cond = _is_right_padded(ob, mask, lens)
+    branches = []
+    for build in (native, loop):
+        with ctx.subgraph() as scope:
+            outputs, states = build()
+            results = [ob.op("Identity", [t], rank=t.rank) for t in [*outputs, *states]]
+            infos = [value_info(t.name, "float32", t.rank) for t in results]
+            branches.append(ctx.make_subgraph(scope, "branch", [], infos))
+    n_out = len(output_ranks)
+    merged = ob.op("If", [cond], rank=2, n_outputs=n_out + n_states,
+                   then_branch=branches[0], else_branch=branches[1])
+    for tensor, rank in zip(merged[:n_out], output_ranks):
+        tensor.rank = rank
+    return merged[:n_out], merged[n_out:]
+
+
+# ----------------------------------------------------------------------------- layers
+def export_rnn(
+    ob: OnnxBackend,
+    spec: RNNSpec,
+    weights: Mapping[str, OnnxTensor],
+    x: OnnxTensor,
+    mask: OnnxTensor | None,
+    initial_states: Sequence[OnnxTensor],
+) -> tuple[OnnxTensor, list[OnnxTensor], LayerExport]:
+    """Export a GRU / RNN layer; semantics identical to :func:`rnn_forward`."""
+    plan = choose_strategy(spec)
+    if plan.strategy == "unrolled" and ob.timesteps is None:
+        raise ExportError(
+            f"layer {spec.name!r} has unroll=True, which needs a fixed number of timesteps: "
+            "declare them in the model's input shape"
+        )
+    def loop() -> tuple[list[OnnxTensor], list[OnnxTensor]]:
+        out, states = rnn_forward(ob, spec, weights, x, mask, initial_states)
+        return [out], states
+    if plan.strategy != "native" or mask is None:
+        (output,), states = loop()
+        return output, states, plan
+    def native() -> tuple[list[OnnxTensor], list[OnnxTensor]]:
+        xb, mb = (ob.swap_batch_time(x), ob.swap_batch_time(mask)) if spec.time_major else (x, mask)
+        out, states = _native_rnn(ob, spec, weights, xb, mb, initial_states)
+        if spec.time_major and spec.return_sequences:
+            out = ob.swap_batch_time(out)
+        return [out], states
+    rank = 3 if spec.return_sequences else 2
+    (output,), states = _with_fallback(ob, mask if not spec.time_major else ob.swap_batch_time(mask),
+                                       native, loop, len(spec.cells), [rank])
+    return output, states, plan
+
+
+def _fused_bidirectional(spec: BidirectionalSpec) -> bool:
+    """Whether both directions fit one ``direction="bidirectional"`` GRU node."""
+    f, b = spec.forward, spec.backward
+    return (
+        len(f.cells) == 1 and len(b.cells) == 1
+        and not f.go_backwards and b.go_backwards
+        and f.units == b.units
+        and f.cells[0].reset_after == b.cells[0].reset_after
+        and choose_strategy(f).strategy == "native" and choose_strategy(b).strategy == "native"
+    )
+
+
+def export_bidirectional(
+    ob: OnnxBackend,
+    spec: BidirectionalSpec,
+    weights: Mapping[str, OnnxTensor],
+    x: OnnxTensor,
+    mask: OnnxTensor | None,
+    initial_states: Sequence[OnnxTensor],
+) -> tuple[list[OnnxTensor], list[OnnxTensor], LayerExport]:
+    """Export Keras ``Bidirectional``; one bidirectional node when both sides allow."""
+    if not _fused_bidirectional(spec) or mask is None:
+        n_forward = len(spec.forward.cells)
+        y, fs, f_plan = export_rnn(ob, spec.forward, cell_weights(weights, "forward"), x, mask,
+                                   initial_states[:n_forward])
+        y_rev, bs, b_plan = export_rnn(ob, spec.backward, cell_weights(weights, "backward"), x, mask,
+                                       initial_states[n_forward:])
+        strategies = {f_plan.strategy, b_plan.strategy}
+        plan = LayerExport(
+            "+".join(sorted(strategies)) if len(strategies) > 1 else f_plan.strategy,
+            f_plan.cudnn_eligible and b_plan.cudnn_eligible,
+            [f"forward: {n}" for n in f_plan.notes] + [f"backward: {n}" for n in b_plan.notes],
+        )
+        return combine_directions(ob, spec, y, y_rev), fs + bs, plan
+
+    reasons = _cudnn_reasons([spec.forward.cells[0], spec.backward.cells[0]])
+    plan = LayerExport("native", not reasons,
+                       ["one bidirectional GRU node", "masks with holes run the Scan loop (If branch)", *reasons])
+
+    def native() -> tuple[list[OnnxTensor], list[OnnxTensor]]:
+        xb, mb = (ob.swap_batch_time(x), ob.swap_batch_time(mask)) if spec.time_major else (x, mask)
+        lens = _right_padded_lengths(ob, mb)
+        cells = [(spec.forward.cells[0], cell_weights(weights, "forward")),
+                 (spec.backward.cells[0], cell_weights(weights, "backward"))]
+        h0 = ob.stack(list(initial_states), 0)
+        y, y_h = _gru_node(ob, ob.transpose(xb, [1, 0, 2]), cells, lens, h0, "bidirectional")
+        any_valid = ob.expand_dims(ob.greater(lens, 0), -1)
+        states = [ob.where(any_valid, y_h[d], initial_states[d]) for d in range(2)]
+        if spec.return_sequences:  # zero_output_for_mask is forced on: ONNX's zeros are right
+            # y is (T, 2, B, U); direction d is y[:, d], already in input order for both.
+            seqs = [ob.transpose(ob.time_step(y, d), [1, 0, 2]) for d in range(2)]
+            if spec.time_major:
+                seqs = [ob.swap_batch_time(s) for s in seqs]
+        else:
+            seqs = [ob.where(any_valid, s, 0.0) for s in states]
+        return merge_directions(ob, spec.merge_mode, seqs[0], seqs[1]), states
+
+    def loop() -> tuple[list[OnnxTensor], list[OnnxTensor]]:
+        outputs, states = bidirectional_forward(ob, spec, weights, x, mask, initial_states)
+        return outputs, states
+
+    rank = 3 if spec.return_sequences else 2
+    n_outputs = 2 if spec.merge_mode is None else 1
+    outputs, states = _with_fallback(ob, mask if not spec.time_major else ob.swap_batch_time(mask),
+                                     native, loop, 2, [rank] * n_outputs)
+    return outputs, states, plan
+
+
+def gru_node_names(model_proto) -> list[dict[str, object]]:  # type: ignore[no-untyped-def]
+    """The GRU nodes of a model with their attributes (for inspection and tests)."""
+    found = []
+
+    def visit(graph) -> None:  # type: ignore[no-untyped-def]
+        for node in graph.node:
+            if node.op_type == "GRU":
+                found.append({a.name: helper.get_attribute_value(a) for a in node.attribute})
+            for attr in node.attribute:
+                if attr.type == attr.GRAPH:
+                    visit(attr.g)
+    visit(model_proto.graph)
+    return found
