@@ -137,6 +137,32 @@ def _summary(chosen: Any, available: list[int]) -> Table:
     return outer
 
 
+@app.command()
+@_reports_errors
+def serve(
+    models_dir: Annotated[Path | None, typer.Option("--models-dir", help="Model repository folder.")] = None,
+    host: Annotated[str | None, typer.Option(help="Bind address.")] = None,
+    port: Annotated[int | None, typer.Option(help="Port.")] = None,
+) -> None:
+    """Serve every model in the repository over HTTP (settings from GRUSERVE_* / .env)."""
+    from gruserve.server import run_server
+
+    run_server(models_dir=models_dir, host=host, port=port)
+
+
+@app.command()
+@_reports_errors
+def train(
+    config: Annotated[Path, typer.Argument(help="Training configuration (YAML).")],
+    models_dir: ModelsDir = Path("models"),
+) -> None:
+    """Train a Keras-style model in torch and export it into the repository."""
+    _require("torch", "train", "gruserve train")
+    from gruserve.train.command import run_training
+
+    run_training(config, models_dir=models_dir)
+
+
 def main() -> None:  # pragma: no cover - console-script shim
     app()
 

@@ -148,6 +148,7 @@ def _write_atomically(target: Path, files: dict[str, bytes]) -> None:
                 handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())
+        staging.chmod(0o755)  # mkdtemp makes it 0700; a server running as another user must read it
         os.rename(staging, target)  # atomic on one filesystem; fails if target appeared meanwhile
     except OSError as exc:
         shutil.rmtree(staging, ignore_errors=True)
