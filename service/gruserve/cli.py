@@ -31,7 +31,8 @@ errors = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
 ModelsDir = Annotated[
-    Path, typer.Option("--models-dir", help="Model repository folder.", envvar="GRUSERVE_MODELS_DIR")
+    Path,
+    typer.Option("--models-dir", help="Model repository folder.", envvar="GRUSERVE_MODELS_DIR"),
 ]
 
 
@@ -43,6 +44,7 @@ def _reports_errors(func: F) -> F:
         except GruServeError as exc:
             errors.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
+
     return wrapper  # type: ignore[return-value]
 
 
@@ -56,9 +58,13 @@ def _require(module: str, extra: str, purpose: str) -> None:
 def import_keras(
     path: Annotated[Path, typer.Argument(help="A .keras file, or a Keras 3 / tf-keras .h5 file.")],
     name: Annotated[str, typer.Option("--name", help="Model name in the repository.")],
-    version: Annotated[int | None, typer.Option("--version", help="Version number (default: next).")] = None,
+    version: Annotated[
+        int | None, typer.Option("--version", help="Version number (default: next).")
+    ] = None,
     models_dir: ModelsDir = Path("models"),
-    reference: Annotated[str, typer.Option(help="Parity reference: auto, torch or numpy.")] = "auto",
+    reference: Annotated[
+        str, typer.Option(help="Parity reference: auto, torch or numpy.")
+    ] = "auto",
 ) -> None:
     """Convert a trained Keras model (no TensorFlow needed) into models/NAME/VERSION."""
     _require("onnx", "convert", "import-keras")
@@ -70,8 +76,13 @@ def import_keras(
         loaded = load_keras_model(path)
     with console.status("building the ONNX graph and checking parity"):
         result = export_model(
-            loaded.spec, loaded.weights, models_dir=models_dir, name=name, version=version,
-            source=loaded.source, reference=reference,
+            loaded.spec,
+            loaded.weights,
+            models_dir=models_dir,
+            name=name,
+            version=version,
+            source=loaded.source,
+            reference=reference,
         )
     parity = result.manifest.parity
     console.print(
@@ -102,12 +113,20 @@ def inspect(
 def _summary(chosen: Any, available: list[int]) -> Table:
     m = chosen.manifest
     overview = Table.grid(padding=(0, 2))
-    overview.add_row("[bold]model[/]", f"{m.name} v{m.version} (versions: {', '.join(map(str, available))})")
-    overview.add_row("[bold]onnx[/]", f"{chosen.onnx_path} opset {m.opset}, IR {m.ir_version}, sha256 {m.onnx_sha256[:16]}…")
+    overview.add_row(
+        "[bold]model[/]", f"{m.name} v{m.version} (versions: {', '.join(map(str, available))})"
+    )
+    overview.add_row(
+        "[bold]onnx[/]",
+        f"{chosen.onnx_path} opset {m.opset}, IR {m.ir_version}, sha256 {m.onnx_sha256[:16]}…",
+    )
     overview.add_row("[bold]source[/]", ", ".join(f"{k}={v}" for k, v in m.source.items()) or "-")
     layout = "time-major" if m.time_major else "batch-major"
-    overview.add_row("[bold]layout[/]", f"{layout}; Keras {m.keras_version} semantics; "
-                     f"{'one output per timestep' if m.output_per_timestep else 'one output per sequence'}")
+    overview.add_row(
+        "[bold]layout[/]",
+        f"{layout}; Keras {m.keras_version} semantics; "
+        f"{'one output per timestep' if m.output_per_timestep else 'one output per sequence'}",
+    )
     tensors = Table("role", "tensor", "dtype", "shape", box=None)
     for role, items in (("input", m.inputs), ("output", m.outputs)):
         for t in items:
@@ -118,14 +137,21 @@ def _summary(chosen: Any, available: list[int]) -> Table:
     layers = Table("layer", "class", "export", "cuDNN", "notes", box=None)
     for layer in m.layers:
         export = layer.export or {}
-        layers.add_row(layer.name, layer.class_name, export.get("strategy", "-"),
-                       {True: "yes", False: "no"}.get(export.get("cudnn_eligible"), "-"),
-                       "; ".join(export.get("notes", [])))
+        layers.add_row(
+            layer.name,
+            layer.class_name,
+            export.get("strategy", "-"),
+            {True: "yes", False: "no"}.get(export.get("cudnn_eligible"), "-"),
+            "; ".join(export.get("notes", [])),
+        )
     parity = m.parity
     verdict = "[green]passed[/]" if parity.get("passed") else "[red]FAILED[/]"
     cases = ", ".join(f"{c['case']} {c['max_abs_diff']:.1e}" for c in parity.get("cases", []))
-    overview.add_row("[bold]parity[/]", f"{verdict} vs {parity.get('reference')}: max |diff| "
-                     f"{parity.get('max_abs_diff', float('nan')):.2e} ({cases})")
+    overview.add_row(
+        "[bold]parity[/]",
+        f"{verdict} vs {parity.get('reference')}: max |diff| "
+        f"{parity.get('max_abs_diff', float('nan')):.2e} ({cases})",
+    )
     if m.metrics:
         overview.add_row("[bold]metrics[/]", ", ".join(f"{k}={v}" for k, v in m.metrics.items()))
     outer = Table.grid()
@@ -140,7 +166,9 @@ def _summary(chosen: Any, available: list[int]) -> Table:
 @app.command()
 @_reports_errors
 def serve(
-    models_dir: Annotated[Path | None, typer.Option("--models-dir", help="Model repository folder.")] = None,
+    models_dir: Annotated[
+        Path | None, typer.Option("--models-dir", help="Model repository folder.")
+    ] = None,
     host: Annotated[str | None, typer.Option(help="Bind address.")] = None,
     port: Annotated[int | None, typer.Option(help="Port.")] = None,
 ) -> None:

@@ -43,8 +43,9 @@ class InvalidArgument(ConfigError):
         else:
             expected = "one of " + ", ".join(repr(a) for a in allowed)
         super().__init__(
-            where, f"invalid value for argument `{argument}`: expected {expected}. "
-            f"Received: {argument}={received!r}"
+            where,
+            f"invalid value for argument `{argument}`: expected {expected}. "
+            f"Received: {argument}={received!r}",
         )
 
 

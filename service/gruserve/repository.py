@@ -31,7 +31,11 @@ def versions(model_dir: Path) -> list[int]:
     """The version folders present (ignoring hidden staging folders)."""
     if not model_dir.is_dir():
         return []
-    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0)
+    return sorted(
+        int(p.name)
+        for p in model_dir.iterdir()
+        if p.is_dir() and p.name.isdigit() and int(p.name) > 0
+    )
 
 
 def next_version(model_dir: Path) -> int:
@@ -70,7 +74,11 @@ class ModelRepository:
     def names(self) -> list[str]:
         if not self.root.is_dir():
             raise RepositoryError(f"models directory {self.root} does not exist")
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and _NAME.match(p.name) and versions(p))
+        return sorted(
+            p.name
+            for p in self.root.iterdir()
+            if p.is_dir() and _NAME.match(p.name) and versions(p)
+        )
 
     def resolve(self, name: str, version: int | None = None) -> ModelVersion:
         """Load and verify ``name`` at ``version`` (latest when None)."""
@@ -90,7 +98,9 @@ def load_version(path: Path) -> ModelVersion:
     path = Path(path)
     manifest = Manifest.read(path / MANIFEST_FILE)
     if manifest.onnx_file != Path(manifest.onnx_file).name:
-        raise RepositoryError(f"{path}: onnx_file must be a plain file name, got {manifest.onnx_file!r}")
+        raise RepositoryError(
+            f"{path}: onnx_file must be a plain file name, got {manifest.onnx_file!r}"
+        )
     onnx_path = path / manifest.onnx_file
     if not onnx_path.is_file():
         raise RepositoryError(f"{path}: {manifest.onnx_file} is missing")

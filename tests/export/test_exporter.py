@@ -18,16 +18,21 @@ from gruserve.repository import ModelRepository, load_version
 
 
 def _spec() -> ModelSpec:
-    return ModelSpec.from_layer_configs("demo", [
-        {"class_name": "InputLayer", "config": {"batch_shape": [None, None, 3]}},
-        {"class_name": "GRU", "config": {"name": "gru", "units": 4, "return_sequences": True}},
-        {"class_name": "Dense", "config": {"name": "head", "units": 2}},
-    ])
+    return ModelSpec.from_layer_configs(
+        "demo",
+        [
+            {"class_name": "InputLayer", "config": {"batch_shape": [None, None, 3]}},
+            {"class_name": "GRU", "config": {"name": "gru", "units": 4, "return_sequences": True}},
+            {"class_name": "Dense", "config": {"name": "head", "units": 2}},
+        ],
+    )
 
 
 def _weights(rng: np.random.Generator) -> dict:  # type: ignore[type-arg]
-    return {layer: {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
-            for layer, shapes in _spec().weight_shapes().items()}
+    return {
+        layer: {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+        for layer, shapes in _spec().weight_shapes().items()
+    }
 
 
 def _tree(root: Path) -> list[str]:
@@ -35,18 +40,34 @@ def _tree(root: Path) -> list[str]:
 
 
 def test_export_writes_a_verified_version(tmp_path: Path, rng: np.random.Generator) -> None:
-    result = export_model(_spec(), _weights(rng), models_dir=tmp_path, name="demo", source={"kind": "test"})
+    result = export_model(
+        _spec(), _weights(rng), models_dir=tmp_path, name="demo", source={"kind": "test"}
+    )
     assert result.path == tmp_path / "demo" / "1"
     assert _tree(tmp_path) == ["demo", "demo/1", "demo/1/model.json", "demo/1/model.onnx"]
     manifest = Manifest.read(result.path / "model.json")
     assert manifest == result.manifest
     data = json.loads((result.path / "model.json").read_text())
-    for key in ("format_version", "name", "version", "inputs", "outputs", "states", "layers", "opset",
-                "ir_version", "onnx_sha256", "parity"):
+    for key in (
+        "format_version",
+        "name",
+        "version",
+        "inputs",
+        "outputs",
+        "states",
+        "layers",
+        "opset",
+        "ir_version",
+        "onnx_sha256",
+        "parity",
+    ):
         assert key in data
     assert manifest.states[0].input == "initial_state/gru" and manifest.states[0].units == 4
-    assert manifest.layers[0].export == {"strategy": "native", "cudnn_eligible": True,
-                                         "notes": ["masks with holes or left padding run the Scan loop (If branch)"]}
+    assert manifest.layers[0].export == {
+        "strategy": "native",
+        "cudnn_eligible": True,
+        "notes": ["masks with holes or left padding run the Scan loop (If branch)"],
+    }
     assert manifest.parity["passed"] and manifest.parity["max_abs_diff"] < 1e-5
     assert {c["case"] for c in manifest.parity["cases"]} == {"full", "right_padded", "holes"}
     ort.InferenceSession(str(result.path / "model.onnx"), providers=["CPUExecutionProvider"])
@@ -72,18 +93,20 @@ def test_bad_names_are_rejected(tmp_path: Path, name: str, rng: np.random.Genera
     assert _tree(tmp_path) == []
 
 
-def test_failures_leave_the_repository_untouched(tmp_path: Path, rng: np.random.Generator,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failures_leave_the_repository_untouched(
+    tmp_path: Path, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
     export_model(_spec(), _weights(rng), models_dir=tmp_path, name="kept")
     before = _tree(tmp_path)
     bad = _weights(rng)
     bad["gru"]["kernel"] = bad["gru"]["kernel"][:2]
-    with pytest.raises(WeightShapeError, match="kernel.*expected"):
+    with pytest.raises(WeightShapeError, match=r"kernel.*expected"):
         export_model(_spec(), bad, models_dir=tmp_path, name="broken")
     real = exporter.parity_report
 
     def failing(*args, **kwargs):  # type: ignore[no-untyped-def]
         return {**real(*args, **kwargs), "passed": False}
+
     monkeypatch.setattr(exporter, "parity_report", failing)
     with pytest.raises(ParityError, match="nothing was written"):
         export_model(_spec(), _weights(rng), models_dir=tmp_path, name="kept")

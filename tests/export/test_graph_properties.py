@@ -18,8 +18,10 @@ def _spec(*layers: dict, shape: tuple = (None, 3)) -> ModelSpec:  # type: ignore
 
 
 def _weights(spec: ModelSpec, rng: np.random.Generator) -> dict:  # type: ignore[type-arg]
-    return {layer: {k: rng.normal(size=s).astype(np.float32) * 0.3 for k, s in shapes.items()}
-            for layer, shapes in spec.weight_shapes().items()}
+    return {
+        layer: {k: rng.normal(size=s).astype(np.float32) * 0.3 for k, s in shapes.items()}
+        for layer, shapes in spec.weight_shapes().items()
+    }
 
 
 def _ops(model: onnx.ModelProto) -> list[str]:
@@ -31,6 +33,7 @@ def _ops(model: onnx.ModelProto) -> list[str]:
             for attr in node.attribute:
                 if attr.type == onnx.AttributeProto.GRAPH:
                     visit(attr.g)
+
     visit(model.graph)
     return found
 
@@ -50,12 +53,15 @@ def test_default_gru_is_native_and_cudnn_eligible(rng: np.random.Generator) -> N
     assert {"If", "Scan", "GRU"} <= set(_ops(built.model))  # holes fall back to the loop
 
 
-@pytest.mark.parametrize("config, strategy, cudnn", [
-    ({"reset_after": False}, "native", False),
-    ({"recurrent_activation": "hard_sigmoid"}, "native", False),
-    ({"activation": "gelu"}, "loop", False),
-    ({"unroll": True}, "unrolled", False),
-])
+@pytest.mark.parametrize(
+    "config, strategy, cudnn",
+    [
+        ({"reset_after": False}, "native", False),
+        ({"recurrent_activation": "hard_sigmoid"}, "native", False),
+        ({"activation": "gelu"}, "loop", False),
+        ({"unroll": True}, "unrolled", False),
+    ],
+)
 def test_strategies(config: dict, strategy: str, cudnn: bool, rng: np.random.Generator) -> None:  # type: ignore[type-arg]
     spec = _spec(gru(**config), shape=(5, 3))
     built = build_model_graph(spec, _weights(spec, rng))
@@ -79,7 +85,12 @@ def test_unroll_needs_fixed_timesteps(rng: np.random.Generator) -> None:
 
 
 def test_bidirectional_uses_one_node(rng: np.random.Generator) -> None:
-    spec = _spec({"class_name": "Bidirectional", "config": {"name": "bi", "layer": gru(return_sequences=True)}})
+    spec = _spec(
+        {
+            "class_name": "Bidirectional",
+            "config": {"name": "bi", "layer": gru(return_sequences=True)},
+        }
+    )
     built = build_model_graph(spec, _weights(spec, rng))
     nodes = gru_node_names(built.model)
     assert [n["direction"] for n in nodes] == [b"bidirectional"]
@@ -87,7 +98,10 @@ def test_bidirectional_uses_one_node(rng: np.random.Generator) -> None:
 
 
 def test_ir_version_and_checker(rng: np.random.Generator) -> None:
-    spec = _spec(gru(activation="mish", return_sequences=True), {"class_name": "Dense", "config": {"units": 2}})
+    spec = _spec(
+        gru(activation="mish", return_sequences=True),
+        {"class_name": "Dense", "config": {"units": 2}},
+    )
     built = build_model_graph(spec, _weights(spec, rng))
     assert built.model.ir_version <= 10  # onnxruntime 1.31 reads IR <= 13
     onnx.checker.check_model(built.model, full_check=True)
@@ -99,15 +113,26 @@ def test_ir_version_and_checker(rng: np.random.Generator) -> None:
 def test_weights_are_stored_once_in_keras_layout(rng: np.random.Generator) -> None:
     spec = _spec(gru(units=8))
     built = build_model_graph(spec, _weights(spec, rng))
-    shapes = {i.name: tuple(i.dims) for i in built.model.graph.initializer if i.name.startswith("gru/")}
+    shapes = {
+        i.name: tuple(i.dims) for i in built.model.graph.initializer if i.name.startswith("gru/")
+    }
     assert shapes == {"gru/kernel": (3, 24), "gru/recurrent_kernel": (8, 24), "gru/bias": (2, 24)}
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif("CUDAExecutionProvider" not in ort.get_available_providers(),
-                    reason="onnxruntime-gpu and a GPU are needed")
-@pytest.mark.parametrize("config", [{}, {"go_backwards": True, "return_sequences": True},
-                                    {"activation": "gelu"}, {"reset_after": False}])
+@pytest.mark.skipif(
+    "CUDAExecutionProvider" not in ort.get_available_providers(),
+    reason="onnxruntime-gpu and a GPU are needed",
+)
+@pytest.mark.parametrize(
+    "config",
+    [
+        {},
+        {"go_backwards": True, "return_sequences": True},
+        {"activation": "gelu"},
+        {"reset_after": False},
+    ],
+)
 def test_cuda_execution_provider_matches_cpu(config: dict, rng: np.random.Generator) -> None:  # type: ignore[type-arg]
     """The same graph on CUDA (cuDNN where eligible) gives the CPU's numbers, masks included."""
     spec = _spec(gru(**config, return_state=True))
@@ -119,6 +144,10 @@ def test_cuda_execution_provider_matches_cpu(config: dict, rng: np.random.Genera
     holes = mask.copy()
     holes[0, 4] = False
     for m in (np.ones_like(mask), mask, holes):
-        feeds = {"inputs": x, "mask": m, "initial_state/gru": rng.normal(size=(5, 4)).astype(np.float32)}
-        for a, b in zip(cpu.run(None, feeds), cuda.run(None, feeds)):
+        feeds = {
+            "inputs": x,
+            "mask": m,
+            "initial_state/gru": rng.normal(size=(5, 4)).astype(np.float32),
+        }
+        for a, b in zip(cpu.run(None, feeds), cuda.run(None, feeds), strict=True):
             np.testing.assert_allclose(a, b, atol=1e-5)

@@ -13,6 +13,9 @@ import functools
 import numpy as np
 import pytest
 import torch
+
+from gruserve.layers.activations import known_activation_names
+from gruserve.nn.sequential import Sequential
 from keras_helpers import (
     assert_close,
     keras,
@@ -24,12 +27,19 @@ from keras_helpers import (
     weights_of_layers,
 )
 
-from gruserve.layers.activations import known_activation_names
-from gruserve.nn.sequential import Sequential
-
 B, T, F, U = 3, 6, 4, 5
-NATIVE = ["sigmoid", "tanh", "relu", "softsign", "softplus", "hard_sigmoid", "sparse_sigmoid", "linear",
-          "elu", "leaky_relu"]
+NATIVE = [
+    "sigmoid",
+    "tanh",
+    "relu",
+    "softsign",
+    "softplus",
+    "hard_sigmoid",
+    "sparse_sigmoid",
+    "linear",
+    "elu",
+    "leaky_relu",
+]
 LOOP_ONLY = sorted(set(known_activation_names()) - set(NATIVE) - {"swish", "hard_swish"})
 MASKS = {
     "none": None,
@@ -38,9 +48,29 @@ MASKS = {
     "left_padded": np.array([[1] * T, [0] * 2 + [1] * (T - 2), [0] * (T - 1) + [1]], bool),
 }
 # Activations that grow without bound need smaller weights to stay in float32's comfort zone.
-_GROWING = {"exponential", "softplus", "linear", "relu", "elu", "selu", "celu", "squareplus", "sparse_plus",
-            "leaky_relu", "relu6", "gelu", "silu", "mish", "hard_silu", "softsign", "tanh_shrink",
-            "log_sigmoid", "log_softmax", "soft_shrink", "hard_shrink"}
+_GROWING = {
+    "exponential",
+    "softplus",
+    "linear",
+    "relu",
+    "elu",
+    "selu",
+    "celu",
+    "squareplus",
+    "sparse_plus",
+    "leaky_relu",
+    "relu6",
+    "gelu",
+    "silu",
+    "mish",
+    "hard_silu",
+    "softsign",
+    "tanh_shrink",
+    "log_sigmoid",
+    "log_softmax",
+    "soft_shrink",
+    "hard_shrink",
+}
 
 
 class Case:
@@ -59,7 +89,9 @@ class Case:
 
     def inputs(self, with_state: bool) -> tuple[np.ndarray, list[np.ndarray] | None]:
         x = self.rng.normal(size=(B, T, F)).astype(np.float32)
-        states = [(self.rng.normal(size=(B, U)) * 0.5).astype(np.float32) for _ in range(self.n_states)]
+        states = [
+            (self.rng.normal(size=(B, U)) * 0.5).astype(np.float32) for _ in range(self.n_states)
+        ]
         return x, (states if with_state else None)
 
     def keras(self, x, mask, states):  # type: ignore[no-untyped-def]
@@ -78,8 +110,11 @@ class Case:
         if backend == "torch":
             with torch.no_grad():
                 outputs, final = self.torch_model.forward_with_states(
-                    torch.from_numpy(x), None if mask is None else torch.from_numpy(mask),
-                    None if given is None else {k: [torch.from_numpy(s) for s in v] for k, v in given.items()},
+                    torch.from_numpy(x),
+                    None if mask is None else torch.from_numpy(mask),
+                    None
+                    if given is None
+                    else {k: [torch.from_numpy(s) for s in v] for k, v in given.items()},
                 )
             return [to_numpy(o) for o in outputs], [to_numpy(s) for s in final[name]]
         return run_onnx(self.session, self.spec, x, mask, given)
@@ -91,8 +126,11 @@ def case(key: tuple) -> Case:  # type: ignore[type-arg]
     if kind == "gru":
         return Case(lambda: keras.layers.GRU(U, **kwargs), seed=hash(key) % 2**32, scale=scale)
     merge_mode = kwargs.pop("merge_mode")
-    return Case(lambda: keras.layers.Bidirectional(keras.layers.GRU(U, **kwargs), merge_mode=merge_mode),
-                seed=hash(key) % 2**32, scale=scale)
+    return Case(
+        lambda: keras.layers.Bidirectional(keras.layers.GRU(U, **kwargs), merge_mode=merge_mode),
+        seed=hash(key) % 2**32,
+        scale=scale,
+    )
 
 
 def check(key: tuple, backend: str, mask_name: str, with_state: bool) -> None:  # type: ignore[type-arg]
@@ -133,24 +171,44 @@ def test_every_activation(backend: str, role: str, activation: str) -> None:
 @pytest.mark.parametrize("go_backwards", [False, True])
 @pytest.mark.parametrize("return_sequences", [False, True])
 @pytest.mark.parametrize("zero_output_for_mask", [False, True])
-def test_option_grid(backend: str, reset_after: bool, use_bias: bool, go_backwards: bool,
-                     return_sequences: bool, zero_output_for_mask: bool) -> None:
-    key = gru_key(reset_after=reset_after, use_bias=use_bias, go_backwards=go_backwards,
-                  return_sequences=return_sequences, zero_output_for_mask=zero_output_for_mask,
-                  return_state=True)
+def test_option_grid(
+    backend: str,
+    reset_after: bool,
+    use_bias: bool,
+    go_backwards: bool,
+    return_sequences: bool,
+    zero_output_for_mask: bool,
+) -> None:
+    key = gru_key(
+        reset_after=reset_after,
+        use_bias=use_bias,
+        go_backwards=go_backwards,
+        return_sequences=return_sequences,
+        zero_output_for_mask=zero_output_for_mask,
+        return_state=True,
+    )
     for mask_name in MASKS:
         for with_state in (False, True):
             check(key, backend, mask_name, with_state)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("options", [
-    {"unroll": True, "return_sequences": True},
-    {"unroll": True, "reset_after": False, "activation": "selu"},
-    {"implementation": 1, "return_sequences": True},
-    {"activation": "gelu", "reset_after": False, "go_backwards": True, "return_sequences": True},
-    {"activation": "hard_sigmoid", "recurrent_activation": "leaky_relu", "use_bias": False},
-], ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"unroll": True, "return_sequences": True},
+        {"unroll": True, "reset_after": False, "activation": "selu"},
+        {"implementation": 1, "return_sequences": True},
+        {
+            "activation": "gelu",
+            "reset_after": False,
+            "go_backwards": True,
+            "return_sequences": True,
+        },
+        {"activation": "hard_sigmoid", "recurrent_activation": "leaky_relu", "use_bias": False},
+    ],
+    ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()),
+)
 def test_other_options(backend: str, options: dict) -> None:  # type: ignore[type-arg]
     key = gru_key(0.2, **options, return_state=True)
     for mask_name in ("none", "right_padded", "holes"):
@@ -162,16 +220,31 @@ def test_other_options(backend: str, options: dict) -> None:  # type: ignore[typ
 @pytest.mark.parametrize("merge_mode", ["concat", "sum", "mul", "ave", None])
 @pytest.mark.parametrize("return_sequences", [False, True])
 def test_bidirectional(backend: str, merge_mode: str | None, return_sequences: bool) -> None:
-    key = ("bidirectional", (("merge_mode", merge_mode), ("return_sequences", return_sequences),
-                             ("return_state", True)), 0.5)
+    key = (
+        "bidirectional",
+        (
+            ("merge_mode", merge_mode),
+            ("return_sequences", return_sequences),
+            ("return_state", True),
+        ),
+        0.5,
+    )
     for mask_name in MASKS:
         check(key, backend, mask_name, with_state=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bidirectional_loop_activation(backend: str) -> None:
-    key = ("bidirectional", (("activation", "silu"), ("merge_mode", "concat"), ("reset_after", False),
-                             ("return_sequences", True)), 0.5)
+    key = (
+        "bidirectional",
+        (
+            ("activation", "silu"),
+            ("merge_mode", "concat"),
+            ("reset_after", False),
+            ("return_sequences", True),
+        ),
+        0.5,
+    )
     for mask_name in MASKS:
         check(key, backend, mask_name, with_state=True)
 
@@ -180,8 +253,16 @@ def test_the_grid_uses_both_native_and_loop_strategies() -> None:
     """Guards the grid itself: a native default and a loop gelu must both be exercised."""
     from gruserve.export.recurrent import choose_strategy
 
-    native = case(gru_key(return_sequences=True, reset_after=True, use_bias=True, go_backwards=False,
-                          zero_output_for_mask=False, return_state=True))
+    native = case(
+        gru_key(
+            return_sequences=True,
+            reset_after=True,
+            use_bias=True,
+            go_backwards=False,
+            zero_output_for_mask=False,
+            return_state=True,
+        )
+    )
     assert choose_strategy(native.spec.layers[0]).strategy == "native"  # type: ignore[arg-type]
     loop = case(gru_key(0.25, activation="gelu", return_sequences=True, return_state=True))
     assert choose_strategy(loop.spec.layers[0]).strategy == "loop"  # type: ignore[arg-type]

@@ -10,11 +10,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from keras_helpers import assert_close, keras, onnx_session, randomize, run_onnx, to_numpy
 
 from gruserve.layers.model import ModelSpec
 from gruserve.nn.recurrent import GRU
 from gruserve.nn.sequential import Sequential
+from keras_helpers import assert_close, keras, onnx_session, randomize, run_onnx, to_numpy
 
 B, T, F = 4, 7, 3
 
@@ -22,9 +22,9 @@ B, T, F = 4, 7, 3
 def _model_pair(keras_model: keras.Model) -> tuple[ModelSpec, dict, Sequential, object]:  # type: ignore[type-arg]
     spec = ModelSpec.from_layer_configs("m", keras_model.get_config()["layers"])
     weights = {}
-    for layer, ours in zip(keras_model.layers, spec.layers):
+    for layer, ours in zip(keras_model.layers, spec.layers, strict=True):
         shapes = spec.weight_shapes().get(ours.name, {})
-        weights[ours.name] = dict(zip(shapes, layer.get_weights()))
+        weights[ours.name] = dict(zip(shapes, layer.get_weights(), strict=True))
     weights = {k: v for k, v in weights.items() if v}
     return spec, weights, Sequential.from_spec(spec, weights).eval(), onnx_session(spec, weights)
 
@@ -50,18 +50,28 @@ def _float_inputs(rng: np.random.Generator, zero_steps: bool = False) -> np.ndar
 
 MODELS = {
     "dense_head": lambda: [keras.layers.GRU(6), keras.layers.Dense(2)],
-    "dense_per_timestep": lambda: [keras.layers.GRU(6, return_sequences=True),
-                                   keras.layers.Dense(3, activation="tanh")],
-    "stacked_layers": lambda: [keras.layers.GRU(5, return_sequences=True),
-                               keras.layers.GRU(4, reset_after=False, activation="relu6"),
-                               keras.layers.Dense(1)],
-    "stacked_cells": lambda: [keras.layers.RNN([keras.layers.GRUCell(5), keras.layers.GRUCell(4)],
-                                               return_sequences=True),
-                              keras.layers.Dense(2)],
-    "dropout_between": lambda: [keras.layers.GRU(5, return_sequences=True, dropout=0.3),
-                                keras.layers.Dropout(0.5), keras.layers.GRU(3)],
-    "bidirectional_then_gru": lambda: [keras.layers.Bidirectional(keras.layers.GRU(4, return_sequences=True)),
-                                       keras.layers.GRU(3, go_backwards=True)],
+    "dense_per_timestep": lambda: [
+        keras.layers.GRU(6, return_sequences=True),
+        keras.layers.Dense(3, activation="tanh"),
+    ],
+    "stacked_layers": lambda: [
+        keras.layers.GRU(5, return_sequences=True),
+        keras.layers.GRU(4, reset_after=False, activation="relu6"),
+        keras.layers.Dense(1),
+    ],
+    "stacked_cells": lambda: [
+        keras.layers.RNN([keras.layers.GRUCell(5), keras.layers.GRUCell(4)], return_sequences=True),
+        keras.layers.Dense(2),
+    ],
+    "dropout_between": lambda: [
+        keras.layers.GRU(5, return_sequences=True, dropout=0.3),
+        keras.layers.Dropout(0.5),
+        keras.layers.GRU(3),
+    ],
+    "bidirectional_then_gru": lambda: [
+        keras.layers.Bidirectional(keras.layers.GRU(4, return_sequences=True)),
+        keras.layers.GRU(3, go_backwards=True),
+    ],
 }
 
 
@@ -76,12 +86,14 @@ def test_sequential_models(name: str, masking: bool, rng: np.random.Generator) -
 
 @pytest.mark.parametrize("return_sequences", [False, True])
 def test_embedding_mask_zero(return_sequences: bool, rng: np.random.Generator) -> None:
-    model = keras.Sequential([
-        keras.Input((T,), dtype="int32"),
-        keras.layers.Embedding(10, 4, mask_zero=True),
-        keras.layers.GRU(5, return_sequences=return_sequences),
-        keras.layers.Dense(2),
-    ])
+    model = keras.Sequential(
+        [
+            keras.Input((T,), dtype="int32"),
+            keras.layers.Embedding(10, 4, mask_zero=True),
+            keras.layers.GRU(5, return_sequences=return_sequences),
+            keras.layers.Dense(2),
+        ]
+    )
     randomize(model, rng)
     ids = rng.integers(1, 10, size=(B, T)).astype(np.int32)
     ids[0, 3] = 0  # a hole
@@ -105,16 +117,20 @@ def test_masking_actually_changes_keras_results(rng: np.random.Generator) -> Non
 
 def test_stateful_consecutive_calls_and_reset(rng: np.random.Generator) -> None:
     """Keras stateful=True == our stateful torch layer == chaining the graph's states."""
-    model = keras.Sequential([keras.Input(batch_shape=(B, T, F)),
-                              keras.layers.GRU(5, stateful=True, return_sequences=True),
-                              keras.layers.Dense(2)])
+    model = keras.Sequential(
+        [
+            keras.Input(batch_shape=(B, T, F)),
+            keras.layers.GRU(5, stateful=True, return_sequences=True),
+            keras.layers.Dense(2),
+        ]
+    )
     randomize(model, rng)
     chunks = [_float_inputs(rng) for _ in range(3)]
     expected = [to_numpy(model(chunks[0])), to_numpy(model(chunks[1]))]
     model.layers[0].reset_state()
     expected.append(to_numpy(model(chunks[2])))
 
-    spec, weights, torch_model, session = _model_pair(model)
+    spec, _, torch_model, session = _model_pair(model)
     with torch.no_grad():
         ours = [torch_model(torch.from_numpy(chunks[0])), torch_model(torch.from_numpy(chunks[1]))]
         torch_model.reset_states()
@@ -144,7 +160,9 @@ def test_reset_states_with_values_matches_initial_state(rng: np.random.Generator
     expected = to_numpy(keras_layer(x, initial_state=h))
 
     ours = GRU(**{**keras_layer.get_config(), "stateful": True}, input_dim=F)
-    ours.set_keras_weights(dict(zip(["kernel", "recurrent_kernel", "bias"], keras_layer.get_weights())))
+    ours.set_keras_weights(
+        dict(zip(["kernel", "recurrent_kernel", "bias"], keras_layer.get_weights(), strict=True))
+    )
     with torch.no_grad():
         ours(torch.from_numpy(x))
         ours.reset_states(states=[h])

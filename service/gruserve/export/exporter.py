@@ -46,7 +46,8 @@ def check_weights(spec: ModelSpec, weights: Mapping[str, Mapping[str, np.ndarray
                 raise WeightShapeError(layer, f"missing weight {key!r} (expected shape {shape})")
             if tuple(np.shape(given[key])) != tuple(shape):
                 raise WeightShapeError(
-                    layer, f"weight {key!r} has shape {tuple(np.shape(given[key]))}, expected {shape}"
+                    layer,
+                    f"weight {key!r} has shape {tuple(np.shape(given[key]))}, expected {shape}",
                 )
         extra = sorted(set(given) - set(shapes))
         if extra:
@@ -86,22 +87,29 @@ def export_model(
     if target.exists():
         raise RepositoryError(f"{target} already exists; choose another --version")
 
-    weights32 = {layer: {k: np.asarray(v, np.float32) for k, v in w.items()} for layer, w in weights.items()}
+    weights32 = {
+        layer: {k: np.asarray(v, np.float32) for k, v in w.items()} for layer, w in weights.items()
+    }
     built = build_model_graph(spec, weights32)
     onnx_bytes = built.model.SerializeToString()
-    parity = parity_report(spec, weights32, onnx_bytes, static_timesteps=built.static_timesteps,
-                           reference=reference)
+    parity = parity_report(
+        spec, weights32, onnx_bytes, static_timesteps=built.static_timesteps, reference=reference
+    )
     if not parity["passed"]:
         raise ParityError(
-            f"exported graph disagrees with the reference (max |diff| {parity['max_abs_diff']:.3g}); "
-            "nothing was written"
+            "exported graph disagrees with the reference "
+            f"(max |diff| {parity['max_abs_diff']:.3g}); nothing was written"
         )
-    manifest = _manifest(spec, built, onnx_bytes, name, version, parity, source, preprocessing, metrics)
+    manifest = _manifest(
+        spec, built, onnx_bytes, name, version, parity, source, preprocessing, metrics
+    )
     _write_atomically(target, {ONNX_FILE: onnx_bytes, MANIFEST_FILE: manifest.to_json().encode()})
     return ExportResult(target, manifest)
 
 
-def _manifest(spec, built, onnx_bytes, name, version, parity, source, preprocessing, metrics) -> Manifest:  # type: ignore[no-untyped-def]
+def _manifest(
+    spec, built, onnx_bytes, name, version, parity, source, preprocessing, metrics
+) -> Manifest:  # type: ignore[no-untyped-def]
     sig = built.signature
     return Manifest(
         name=name,
@@ -113,7 +121,7 @@ def _manifest(spec, built, onnx_bytes, name, version, parity, source, preprocess
         outputs=[TensorInfo(s.name, s.dtype, list(s.shape)) for s in sig.outputs],
         states=[
             StateInfo(s.key, s.layer, s.path, s.units, i.name, o.name)
-            for s, i, o in zip(spec.states(), sig.state_inputs, sig.state_outputs)
+            for s, i, o in zip(spec.states(), sig.state_inputs, sig.state_outputs, strict=True)
         ],
         layers=[
             LayerInfo(

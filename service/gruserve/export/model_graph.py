@@ -76,6 +76,7 @@ def _needs_static_timesteps(spec: ModelSpec) -> bool:
         if isinstance(layer, BidirectionalSpec):
             return layer.forward.unroll or layer.backward.unroll
         return isinstance(layer, RNNSpec) and layer.unroll
+
     return any(unrolled(layer) for layer in spec.layers)
 
 
@@ -83,7 +84,9 @@ def _leading(spec: ModelSpec, time: int | str) -> list[int | str]:
     return [time, "batch"] if spec.time_major else ["batch", time]
 
 
-def build_model_graph(spec: ModelSpec, weights: Mapping[str, Mapping[str, np.ndarray]]) -> BuiltGraph:
+def build_model_graph(
+    spec: ModelSpec, weights: Mapping[str, Mapping[str, np.ndarray]]
+) -> BuiltGraph:
     """Build and check the ONNX graph of ``spec`` with Keras-layout ``weights``."""
     static_t = spec.timesteps if _needs_static_timesteps(spec) else None
     if _needs_static_timesteps(spec) and static_t is None:
@@ -99,7 +102,9 @@ def build_model_graph(spec: ModelSpec, weights: Mapping[str, Mapping[str, np.nda
     if spec.takes_token_ids:
         x_sig = TensorSignature(INPUT, "int64", _leading(spec, time))
     else:
-        x_sig = TensorSignature(INPUT, "float32", [*_leading(spec, time), int(spec.input_features or 0)])
+        x_sig = TensorSignature(
+            INPUT, "float32", [*_leading(spec, time), int(spec.input_features or 0)]
+        )
     mask_sig = TensorSignature(MASK, "bool", _leading(spec, time))
     signature.inputs = [x_sig, mask_sig]
     for state in spec.states():
@@ -115,7 +120,9 @@ def build_model_graph(spec: ModelSpec, weights: Mapping[str, Mapping[str, np.nda
 
     x = OnnxTensor(ctx, INPUT, x_sig.dtype, len(x_sig.shape))
     mask: OnnxTensor | None = OnnxTensor(ctx, MASK, "bool", 2)
-    states_in = {s.key: OnnxTensor(ctx, state_input_name(s.key), "float32", 2) for s in spec.states()}
+    states_in = {
+        s.key: OnnxTensor(ctx, state_input_name(s.key), "float32", 2) for s in spec.states()
+    }
 
     # -- layers --------------------------------------------------------------------------
     layer_exports: dict[str, LayerExport] = {}
@@ -126,10 +133,15 @@ def build_model_graph(spec: ModelSpec, weights: Mapping[str, Mapping[str, np.nda
             key: ob.asarray(np.asarray(value, np.float32), name=f"{layer.name}/{key}")
             for key, value in weights.get(layer.name, {}).items()
         }
-        keys = [f"{layer.name}/{p}" if p else layer.name for p, _ in getattr(layer, "state_paths", list)()]
+        keys = [
+            f"{layer.name}/{p}" if p else layer.name
+            for p, _ in getattr(layer, "state_paths", list)()
+        ]
         init = [states_in[k] for k in keys]
         if isinstance(layer, BidirectionalSpec):
-            outputs, new_states, plan = export_bidirectional(ob, layer, layer_weights, outputs[0], mask, init)
+            outputs, new_states, plan = export_bidirectional(
+                ob, layer, layer_weights, outputs[0], mask, init
+            )
             layer_exports[layer.name] = plan
             mask = mask if layer.return_sequences else None
         elif isinstance(layer, RNNSpec):
@@ -140,23 +152,28 @@ def build_model_graph(spec: ModelSpec, weights: Mapping[str, Mapping[str, np.nda
         else:
             result = apply_layer(ob, layer, layer_weights, outputs[0], mask)
             outputs, mask, new_states = result.outputs, result.mask, []
-        final_states.update(zip(keys, new_states))
+        final_states.update(zip(keys, new_states, strict=True))
 
     # -- graph outputs -------------------------------------------------------------------
     per_step = spec.returns_sequences()
     out_width = spec.output_features()
-    out_shape: list[int | str] = [*_leading(spec, time), out_width] if per_step else ["batch", out_width]
+    out_shape: list[int | str] = (
+        [*_leading(spec, time), out_width] if per_step else ["batch", out_width]
+    )
     names = spec.output_names()
     if len(names) != len(outputs):
         raise ExportError(f"model produced {len(outputs)} outputs, expected {names}")
-    for name, tensor in zip(names, outputs):
-        ctx.nodes.append(helper.make_node("Identity", [tensor.name], [name], name=ctx.fresh("output_node")))
+    for name, tensor in zip(names, outputs, strict=True):
+        ctx.nodes.append(
+            helper.make_node("Identity", [tensor.name], [name], name=ctx.fresh("output_node"))
+        )
         signature.outputs.append(TensorSignature(name, "float32", out_shape))
     for state in spec.states():
         out_name = state_output_name(state.key)
         ctx.nodes.append(
-            helper.make_node("Identity", [final_states[state.key].name], [out_name],
-                             name=ctx.fresh("state_node"))
+            helper.make_node(
+                "Identity", [final_states[state.key].name], [out_name], name=ctx.fresh("state_node")
+            )
         )
 
     graph = helper.make_graph(

@@ -25,7 +25,13 @@ from gruserve.layers.model import ModelSpec
 ATOL = 1e-5
 RTOL = 1e-4
 Reference = Callable[
-    [ModelSpec, Mapping[str, Mapping[str, np.ndarray]], np.ndarray, np.ndarray, dict[str, list[np.ndarray]]],
+    [
+        ModelSpec,
+        Mapping[str, Mapping[str, np.ndarray]],
+        np.ndarray,
+        np.ndarray,
+        dict[str, list[np.ndarray]],
+    ],
     tuple[list[np.ndarray], dict[str, list[np.ndarray]]],
 ]
 
@@ -42,7 +48,8 @@ def torch_reference(spec, weights, x, mask, states):  # type: ignore[no-untyped-
     model = Sequential.from_spec(spec, weights).eval()
     with torch.no_grad():
         outputs, final = model.forward_with_states(
-            torch.from_numpy(x), mask=torch.from_numpy(mask),
+            torch.from_numpy(x),
+            mask=torch.from_numpy(mask),
             states={k: [torch.from_numpy(s) for s in v] for k, v in states.items()},
         )
     return [o.numpy() for o in outputs], {k: [s.numpy() for s in v] for k, v in final.items()}
@@ -99,12 +106,27 @@ def parity_report(
         feeds[INPUT], feeds[MASK] = x, mask
         got = session.run(output_names, feeds)
         outputs, final = ref(spec, weights, x, mask, states)
-        expected = list(outputs) + [s for layer in spec.recurrent_layers() for s in final[layer.name]]
-        diffs = [float(np.max(np.abs(g - e))) if g.size else 0.0 for g, e in zip(got, expected)]
-        ok = all(np.allclose(g, e, rtol=RTOL, atol=ATOL) for g, e in zip(got, expected))
+        expected = list(outputs) + [
+            s for layer in spec.recurrent_layers() for s in final[layer.name]
+        ]
+        diffs = [
+            float(np.max(np.abs(g - e))) if g.size else 0.0
+            for g, e in zip(got, expected, strict=True)
+        ]
+        ok = all(
+            np.allclose(g, e, rtol=RTOL, atol=ATOL) for g, e in zip(got, expected, strict=True)
+        )
         passed = passed and ok
         worst = max(worst, *diffs)
-        cases.append({"case": case, "batch": batch, "timesteps": steps, "max_abs_diff": max(diffs), "passed": ok})
+        cases.append(
+            {
+                "case": case,
+                "batch": batch,
+                "timesteps": steps,
+                "max_abs_diff": max(diffs),
+                "passed": ok,
+            }
+        )
     return {
         "reference": ref_name,
         "runtime": f"onnxruntime {ort.__version__} CPUExecutionProvider",

@@ -19,6 +19,7 @@ its initial state (ONNX reports zeros).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -51,7 +52,11 @@ class LayerExport:
     notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, object]:
-        return {"strategy": self.strategy, "cudnn_eligible": self.cudnn_eligible, "notes": self.notes}
+        return {
+            "strategy": self.strategy,
+            "cudnn_eligible": self.cudnn_eligible,
+            "notes": self.notes,
+        }
 
 
 def _native_activations(cell: GRUCellSpec) -> list[OnnxGruActivation] | None:
@@ -65,7 +70,9 @@ def _cudnn_reasons(cells: Sequence[GRUCellSpec]) -> list[str]:
     reasons = []
     for cell in cells:
         if (cell.activation, cell.recurrent_activation) != ("tanh", "sigmoid"):
-            reasons.append(f"activations {cell.activation}/{cell.recurrent_activation} (cuDNN: tanh/sigmoid)")
+            reasons.append(
+                f"activations {cell.activation}/{cell.recurrent_activation} (cuDNN: tanh/sigmoid)"
+            )
         if not cell.reset_after:
             reasons.append("reset_after=False (cuDNN needs linear_before_reset=1)")
     return sorted(set(reasons))
@@ -75,12 +82,16 @@ def choose_strategy(spec: RNNSpec) -> LayerExport:
     if spec.unroll:
         return LayerExport("unrolled", False, ["unroll=True: one step per timestep"])
     missing = [
-        f"{c.activation}/{c.recurrent_activation}" for c in spec.cells if _native_activations(c) is None
+        f"{c.activation}/{c.recurrent_activation}"
+        for c in spec.cells
+        if _native_activations(c) is None
     ]
     if missing:
-        return LayerExport("loop", False, [f"activations {', '.join(missing)} have no ONNX GRU equivalent"])
+        return LayerExport(
+            "loop", False, [f"activations {', '.join(missing)} have no ONNX GRU equivalent"]
+        )
     reasons = _cudnn_reasons(spec.cells)
-    notes = ["masks with holes or left padding run the Scan loop (If branch)"] + reasons
+    notes = ["masks with holes or left padding run the Scan loop (If branch)", *reasons]
     return LayerExport("native", not reasons, notes)
 
 
@@ -119,15 +130,18 @@ def _gru_node(
         if acts is None:
             raise ExportError(f"activations of {cell.name} are not native")
         activations.extend(acts)
+
     def cat(parts: list[OnnxTensor]) -> OnnxTensor:
         return parts[0] if len(parts) == 1 else ob.concat(parts, axis=0)
+
     attrs: dict[str, object] = {
         "hidden_size": units,
         "direction": direction,
         "linear_before_reset": int(reset_after.pop()),
         "layout": 0,
     }
-    if any(a.op != s for a, s in zip(activations, ["Sigmoid", "Tanh"] * 2)):
+    default = ["Sigmoid", "Tanh"] * len(cells)
+    if [a.op for a in activations] != default:
         attrs["activations"] = [a.op for a in activations]
     alphas = [a.alpha for a in activations if a.op in _TAKES_ALPHA]
     betas = [a.beta for a in activations if a.op in _TAKES_BETA]
@@ -135,20 +149,26 @@ def _gru_node(
         attrs["activation_alpha"] = [float(v) for v in alphas]
     if betas:
         attrs["activation_beta"] = [float(v) for v in betas]
-    y, y_h = ob.op("GRU", [x_tbf, cat(ws), cat(rs), cat(bs), lens, h0], rank=4, n_outputs=2, **attrs)
+    y, y_h = ob.op(
+        "GRU", [x_tbf, cat(ws), cat(rs), cat(bs), lens, h0], rank=4, n_outputs=2, **attrs
+    )
     y_h.rank = 3
     return y, y_h
 
 
 def _right_padded_lengths(ob: OnnxBackend, mask: OnnxTensor) -> OnnxTensor:
-    return ob.op("ReduceSum", [ob.cast(mask, "int32"), ob.ints([1])], dtype="int32", rank=1, keepdims=0)
+    return ob.op(
+        "ReduceSum", [ob.cast(mask, "int32"), ob.ints([1])], dtype="int32", rank=1, keepdims=0
+    )
 
 
 def _is_right_padded(ob: OnnxBackend, mask: OnnxTensor, lens: OnnxTensor) -> OnnxTensor:
     """A scalar bool: every row of ``mask`` is ``lens[b]`` trues then falses."""
     steps = ob.op("Shape", [mask], dtype="int64", rank=1, start=1, end=2)
     steps = ob.squeeze(steps, 0)
-    positions = ob.op("Range", [ob.const(0, "int64"), steps, ob.const(1, "int64")], dtype="int64", rank=1)
+    positions = ob.op(
+        "Range", [ob.const(0, "int64"), steps, ob.const(1, "int64")], dtype="int64", rank=1
+    )
     expected = ob.less(ob.expand_dims(positions, 0), ob.expand_dims(ob.cast(lens, "int64"), 1))
     agree = ob.cast(ob.op("Equal", [expected, mask], dtype="bool", rank=2), "int32")
     # ReduceMin over an empty batch gives INT_MAX, i.e. "true".
@@ -187,17 +207,23 @@ def _native_rnn(
     weights: Mapping[str, OnnxTensor],
     x: OnnxTensor,
     mask: OnnxTensor,
+    lens: OnnxTensor,
     initial_states: Sequence[OnnxTensor],
 ) -> tuple[OnnxTensor, list[OnnxTensor]]:
-    """Stacked native nodes; the batch-major x and mask are already Keras-ordered."""
-    lens = _right_padded_lengths(ob, mask)
+    """Stacked native nodes; x and mask are batch-major, ``lens`` their valid lengths."""
     direction = "reverse" if spec.go_backwards else "forward"
     seq_tbf = ob.transpose(x, [1, 0, 2])
     states: list[OnnxTensor] = []
     output: OnnxTensor | None = None
-    for i, ((path, _), cell) in enumerate(zip(spec.state_paths(), spec.cells)):
-        y, y_h = _gru_node(ob, seq_tbf, [(cell, cell_weights(weights, path))], lens,
-                           ob.expand_dims(initial_states[i], 0), direction)
+    for i, ((path, _), cell) in enumerate(zip(spec.state_paths(), spec.cells, strict=True)):
+        y, y_h = _gru_node(
+            ob,
+            seq_tbf,
+            [(cell, cell_weights(weights, path))],
+            lens,
+            ob.expand_dims(initial_states[i], 0),
+            direction,
+        )
         seq_tbf = ob.squeeze(y, 1)  # (T, B, U), input order; the next cell reads it as is
         y_seq = ob.transpose(seq_tbf, [1, 0, 2])
         last = ob.squeeze(y_h, 0)
@@ -208,22 +234,30 @@ def _native_rnn(
     return output, states
 
 
-def _with_fallback(ob: OnnxBackend, mask: OnnxTensor, native, loop, n_states: int, output_ranks: list[int]):  # type: ignore[no-untyped-def]
-    """If(mask is right-padded) then native() else loop(); both return (outputs, states)."""
+def _with_fallback(
+    ob: OnnxBackend, mask: OnnxTensor, native, loop, n_states: int, output_ranks: list[int]
+):  # type: ignore[no-untyped-def]
+    """If(mask is right-padded) then native(lens) else loop(); both return (outputs, states)."""
     ctx = ob.ctx
     lens = _right_padded_lengths(ob, mask)
     cond = _is_right_padded(ob, mask, lens)
     branches = []
-    for build in (native, loop):
+    for build in (functools.partial(native, lens), loop):
         with ctx.subgraph() as scope:
             outputs, states = build()
-            results = [ob.op("Identity", [t], rank=t.rank) for t in [*outputs, *states]]
+            results = ob.own_all([*outputs, *states])
             infos = [value_info(t.name, "float32", t.rank) for t in results]
             branches.append(ctx.make_subgraph(scope, "branch", [], infos))
     n_out = len(output_ranks)
-    merged = ob.op("If", [cond], rank=2, n_outputs=n_out + n_states,
-                   then_branch=branches[0], else_branch=branches[1])
-    for tensor, rank in zip(merged[:n_out], output_ranks):
+    merged = ob.op(
+        "If",
+        [cond],
+        rank=2,
+        n_outputs=n_out + n_states,
+        then_branch=branches[0],
+        else_branch=branches[1],
+    )
+    for tensor, rank in zip(merged[:n_out], output_ranks, strict=True):
         tensor.rank = rank
     return merged[:n_out], merged[n_out:]
 
@@ -244,21 +278,31 @@ def export_rnn(
             f"layer {spec.name!r} has unroll=True, which needs a fixed number of timesteps: "
             "declare them in the model's input shape"
         )
+
     def loop() -> tuple[list[OnnxTensor], list[OnnxTensor]]:
         out, states = rnn_forward(ob, spec, weights, x, mask, initial_states)
         return [out], states
+
     if plan.strategy != "native" or mask is None:
         (output,), states = loop()
         return output, states, plan
-    def native() -> tuple[list[OnnxTensor], list[OnnxTensor]]:
+
+    def native(lens: OnnxTensor) -> tuple[list[OnnxTensor], list[OnnxTensor]]:
         xb, mb = (ob.swap_batch_time(x), ob.swap_batch_time(mask)) if spec.time_major else (x, mask)
-        out, states = _native_rnn(ob, spec, weights, xb, mb, initial_states)
+        out, states = _native_rnn(ob, spec, weights, xb, mb, lens, initial_states)
         if spec.time_major and spec.return_sequences:
             out = ob.swap_batch_time(out)
         return [out], states
+
     rank = 3 if spec.return_sequences else 2
-    (output,), states = _with_fallback(ob, mask if not spec.time_major else ob.swap_batch_time(mask),
-                                       native, loop, len(spec.cells), [rank])
+    (output,), states = _with_fallback(
+        ob,
+        mask if not spec.time_major else ob.swap_batch_time(mask),
+        native,
+        loop,
+        len(spec.cells),
+        [rank],
+    )
     return output, states, plan
 
 
@@ -266,11 +310,14 @@ def _fused_bidirectional(spec: BidirectionalSpec) -> bool:
     """Whether both directions fit one ``direction="bidirectional"`` GRU node."""
     f, b = spec.forward, spec.backward
     return (
-        len(f.cells) == 1 and len(b.cells) == 1
-        and not f.go_backwards and b.go_backwards
+        len(f.cells) == 1
+        and len(b.cells) == 1
+        and not f.go_backwards
+        and b.go_backwards
         and f.units == b.units
         and f.cells[0].reset_after == b.cells[0].reset_after
-        and choose_strategy(f).strategy == "native" and choose_strategy(b).strategy == "native"
+        and choose_strategy(f).strategy == "native"
+        and choose_strategy(b).strategy == "native"
     )
 
 
@@ -285,10 +332,17 @@ def export_bidirectional(
     """Export Keras ``Bidirectional``; one bidirectional node when both sides allow."""
     if not _fused_bidirectional(spec) or mask is None:
         n_forward = len(spec.forward.cells)
-        y, fs, f_plan = export_rnn(ob, spec.forward, cell_weights(weights, "forward"), x, mask,
-                                   initial_states[:n_forward])
-        y_rev, bs, b_plan = export_rnn(ob, spec.backward, cell_weights(weights, "backward"), x, mask,
-                                       initial_states[n_forward:])
+        y, fs, f_plan = export_rnn(
+            ob, spec.forward, cell_weights(weights, "forward"), x, mask, initial_states[:n_forward]
+        )
+        y_rev, bs, b_plan = export_rnn(
+            ob,
+            spec.backward,
+            cell_weights(weights, "backward"),
+            x,
+            mask,
+            initial_states[n_forward:],
+        )
         strategies = {f_plan.strategy, b_plan.strategy}
         plan = LayerExport(
             "+".join(sorted(strategies)) if len(strategies) > 1 else f_plan.strategy,
@@ -298,14 +352,18 @@ def export_bidirectional(
         return combine_directions(ob, spec, y, y_rev), fs + bs, plan
 
     reasons = _cudnn_reasons([spec.forward.cells[0], spec.backward.cells[0]])
-    plan = LayerExport("native", not reasons,
-                       ["one bidirectional GRU node", "masks with holes run the Scan loop (If branch)", *reasons])
+    plan = LayerExport(
+        "native",
+        not reasons,
+        ["one bidirectional GRU node", "masks with holes run the Scan loop (If branch)", *reasons],
+    )
 
-    def native() -> tuple[list[OnnxTensor], list[OnnxTensor]]:
-        xb, mb = (ob.swap_batch_time(x), ob.swap_batch_time(mask)) if spec.time_major else (x, mask)
-        lens = _right_padded_lengths(ob, mb)
-        cells = [(spec.forward.cells[0], cell_weights(weights, "forward")),
-                 (spec.backward.cells[0], cell_weights(weights, "backward"))]
+    def native(lens: OnnxTensor) -> tuple[list[OnnxTensor], list[OnnxTensor]]:
+        xb = ob.swap_batch_time(x) if spec.time_major else x
+        cells = [
+            (spec.forward.cells[0], cell_weights(weights, "forward")),
+            (spec.backward.cells[0], cell_weights(weights, "backward")),
+        ]
         h0 = ob.stack(list(initial_states), 0)
         y, y_h = _gru_node(ob, ob.transpose(xb, [1, 0, 2]), cells, lens, h0, "bidirectional")
         any_valid = ob.expand_dims(ob.greater(lens, 0), -1)
@@ -325,8 +383,14 @@ def export_bidirectional(
 
     rank = 3 if spec.return_sequences else 2
     n_outputs = 2 if spec.merge_mode is None else 1
-    outputs, states = _with_fallback(ob, mask if not spec.time_major else ob.swap_batch_time(mask),
-                                     native, loop, 2, [rank] * n_outputs)
+    outputs, states = _with_fallback(
+        ob,
+        mask if not spec.time_major else ob.swap_batch_time(mask),
+        native,
+        loop,
+        2,
+        [rank] * n_outputs,
+    )
     return outputs, states, plan
 
 
@@ -341,5 +405,6 @@ def gru_node_names(model_proto) -> list[dict[str, object]]:  # type: ignore[no-u
             for attr in node.attribute:
                 if attr.type == attr.GRAPH:
                     visit(attr.g)
+
     visit(model_proto.graph)
     return found

@@ -57,9 +57,25 @@ class GraphContext:
     def nodes(self) -> list[NodeProto]:
         return self._scopes[-1].nodes
 
-    def emit(self, op: str, inputs: Sequence[str], n_outputs: int = 1, hint: str | None = None,
-             **attrs: Any) -> list[str]:
-        outputs = [self.fresh(f"{hint or op}_out{i}" if n_outputs > 1 else (hint or op)) for i in range(n_outputs)]
+    def produced_here(self, name: str) -> bool:
+        """Whether a node of the graph being built outputs ``name``.
+
+        A subgraph may only return its own values; anything else needs an Identity.
+        """
+        return any(name in node.output for node in self.nodes)
+
+    def emit(
+        self,
+        op: str,
+        inputs: Sequence[str],
+        n_outputs: int = 1,
+        hint: str | None = None,
+        **attrs: Any,
+    ) -> list[str]:
+        outputs = [
+            self.fresh(f"{hint or op}_out{i}" if n_outputs > 1 else (hint or op))
+            for i in range(n_outputs)
+        ]
         node_name = self.fresh(f"{op}_node")
         self.nodes.append(helper.make_node(op, list(inputs), outputs, name=node_name, **attrs))
         return outputs
@@ -87,8 +103,9 @@ class GraphContext:
         finally:
             self._scopes.pop()
 
-    def make_subgraph(self, scope: _Scope, name: str, inputs: list[ValueInfoProto],
-                      outputs: list[ValueInfoProto]) -> GraphProto:
+    def make_subgraph(
+        self, scope: _Scope, name: str, inputs: list[ValueInfoProto], outputs: list[ValueInfoProto]
+    ) -> GraphProto:
         return helper.make_graph(scope.nodes, self.fresh(name), inputs, outputs)
 
 
@@ -102,7 +119,9 @@ class OnnxTensor:
 
     __array_priority__ = 1000  # numpy scalars on the left defer to our operators
 
-    def __init__(self, ctx: GraphContext, name: str, dtype: str = "float32", rank: int | None = None) -> None:
+    def __init__(
+        self, ctx: GraphContext, name: str, dtype: str = "float32", rank: int | None = None
+    ) -> None:
         self.ctx = ctx
         self.name = name
         self.dtype = dtype
@@ -153,7 +172,9 @@ class OnnxTensor:
 
     def __matmul__(self, other: Any) -> OnnxTensor:
         rhs = self._other(other)
-        return OnnxTensor(self.ctx, self.ctx.emit("MatMul", [self.name, rhs.name])[0], self.dtype, self.rank)
+        return OnnxTensor(
+            self.ctx, self.ctx.emit("MatMul", [self.name, rhs.name])[0], self.dtype, self.rank
+        )
 
     def __getitem__(self, key: Any) -> OnnxTensor:
         """Basic indexing: ints, step-less slices and one Ellipsis."""
@@ -179,13 +200,17 @@ class OnnxTensor:
                 axes.append(axis)
         if axes:
             ints = [self.ctx.initializer(np.asarray(v, np.int64)) for v in (starts, ends, axes)]
-            out = OnnxTensor(self.ctx, self.ctx.emit("Slice", [out.name, *ints])[0], self.dtype, rank)
+            out = OnnxTensor(
+                self.ctx, self.ctx.emit("Slice", [out.name, *ints])[0], self.dtype, rank
+            )
         for axis in reversed(range(len(items))):
             item = items[axis]
             if isinstance(item, int):
                 index = self.ctx.initializer(np.asarray(item, np.int64))
                 out = OnnxTensor(
-                    self.ctx, self.ctx.emit("Gather", [out.name, index], axis=axis)[0], self.dtype,
+                    self.ctx,
+                    self.ctx.emit("Gather", [out.name, index], axis=axis)[0],
+                    self.dtype,
                     None if rank is None else rank - 1,
                 )
                 rank = out.rank
@@ -213,8 +238,16 @@ class OnnxBackend(LoopBackend):
         array = np.asarray(value, dtype=dtype)
         return self.tensor(self.ctx.initializer(array), dtype, array.ndim)
 
-    def op(self, op: str, inputs: Sequence[OnnxTensor | str | None], *, dtype: str = "float32",
-           rank: int | None = None, n_outputs: int = 1, **attrs: Any) -> Any:
+    def op(
+        self,
+        op: str,
+        inputs: Sequence[OnnxTensor | str | None],
+        *,
+        dtype: str = "float32",
+        rank: int | None = None,
+        n_outputs: int = 1,
+        **attrs: Any,
+    ) -> Any:
         names = ["" if i is None else (i if isinstance(i, str) else i.name) for i in inputs]
         outs = self.ctx.emit(op, names, n_outputs, **attrs)
         tensors = [self.tensor(o, dtype, rank) for o in outs]
@@ -294,8 +327,13 @@ class OnnxBackend(LoopBackend):
         return self.op("And", [x, y], dtype="bool", rank=x.rank)
 
     def any(self, x: OnnxTensor, axis: int) -> OnnxTensor:
-        counts = self.op("ReduceMax", [self.cast(x, "int32"), self.ints([axis])], dtype="int32",
-                         rank=None if x.rank is None else x.rank - 1, keepdims=0)
+        counts = self.op(
+            "ReduceMax",
+            [self.cast(x, "int32"), self.ints([axis])],
+            dtype="int32",
+            rank=None if x.rank is None else x.rank - 1,
+            keepdims=0,
+        )
         return self.greater(counts, 0)
 
     def _reduce(self, op: str, x: OnnxTensor, axis: int | None, keepdims: bool) -> OnnxTensor:
@@ -317,8 +355,9 @@ class OnnxBackend(LoopBackend):
         return self.op("Shape", [x], dtype="int64", rank=1, start=-1)
 
     def sort_descending(self, x: OnnxTensor) -> OnnxTensor:
-        values, _ = self.op("TopK", [x, self.last_dim(x)], rank=x.rank, n_outputs=2, axis=-1,
-                            largest=1, sorted=1)
+        values, _ = self.op(
+            "TopK", [x, self.last_dim(x)], rank=x.rank, n_outputs=2, axis=-1, largest=1, sorted=1
+        )
         return values
 
     def cumsum(self, x: OnnxTensor) -> OnnxTensor:
@@ -327,8 +366,12 @@ class OnnxBackend(LoopBackend):
     def positions(self, x: OnnxTensor) -> OnnxTensor:
         size = self.op("Squeeze", [self.last_dim(x), self.ints([0])], dtype="int64", rank=0)
         one = self.const(1, "int64")
-        count = self.op("Range", [one, self.op("Add", [size, one], dtype="int64", rank=0), one],
-                        dtype="int64", rank=1)
+        count = self.op(
+            "Range",
+            [one, self.op("Add", [size, one], dtype="int64", rank=0), one],
+            dtype="int64",
+            rank=1,
+        )
         return self.cast(count, "float32")
 
     def concat(self, xs: Sequence[OnnxTensor], axis: int) -> OnnxTensor:
@@ -339,12 +382,18 @@ class OnnxBackend(LoopBackend):
         return self.concat(expanded, axis)
 
     def flip(self, x: OnnxTensor, axis: int) -> OnnxTensor:
-        return self.op("Slice", [x, self.ints([-1]), self.ints([_INT64_MIN]), self.ints([axis]),
-                                 self.ints([-1])], dtype=x.dtype, rank=x.rank)
+        return self.op(
+            "Slice",
+            [x, self.ints([-1]), self.ints([_INT64_MIN]), self.ints([axis]), self.ints([-1])],
+            dtype=x.dtype,
+            rank=x.rank,
+        )
 
     def take(self, table: OnnxTensor, ids: OnnxTensor) -> OnnxTensor:
         rank = None if ids.rank is None else ids.rank + 1
-        return self.op("Gather", [table, self.cast(ids, "int64")], dtype=table.dtype, rank=rank, axis=0)
+        return self.op(
+            "Gather", [table, self.cast(ids, "int64")], dtype=table.dtype, rank=rank, axis=0
+        )
 
     def expand_dims(self, x: OnnxTensor, axis: int) -> OnnxTensor:
         rank = None if x.rank is None else x.rank + 1
@@ -365,13 +414,21 @@ class OnnxBackend(LoopBackend):
     def zeros_state(self, like: OnnxTensor, units: int) -> OnnxTensor:
         batch = self.op("Shape", [like], dtype="int64", rank=1, start=0, end=1)
         shape = self.concat([batch, self.ints([units])], axis=0)
-        return self.op("ConstantOfShape", [shape], rank=2,
-                       value=numpy_helper.from_array(np.zeros(1, np.float32)))
+        return self.op(
+            "ConstantOfShape",
+            [shape],
+            rank=2,
+            value=numpy_helper.from_array(np.zeros(1, np.float32)),
+        )
 
     def zeros_like(self, like: OnnxTensor) -> OnnxTensor:
         shape = self.op("Shape", [like], dtype="int64", rank=1)
-        return self.op("ConstantOfShape", [shape], rank=like.rank,
-                       value=numpy_helper.from_array(np.zeros(1, np.float32)))
+        return self.op(
+            "ConstantOfShape",
+            [shape],
+            rank=like.rank,
+            value=numpy_helper.from_array(np.zeros(1, np.float32)),
+        )
 
     def time_step(self, x: OnnxTensor, t: int) -> OnnxTensor:
         rank = None if x.rank is None else x.rank - 1
@@ -396,11 +453,19 @@ class OnnxBackend(LoopBackend):
     ) -> tuple[OnnxTensor, OnnxTensor | None, list[OnnxTensor]]:
         """A Scan over axis 1, or the Python loop traced step by step when unrolling."""
         if unroll:
-            return super().rnn(step, inputs, initial_states, mask, go_backwards=go_backwards,
-                               zero_output_for_mask=zero_output_for_mask,
-                               return_sequences=return_sequences, unroll=True)
-        return self._scan(step, inputs, initial_states, mask, go_backwards, zero_output_for_mask,
-                          return_sequences)
+            return super().rnn(
+                step,
+                inputs,
+                initial_states,
+                mask,
+                go_backwards=go_backwards,
+                zero_output_for_mask=zero_output_for_mask,
+                return_sequences=return_sequences,
+                unroll=True,
+            )
+        return self._scan(
+            step, inputs, initial_states, mask, go_backwards, zero_output_for_mask, return_sequences
+        )
 
     def _scan(
         self,
@@ -422,16 +487,22 @@ class OnnxBackend(LoopBackend):
         with ctx.subgraph() as body:
             states = [self.tensor(n, rank=2) for n in carried_in[:n_states]]
             prev_output = self.tensor(carried_in[-1], rank=2)
-            output, new_states = step(self.tensor(x_in, rank=inputs.rank - 1 if inputs.rank else None),
-                                      states)
+            output, new_states = step(
+                self.tensor(x_in, rank=inputs.rank - 1 if inputs.rank else None), states
+            )
             if mask_in is not None:
                 keep = self.expand_dims(self.tensor(mask_in, "bool", 1), -1)
                 output = self.where(keep, output, 0.0 if zero_output_for_mask else prev_output)
-                new_states = [self.where(keep, n, s) for n, s in zip(new_states, states)]
-            outs = [self._identity(s) for s in [*new_states, output]]
+                new_states = [
+                    self.where(keep, n, s) for n, s in zip(new_states, states, strict=True)
+                ]
+            outs = self.own_all([*new_states, output])
+            # A name can be returned once only: the sequence output needs its own copy.
             scan_outputs = [self._identity(output)] if return_sequences else []
             graph_inputs = [value_info(n, "float32", 2) for n in carried_in]
-            graph_inputs.append(value_info(x_in, "float32", None if inputs.rank is None else inputs.rank - 1))
+            graph_inputs.append(
+                value_info(x_in, "float32", None if inputs.rank is None else inputs.rank - 1)
+            )
             if mask_in is not None:
                 graph_inputs.append(value_info(mask_in, "bool", 1))
             graph_outputs = [value_info(t.name, "float32", 2) for t in outs + scan_outputs]
@@ -457,6 +528,16 @@ class OnnxBackend(LoopBackend):
             sequence = results[n_states + 1]
             sequence.rank = 3
         return last_output, sequence, final_states
+
+    def own_all(self, xs: Sequence[OnnxTensor]) -> list[OnnxTensor]:
+        """Subgraph outputs: each computed here and each name returned once."""
+        seen: set[str] = set()
+        result = []
+        for x in xs:
+            y = x if x.name not in seen and self.ctx.produced_here(x.name) else self._identity(x)
+            seen.add(y.name)
+            result.append(y)
+        return result
 
     def _identity(self, x: OnnxTensor) -> OnnxTensor:
         """A fresh name for a subgraph output (outputs may not alias inputs)."""

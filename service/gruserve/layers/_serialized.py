@@ -15,8 +15,12 @@ from gruserve.errors import InvalidArgument
 
 _CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
 # Class names whose snake form is not the plain conversion.
-_SPECIAL = {"L1L2": "l1_l2", "NonNeg": "non_neg", "OrthogonalInitializer": "orthogonal",
-            "IdentityInitializer": "identity"}
+_SPECIAL = {
+    "L1L2": "l1_l2",
+    "NonNeg": "non_neg",
+    "OrthogonalInitializer": "orthogonal",
+    "IdentityInitializer": "identity",
+}
 
 
 def snake_name(class_name: str) -> str:

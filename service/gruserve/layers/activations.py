@@ -35,7 +35,6 @@ class OnnxGruActivation:
 class Activation:
     """One activation: its Keras name, math, and native ONNX GRU spelling."""
 
-
     name: str
     fn: Callable[[Array, Backend], Array]
     onnx_gru: OnnxGruActivation | None = None
@@ -201,7 +200,10 @@ def get_activation(
     name = ALIASES.get(name, name)
     if name in _UNUSABLE:
         raise InvalidArgument(
-            where, argument, identifier, f"another activation: {name!r} is unusable, {_UNUSABLE[name]}"
+            where,
+            argument,
+            identifier,
+            f"another activation: {name!r} is unusable, {_UNUSABLE[name]}",
         )
     if name == "hard_sigmoid" and keras_version == 2:
         return KERAS2_HARD_SIGMOID

@@ -125,7 +125,9 @@ class LoopBackend:
                 else:
                     fallback = prev_output
                 output = self.where(keep, output, fallback)
-                new_states = [self.where(keep, n, s) for n, s in zip(new_states, states)]
+                new_states = [
+                    self.where(keep, n, s) for n, s in zip(new_states, states, strict=True)
+                ]
             prev_output = output
             states = new_states
             if return_sequences:
@@ -184,9 +186,7 @@ class NumpyBackend(LoopBackend):
         return np.clip(x, np.asarray(low, x.dtype), np.asarray(high, x.dtype))
 
     def where(self, cond: np.ndarray, x: Any, y: Any) -> np.ndarray:
-        dtype = next(
-            (a.dtype for a in (x, y) if isinstance(a, np.ndarray)), np.dtype(np.float32)
-        )
+        dtype = next((a.dtype for a in (x, y) if isinstance(a, np.ndarray)), np.dtype(np.float32))
         return np.where(cond, x, y).astype(dtype, copy=False)
 
     def greater(self, x: np.ndarray, y: Any) -> np.ndarray:
@@ -363,7 +363,9 @@ class TorchBackend(LoopBackend):
         return self.torch.transpose(x, 0, 1)
 
     def zeros_state(self, like: Any, units: int) -> Any:
-        return self.torch.zeros((like.shape[0], units), dtype=self.torch.float32, device=like.device)
+        return self.torch.zeros(
+            (like.shape[0], units), dtype=self.torch.float32, device=like.device
+        )
 
     def time_step(self, x: Any, t: int) -> Any:
         return x[:, t]

@@ -59,7 +59,11 @@ class ArgReader:
 
     def rate(self, key: str, default: float = 0.0) -> float:
         value = self.raw(key, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not 0.0 <= value <= 1.0
+        ):
             raise InvalidArgument(self.where, key, value, "a number in [0, 1]")
         return float(value)
 
@@ -78,7 +82,9 @@ class ArgReader:
 
     def finish(self, extra_ignored: Iterable[str] = ()) -> None:
         """Reject keys nobody read: a silently ignored option is a wrong model."""
-        unknown = sorted(set(self.config) - self.used - _BASE_KEYS - INPUT_SHAPE_KEYS - set(extra_ignored))
+        unknown = sorted(
+            set(self.config) - self.used - _BASE_KEYS - INPUT_SHAPE_KEYS - set(extra_ignored)
+        )
         if unknown:
             known = sorted(self.used | _BASE_KEYS)
             raise ConfigError(
@@ -92,7 +98,9 @@ def read_dtype(reader: ArgReader) -> None:
     if isinstance(dtype, dict):  # Keras 3 DTypePolicy
         dtype = (dtype.get("config") or {}).get("name")
     if dtype not in (None, "float32"):
-        raise InvalidArgument(reader.where, "dtype", dtype, "float32 (mixed precision is not supported)")
+        raise InvalidArgument(
+            reader.where, "dtype", dtype, "float32 (mixed precision is not supported)"
+        )
 
 
 @dataclass(frozen=True)

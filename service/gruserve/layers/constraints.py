@@ -37,7 +37,9 @@ class Constraint:
             desired = backend.clip(norms, 0.0, float(self.config["max_value"]))
         else:
             rate = float(self.config["rate"])
-            clipped = backend.clip(norms, float(self.config["min_value"]), float(self.config["max_value"]))
+            clipped = backend.clip(
+                norms, float(self.config["min_value"]), float(self.config["max_value"])
+            )
             desired = clipped * rate + norms * (1.0 - rate)
         return w * (desired / (norms + EPSILON))
 

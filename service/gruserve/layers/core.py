@@ -36,7 +36,9 @@ class InputLayerSpec(LayerSpec):
             shape = reader.raw("shape")
             batch_shape = None if shape is None else [reader.raw("batch_size"), *shape]
         if not isinstance(batch_shape, (list, tuple)) or len(batch_shape) < 2:
-            raise InvalidArgument("InputLayer", "batch_shape", batch_shape, "(batch, timesteps[, features])")
+            raise InvalidArgument(
+                "InputLayer", "batch_shape", batch_shape, "(batch, timesteps[, features])"
+            )
         dtype = reader.raw("dtype", "float32")
         if isinstance(dtype, dict):
             dtype = (dtype.get("config") or {}).get("name", "float32")
@@ -47,7 +49,11 @@ class InputLayerSpec(LayerSpec):
         return cls(name=name, shape=tuple(batch_shape[1:]), batch_size=batch_shape[0], dtype=dtype)
 
     def to_config(self) -> dict[str, Any]:
-        return {"name": self.name, "batch_shape": [self.batch_size, *self.shape], "dtype": self.dtype}
+        return {
+            "name": self.name,
+            "batch_shape": [self.batch_size, *self.shape],
+            "dtype": self.dtype,
+        }
 
 
 @dataclass(frozen=True)
@@ -81,7 +87,11 @@ class EmbeddingSpec(LayerSpec):
 
     input_dim: int = 1
     output_dim: int = 1
-    embeddings_initializer: Initializer = field(default_factory=lambda: Initializer("random_uniform", {"minval": -0.05, "maxval": 0.05, "seed": None}))
+    embeddings_initializer: Initializer = field(
+        default_factory=lambda: Initializer(
+            "random_uniform", {"minval": -0.05, "maxval": 0.05, "seed": None}
+        )
+    )
     embeddings_regularizer: Regularizer | None = None
     embeddings_constraint: Constraint | None = None
     mask_zero: bool = False
@@ -102,17 +112,24 @@ class EmbeddingSpec(LayerSpec):
             input_dim=reader.int("input_dim", minimum=1),
             output_dim=reader.int("output_dim", minimum=1),
             embeddings_initializer=get_initializer(
-                reader.raw("embeddings_initializer", "uniform"), where=where, argument="embeddings_initializer"),
+                reader.raw("embeddings_initializer", "uniform"),
+                where=where,
+                argument="embeddings_initializer",
+            ),
             embeddings_regularizer=get_regularizer(
-                reader.raw("embeddings_regularizer"), where=where, argument="embeddings_regularizer"),
+                reader.raw("embeddings_regularizer"), where=where, argument="embeddings_regularizer"
+            ),
             embeddings_constraint=get_constraint(
-                reader.raw("embeddings_constraint"), where=where, argument="embeddings_constraint"),
+                reader.raw("embeddings_constraint"), where=where, argument="embeddings_constraint"
+            ),
             mask_zero=reader.bool("mask_zero", False),
             activity_regularizer=activity,
         )
         lora = reader.raw("lora_rank")
         if lora:
-            raise InvalidArgument(where, "lora_rank", lora, "None (LoRA embeddings are not supported)")
+            raise InvalidArgument(
+                where, "lora_rank", lora, "None (LoRA embeddings are not supported)"
+            )
         reader.finish(extra_ignored={"input_length", "sparse", "lora_alpha", "quantization_config"})
         return spec
 
@@ -145,7 +162,9 @@ class DenseSpec(LayerSpec):
     units: int = 1
     activation: str = "linear"
     use_bias: bool = True
-    kernel_initializer: Initializer = field(default_factory=lambda: Initializer("glorot_uniform", {"seed": None}))
+    kernel_initializer: Initializer = field(
+        default_factory=lambda: Initializer("glorot_uniform", {"seed": None})
+    )
     bias_initializer: Initializer = field(default_factory=lambda: Initializer("zeros"))
     kernel_regularizer: Regularizer | None = None
     bias_regularizer: Regularizer | None = None
@@ -177,10 +196,18 @@ class DenseSpec(LayerSpec):
             use_bias=reader.bool("use_bias", True),
             kernel_initializer=init("kernel_initializer", "glorot_uniform"),
             bias_initializer=init("bias_initializer", "zeros"),
-            kernel_regularizer=get_regularizer(reader.raw("kernel_regularizer"), where=where, argument="kernel_regularizer"),
-            bias_regularizer=get_regularizer(reader.raw("bias_regularizer"), where=where, argument="bias_regularizer"),
-            kernel_constraint=get_constraint(reader.raw("kernel_constraint"), where=where, argument="kernel_constraint"),
-            bias_constraint=get_constraint(reader.raw("bias_constraint"), where=where, argument="bias_constraint"),
+            kernel_regularizer=get_regularizer(
+                reader.raw("kernel_regularizer"), where=where, argument="kernel_regularizer"
+            ),
+            bias_regularizer=get_regularizer(
+                reader.raw("bias_regularizer"), where=where, argument="bias_regularizer"
+            ),
+            kernel_constraint=get_constraint(
+                reader.raw("kernel_constraint"), where=where, argument="kernel_constraint"
+            ),
+            bias_constraint=get_constraint(
+                reader.raw("bias_constraint"), where=where, argument="bias_constraint"
+            ),
             activity_regularizer=activity,
             keras_version=keras_version,
         )

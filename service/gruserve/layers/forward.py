@@ -98,10 +98,9 @@ def gru_recurrent_step(
 
     z = ract(xz + hz, b)
     r = ract(xr + hr, b)
-    if cell.reset_after:
-        candidate = act(xh + r * hh, b)
-    else:
-        candidate = act(xh + (r * hh_in) @ rk[:, 2 * u :], b)
+    # reset_after applies the reset gate after the recurrent matmul (cuDNN's form), else before.
+    recurrent_h = r * hh if cell.reset_after else (r * hh_in) @ rk[:, 2 * u :]
+    candidate = act(xh + recurrent_h, b)
     return z * h + (1.0 - z) * candidate
 
 
@@ -146,8 +145,14 @@ def rnn_forward(
         new_states = []
         output = x_t
         for i, cell in enumerate(spec.cells):
-            x_proj = output if i == 0 else gru_input_projection(b, output, per_cell[i], cell, drops[i].inputs)
-            output = gru_recurrent_step(b, x_proj, previous[i], per_cell[i], cell, drops[i].recurrent)
+            x_proj = (
+                output
+                if i == 0
+                else gru_input_projection(b, output, per_cell[i], cell, drops[i].inputs)
+            )
+            output = gru_recurrent_step(
+                b, x_proj, previous[i], per_cell[i], cell, drops[i].recurrent
+            )
             new_states.append(output)
         return output, new_states
 
@@ -192,12 +197,22 @@ def bidirectional_forward(
     init = list(initial_states) if initial_states is not None else None
     drops = list(dropout) if dropout else None
     y, forward_states = rnn_forward(
-        b, spec.forward, cell_weights(weights, "forward"), x, mask,
-        init[:n_forward] if init else None, drops[:n_forward] if drops else None,
+        b,
+        spec.forward,
+        cell_weights(weights, "forward"),
+        x,
+        mask,
+        init[:n_forward] if init else None,
+        drops[:n_forward] if drops else None,
     )
     y_rev, backward_states = rnn_forward(
-        b, spec.backward, cell_weights(weights, "backward"), x, mask,
-        init[n_forward:] if init else None, drops[n_forward:] if drops else None,
+        b,
+        spec.backward,
+        cell_weights(weights, "backward"),
+        x,
+        mask,
+        init[n_forward:] if init else None,
+        drops[n_forward:] if drops else None,
     )
     return combine_directions(b, spec, y, y_rev), forward_states + backward_states
 
@@ -297,5 +312,7 @@ def run_model(
         layer_weights = weights.get(spec.name, {})
         return lambda x, m, s: apply_layer(b, spec, layer_weights, x, m, s)
 
-    chain = [(spec.name, len(getattr(spec, "state_paths", list)()), bind(spec)) for spec in model.layers]
+    chain = [
+        (spec.name, len(getattr(spec, "state_paths", list)()), bind(spec)) for spec in model.layers
+    ]
     return run_layers(chain, inputs, mask, states)

@@ -53,7 +53,9 @@ _FAMILY = {
 
 
 def compute_fans(
-    shape: tuple[int, ...], input_axes: list[int] | None = None, output_axes: list[int] | None = None
+    shape: tuple[int, ...],
+    input_axes: list[int] | None = None,
+    output_axes: list[int] | None = None,
 ) -> tuple[float, float]:
     """Keras's fan-in/fan-out: rows/columns of a matrix, the length of a vector."""
     if input_axes is not None or output_axes is not None:
@@ -77,7 +79,9 @@ class Initializer:
     name: str
     config: dict[str, Any] = field(default_factory=dict)
 
-    def __call__(self, shape: tuple[int, ...], rng: np.random.Generator | None = None) -> np.ndarray:
+    def __call__(
+        self, shape: tuple[int, ...], rng: np.random.Generator | None = None
+    ) -> np.ndarray:
         seed = self.config.get("seed")
         rng = rng if rng is not None and seed is None else np.random.default_rng(seed)
         return _draw(self.name, self.config, tuple(shape), rng).astype(np.float32)
@@ -87,22 +91,35 @@ class Initializer:
 
 
 def get_initializer(identifier: Any, *, where: str, argument: str) -> Initializer:
-    parsed = parse_serialized(identifier, where=where, argument=argument, known=_KNOWN, aliases=_ALIASES)
+    parsed = parse_serialized(
+        identifier, where=where, argument=argument, known=_KNOWN, aliases=_ALIASES
+    )
     if parsed is None:
         raise InvalidArgument(where, argument, identifier, "an initializer (not None)")
     name, config = parsed
     if name == "variance_scaling":
         if config["mode"] not in ("fan_in", "fan_out", "fan_avg"):
-            raise InvalidArgument(where, f"{argument}.mode", config["mode"], ["fan_in", "fan_out", "fan_avg"])
-        if config["distribution"] not in ("truncated_normal", "untruncated_normal", "uniform", "normal"):
             raise InvalidArgument(
-                where, f"{argument}.distribution", config["distribution"],
+                where, f"{argument}.mode", config["mode"], ["fan_in", "fan_out", "fan_avg"]
+            )
+        if config["distribution"] not in (
+            "truncated_normal",
+            "untruncated_normal",
+            "uniform",
+            "normal",
+        ):
+            raise InvalidArgument(
+                where,
+                f"{argument}.distribution",
+                config["distribution"],
                 ["truncated_normal", "untruncated_normal", "uniform"],
             )
     return Initializer(name, config)
 
 
-def _draw(name: str, config: dict[str, Any], shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+def _draw(
+    name: str, config: dict[str, Any], shape: tuple[int, ...], rng: np.random.Generator
+) -> np.ndarray:
     if name == "zeros":
         return np.zeros(shape)
     if name == "ones":

@@ -18,7 +18,15 @@ from gruserve.layers.recurrent import BidirectionalSpec, GRUSpec, RNNSpec
 
 LAYER_CLASSES: dict[str, Any] = {
     cls.class_name: cls
-    for cls in (GRUSpec, RNNSpec, BidirectionalSpec, DenseSpec, DropoutSpec, EmbeddingSpec, MaskingSpec)
+    for cls in (
+        GRUSpec,
+        RNNSpec,
+        BidirectionalSpec,
+        DenseSpec,
+        DropoutSpec,
+        EmbeddingSpec,
+        MaskingSpec,
+    )
 }
 RecurrentSpec = RNNSpec | BidirectionalSpec
 
@@ -137,7 +145,7 @@ class ModelSpec:
     def weight_shapes(self) -> dict[str, dict[str, tuple[int, ...]]]:
         return {
             layer.name: layer.weight_shapes(width)
-            for layer, width in zip(self.layers, self.layer_input_features())
+            for layer, width in zip(self.layers, self.layer_input_features(), strict=True)
             if layer.weight_shapes(width)
         }
 
@@ -173,7 +181,10 @@ class ModelSpec:
         return {
             "name": self.name,
             "layers": [{"class_name": "InputLayer", "config": self.input.to_config()}]
-            + [{"class_name": layer.class_name, "config": layer.to_config()} for layer in self.layers],
+            + [
+                {"class_name": layer.class_name, "config": layer.to_config()}
+                for layer in self.layers
+            ],
         }
 
     # -- validation ----------------------------------------------------------------------
@@ -190,7 +201,9 @@ class ModelSpec:
                 where, f"input must be (timesteps, features) with known features, got shape {shape}"
             )
         is_sequence = True
-        time_major = {bool(getattr(layer, "time_major", False)) for layer in self.recurrent_layers()}
+        time_major = {
+            bool(getattr(layer, "time_major", False)) for layer in self.recurrent_layers()
+        }
         if len(time_major) > 1:
             raise ConfigError(where, "all recurrent layers must agree on `time_major`")
         if not self.recurrent_layers():
@@ -203,18 +216,24 @@ class ModelSpec:
             if is_recurrent(layer):
                 if not is_sequence:
                     raise ConfigError(
-                        at, "receives a vector; the recurrent layer before it needs return_sequences=True"
+                        at,
+                        "receives a vector; the recurrent layer before it needs "
+                        "return_sequences=True",
                     )
                 if layer.return_state and not last:  # type: ignore[attr-defined]
                     raise ConfigError(at, "return_state=True is only allowed on the last layer")
                 if isinstance(layer, BidirectionalSpec) and layer.merge_mode is None and not last:
-                    raise ConfigError(at, "merge_mode=None gives two outputs; it must be the last layer")
+                    raise ConfigError(
+                        at, "merge_mode=None gives two outputs; it must be the last layer"
+                    )
                 is_sequence = bool(layer.return_sequences)  # type: ignore[attr-defined]
             elif isinstance(layer, MaskingSpec) and not is_sequence:
                 raise ConfigError(at, "Masking needs a (batch, timesteps, features) input")
 
 
-def _input_from_first_layer(config: dict[str, Any], class_name: str, entry: dict[str, Any]) -> InputLayerSpec | None:
+def _input_from_first_layer(
+    config: dict[str, Any], class_name: str, entry: dict[str, Any]
+) -> InputLayerSpec | None:
     """tf-keras puts ``batch_input_shape`` on the first layer instead of an InputLayer."""
     batch_shape = config.get("batch_input_shape") or config.get("batch_shape")
     if batch_shape is None:

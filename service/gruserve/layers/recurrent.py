@@ -20,15 +20,15 @@ from gruserve.layers.initializers import Initializer, get_initializer
 from gruserve.layers.regularizers import Regularizer, get_regularizer
 
 MERGE_MODES = ("concat", "sum", "mul", "ave", None)
-_CELL_KEYS = (
-    "units activation recurrent_activation use_bias kernel_initializer recurrent_initializer "
-    "bias_initializer kernel_regularizer recurrent_regularizer bias_regularizer kernel_constraint "
-    "recurrent_constraint bias_constraint dropout recurrent_dropout reset_after seed implementation "
-    "keras_version"
-).split()
-_LOOP_KEYS = (
-    "return_sequences return_state go_backwards stateful unroll time_major zero_output_for_mask"
-).split()
+_LOOP_KEYS = [
+    "return_sequences",
+    "return_state",
+    "go_backwards",
+    "stateful",
+    "unroll",
+    "time_major",
+    "zero_output_for_mask",
+]
 
 
 def _keras(obj: Initializer | Regularizer | Constraint | None) -> dict[str, Any] | None:
@@ -43,8 +43,12 @@ class GRUCellSpec:
     activation: str = "tanh"
     recurrent_activation: str = "sigmoid"
     use_bias: bool = True
-    kernel_initializer: Initializer = field(default_factory=lambda: Initializer("glorot_uniform", {"seed": None}))
-    recurrent_initializer: Initializer = field(default_factory=lambda: Initializer("orthogonal", {"gain": 1.0, "seed": None}))
+    kernel_initializer: Initializer = field(
+        default_factory=lambda: Initializer("glorot_uniform", {"seed": None})
+    )
+    recurrent_initializer: Initializer = field(
+        default_factory=lambda: Initializer("orthogonal", {"gain": 1.0, "seed": None})
+    )
     bias_initializer: Initializer = field(default_factory=lambda: Initializer("zeros"))
     kernel_regularizer: Regularizer | None = None
     recurrent_regularizer: Regularizer | None = None
@@ -77,7 +81,10 @@ class GRUCellSpec:
         recurrent_activation = activation_name(reader.raw("recurrent_activation", "sigmoid"))
         get_activation(activation, keras_version=keras_version, where=where, argument="activation")
         get_activation(
-            recurrent_activation, keras_version=keras_version, where=where, argument="recurrent_activation"
+            recurrent_activation,
+            keras_version=keras_version,
+            where=where,
+            argument="recurrent_activation",
         )
         recurrent_dropout = reader.rate("recurrent_dropout")
         implementation = reader.choice("implementation", 2, [0, 1, 2])
@@ -199,7 +206,9 @@ class RNNSpec(LayerSpec):
 
     def weight_shapes(self, input_features: int) -> dict[str, tuple[int, ...]]:
         shapes: dict[str, tuple[int, ...]] = {}
-        for (path, _), cell, width in zip(self.state_paths(), self.cells, self.cell_inputs(input_features)):
+        for (path, _), cell, width in zip(
+            self.state_paths(), self.cells, self.cell_inputs(input_features), strict=True
+        ):
             prefix = f"{path}/" if path else ""
             for key, shape in cell.weight_shapes(width).items():
                 shapes[prefix + key] = shape
@@ -240,9 +249,17 @@ class RNNSpec(LayerSpec):
         else:
             cell = {
                 "class_name": "StackedRNNCells",
-                "config": {"cells": [{"class_name": "GRUCell", "config": c.to_config()} for c in self.cells]},
+                "config": {
+                    "cells": [
+                        {"class_name": "GRUCell", "config": c.to_config()} for c in self.cells
+                    ]
+                },
             }
-        return {**base_config(self.name, self.activity_regularizer), **self.loop_config(), "cell": cell}
+        return {
+            **base_config(self.name, self.activity_regularizer),
+            **self.loop_config(),
+            "cell": cell,
+        }
 
 
 def _read_cells(cell: Any, where: str, keras_version: int) -> list[GRUCellSpec]:
@@ -297,8 +314,14 @@ class BidirectionalSpec(LayerSpec):
 
     class_name: ClassVar[str] = "Bidirectional"
 
-    forward: RNNSpec = field(default_factory=lambda: GRUSpec(name="forward_gru", cells=(GRUCellSpec(1),)))
-    backward: RNNSpec = field(default_factory=lambda: GRUSpec(name="backward_gru", cells=(GRUCellSpec(1),), go_backwards=True))
+    forward: RNNSpec = field(
+        default_factory=lambda: GRUSpec(name="forward_gru", cells=(GRUCellSpec(1),))
+    )
+    backward: RNNSpec = field(
+        default_factory=lambda: GRUSpec(
+            name="backward_gru", cells=(GRUCellSpec(1),), go_backwards=True
+        )
+    )
     merge_mode: str | None = "concat"
     activity_regularizer: Regularizer | None = None
 
@@ -353,7 +376,9 @@ class BidirectionalSpec(LayerSpec):
         forward = replace(layer, name=f"forward_{layer.name.removeprefix('forward_')}")
         if backward_config is None:
             backward = replace(
-                layer, name=f"backward_{layer.name.removeprefix('backward_')}", go_backwards=not layer.go_backwards
+                layer,
+                name=f"backward_{layer.name.removeprefix('backward_')}",
+                go_backwards=not layer.go_backwards,
             )
         else:
             backward = _read_wrapped(backward_config, where, keras_version)
@@ -376,18 +401,28 @@ class BidirectionalSpec(LayerSpec):
             if getattr(forward, attr) != getattr(backward, attr):
                 raise ConfigError(where, f"forward and backward layers disagree on `{attr}`")
         if merge_mode in ("sum", "mul", "ave") and forward.units != backward.units:
-            raise ConfigError(where, f"merge_mode={merge_mode!r} needs equal units in both directions")
+            raise ConfigError(
+                where, f"merge_mode={merge_mode!r} needs equal units in both directions"
+            )
         forward = replace(forward, zero_output_for_mask=forward.return_sequences)
         backward = replace(backward, zero_output_for_mask=backward.return_sequences)
-        return cls(name=name, forward=forward, backward=backward, merge_mode=merge_mode,
-                   activity_regularizer=activity)
+        return cls(
+            name=name,
+            forward=forward,
+            backward=backward,
+            merge_mode=merge_mode,
+            activity_regularizer=activity,
+        )
 
     def to_config(self) -> dict[str, Any]:
         return {
             **base_config(self.name, self.activity_regularizer),
             "merge_mode": self.merge_mode,
             "layer": {"class_name": self.forward.class_name, "config": self.forward.to_config()},
-            "backward_layer": {"class_name": self.backward.class_name, "config": self.backward.to_config()},
+            "backward_layer": {
+                "class_name": self.backward.class_name,
+                "config": self.backward.to_config(),
+            },
         }
 
 

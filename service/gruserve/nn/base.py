@@ -27,7 +27,9 @@ from gruserve.layers.regularizers import Regularizer
 
 def keras_kwargs(args: dict[str, Any]) -> dict[str, Any]:
     """Constructor locals -> a Keras config dict (drops self, __class__, None names)."""
-    config = {k: v for k, v in args.items() if k not in ("self", "__class__", "kwargs", "input_shape")}
+    config = {
+        k: v for k, v in args.items() if k not in ("self", "__class__", "kwargs", "input_shape")
+    }
     config.update(args.get("kwargs") or {})
     if config.get("name") is None:
         config.pop("name", None)
@@ -73,7 +75,9 @@ class KerasLayer(nn.Module):
         """Parameters by Keras weight path (``kernel``, ``cells/0/bias``, ...)."""
         raise NotImplementedError
 
-    def set_keras_weights(self, weights: Mapping[str, np.ndarray], input_features: int | None = None) -> None:
+    def set_keras_weights(
+        self, weights: Mapping[str, np.ndarray], input_features: int | None = None
+    ) -> None:
         """Load Keras-layout arrays (building the layer first if needed)."""
         if not self.built:
             if input_features is None:
@@ -81,13 +85,17 @@ class KerasLayer(nn.Module):
             self.build(input_features)
         params = self.keras_weights()
         if set(weights) != set(params):
-            raise WeightShapeError(self.name, f"weights {sorted(weights)} do not match {sorted(params)}")
+            raise WeightShapeError(
+                self.name, f"weights {sorted(weights)} do not match {sorted(params)}"
+            )
         with torch.no_grad():
             for key, value in weights.items():
                 array = np.asarray(value, np.float32)
                 if tuple(array.shape) != tuple(params[key].shape):
                     raise WeightShapeError(
-                        self.name, f"weight {key!r} has shape {array.shape}, expected {tuple(params[key].shape)}"
+                        self.name,
+                        f"weight {key!r} has shape {array.shape}, "
+                        f"expected {tuple(params[key].shape)}",
                     )
                 params[key].copy_(torch.from_numpy(array))
 
@@ -132,7 +140,10 @@ class KerasLayer(nn.Module):
 
     # -- the common call protocol ---------------------------------------------------------
     def call_layer(
-        self, x: torch.Tensor, mask: torch.Tensor | None, states: Sequence[torch.Tensor] | None,
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None,
+        states: Sequence[torch.Tensor] | None,
         training: bool = False,
     ) -> LayerResult:
         raise NotImplementedError

@@ -24,11 +24,15 @@ class _Stateless(KerasLayer):
         self.record_activity(result.outputs, training)
         return result
 
-    def forward(self, inputs: torch.Tensor, mask: torch.Tensor | None = None, training: bool | None = None) -> torch.Tensor:
+    def forward(
+        self, inputs: torch.Tensor, mask: torch.Tensor | None = None, training: bool | None = None
+    ) -> torch.Tensor:
         training = self.training if training is None else training
         return self.call_layer(inputs, mask, None, training).outputs[0]
 
-    def compute_mask(self, inputs: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor | None:
+    def compute_mask(
+        self, inputs: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
         return self.call_layer(inputs, mask).mask
 
     def keras_weights(self) -> dict[str, torch.Tensor]:
@@ -41,8 +45,13 @@ class _Stateless(KerasLayer):
 class InputLayer(_Stateless):
     """Declares the input shape (without the batch axis) like ``keras.Input``."""
 
-    def __init__(self, shape: Sequence[int | None], batch_size: int | None = None, dtype: str = "float32",
-                 name: str | None = None) -> None:
+    def __init__(
+        self,
+        shape: Sequence[int | None],
+        batch_size: int | None = None,
+        dtype: str = "float32",
+        name: str | None = None,
+    ) -> None:
         spec = InputLayerSpec.from_config(
             {"batch_shape": [batch_size, *shape], "dtype": dtype, "name": name or "input_layer"}
         )
@@ -61,8 +70,13 @@ class Masking(_Stateless):
 class Dropout(_Stateless):
     """Keras ``Dropout``: scales kept units by 1/(1-rate) in training only."""
 
-    def __init__(self, rate: float, noise_shape: Sequence[int | None] | None = None, seed: int | None = None,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self,
+        rate: float,
+        noise_shape: Sequence[int | None] | None = None,
+        seed: int | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(DropoutSpec.from_config(keras_kwargs(locals())))
         self.generator = _seeded(seed)
         self.built = True
@@ -73,7 +87,7 @@ class Dropout(_Stateless):
             return LayerResult([x], mask)
         shape = list(x.shape)
         if spec.noise_shape is not None:
-            shape = [s if n is None else n for s, n in zip(shape, spec.noise_shape)]
+            shape = [s if n is None else n for s, n in zip(shape, spec.noise_shape, strict=True)]
         keep = bernoulli_mask(shape, spec.rate, self.generator, x)
         return LayerResult([x * keep], mask)
 
@@ -81,9 +95,16 @@ class Dropout(_Stateless):
 class Embedding(_Stateless):
     """Keras ``Embedding``; ``mask_zero=True`` masks id 0 for the layers after it."""
 
-    def __init__(self, input_dim: int, output_dim: int, embeddings_initializer: Any = "uniform",
-                 embeddings_regularizer: Any = None, embeddings_constraint: Any = None,
-                 mask_zero: bool = False, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        input_dim: int,
+        output_dim: int,
+        embeddings_initializer: Any = "uniform",
+        embeddings_regularizer: Any = None,
+        embeddings_constraint: Any = None,
+        mask_zero: bool = False,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(EmbeddingSpec.from_config(keras_kwargs(locals())))
         self.build(0)
 
@@ -104,11 +125,21 @@ class Embedding(_Stateless):
 class Dense(_Stateless):
     """Keras ``Dense``; on a (batch, time, features) input it applies per timestep."""
 
-    def __init__(self, units: int, activation: Any = None, use_bias: bool = True,
-                 kernel_initializer: Any = "glorot_uniform", bias_initializer: Any = "zeros",
-                 kernel_regularizer: Any = None, bias_regularizer: Any = None,
-                 activity_regularizer: Any = None, kernel_constraint: Any = None,
-                 bias_constraint: Any = None, input_dim: int | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        units: int,
+        activation: Any = None,
+        use_bias: bool = True,
+        kernel_initializer: Any = "glorot_uniform",
+        bias_initializer: Any = "zeros",
+        kernel_regularizer: Any = None,
+        bias_regularizer: Any = None,
+        activity_regularizer: Any = None,
+        kernel_constraint: Any = None,
+        bias_constraint: Any = None,
+        input_dim: int | None = None,
+        **kwargs: Any,
+    ) -> None:
         args = keras_kwargs(locals())
         args.pop("input_dim")
         super().__init__(DenseSpec.from_config(args))
@@ -143,8 +174,9 @@ def _seeded(seed: int | None) -> torch.Generator | None:
     return generator
 
 
-def bernoulli_mask(shape: Sequence[int], rate: float, generator: torch.Generator | None,
-                   like: torch.Tensor) -> torch.Tensor:
+def bernoulli_mask(
+    shape: Sequence[int], rate: float, generator: torch.Generator | None, like: torch.Tensor
+) -> torch.Tensor:
     """Keras's dropout mask: 0 with probability ``rate``, else 1/(1-rate)."""
     keep = torch.rand(list(shape), generator=generator, dtype=torch.float32) >= rate
     return keep.to(like.device, like.dtype) / (1.0 - rate)

@@ -38,14 +38,28 @@ class GRUCell(KerasLayer):
 
     spec: GRUCellSpec
 
-    def __init__(self, units: int, activation: Any = "tanh", recurrent_activation: Any = "sigmoid",
-                 use_bias: bool = True, kernel_initializer: Any = "glorot_uniform",
-                 recurrent_initializer: Any = "orthogonal", bias_initializer: Any = "zeros",
-                 kernel_regularizer: Any = None, recurrent_regularizer: Any = None,
-                 bias_regularizer: Any = None, kernel_constraint: Any = None,
-                 recurrent_constraint: Any = None, bias_constraint: Any = None, dropout: float = 0.0,
-                 recurrent_dropout: float = 0.0, reset_after: bool = True, seed: int | None = None,
-                 input_dim: int | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        units: int,
+        activation: Any = "tanh",
+        recurrent_activation: Any = "sigmoid",
+        use_bias: bool = True,
+        kernel_initializer: Any = "glorot_uniform",
+        recurrent_initializer: Any = "orthogonal",
+        bias_initializer: Any = "zeros",
+        kernel_regularizer: Any = None,
+        recurrent_regularizer: Any = None,
+        bias_regularizer: Any = None,
+        kernel_constraint: Any = None,
+        recurrent_constraint: Any = None,
+        bias_constraint: Any = None,
+        dropout: float = 0.0,
+        recurrent_dropout: float = 0.0,
+        reset_after: bool = True,
+        seed: int | None = None,
+        input_dim: int | None = None,
+        **kwargs: Any,
+    ) -> None:
         args = keras_kwargs(locals())
         args.pop("input_dim")
         super().__init__(GRUCellSpec.from_config(args))
@@ -79,8 +93,10 @@ class GRUCell(KerasLayer):
 
     def weight_options(self) -> list[tuple[torch.Tensor, Regularizer | None, Constraint | None]]:
         s = self.spec
-        options = [(self.kernel, s.kernel_regularizer, s.kernel_constraint),
-                   (self.recurrent_kernel, s.recurrent_regularizer, s.recurrent_constraint)]
+        options = [
+            (self.kernel, s.kernel_regularizer, s.kernel_constraint),
+            (self.recurrent_kernel, s.recurrent_regularizer, s.recurrent_constraint),
+        ]
         if s.use_bias:
             options.append((self.bias, s.bias_regularizer, s.bias_constraint))
         return options
@@ -89,17 +105,24 @@ class GRUCell(KerasLayer):
         return [torch.zeros(batch_size, self.spec.units)]
 
     # -- dropout ------------------------------------------------------------------------
-    def dropout_masks(self, inputs: torch.Tensor, state: torch.Tensor, training: bool) -> CellDropout:
+    def dropout_masks(
+        self, inputs: torch.Tensor, state: torch.Tensor, training: bool
+    ) -> CellDropout:
         """Masks for this call, drawn on first use and kept until :meth:`reset_dropout_masks`."""
         if self._masks is None:
             s = self.spec
             masks = CellDropout()
             if training and 0.0 < s.dropout < 1.0:
                 count = 3 if s.implementation == 1 else 1
-                masks.inputs = [bernoulli_mask(inputs.shape, s.dropout, self.generator, inputs) for _ in range(count)]
+                masks.inputs = [
+                    bernoulli_mask(inputs.shape, s.dropout, self.generator, inputs)
+                    for _ in range(count)
+                ]
             if training and 0.0 < s.recurrent_dropout < 1.0:
-                masks.recurrent = [bernoulli_mask(state.shape, s.recurrent_dropout, self.generator, state)
-                                   for _ in range(3)]
+                masks.recurrent = [
+                    bernoulli_mask(state.shape, s.recurrent_dropout, self.generator, state)
+                    for _ in range(3)
+                ]
             self._masks = masks
         return self._masks
 
@@ -107,8 +130,12 @@ class GRUCell(KerasLayer):
         self._masks = None
 
     # -- one step ------------------------------------------------------------------------
-    def forward(self, inputs: torch.Tensor, states: torch.Tensor | Sequence[torch.Tensor],
-                training: bool | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward(
+        self,
+        inputs: torch.Tensor,
+        states: torch.Tensor | Sequence[torch.Tensor],
+        training: bool | None = None,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """One step: ``(output, [new_state])``, Keras's ``GRUCell.call``."""
         training = self.training if training is None else training
         self.ensure_built(inputs)
@@ -133,17 +160,31 @@ class RNN(KerasLayer):
 
     spec: RNNSpec
 
-    def __init__(self, cell: GRUCell | Sequence[GRUCell], return_sequences: bool = False,
-                 return_state: bool = False, go_backwards: bool = False, stateful: bool = False,
-                 unroll: bool = False, zero_output_for_mask: bool = False, time_major: bool = False,
-                 activity_regularizer: Any = None, name: str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        cell: GRUCell | Sequence[GRUCell],
+        return_sequences: bool = False,
+        return_state: bool = False,
+        go_backwards: bool = False,
+        stateful: bool = False,
+        unroll: bool = False,
+        zero_output_for_mask: bool = False,
+        time_major: bool = False,
+        activity_regularizer: Any = None,
+        name: str | None = None,
+        **kwargs: Any,
+    ) -> None:
         cells = [cell] if isinstance(cell, GRUCell) else list(cell)
         if not cells or not all(isinstance(c, GRUCell) for c in cells):
             raise InvalidArgument("RNN", "cell", cell, "a GRUCell or a non-empty list of GRUCells")
         args = keras_kwargs(locals())
         args.pop("cells")
-        args["cell"] = {"class_name": "StackedRNNCells",
-                        "config": {"cells": [{"class_name": "GRUCell", "config": c.get_config()} for c in cells]}}
+        args["cell"] = {
+            "class_name": "StackedRNNCells",
+            "config": {
+                "cells": [{"class_name": "GRUCell", "config": c.get_config()} for c in cells]
+            },
+        }
         super().__init__(RNNSpec.from_config(args))
         self._attach_cells(cells)
 
@@ -170,14 +211,14 @@ class RNN(KerasLayer):
 
     # -- weights -------------------------------------------------------------------------
     def build(self, input_features: int) -> None:
-        for cell, width in zip(self.cells(), self.spec.cell_inputs(input_features)):
+        for cell, width in zip(self.cells(), self.spec.cell_inputs(input_features), strict=True):
             if not cell.built:
                 cell.build(width)
         self.built = True
 
     def keras_weights(self) -> dict[str, torch.Tensor]:
         weights = {}
-        for (path, _), cell in zip(self.spec.state_paths(), self.cells()):
+        for (path, _), cell in zip(self.spec.state_paths(), self.cells(), strict=True):
             prefix = f"{path}/" if path else ""
             weights.update({prefix + k: v for k, v in cell.keras_weights().items()})
         return weights
@@ -200,13 +241,19 @@ class RNN(KerasLayer):
             return
         values = [states] if not isinstance(states, (list, tuple)) else list(states)
         if len(values) != len(units):
-            raise InvalidArgument(self.name, "states", f"{len(values)} arrays", f"{len(units)} arrays, one per cell")
+            raise InvalidArgument(
+                self.name, "states", f"{len(values)} arrays", f"{len(units)} arrays, one per cell"
+            )
         batch = self.states[0].shape[0] if self.states is not None else np.shape(values[0])[0]
         new = []
-        for value, width in zip(values, units):
-            tensor = torch.as_tensor(np.asarray(value, np.float32) if not isinstance(value, torch.Tensor) else value)
+        for value, width in zip(values, units, strict=True):
+            tensor = torch.as_tensor(
+                np.asarray(value, np.float32) if not isinstance(value, torch.Tensor) else value
+            )
             if tuple(tensor.shape) != (batch, width):
-                raise InvalidArgument(self.name, "states", tuple(tensor.shape), f"shape {(batch, width)}")
+                raise InvalidArgument(
+                    self.name, "states", tuple(tensor.shape), f"shape {(batch, width)}"
+                )
             new.append(tensor.detach().clone().float())
         self.states = new
 
@@ -214,12 +261,18 @@ class RNN(KerasLayer):
         """Keras 3 spelling."""
         self.reset_states()
 
-    def _initial_states(self, x: torch.Tensor, given: Sequence[torch.Tensor] | None) -> list[torch.Tensor] | None:
+    def _initial_states(
+        self, x: torch.Tensor, given: Sequence[torch.Tensor] | None
+    ) -> list[torch.Tensor] | None:
         if given is not None:
             states = [given] if isinstance(given, torch.Tensor) else list(given)
             if len(states) != len(self.spec.cells):
-                raise InvalidArgument(self.name, "initial_state", f"{len(states)} tensors",
-                                      f"{len(self.spec.cells)} tensors, one per cell")
+                raise InvalidArgument(
+                    self.name,
+                    "initial_state",
+                    f"{len(states)} tensors",
+                    f"{len(self.spec.cells)} tensors, one per cell",
+                )
             return states
         if not self.spec.stateful:
             return None
@@ -227,8 +280,10 @@ class RNN(KerasLayer):
         if self.states is None:
             self.states = [torch.zeros(batch, c.units, device=x.device) for c in self.spec.cells]
         elif self.states[0].shape[0] != batch:
-            raise ConfigError(f"layer {self.name!r}", f"stateful layer expects batch size "
-                              f"{self.states[0].shape[0]}, got {batch}")
+            raise ConfigError(
+                f"layer {self.name!r}",
+                f"stateful layer expects batch size {self.states[0].shape[0]}, got {batch}",
+            )
         return self.states
 
     # -- calls ---------------------------------------------------------------------------
@@ -243,7 +298,9 @@ class RNN(KerasLayer):
             state_like = init[i] if init is not None else torch.zeros(batch, cell.spec.units)
             drops.append(cell.dropout_masks(width_like, state_like, training))
         try:
-            output, new_states = rnn_forward(self.backend, self.spec, self.keras_weights(), x, mask, init, drops)
+            output, new_states = rnn_forward(
+                self.backend, self.spec, self.keras_weights(), x, mask, init, drops
+            )
         finally:
             for cell in self.cells():
                 cell.reset_dropout_masks()
@@ -252,9 +309,13 @@ class RNN(KerasLayer):
         self.record_activity([output, *(new_states if self.spec.return_state else [])], training)
         return LayerResult([output], mask if self.spec.return_sequences else None, new_states)
 
-    def forward(self, inputs: torch.Tensor, mask: torch.Tensor | None = None,
-                initial_state: Sequence[torch.Tensor] | torch.Tensor | None = None,
-                training: bool | None = None) -> torch.Tensor | list[torch.Tensor]:
+    def forward(
+        self,
+        inputs: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        initial_state: Sequence[torch.Tensor] | torch.Tensor | None = None,
+        training: bool | None = None,
+    ) -> torch.Tensor | list[torch.Tensor]:
         """Keras's call: the output, or ``[output, *states]`` with ``return_state``."""
         training = self.training if training is None else training
         result = self.call_layer(inputs, mask, initial_state, training)
@@ -268,18 +329,38 @@ class GRU(RNN):
 
     spec: GRUSpec
 
-    def __init__(self, units: int, activation: Any = "tanh", recurrent_activation: Any = "sigmoid",
-                 use_bias: bool = True, kernel_initializer: Any = "glorot_uniform",
-                 recurrent_initializer: Any = "orthogonal", bias_initializer: Any = "zeros",
-                 kernel_regularizer: Any = None, recurrent_regularizer: Any = None,
-                 bias_regularizer: Any = None, activity_regularizer: Any = None,
-                 kernel_constraint: Any = None, recurrent_constraint: Any = None,
-                 bias_constraint: Any = None, dropout: float = 0.0, recurrent_dropout: float = 0.0,
-                 seed: int | None = None, return_sequences: bool = False, return_state: bool = False,
-                 go_backwards: bool = False, stateful: bool = False, unroll: bool = False,
-                 reset_after: bool = True, use_cudnn: Any = "auto", time_major: bool = False,
-                 implementation: int = 2, zero_output_for_mask: bool = False,
-                 input_dim: int | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        units: int,
+        activation: Any = "tanh",
+        recurrent_activation: Any = "sigmoid",
+        use_bias: bool = True,
+        kernel_initializer: Any = "glorot_uniform",
+        recurrent_initializer: Any = "orthogonal",
+        bias_initializer: Any = "zeros",
+        kernel_regularizer: Any = None,
+        recurrent_regularizer: Any = None,
+        bias_regularizer: Any = None,
+        activity_regularizer: Any = None,
+        kernel_constraint: Any = None,
+        recurrent_constraint: Any = None,
+        bias_constraint: Any = None,
+        dropout: float = 0.0,
+        recurrent_dropout: float = 0.0,
+        seed: int | None = None,
+        return_sequences: bool = False,
+        return_state: bool = False,
+        go_backwards: bool = False,
+        stateful: bool = False,
+        unroll: bool = False,
+        reset_after: bool = True,
+        use_cudnn: Any = "auto",
+        time_major: bool = False,
+        implementation: int = 2,
+        zero_output_for_mask: bool = False,
+        input_dim: int | None = None,
+        **kwargs: Any,
+    ) -> None:
         args = keras_kwargs(locals())
         args.pop("input_dim")
         spec = GRUSpec.from_config(args)
@@ -294,8 +375,15 @@ class Bidirectional(KerasLayer):
 
     spec: BidirectionalSpec
 
-    def __init__(self, layer: RNN, merge_mode: str | None = "concat", backward_layer: RNN | None = None,
-                 activity_regularizer: Any = None, name: str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        layer: RNN,
+        merge_mode: str | None = "concat",
+        backward_layer: RNN | None = None,
+        activity_regularizer: Any = None,
+        name: str | None = None,
+        **kwargs: Any,
+    ) -> None:
         if not isinstance(layer, RNN):
             raise InvalidArgument("Bidirectional", "layer", layer, "a GRU or RNN layer")
         config: dict[str, Any] = {
@@ -305,8 +393,10 @@ class Bidirectional(KerasLayer):
             **kwargs,
         }
         if backward_layer is not None:
-            config["backward_layer"] = {"class_name": backward_layer.spec.class_name,
-                                        "config": backward_layer.get_config()}
+            config["backward_layer"] = {
+                "class_name": backward_layer.spec.class_name,
+                "config": backward_layer.get_config(),
+            }
         config["name"] = name or f"bidirectional_{layer.name}"
         self._init_from_spec(BidirectionalSpec.from_config(config))
 
@@ -335,7 +425,11 @@ class Bidirectional(KerasLayer):
         self.built = True
 
     def keras_weights(self) -> dict[str, torch.Tensor]:
-        return {f"{d}/{k}": v for d, layer in self._directions() for k, v in layer.keras_weights().items()}
+        return {
+            f"{d}/{k}": v
+            for d, layer in self._directions()
+            for k, v in layer.keras_weights().items()
+        }
 
     def weight_options(self) -> list[tuple[torch.Tensor, Regularizer | None, Constraint | None]]:
         return self.forward_layer.weight_options() + self.backward_layer.weight_options()
@@ -350,16 +444,26 @@ class Bidirectional(KerasLayer):
         n_forward = len(self.spec.forward.cells)
         init = list(states) if states is not None else None
         # Each direction is its own layer: it keeps its stateful buffers and dropout masks.
-        forward = self.forward_layer.call_layer(x, mask, init[:n_forward] if init else None, training)
-        backward = self.backward_layer.call_layer(x, mask, init[n_forward:] if init else None, training)
-        outputs = combine_directions(self.backend, self.spec, forward.outputs[0], backward.outputs[0])
+        forward = self.forward_layer.call_layer(
+            x, mask, init[:n_forward] if init else None, training
+        )
+        backward = self.backward_layer.call_layer(
+            x, mask, init[n_forward:] if init else None, training
+        )
+        outputs = combine_directions(
+            self.backend, self.spec, forward.outputs[0], backward.outputs[0]
+        )
         new_states = forward.states + backward.states
         self.record_activity([*outputs, *(new_states if self.spec.return_state else [])], training)
         return LayerResult(outputs, mask if self.spec.return_sequences else None, new_states)
 
-    def forward(self, inputs: torch.Tensor, mask: torch.Tensor | None = None,
-                initial_state: Sequence[torch.Tensor] | None = None,
-                training: bool | None = None) -> torch.Tensor | list[torch.Tensor]:
+    def forward(
+        self,
+        inputs: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        initial_state: Sequence[torch.Tensor] | None = None,
+        training: bool | None = None,
+    ) -> torch.Tensor | list[torch.Tensor]:
         training = self.training if training is None else training
         result = self.call_layer(inputs, mask, initial_state, training)
         outputs = list(result.outputs)

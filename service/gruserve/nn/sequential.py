@@ -58,7 +58,9 @@ class Sequential(nn.Module):
 
     # -- construction ------------------------------------------------------------------
     @classmethod
-    def from_spec(cls, spec: ModelSpec, weights: Mapping[str, Mapping[str, np.ndarray]] | None = None) -> Sequential:
+    def from_spec(
+        cls, spec: ModelSpec, weights: Mapping[str, Mapping[str, np.ndarray]] | None = None
+    ) -> Sequential:
         model = cls.__new__(cls)
         nn.Module.__init__(model)
         model.input_spec = spec.input
@@ -73,13 +75,19 @@ class Sequential(nn.Module):
     def from_config(cls, config: Mapping[str, Any], keras_version: int = 3) -> Sequential:
         """From Keras's ``Sequential.get_config()`` (``{"name", "layers": [...]}``)."""
         layers = list(config.get("layers") or [])
-        spec = ModelSpec.from_layer_configs(str(config.get("name") or "sequential"), layers, keras_version)
+        spec = ModelSpec.from_layer_configs(
+            str(config.get("name") or "sequential"), layers, keras_version
+        )
         return cls.from_spec(spec)
 
     def to_spec(self) -> ModelSpec:
         if self.input_spec is None:
-            raise ConfigError(f"model {self.model_name!r}", "needs an InputLayer to describe its input")
-        return ModelSpec(self.model_name, self.input_spec, tuple(layer.spec for layer in self.layers))
+            raise ConfigError(
+                f"model {self.model_name!r}", "needs an InputLayer to describe its input"
+            )
+        return ModelSpec(
+            self.model_name, self.input_spec, tuple(layer.spec for layer in self.layers)
+        )
 
     def get_config(self) -> dict[str, Any]:
         return self.to_spec().to_config()
@@ -87,7 +95,7 @@ class Sequential(nn.Module):
     def build_all(self) -> None:
         """Create every layer's parameters from the declared input shape."""
         spec = self.to_spec()
-        for layer, width in zip(self.layers, spec.layer_input_features()):
+        for layer, width in zip(self.layers, spec.layer_input_features(), strict=True):
             if not layer.built:
                 layer.build(width)
 
@@ -126,13 +134,17 @@ class Sequential(nn.Module):
         """Outputs and the final state of every recurrent layer, by layer name."""
         training = self.training if training is None else training
         chain = [
-            (layer.name, layer.state_count(),
-             lambda x, m, s, layer=layer: layer.call_layer(x, m, s, training))
+            (
+                layer.name,
+                layer.state_count(),
+                lambda x, m, s, layer=layer: layer.call_layer(x, m, s, training),
+            )
             for layer in self.layers
         ]
         return run_layers(chain, inputs, mask, states)
 
-    def forward(self, inputs: torch.Tensor, mask: torch.Tensor | None = None,
-                training: bool | None = None) -> torch.Tensor | list[torch.Tensor]:
+    def forward(
+        self, inputs: torch.Tensor, mask: torch.Tensor | None = None, training: bool | None = None
+    ) -> torch.Tensor | list[torch.Tensor]:
         outputs, _ = self.forward_with_states(inputs, mask, None, training)
         return outputs[0] if len(outputs) == 1 else outputs
