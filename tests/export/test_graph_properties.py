@@ -76,6 +76,15 @@ def test_strategies(config: dict, strategy: str, cudnn: bool, rng: np.random.Gen
         assert built.static_timesteps == 5
 
 
+def test_go_backwards_reverses_within_lengths(rng: np.random.Generator) -> None:
+    """No direction="reverse": onnxruntime's CUDA kernel reverses the padded axis for it."""
+    spec = _spec(gru(go_backwards=True, return_sequences=True))
+    built = build_model_graph(spec, _weights(spec, rng))
+    assert [n["direction"] for n in gru_node_names(built.model)] == [b"forward"]
+    assert _ops(built.model).count("ReverseSequence") == 2
+    assert built.layers["gru"].cudnn_eligible
+
+
 def test_unroll_needs_fixed_timesteps(rng: np.random.Generator) -> None:
     spec = _spec(gru(unroll=True))
     from gruserve.errors import ExportError

@@ -175,30 +175,30 @@ def _is_right_padded(ob: OnnxBackend, mask: OnnxTensor, lens: OnnxTensor) -> Onn
     return ob.greater(ob.op("ReduceMin", [agree], dtype="int32", rank=0, keepdims=0), 0)
 
 
-def _restore_keras_outputs(
+def _keras_output(
     ob: OnnxBackend,
     spec: RNNSpec,
     y_seq: OnnxTensor,
-    y_last: OnnxTensor,
-    h0: OnnxTensor,
+    last_valid: OnnxTensor,
     mask: OnnxTensor,
-    lens: OnnxTensor,
-) -> tuple[OnnxTensor, OnnxTensor]:
-    """Turn the node's (B, T, U) sequence and final state into Keras's output and state."""
-    any_valid = ob.expand_dims(ob.greater(lens, 0), -1)
-    state = ob.where(any_valid, y_last, h0)
-    last_valid = ob.where(any_valid, y_last, 0.0)
+) -> OnnxTensor:
+    """Keras's output from the node's (B, T, U) input-order sequence.
+
+    ``last_valid`` is the state after the last valid step, zeros for an
+    all-masked sample (Keras's "previous output" starts at zeros).
+    """
     if spec.return_sequences:
         if spec.go_backwards:
             # Processing order puts the padding first, before any valid step: zeros either way.
-            return ob.flip(y_seq, 1), state
+            return ob.flip(y_seq, 1)
         if spec.zero_output_for_mask:
-            return y_seq, state
-        return ob.where(ob.expand_dims(mask, -1), y_seq, ob.expand_dims(last_valid, 1)), state
+            return y_seq  # the node writes zeros past each length
+        return ob.where(ob.expand_dims(mask, -1), y_seq, ob.expand_dims(last_valid, 1))
     if spec.zero_output_for_mask and not spec.go_backwards:
+        # The last processed step is the last timestep: its output is 0 unless it is valid.
         last_step = ob.expand_dims(ob.time_step(mask, -1), -1)
-        return ob.where(last_step, y_last, 0.0), state
-    return last_valid, state
+        return ob.where(last_step, last_valid, 0.0)
+    return last_valid
 
 
 def _native_rnn(
@@ -210,28 +210,45 @@ def _native_rnn(
     lens: OnnxTensor,
     initial_states: Sequence[OnnxTensor],
 ) -> tuple[OnnxTensor, list[OnnxTensor]]:
-    """Stacked native nodes; x and mask are batch-major, ``lens`` their valid lengths."""
-    direction = "reverse" if spec.go_backwards else "forward"
+    """Stacked forward nodes; x and mask are batch-major, ``lens`` their valid lengths.
+
+    ``go_backwards`` reverses each sample within its own length around forward
+    nodes instead of using ``direction="reverse"``: onnxruntime's CUDA kernel
+    reverses the whole padded time axis for that direction
+    (``cudnn_rnn_base.cc``), which would feed padding first to a right-padded
+    sample. ``ReverseSequence`` keeps the padding at the end on every provider.
+    """
     seq_tbf = ob.transpose(x, [1, 0, 2])
+    lens64 = ob.cast(lens, "int64")
+    if spec.go_backwards:
+        seq_tbf = _reverse_within_lengths(ob, seq_tbf, lens64)
+    any_valid = ob.expand_dims(ob.greater(lens, 0), -1)
     states: list[OnnxTensor] = []
-    output: OnnxTensor | None = None
+    last_valid = None
     for i, ((path, _), cell) in enumerate(zip(spec.state_paths(), spec.cells, strict=True)):
+        h0 = initial_states[i]
         y, y_h = _gru_node(
             ob,
             seq_tbf,
             [(cell, cell_weights(weights, path))],
             lens,
-            ob.expand_dims(initial_states[i], 0),
-            direction,
+            ob.expand_dims(h0, 0),
+            "forward",
         )
-        seq_tbf = ob.squeeze(y, 1)  # (T, B, U), input order; the next cell reads it as is
-        y_seq = ob.transpose(seq_tbf, [1, 0, 2])
+        seq_tbf = ob.squeeze(y, 1)  # (T, B, U): the next cell reads it as it is
         last = ob.squeeze(y_h, 0)
-        output, state = _restore_keras_outputs(ob, spec, y_seq, last, initial_states[i], mask, lens)
-        states.append(state)
-    if output is None:
+        states.append(ob.where(any_valid, last, h0))  # an all-masked sample keeps its state
+        last_valid = ob.where(any_valid, last, 0.0)
+    if last_valid is None:
         raise ExportError(f"layer {spec.name!r} has no cells")
-    return output, states
+    if spec.go_backwards:
+        seq_tbf = _reverse_within_lengths(ob, seq_tbf, lens64)  # back to input order
+    y_seq = ob.transpose(seq_tbf, [1, 0, 2])
+    return _keras_output(ob, spec, y_seq, last_valid, mask), states
+
+
+def _reverse_within_lengths(ob: OnnxBackend, seq_tbf: OnnxTensor, lens64: OnnxTensor) -> OnnxTensor:
+    return ob.op("ReverseSequence", [seq_tbf, lens64], rank=3, batch_axis=1, time_axis=0)
 
 
 def _with_fallback(
