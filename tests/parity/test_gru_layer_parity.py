@@ -9,6 +9,7 @@ config and (b) the exported ONNX graph run by onnxruntime.
 from __future__ import annotations
 
 import functools
+import zlib
 
 import numpy as np
 import pytest
@@ -124,11 +125,11 @@ class Case:
 def case(key: tuple) -> Case:  # type: ignore[type-arg]
     kind, kwargs, scale = key[0], dict(key[1]), key[2]
     if kind == "gru":
-        return Case(lambda: keras.layers.GRU(U, **kwargs), seed=hash(key) % 2**32, scale=scale)
+        return Case(lambda: keras.layers.GRU(U, **kwargs), seed=zlib.crc32(repr(key).encode()), scale=scale)
     merge_mode = kwargs.pop("merge_mode")
     return Case(
         lambda: keras.layers.Bidirectional(keras.layers.GRU(U, **kwargs), merge_mode=merge_mode),
-        seed=hash(key) % 2**32,
+        seed=zlib.crc32(repr(key).encode()),
         scale=scale,
     )
 
@@ -158,7 +159,7 @@ BACKENDS = ["torch", "onnxruntime"]
 @pytest.mark.parametrize("activation", NATIVE + LOOP_ONLY)
 def test_every_activation(backend: str, role: str, activation: str) -> None:
     scale = 0.25 if activation in _GROWING else 0.5
-    if role == "recurrent_activation" and activation in _GROWING:
+    if activation == "exponential" or (role == "recurrent_activation" and activation in _GROWING):
         scale = 0.05  # an unbounded gate (z > 1) makes the state grow geometrically
     key = gru_key(scale, **{role: activation}, return_sequences=True, return_state=True)
     for mask_name in ("none", "right_padded", "holes"):
