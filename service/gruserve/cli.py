@@ -128,6 +128,7 @@ def _summary(chosen: Any, available: list[int]) -> Table:
         f"{'one output per timestep' if m.output_per_timestep else 'one output per sequence'}",
     )
     tensors = Table("role", "tensor", "dtype", "shape", box=None)
+    tensors.columns[1].overflow = "fold"  # names are identifiers: wrap, never truncate
     for role, items in (("input", m.inputs), ("output", m.outputs)):
         for t in items:
             tensors.add_row(role, t.name, t.dtype, escape(str(t.shape)))
