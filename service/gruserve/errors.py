@@ -96,3 +96,130 @@ class MissingDependency(GruServeError):
         super().__init__(
             f"{purpose} needs the {package!r} package: pip install 'gruserve[{extra}]'"
         )
+
+
+# -- serving -------------------------------------------------------------------------
+# The core raises these; ``api/errors.py`` alone decides which HTTP status each one gets.
+
+
+class ModelNotFound(GruServeError):
+    """No model of that name (and version) is being served."""
+
+    def __init__(self, name: str, version: int | None = None, available: Iterable[str] = ()) -> None:
+        self.name, self.version = name, version
+        what = f"model {name!r}" + (f" version {version}" if version is not None else "")
+        names = sorted(available)
+        hint = f"; served models: {', '.join(names)}" if names else "; no models are loaded"
+        super().__init__(f"{what} is not served{hint}")
+
+
+class ModelUnavailable(GruServeError):
+    """A model exists in the repository but failed to load."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        self.name, self.reason = name, reason
+        super().__init__(f"model {name!r} failed to load and is not served: {reason}")
+
+
+class ProviderUnavailable(GruServeError):
+    """The configured execution provider cannot run on this machine."""
+
+    def __init__(self, provider: str, available: Iterable[str], hint: str) -> None:
+        self.provider = provider
+        super().__init__(
+            f"execution provider {provider!r} is not available (onnxruntime offers "
+            f"{', '.join(available)}); {hint}"
+        )
+
+
+class InvalidInput(GruServeError):
+    """A request value is malformed; ``field`` names it (``inputs[2][1]`` style)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field, self.detail = field, message
+        super().__init__(f"{field}: {message}")
+
+
+class PayloadTooLarge(GruServeError):
+    """A request exceeds a configured size limit (bytes or timesteps)."""
+
+    def __init__(self, what: str, received: int, limit: int, setting: str) -> None:
+        self.what, self.received, self.limit = what, received, limit
+        super().__init__(
+            f"{what} is {received}, above the limit of {limit} (server setting {setting}); "
+            "split the request into smaller ones"
+        )
+
+
+class SessionNotFound(GruServeError):
+    """The session id is unknown, was deleted, or expired after its idle TTL."""
+
+    def __init__(self, session_id: str) -> None:
+        self.session_id = session_id
+        super().__init__(
+            f"session {session_id!r} does not exist (never created, deleted, or expired "
+            "after its idle TTL); create it with POST /v1/models/{model}/sessions"
+        )
+
+
+class SessionExists(GruServeError):
+    """A client-chosen session id is already taken."""
+
+    def __init__(self, session_id: str) -> None:
+        self.session_id = session_id
+        super().__init__(f"session {session_id!r} already exists; choose another id or omit it")
+
+
+class SessionConflict(GruServeError):
+    """Another server kept winning the race to update this session."""
+
+    def __init__(self, session_id: str, attempts: int) -> None:
+        self.session_id = session_id
+        super().__init__(
+            f"session {session_id!r} was updated concurrently by another server {attempts} "
+            "times in a row; the step was not applied, retry it"
+        )
+
+
+class SessionModelMismatch(GruServeError):
+    """A session was created on a model version this server does not run."""
+
+    def __init__(self, session_id: str, model: str, version: int, served: int) -> None:
+        self.session_id = session_id
+        super().__init__(
+            f"session {session_id!r} belongs to model {model!r} version {version}, but this "
+            f"server runs version {served}; its state cannot continue on another version, "
+            "create a new session"
+        )
+
+
+class TooManySessions(GruServeError):
+    """The store already holds the configured maximum number of sessions."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        super().__init__(
+            f"the server holds its maximum of {limit} sessions (setting GRUSERVE_MAX_SESSIONS); "
+            "delete finished sessions or retry after idle ones expire"
+        )
+
+
+class StoreUnavailable(GruServeError):
+    """The session store (Redis) cannot be reached."""
+
+    def __init__(self, store: str, reason: object) -> None:
+        self.store = store
+        super().__init__(f"session store {store} is unreachable ({reason}); retry shortly")
+
+
+# -- training ------------------------------------------------------------------------
+
+
+class TrainingInterrupted(GruServeError):
+    """Training was stopped (Ctrl-C) before it finished; nothing was exported."""
+
+    def __init__(self, epoch: int, epochs: int, kept: str) -> None:
+        self.epoch, self.epochs = epoch, epochs
+        super().__init__(
+            f"training interrupted during epoch {epoch} of {epochs}; {kept}; nothing was exported"
+        )

@@ -64,6 +64,18 @@ class KerasLayer(nn.Module):
             self._owner(path).register_parameter(path.rsplit("/", 1)[-1], nn.Parameter(value))
         self.built = True
 
+    @torch.no_grad()
+    def initialize_weights(self, rng: np.random.Generator | None = None) -> None:
+        """Draw every weight again from its Keras initializer, in place.
+
+        Training calls this with one generator seeded from ``training.seed`` so
+        that a run is reproducible; an initializer with its own ``seed`` keeps
+        drawing the same values, as in Keras.
+        """
+        for path, weight in self.keras_weights().items():
+            value = self._initializer_for(path)(tuple(weight.shape), rng)
+            weight.copy_(torch.from_numpy(value))
+
     def _owner(self, path: str) -> nn.Module:
         """The submodule that owns the parameter at ``path`` (cells, directions)."""
         return self
@@ -111,7 +123,7 @@ class KerasLayer(nn.Module):
         return []
 
     def regularization_loss(self) -> torch.Tensor | float:
-        """Weight penalties plus the activity penalty of the last training call."""
+        """Weight penalties plus the activity penalty of the last call (Keras's ``losses``)."""
         total: torch.Tensor | float = 0.0
         for weight, regularizer, _ in self.weight_options():
             if regularizer is not None:
@@ -127,15 +139,22 @@ class KerasLayer(nn.Module):
             if constraint is not None:
                 weight.copy_(constraint.apply(weight, self.backend))
 
-    def record_activity(self, outputs: Sequence[torch.Tensor], training: bool) -> None:
-        """Keras adds ``activity_regularizer(output) / batch_size`` for every output."""
+    def record_activity(self, outputs: Sequence[torch.Tensor]) -> None:
+        """Keras adds ``activity_regularizer(output) / batch_size`` for every output.
+
+        Keras records it on every call, in training and in inference alike, so
+        a validation loss includes it too; the batch size is axis 0.
+        """
         regularizer: Regularizer | None = getattr(self.spec, "activity_regularizer", None)
-        if regularizer is None or not training:
+        if regularizer is None:
             self.last_activity_loss = None
             return
         total: torch.Tensor | float = 0.0
         for output in outputs:
-            total = total + regularizer.penalty(output, self.backend) / output.shape[0]
+            penalty = regularizer.penalty(output, self.backend)
+            if output.ndim > 0 and output.shape[0] > 0:
+                penalty = penalty / output.shape[0]
+            total = total + penalty
         self.last_activity_loss = total  # type: ignore[assignment]
 
     # -- the common call protocol ---------------------------------------------------------

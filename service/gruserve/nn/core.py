@@ -21,7 +21,7 @@ class _Stateless(KerasLayer):
     def call_layer(self, x, mask, states=None, training=False):  # type: ignore[no-untyped-def]
         self.ensure_built(x)
         result = apply_layer(self.backend, self.spec, self.keras_weights(), x, mask)
-        self.record_activity(result.outputs, training)
+        self.record_activity(result.outputs)
         return result
 
     def forward(

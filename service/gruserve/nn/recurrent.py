@@ -226,6 +226,11 @@ class RNN(KerasLayer):
     def weight_options(self) -> list[tuple[torch.Tensor, Regularizer | None, Constraint | None]]:
         return [option for cell in self.cells() for option in cell.weight_options()]
 
+    def initialize_weights(self, rng: np.random.Generator | None = None) -> None:
+        """Each cell draws its own kernel, recurrent kernel and bias, in cell order."""
+        for cell in self.cells():
+            cell.initialize_weights(rng)
+
     # -- state ---------------------------------------------------------------------------
     def _batch_size(self, x: torch.Tensor) -> int:
         return int(x.shape[1] if self.spec.time_major else x.shape[0])
@@ -306,7 +311,7 @@ class RNN(KerasLayer):
                 cell.reset_dropout_masks()
         if self.spec.stateful:
             self.states = [s.detach() for s in new_states]
-        self.record_activity([output, *(new_states if self.spec.return_state else [])], training)
+        self.record_activity([output, *(new_states if self.spec.return_state else [])])
         return LayerResult([output], mask if self.spec.return_sequences else None, new_states)
 
     def forward(
@@ -434,6 +439,18 @@ class Bidirectional(KerasLayer):
     def weight_options(self) -> list[tuple[torch.Tensor, Regularizer | None, Constraint | None]]:
         return self.forward_layer.weight_options() + self.backward_layer.weight_options()
 
+    def initialize_weights(self, rng: np.random.Generator | None = None) -> None:
+        for _, layer in self._directions():
+            layer.initialize_weights(rng)
+
+    def regularization_loss(self) -> torch.Tensor | float:
+        """Also the wrapped layers' own activity penalties: Keras collects sublayer losses."""
+        total = super().regularization_loss()
+        for _, layer in self._directions():
+            if layer.last_activity_loss is not None:
+                total = total + layer.last_activity_loss
+        return total
+
     def reset_states(self, states: Sequence[Any] | None = None) -> None:
         n_forward = len(self.spec.forward.cells)
         self.forward_layer.reset_states(None if states is None else list(states)[:n_forward])
@@ -454,7 +471,7 @@ class Bidirectional(KerasLayer):
             self.backend, self.spec, forward.outputs[0], backward.outputs[0]
         )
         new_states = forward.states + backward.states
-        self.record_activity([*outputs, *(new_states if self.spec.return_state else [])], training)
+        self.record_activity([*outputs, *(new_states if self.spec.return_state else [])])
         return LayerResult(outputs, mask if self.spec.return_sequences else None, new_states)
 
     def forward(

@@ -108,7 +108,13 @@ class Sequential(nn.Module):
             if layer.keras_weights() or layer.name in weights:
                 layer.set_keras_weights(weights.get(layer.name, {}))
 
+    def initialize_weights(self, rng: np.random.Generator | None = None) -> None:
+        """Redraw every weight from its Keras initializer, layer by layer, in order."""
+        for layer in self.layers:
+            layer.initialize_weights(rng)
+
     def regularization_loss(self) -> torch.Tensor | float:
+        """Keras's ``sum(model.losses)``: weight penalties plus last call's activity penalties."""
         total: torch.Tensor | float = 0.0
         for layer in self.layers:
             total = total + layer.regularization_loss()
@@ -142,6 +148,20 @@ class Sequential(nn.Module):
             for layer in self.layers
         ]
         return run_layers(chain, inputs, mask, states)
+
+    def call_with_mask(
+        self, inputs: torch.Tensor, mask: torch.Tensor | None = None, training: bool | None = None
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """Outputs and the mask Keras attaches to them (what masks a sequence loss).
+
+        Stateful layers use and update their stored states, as in :meth:`forward`.
+        """
+        training = self.training if training is None else training
+        outputs, out_mask = [inputs], mask
+        for layer in self.layers:
+            result = layer.call_layer(outputs[0], out_mask, None, training)
+            outputs, out_mask = result.outputs, result.mask
+        return outputs, out_mask
 
     def forward(
         self, inputs: torch.Tensor, mask: torch.Tensor | None = None, training: bool | None = None
