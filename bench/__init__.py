@@ -1,0 +1,1 @@
+"""Benchmarks of the serving path (``make bench``); figures go to bench/README.md."""

@@ -14,3 +14,149 @@ import pytest
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
+
+
+# -- serving ---------------------------------------------------------------------------------
+import asyncio  # noqa: E402
+import shutil  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+from collections.abc import AsyncIterator, Iterator  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import httpx  # noqa: E402
+
+import fixtures  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model repository holding every model of tests/fixtures.py (see ``tiny_models``)."""
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(models_dir: Path) -> dict[str, fixtures.TinyModel]:
+    """Every model of tests/fixtures.py, exported once per test run into ``models_dir``."""
+    return fixtures.build_all(models_dir)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A private redis-server on a free port (no persistence) for the whole run."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed (Debian: apt-get install redis-server); "
+                    "the Redis session store tests need a real server")
+    port = free_port()
+    workdir = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", str(workdir)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    import redis
+
+    client = redis.Redis.from_url(url)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError(f"redis-server did not start on port {port}") from None
+            time.sleep(0.05)
+    client.close()
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture
+def redis_url(redis_server: str) -> str:
+    """The private Redis, emptied for this test."""
+    import redis
+
+    with redis.Redis.from_url(redis_server) as client:
+        client.flushdb()
+    return redis_server
+
+
+@pytest.fixture(params=["memory", "redis"])
+def store_url(request: pytest.FixtureRequest) -> str:
+    """Runs a test once per session store."""
+    if request.param == "memory":
+        return "memory"
+    return str(request.getfixturevalue("redis_url"))
+
+
+def serving_settings(models_dir: Path, store: str = "memory", **overrides: Any) -> Any:
+    from gruserve.settings import Settings
+
+    return Settings(_env_file=None, models_dir=models_dir, provider="cpu", session_store=store,
+                    **overrides)
+
+
+class Served:
+    """An app built by the production factory, with an HTTP client bound to it."""
+
+    def __init__(self, app: Any, client: httpx.AsyncClient) -> None:
+        self.app, self.client = app, client
+
+    @property
+    def services(self) -> Any:
+        return self.app.state.services
+
+
+async def serve(models_dir: Path, store: str = "memory", **overrides: Any) -> AsyncIterator[Served]:
+    from gruserve.server import create_app
+
+    app = create_app(serving_settings(models_dir, store, **overrides))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gruserve") as client:
+            yield Served(app, client)
+
+
+@pytest.fixture
+async def served(
+    models_dir: Path, tiny_models: dict[str, Any], store_url: str
+) -> AsyncIterator[Served]:
+    """The app on either store (parametrised)."""
+    async for s in serve(models_dir, store_url):
+        yield s
+
+
+@pytest.fixture
+async def client(served: Served) -> httpx.AsyncClient:
+    return served.client
+
+
+async def live_server(app: Any) -> AsyncIterator[str]:
+    """Serve ``app`` with a real uvicorn on a free port inside this event loop; yields its URL."""
+    import uvicorn
+
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                            ws="websockets-sansio",
+                            lifespan="off")
+    server = uvicorn.Server(config)
+    task = asyncio.get_running_loop().create_task(server.serve())
+    while not server.started:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.01)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task

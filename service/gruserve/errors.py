@@ -105,7 +105,9 @@ class MissingDependency(GruServeError):
 class ModelNotFound(GruServeError):
     """No model of that name (and version) is being served."""
 
-    def __init__(self, name: str, version: int | None = None, available: Iterable[str] = ()) -> None:
+    def __init__(
+        self, name: str, version: int | None = None, available: Iterable[str] = ()
+    ) -> None:
         self.name, self.version = name, version
         what = f"model {name!r}" + (f" version {version}" if version is not None else "")
         names = sorted(available)

@@ -125,7 +125,9 @@ class Case:
 def case(key: tuple) -> Case:  # type: ignore[type-arg]
     kind, kwargs, scale = key[0], dict(key[1]), key[2]
     if kind == "gru":
-        return Case(lambda: keras.layers.GRU(U, **kwargs), seed=zlib.crc32(repr(key).encode()), scale=scale)
+        return Case(
+            lambda: keras.layers.GRU(U, **kwargs), seed=zlib.crc32(repr(key).encode()), scale=scale
+        )
     merge_mode = kwargs.pop("merge_mode")
     return Case(
         lambda: keras.layers.Bidirectional(keras.layers.GRU(U, **kwargs), merge_mode=merge_mode),

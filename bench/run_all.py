@@ -1,0 +1,237 @@
+"""The whole benchmark in one run (``make bench``): prints a table and the ratios, writes JSON.
+
+1. the in-process limit: ``LoadedModel.run`` in a loop, single-timestep steps, batch 1 and 64;
+2. gruserve (``gruserve serve``, one process) over REST and WebSocket at C = 1, 16, 64;
+3. the FastAPI + torch per-request baseline (bench/baseline_torch.py) over REST at the same C;
+4. the large model (2 x GRU(512)) over WebSocket at C = 64, batching on vs max batch size 1.
+
+Servers and the load generator are separate processes on this machine; the CPU
+seconds each used are reported, so the client's share of the cores is visible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from bench import loadgen
+from bench.models import FEATURES, build
+
+BIN = Path(sys.executable).parent
+CONCURRENCY = (1, 16, 64)
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Server:
+    """A server subprocess, ready when its health route answers."""
+
+    def __init__(self, command: list[str], env: dict[str, str], port: int, health: str) -> None:
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc = subprocess.Popen(
+            command, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(self.url + health, timeout=1).status_code < 500:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"{command} did not start")
+
+    def measure(self, **kwargs: Any) -> dict[str, Any]:
+        before = _cpu_seconds(self.proc.pid)
+        result = loadgen.run(self.url, **kwargs)
+        result["server_cpu_s"] = _cpu_seconds(self.proc.pid) - before
+        return result
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+def in_process(models_dir: Path, name: str, batch: int, seconds: float = 2.0) -> float:
+    """Steps/s of a bare ``LoadedModel.run`` loop: the ceiling for any transport."""
+    from gruserve.repository import ModelRepository
+    from gruserve.runtime.model import LoadedModel
+
+    model = LoadedModel(ModelRepository(models_dir).resolve(name), ["CPUExecutionProvider"], 1)
+    x = np.random.default_rng(0).normal(size=(batch, 1, FEATURES)).astype(np.float32)
+    states = [np.zeros((batch, u), np.float32) for u in model.signature.state_units]
+    runs, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        result = model.run(x, None, states)
+        states = result.states
+        runs += 1
+    return batch * runs / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--out", type=Path, default=Path("bench/results.json"))
+    args = parser.parse_args()
+    seconds = args.seconds
+    results: dict[str, Any] = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        "runs": [],
+    }
+    with tempfile.TemporaryDirectory(prefix="gruserve-bench-") as tmp:
+        models_dir = Path(tmp)
+        weights = build(models_dir)
+        limits = {
+            f"{name}_b{b}": in_process(models_dir, name, b)
+            for name in ("demo", "large")
+            for b in (1, 64)
+        }
+        results["in_process_steps_per_s"] = limits
+        print(
+            "in-process onnxruntime loop (steps/s):",
+            {k: round(v) for k, v in limits.items()},
+            flush=True,
+        )
+
+        env = {
+            "GRUSERVE_MODELS_DIR": str(models_dir),
+            "GRUSERVE_PROVIDER": "cpu",
+            "GRUSERVE_LOG_LEVEL": "warning",
+            "GRUSERVE_PORT": "8311",
+        }
+        server = Server([str(BIN / "gruserve"), "serve"], env, 8311, "/readyz")
+        try:
+            for transport in ("rest", "ws"):
+                for c in CONCURRENCY:
+                    run = server.measure(
+                        model="demo", transport=transport, sessions=c, seconds=seconds
+                    )
+                    results["runs"].append({"server": "gruserve", "model": "demo", **run})
+                    _print(results["runs"][-1])
+            run = server.measure(model="large", transport="ws", sessions=64, seconds=seconds)
+            results["runs"].append({"server": "gruserve", "model": "large", **run})
+            _print(results["runs"][-1])
+            metrics = httpx.get(server.url + "/metrics").text
+            results["large_mean_batch"] = _mean_batch(metrics, "large")
+            results["demo_mean_batch"] = _mean_batch(metrics, "demo")
+        finally:
+            server.stop()
+
+        single = Server(
+            [str(BIN / "gruserve"), "serve"],
+            {**env, "GRUSERVE_BATCH_MAX_SIZE": "1"},
+            8311,
+            "/readyz",
+        )
+        try:
+            run = single.measure(model="large", transport="ws", sessions=64, seconds=seconds)
+            results["runs"].append({"server": "gruserve batch=1", "model": "large", **run})
+            _print(results["runs"][-1])
+        finally:
+            single.stop()
+
+        baseline = Server(
+            [
+                sys.executable,
+                "-m",
+                "bench.baseline_torch",
+                "--weights",
+                str(weights),
+                "--port",
+                "8312",
+            ],
+            {},
+            8312,
+            "/docs",
+        )
+        try:
+            for c in CONCURRENCY:
+                run = baseline.measure(model="demo", transport="rest", sessions=c, seconds=seconds)
+                results["runs"].append({"server": "fastapi+torch", "model": "demo", **run})
+                _print(results["runs"][-1])
+        finally:
+            baseline.stop()
+
+    results["ratios"] = _ratios(results)
+    print(json.dumps(results["ratios"], indent=2))
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+def _mean_batch(metrics: str, model: str) -> float:
+    values = {}
+    for line in metrics.splitlines():
+        for kind in ("sum", "count"):
+            if line.startswith(f'gruserve_batch_size_{kind}{{model="{model}"}}'):
+                values[kind] = float(line.split()[-1])
+    return values["sum"] / values["count"] if values.get("count") else float("nan")
+
+
+def _find(
+    results: dict[str, Any], server: str, model: str, transport: str, sessions: int
+) -> dict[str, Any]:
+    for run in results["runs"]:
+        if (run["server"], run["model"], run["transport"], run["sessions"]) == (
+            server,
+            model,
+            transport,
+            sessions,
+        ):
+            return dict(run)
+    raise KeyError((server, model, transport, sessions))
+
+
+def _ratios(results: dict[str, Any]) -> dict[str, Any]:
+    rest64 = _find(results, "gruserve", "demo", "rest", 64)
+    ws64 = _find(results, "gruserve", "demo", "ws", 64)
+    base64 = _find(results, "fastapi+torch", "demo", "rest", 64)
+    large = _find(results, "gruserve", "large", "ws", 64)
+    large1 = _find(results, "gruserve batch=1", "large", "ws", 64)
+    limit = results["in_process_steps_per_s"]["demo_b64"]
+    return {
+        "rest_c64_vs_fastapi_torch": rest64["steps_per_s"] / base64["steps_per_s"],
+        "ws_c64_steps_per_s": ws64["steps_per_s"],
+        "ws_c64_p99_ms": ws64["p99_ms"],
+        "rest_c64_p99_ms": rest64["p99_ms"],
+        "large_batching_vs_batch1": large["steps_per_s"] / large1["steps_per_s"],
+        "ws_c64_vs_in_process_b64_limit": ws64["steps_per_s"] / limit,
+        "targets": {
+            "rest_c64_5x_baseline": rest64["steps_per_s"] >= 5 * base64["steps_per_s"],
+            "ws_c64_30k": ws64["steps_per_s"] >= 30_000,
+            "p99_c64_10ms": max(rest64["p99_ms"], ws64["p99_ms"]) <= 10,
+            "large_batching_5x": large["steps_per_s"] >= 5 * large1["steps_per_s"],
+        },
+    }
+
+
+def _print(run: dict[str, Any]) -> None:
+    total = run["seconds"] + 1.0  # measured seconds plus warm-up, roughly what both sides ran
+    print(
+        f"{run['server']:>17} {run['model']:>5} {run['transport']:>4} C={run['sessions']:>2}: "
+        f"{run['steps_per_s']:>8.0f} steps/s  p50 {run['p50_ms']:6.2f} ms  "
+        f"p99 {run['p99_ms']:6.2f} ms  server CPU {run['server_cpu_s'] / total:4.0%}  "
+        f"client CPU {run['client_cpu_s'] / total:4.0%}",
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""HTTP and WebSocket edge: routers parse and delegate; ``errors`` maps exceptions to statuses."""

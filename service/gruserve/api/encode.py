@@ -1,0 +1,74 @@
+"""Encoding replies: numpy arrays straight to JSON bytes with orjson, shared by every transport."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import orjson
+from starlette.responses import Response
+
+from gruserve.sessions.service import StepResult
+from gruserve.sessions.store import SessionRecord
+
+_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
+
+
+def _fallback(value: Any) -> Any:
+    if isinstance(value, np.ndarray):  # not C-contiguous, so orjson hands it back
+        return value.tolist()
+    raise TypeError(f"cannot encode {type(value).__name__}")
+
+
+def dumps(value: Any) -> bytes:
+    return orjson.dumps(value, default=_fallback, option=_OPTIONS)
+
+
+def json_response(value: Any, status: int = 200) -> Response:
+    return Response(dumps(value), status_code=status, media_type="application/json")
+
+
+def outputs(named: dict[str, np.ndarray]) -> Any:
+    """The output array for a one-output model, else ``{name: array}``."""
+    if len(named) == 1:
+        return next(iter(named.values()))
+    return named
+
+
+def step(result: StepResult) -> dict[str, Any]:
+    return {"outputs": outputs(result.outputs), "step": result.step}
+
+
+def outputs_bytes(result: StepResult) -> bytes:
+    """A binary WebSocket reply: every output's float32 values, little-endian, in output order."""
+    arrays = list(result.outputs.values())
+    if len(arrays) == 1:
+        return arrays[0].astype("<f4", copy=False).tobytes()
+    return b"".join(a.astype("<f4", copy=False).tobytes() for a in arrays)
+
+
+def _iso(seconds: float) -> str:
+    return (
+        datetime.fromtimestamp(seconds, UTC)
+        .isoformat(timespec="milliseconds")
+        .replace("+00:00", "Z")
+    )
+
+
+def session(
+    record: SessionRecord, ttl_s: float, states: dict[str, np.ndarray] | None = None
+) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "session_id": record.session_id,
+        "model": record.model,
+        "version": record.version,
+        "step": record.step,
+        "timesteps": record.timesteps,
+        "created_at": _iso(record.created_at),
+        "last_used_at": _iso(record.last_used_at),
+        "expires_at": _iso(record.last_used_at + ttl_s),
+    }
+    if states is not None:
+        info["states"] = states
+    return info

@@ -1,0 +1,141 @@
+"""The one place that maps exceptions to HTTP statuses, and the one error shape.
+
+Every error body, whatever raised it, is::
+
+    {"error": {"type": "InvalidInput", "message": "inputs[2][1]: ...", "field": "inputs[2][1]"}}
+
+``field`` is null when no single field is at fault. WebSocket and NDJSON
+replies reuse :func:`error_payload` so a client parses errors one way. Our own
+exceptions carry messages written for people; anything else is a bug and
+answers 500 without leaking internals (the traceback goes to the log).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from gruserve import errors as e
+from gruserve.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+STATUS: dict[type[e.GruServeError], int] = {
+    e.InvalidInput: 422,
+    e.PayloadTooLarge: 413,
+    e.ModelNotFound: 404,
+    e.SessionNotFound: 404,
+    e.SessionExists: 409,
+    e.SessionConflict: 409,
+    e.SessionModelMismatch: 409,
+    e.TooManySessions: 429,
+    e.ModelUnavailable: 503,
+    e.StoreUnavailable: 503,
+}
+CLIENT_CLOSED = 499  # nginx's "client closed request": nobody receives it, but metrics count it
+
+
+class ClientDisconnected(e.GruServeError):
+    """The client went away before its reply; nobody reads the answer (logged as 499)."""
+
+    def __init__(self) -> None:
+        super().__init__("the client disconnected before the reply")
+
+
+def status_of(exc: BaseException) -> int:
+    if isinstance(exc, ClientDisconnected):
+        return CLIENT_CLOSED
+    for kind in type(exc).__mro__:
+        status = STATUS.get(kind)  # type: ignore[call-overload]
+        if status is not None:
+            return status
+    return 500
+
+
+def error_payload(exc: BaseException) -> tuple[int, dict[str, Any]]:
+    """``(status, body)`` for any exception; unexpected ones are logged and hidden."""
+    if isinstance(exc, e.GruServeError):
+        status, kind, message = status_of(exc), type(exc).__name__, str(exc)
+    else:
+        log.error("unexpected error", exc_info=exc)
+        status, kind, message = (
+            500,
+            "InternalError",
+            "internal server error; the server log has the details",
+        )
+    return status, {
+        "error": {"type": kind, "message": message, "field": getattr(exc, "field", None)}
+    }
+
+
+def json_error(
+    status: int, body: dict[str, Any], headers: dict[str, str] | None = None
+) -> Response:
+    return Response(
+        orjson.dumps(body), status_code=status, media_type="application/json", headers=headers
+    )
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    parts = list(loc[1:]) if loc and loc[0] in ("body", "query", "path", "header") else list(loc)
+    text = ""
+    for part in parts:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "body"
+
+
+def install(app: FastAPI, metrics: Metrics | None = None) -> None:
+    """Register the handlers that give every error the one JSON shape."""
+
+    def count(kind: str) -> None:
+        if metrics is not None:
+            metrics.errors.labels(kind).inc()
+
+    @app.exception_handler(e.GruServeError)
+    async def _ours(request: Request, exc: e.GruServeError) -> Response:
+        status, body = error_payload(exc)
+        count(body["error"]["type"])
+        return json_error(status, body)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> Response:
+        first = exc.errors()[0] if exc.errors() else {"loc": ("body",), "msg": "invalid request"}
+        field = _loc(tuple(first.get("loc", ())))
+        count("InvalidInput")
+        return json_error(
+            422,
+            {
+                "error": {
+                    "type": "InvalidInput",
+                    "message": f"{field}: {first.get('msg')}",
+                    "field": field,
+                }
+            },
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        kind = {404: "NotFound", 405: "MethodNotAllowed"}.get(exc.status_code, "HTTPError")
+        message = (
+            f"no route {request.method} {request.url.path}; see /docs"
+            if exc.status_code == 404
+            else str(exc.detail)
+        )
+        count(kind)
+        return json_error(
+            exc.status_code,
+            {"error": {"type": kind, "message": message, "field": None}},
+            headers=getattr(exc, "headers", None),
+        )
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception) -> Response:
+        status, body = error_payload(exc)
+        count(body["error"]["type"])
+        return json_error(status, body)

@@ -1,0 +1,67 @@
+"""Liveness, readiness and Prometheus metrics.
+
+``/healthz`` answers as long as the event loop runs. ``/readyz`` answers 200
+only when at least one model is loaded and the session store answers a ping:
+a load balancer should send traffic only then. Failed models are listed but
+do not make the server unready while others serve.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from fastapi import APIRouter, Request
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.responses import Response
+
+from gruserve.api import encode
+from gruserve.errors import GruServeError
+from gruserve.services import Services
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+async def healthz() -> Response:
+    """The process is alive."""
+    return encode.json_response({"status": "ok"})
+
+
+@router.get("/readyz")
+async def readyz(request: Request) -> Response:
+    """Models loaded and session store reachable (200), else 503 with the reasons."""
+    services: Services = request.app.state.services
+    statuses = services.registry.statuses()
+    store: dict[str, object] = {"kind": services.store.name, "reachable": True}
+    try:
+        await services.store.ping()
+    except GruServeError as exc:
+        store.update(reachable=False, error=str(exc))
+    loaded = [st for st in statuses if st.ready]
+    ready = bool(loaded) and bool(store["reachable"])
+    body = {
+        "status": "ready" if ready else "not ready",
+        "models": [
+            {
+                "name": st.name,
+                "version": st.version,
+                "provider": st.provider,
+                "ready": st.ready,
+                "error": st.error,
+            }
+            for st in statuses
+        ],
+        "store": store,
+    }
+    if not loaded:
+        body["reason"] = "no model loaded: check GRUSERVE_MODELS_DIR and the errors listed"
+    return encode.json_response(body, status=200 if ready else 503)
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    """Prometheus text format (batch sizes, latencies, sessions, errors)."""
+    services: Services = request.app.state.services
+    with contextlib.suppress(GruServeError):  # the scrape reports the rest; /readyz the store
+        services.metrics.sessions.set(await services.store.count())
+    return Response(generate_latest(services.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,159 @@
+"""REST routes of API v1: models, stateless predict, sessions.
+
+Each route reads and decodes its body, makes one call into the core, and
+encodes the reply; errors are raised and turned into responses by
+``api/errors.py``. Bodies with arrays are decoded by :mod:`gruserve.api.decode`
+(documented in OpenAPI by the models in :mod:`gruserve.api.schemas`).
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Query, Request
+from starlette.responses import Response
+
+from gruserve.api import decode, encode
+from gruserve.api import schemas as s
+from gruserve.api._disconnect import unless_disconnected
+from gruserve.errors import InvalidInput
+from gruserve.services import Services
+
+router = APIRouter(prefix="/v1", responses=s.ERRORS)
+
+
+def _services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+# -- models --------------------------------------------------------------------------------
+@router.get("/models", response_model=s.ModelList, tags=["models"])
+async def list_models(request: Request) -> Response:
+    """Every model folder: loaded (with its provider) or failed (with the reason)."""
+    statuses = _services(request).registry.statuses()
+    return encode.json_response(
+        {
+            "models": [
+                {
+                    "name": st.name,
+                    "version": st.version,
+                    "provider": st.provider,
+                    "ready": st.ready,
+                    "error": st.error,
+                }
+                for st in statuses
+            ]
+        }
+    )
+
+
+@router.get("/models/{model}", response_model=s.ModelDescription, tags=["models"])
+async def describe_model(model: str, request: Request) -> Response:
+    """Inputs, outputs, states (units), layers with their Keras options, provider."""
+    loaded = _services(request).registry.get(model)
+    return encode.json_response({**loaded.signature.describe(), "provider": loaded.provider})
+
+
+@router.post(
+    "/models/{model}/predict",
+    response_model=s.PredictResponse,
+    tags=["models"],
+    openapi_extra=s.request_body(s.PredictRequest),
+)
+async def predict(model: str, request: Request) -> Response:
+    """Stateless: run whole sequences, optionally from given initial states."""
+    body = decode.json_object(await request.body(), s.PredictRequest.model_fields)
+    if "inputs" not in body:
+        raise InvalidInput(
+            "inputs", "required: [batch, timesteps, features] values or [batch, timesteps] ids"
+        )
+    inputs = decode.numbers(body["inputs"], "inputs")
+    mask = None if body.get("mask") is None else decode.booleans(body["mask"], "mask")
+    initial = (
+        None
+        if body.get("initial_state") is None
+        else decode.states(body["initial_state"], "initial_state")
+    )
+    return_state = body.get("return_state", False)
+    if not isinstance(return_state, bool):
+        raise InvalidInput("return_state", f"expected true or false, got {return_state!r}")
+    work = _services(request).predictor.predict(model, inputs, mask, initial)
+    result = await unless_disconnected(request, work)
+    reply = {
+        "model": result.model,
+        "version": result.version,
+        "outputs": encode.outputs(result.outputs),
+    }
+    if return_state:
+        reply["states"] = result.states
+    return encode.json_response(reply)
+
+
+# -- sessions ------------------------------------------------------------------------------
+@router.post(
+    "/models/{model}/sessions",
+    status_code=201,
+    response_model=s.SessionInfo,
+    tags=["sessions"],
+    openapi_extra=s.request_body(s.CreateSessionRequest),
+)
+async def create_session(model: str, request: Request) -> Response:
+    """Start a session (Keras ``stateful=True`` with an explicit id); 409 if the id exists."""
+    body = decode.json_object(await request.body(), s.CreateSessionRequest.model_fields)
+    initial = body.get("initial_state")
+    services = _services(request)
+    record = await services.sessions.create(
+        model,
+        body.get("session_id"),
+        None if initial is None else decode.states(initial, "initial_state"),
+    )
+    return encode.json_response(encode.session(record, services.settings.session_ttl_s), status=201)
+
+
+@router.post(
+    "/sessions/{session_id}/step",
+    response_model=s.StepResponse,
+    tags=["sessions"],
+    openapi_extra=s.request_body(s.StepRequest),
+)
+async def step(session_id: str, request: Request) -> Response:
+    """Apply timesteps; the state advances exactly as a Keras stateful layer across calls."""
+    inputs, mask = decode.step_message(await request.body())
+    result = await unless_disconnected(
+        request, _services(request).sessions.step(session_id, inputs, mask)
+    )
+    return encode.json_response(encode.step(result))
+
+
+@router.post(
+    "/sessions/{session_id}/reset",
+    response_model=s.SessionInfo,
+    tags=["sessions"],
+    openapi_extra=s.request_body(s.ResetRequest),
+)
+async def reset_session(session_id: str, request: Request) -> Response:
+    """Zero the states, or set them (tf-keras ``reset_states(states=...)``); counters restart."""
+    body = decode.json_object(await request.body(), s.ResetRequest.model_fields)
+    states = None if body.get("states") is None else decode.states(body["states"], "states")
+    services = _services(request)
+    record = await services.sessions.reset(session_id, states)
+    return encode.json_response(encode.session(record, services.settings.session_ttl_s))
+
+
+@router.get("/sessions/{session_id}", response_model=s.SessionInfo, tags=["sessions"])
+async def get_session(
+    session_id: str,
+    request: Request,
+    include_state: bool = Query(False, description="Also return the states."),
+) -> Response:
+    """Model, step count, timestamps; the states with ``?include_state=true``."""
+    services = _services(request)
+    record = await services.sessions.get(session_id)
+    states = services.sessions.states_of(record) if include_state else None
+    return encode.json_response(encode.session(record, services.settings.session_ttl_s, states))
+
+
+@router.delete("/sessions/{session_id}", status_code=204, tags=["sessions"])
+async def delete_session(session_id: str, request: Request) -> Response:
+    """Forget a session and its state."""
+    await _services(request).sessions.delete(session_id)
+    return Response(status_code=204)

@@ -1,0 +1,121 @@
+"""Prometheus collectors, all registered on a registry the caller passes in.
+
+Nothing here touches prometheus-client's global registry: the composition root
+makes one :class:`~prometheus_client.CollectorRegistry` per app, so two apps in
+one process (tests, benchmarks) never collide. Hot paths hold the labelled
+children returned by :meth:`Metrics.for_model` instead of calling ``labels()``
+per event.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+@dataclass(frozen=True)
+class ModelMetrics:
+    """The labelled collectors of one model, resolved once."""
+
+    batch_size: Histogram
+    batch_seconds: Histogram
+    queue_seconds: Histogram
+    steps: Counter
+    timesteps: Counter
+    batch_failures: Counter
+
+
+class Metrics:
+    """Every gruserve collector.
+
+    Args:
+        registry: where the collectors register; never the global default in tests.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.batch_size = Histogram(
+            "gruserve_batch_size",
+            "Steps coalesced into one onnxruntime run.",
+            ["model"],
+            buckets=BATCH_BUCKETS,
+            registry=registry,
+        )
+        self.batch_seconds = Histogram(
+            "gruserve_batch_seconds",
+            "Duration of one batched onnxruntime run.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.queue_seconds = Histogram(
+            "gruserve_queue_seconds",
+            "Time a step waited before its batch started.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.steps = Counter(
+            "gruserve_steps", "Session steps run through the batcher.", ["model"], registry=registry
+        )
+        self.timesteps = Counter(
+            "gruserve_timesteps", "Timesteps run through the batcher.", ["model"], registry=registry
+        )
+        self.batch_failures = Counter(
+            "gruserve_batch_failures", "Batched runs that raised.", ["model"], registry=registry
+        )
+        self.predictions = Counter(
+            "gruserve_predictions", "Stateless predict calls.", ["model"], registry=registry
+        )
+        self.http_requests = Counter(
+            "gruserve_http_requests",
+            "HTTP requests answered.",
+            ["method", "route", "status"],
+            registry=registry,
+        )
+        self.http_seconds = Histogram(
+            "gruserve_http_request_seconds",
+            "HTTP request latency.",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.ws_messages = Counter(
+            "gruserve_websocket_messages",
+            "WebSocket step messages answered.",
+            ["kind"],
+            registry=registry,
+        )
+        self.errors = Counter(
+            "gruserve_errors", "Errors returned to clients, by type.", ["type"], registry=registry
+        )
+        self.sessions = Gauge(
+            "gruserve_sessions",
+            "Sessions in the store (updated on every scrape).",
+            registry=registry,
+        )
+        self.cas_conflicts = Counter(
+            "gruserve_session_conflicts",
+            "Session updates retried because another server advanced the session first.",
+            registry=registry,
+        )
+        self.models = Gauge(
+            "gruserve_model_loaded",
+            "1 for each served model, 0 for one that failed to load.",
+            ["model", "version", "provider"],
+            registry=registry,
+        )
+
+    def for_model(self, model: str) -> ModelMetrics:
+        return ModelMetrics(
+            self.batch_size.labels(model),
+            self.batch_seconds.labels(model),
+            self.queue_seconds.labels(model),
+            self.steps.labels(model),
+            self.timesteps.labels(model),
+            self.batch_failures.labels(model),
+        )

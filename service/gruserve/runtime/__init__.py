@@ -1,0 +1,1 @@
+"""onnxruntime side of serving: providers, loaded models, the model registry, batchers."""

@@ -1,0 +1,264 @@
+"""Dynamic batching of session steps: one :class:`Batcher` per model.
+
+Steps of different sessions that arrive within a short window are stacked
+into one onnxruntime run: inputs (B, T, F) right-padded with ``mask=False``
+steps to the longest chunk (exact: a masked step carries the state), states
+(B, U). No other module knows that steps are batched; callers ``await
+submit(...)`` for one step and get that step's outputs and new state.
+
+Scheduling: a step that finds the model idle runs at once (waiting for
+company only pays when the model is busy). While a batch runs, new steps
+gather; the oldest waiting step's timer of ``max_delay_s`` starts when it
+arrives, and a batch leaves when it is full or that timer has expired,
+provided fewer than ``max_concurrent`` batches are running. So batches grow
+with load by themselves, and the window bounds how long a step waits for
+company. Every timer reads the event loop's clock, which is ``time.monotonic``.
+
+Checklist (STYLE §3): futures are made inside the running loop; a bounded
+queue makes callers wait for room; each batch runs as its own task in the
+thread pool; a failure fails only that batch's futures; a future is resolved
+only if not done, and steps whose caller went away are dropped before a run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+import numpy as np
+
+from gruserve.metrics import ModelMetrics
+from gruserve.runtime.model import LoadedModel, RunResult
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class StepOutput:
+    """One step's share of a batch: ``outputs`` (T, D) or (D,) each, ``state`` (total_units,)."""
+
+    outputs: list[np.ndarray]
+    state: np.ndarray
+
+
+@dataclass(slots=True)
+class _Item:
+    inputs: np.ndarray
+    mask: np.ndarray | None
+    state: np.ndarray
+    future: asyncio.Future[StepOutput]
+    arrived: float
+
+
+class Batcher:
+    """Coalesces concurrent steps of one model into batched runs.
+
+    Args:
+        model: the model every step runs on.
+        executor: thread pool for the blocking ``model.run``.
+        max_batch_size: most steps per run (>= 1).
+        max_delay_s: how long the oldest waiting step waits for company (>= 0).
+        max_queue: steps that may wait before ``submit`` waits for room (>= 1).
+        max_concurrent: batches of this model running at once (>= 1).
+        metrics: labelled collectors of this model, or None.
+
+    Raises:
+        ValueError: a parameter is out of range.
+    """
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        executor: Executor,
+        *,
+        max_batch_size: int = 64,
+        max_delay_s: float = 0.002,
+        max_queue: int = 4096,
+        max_concurrent: int = 1,
+        metrics: ModelMetrics | None = None,
+    ) -> None:
+        for name, value, low in (
+            ("max_batch_size", max_batch_size, 1),
+            ("max_queue", max_queue, 1),
+            ("max_concurrent", max_concurrent, 1),
+        ):
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"Batcher needs {name} >= {low}. Received: {name}={value!r}")
+        if not max_delay_s >= 0:
+            raise ValueError(
+                f"Batcher needs max_delay_s >= 0. Received: max_delay_s={max_delay_s!r}"
+            )
+        self.model = model
+        self.max_batch_size, self.max_delay_s = max_batch_size, float(max_delay_s)
+        self._executor, self._max_queue, self._max_concurrent = executor, max_queue, max_concurrent
+        self._metrics = metrics
+        sig = model.signature
+        self._pad_alignment = sig.pad_alignment
+        self._slices = sig.state_slices
+        self._pending: deque[_Item] = deque()
+        self._room: deque[asyncio.Future[None]] = deque()
+        self._timer: asyncio.TimerHandle | None = None
+        self._running: set[asyncio.Task[None]] = set()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._pending)
+
+    async def submit(
+        self, inputs: np.ndarray, mask: np.ndarray | None, state: np.ndarray
+    ) -> StepOutput:
+        """Run one validated step: ``inputs`` (T, F) or (T,) ids, ``mask`` (T,), flat ``state``."""
+        loop = asyncio.get_running_loop()
+        while len(self._pending) >= self._max_queue:
+            room = loop.create_future()
+            self._room.append(room)
+            await room
+        future: asyncio.Future[StepOutput] = loop.create_future()
+        self._pending.append(_Item(inputs, mask, state, future, loop.time()))
+        self._schedule(loop)
+        return await future
+
+    # -- scheduling ------------------------------------------------------------------
+    def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        pending = self._pending
+        while pending and len(self._running) < self._max_concurrent:
+            deadline = pending[0].arrived + self.max_delay_s
+            if self._running and len(pending) < self.max_batch_size and loop.time() < deadline:
+                self._timer = loop.call_at(deadline, self._schedule, loop)
+                return
+            batch = self._take()
+            if batch:
+                task = loop.create_task(self._run(batch, loop))
+                self._running.add(task)
+                task.add_done_callback(self._running.discard)
+        self._release_room()
+
+    def _take(self) -> list[_Item]:
+        """Pop the next batch, dropping steps whose caller has gone."""
+        pending, batch = self._pending, []
+        same_length = self._pad_alignment is None
+        length = None
+        skipped: list[_Item] = []
+        while pending and len(batch) < self.max_batch_size:
+            item = pending.popleft()
+            if item.future.done():
+                continue
+            if same_length:  # padding is not exact for this model: batch equal lengths only
+                length = item.inputs.shape[0] if length is None else length
+                if item.inputs.shape[0] != length:
+                    skipped.append(item)
+                    continue
+            batch.append(item)
+        pending.extendleft(reversed(skipped))
+        return batch
+
+    def _release_room(self) -> None:
+        while self._room and len(self._pending) < self._max_queue:
+            room = self._room.popleft()
+            if not room.done():
+                room.set_result(None)
+
+    # -- running -------------------------------------------------------------------------
+    async def _run(self, batch: list[_Item], loop: asyncio.AbstractEventLoop) -> None:
+        started = loop.time()
+        try:
+            inputs, mask, states, lengths = self._stack(batch)
+            result = await loop.run_in_executor(
+                self._executor, self.model.run, inputs, mask, states
+            )
+            shares = self._scatter(result, lengths, inputs.shape[1])
+        except asyncio.CancelledError:
+            for item in batch:
+                item.future.cancel()
+            raise
+        except Exception as exc:
+            if self._metrics is not None:
+                self._metrics.batch_failures.inc()
+            log.exception("batch of %d steps on model %s failed", len(batch), self.model.name)
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(exc)
+        else:
+            for item, share in zip(batch, shares, strict=True):
+                if not item.future.done():
+                    item.future.set_result(share)
+            if self._metrics is not None:
+                m = self._metrics
+                m.batch_size.observe(len(batch))
+                m.batch_seconds.observe(loop.time() - started)
+                m.queue_seconds.observe(started - batch[0].arrived)
+                m.steps.inc(len(batch))
+                m.timesteps.inc(int(sum(lengths)))
+        finally:
+            self._running.discard(asyncio.current_task())  # type: ignore[arg-type]
+            self._schedule(loop)
+
+    def _stack(
+        self, batch: Sequence[_Item]
+    ) -> tuple[np.ndarray, np.ndarray | None, list[np.ndarray], list[int]]:
+        lengths = [item.inputs.shape[0] for item in batch]
+        longest = max(lengths)
+        if longest == 1 and all(item.mask is None for item in batch):  # the common single-step case
+            first = batch[0].inputs
+            inputs = np.concatenate([item.inputs for item in batch]).reshape(
+                len(batch), 1, *first.shape[1:]
+            )
+            mask = None
+        elif longest == min(lengths) and all(item.mask is None for item in batch):
+            inputs, mask = np.stack([item.inputs for item in batch]), None
+        else:
+            first = batch[0].inputs
+            inputs = np.zeros((len(batch), longest, *first.shape[1:]), first.dtype)
+            mask = np.zeros((len(batch), longest), np.bool_)
+            for row, item in enumerate(batch):
+                inputs[row, : lengths[row]] = item.inputs
+                mask[row, : lengths[row]] = True if item.mask is None else item.mask
+        flat = np.concatenate([item.state for item in batch]).reshape(len(batch), -1)
+        if len(self._slices) == 1:
+            states = [flat]
+        else:
+            states = [np.ascontiguousarray(flat[:, s]) for s in self._slices]
+        return inputs, mask, states, lengths
+
+    def _scatter(self, result: RunResult, lengths: list[int], longest: int) -> list[StepOutput]:
+        count = len(lengths)
+        if any(o.shape[0] != count for o in result.outputs + result.states):
+            raise RuntimeError(
+                f"model {self.model.name!r} returned batches of "
+                f"{[o.shape[0] for o in result.outputs + result.states]} for {count} steps"
+            )
+        per_timestep = self.model.signature.per_timestep
+        from_end = self._pad_alignment == "end"
+        states = result.states
+        shares = []
+        for row, length in enumerate(lengths):
+            if per_timestep:
+                start = longest - length if from_end else 0
+                outputs = [o[row, start : start + length] for o in result.outputs]
+            else:
+                outputs = [o[row] for o in result.outputs]
+            state = (
+                states[0][row].copy()
+                if len(states) == 1
+                else np.concatenate([s[row] for s in states])
+            )
+            shares.append(StepOutput(outputs, state))
+        return shares
+
+    async def close(self) -> None:
+        """Wait for running batches; fail steps that never started."""
+        if self._timer is not None:
+            self._timer.cancel()
+        while self._pending:
+            item = self._pending.popleft()
+            if not item.future.done():
+                item.future.set_exception(RuntimeError("the server is shutting down"))
+        if self._running:
+            await asyncio.gather(*self._running, return_exceptions=True)

@@ -1,0 +1,115 @@
+"""Composition root: builds every serving object from :class:`~gruserve.settings.Settings`.
+
+``create_app()`` is the app factory (``uvicorn --factory gruserve.server:create_app``);
+``run_server`` is what ``gruserve serve`` calls. Nothing here, nor anything it
+imports, needs torch, keras or onnx: the base install serves.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
+
+from gruserve.api.app import create_app as create_api
+from gruserve.metrics import Metrics
+from gruserve.runtime.batcher import Batcher
+from gruserve.runtime.predictor import Predictor
+from gruserve.runtime.provider import choose_providers
+from gruserve.runtime.registry import ModelRegistry
+from gruserve.services import Services
+from gruserve.sessions.memory import MemorySessionStore
+from gruserve.sessions.redis_store import RedisSessionStore
+from gruserve.sessions.service import SessionService
+from gruserve.sessions.store import SessionStore
+from gruserve.settings import Settings
+
+log = logging.getLogger("gruserve")
+SWITCH_INTERVAL_S = 0.0001
+
+
+def build_store(settings: Settings) -> SessionStore:
+    if settings.session_store == "memory":
+        return MemorySessionStore(settings.session_ttl_s, settings.max_sessions)
+    return RedisSessionStore(settings.session_store, settings.session_ttl_s, settings.max_sessions)
+
+
+def build_services(settings: Settings, registry: CollectorRegistry | None = None) -> Services:
+    """Load the models and build batchers, store and services (blocking: call before serving)."""
+    metrics = Metrics(registry if registry is not None else CollectorRegistry())
+    models = ModelRegistry.load(
+        settings.models_dir,
+        choose_providers(settings.provider),
+        settings.intra_op_threads,
+        settings.model_versions,
+    )
+    for status in models.statuses():
+        metrics.models.labels(status.name, str(status.version or ""), status.provider or "").set(
+            1 if status.ready else 0
+        )
+    executor = ThreadPoolExecutor(settings.inference_threads, thread_name_prefix="gruserve-ort")
+    batchers = {}
+    for model in models.models():
+        batching = model.signature.manifest.batching or {}
+        size = settings.batch_max_size or int(batching.get("max_batch_size", 64))
+        delay_ms = settings.batch_max_delay_ms
+        if delay_ms is None:
+            delay_ms = float(batching.get("max_delay_ms", 2.0))
+        batchers[model.name] = Batcher(
+            model,
+            executor,
+            max_batch_size=size,
+            max_delay_s=delay_ms / 1000,
+            max_queue=settings.batch_queue_size,
+            metrics=metrics.for_model(model.name),
+        )
+    store = build_store(settings)
+    sessions = SessionService(
+        models, batchers, store, max_timesteps=settings.max_timesteps, metrics=metrics
+    )
+    predictor = Predictor(models, executor, settings.max_timesteps, metrics)
+    return Services(settings, models, batchers, predictor, sessions, store, metrics, executor)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The production app; settings from ``GRUSERVE_*`` / ``.env`` when not given."""
+    settings = settings if settings is not None else Settings()
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
+    )
+    return create_api(settings, build_services(settings))
+
+
+def run_server(
+    models_dir: Path | None = None,
+    host: str | None = None,
+    port: int | None = None,
+    **overrides: Any,
+) -> None:
+    """Serve with uvicorn; arguments given here override the environment."""
+    import uvicorn
+    from uvicorn.config import WS_PROTOCOLS
+
+    # The event loop thread and the onnxruntime worker thread hand the GIL back and forth on
+    # every batch; at Python's default 5 ms switch interval a finished run can wait that long
+    # for the loop thread to let go. A shorter interval measured +15% steps/s (bench/README.md).
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
+    given = {"models_dir": models_dir, "host": host, "port": port, **overrides}
+    settings = Settings(**{k: v for k, v in given.items() if v is not None})
+    app = create_app(settings)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        ws_max_size=settings.max_request_bytes,
+        access_log=settings.log_level == "debug",
+        timeout_graceful_shutdown=10,
+        # the fastest of uvicorn's WebSocket stacks here (bench/README.md), where available
+        ws="websockets-sansio" if "websockets-sansio" in WS_PROTOCOLS else "auto",
+    )

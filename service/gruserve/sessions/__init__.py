@@ -1,0 +1,1 @@
+"""Per-session state: the session service and the stores it keeps records in."""

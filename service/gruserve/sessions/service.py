@@ -1,0 +1,181 @@
+"""The session service: stateful streaming on top of the batcher and a session store.
+
+A session is Keras ``stateful=True`` made explicit: each step feeds the stored
+state as ``initial_state`` and stores ``final_state``. Two guarantees:
+
+- in one process, requests on one session are applied one at a time in
+  arrival order (a FIFO lock per session id);
+- across processes sharing a store, a step is written only if nobody else
+  advanced the session since it was read (compare-and-set on the record's
+  revision); a loser re-reads the state and recomputes its step, so no step
+  is ever lost or applied twice.
+
+Transports (REST, NDJSON, WebSocket, later KServe v2) all call this class
+with numpy arrays; it knows nothing about HTTP.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from gruserve.errors import InvalidInput, SessionConflict, SessionModelMismatch
+from gruserve.metrics import Metrics
+from gruserve.runtime.batcher import Batcher
+from gruserve.runtime.model import LoadedModel
+from gruserve.runtime.registry import ModelRegistry
+from gruserve.runtime.validation import StateValue, check_chunk, flat_state
+from gruserve.sessions._locks import KeyedLocks
+from gruserve.sessions.store import SessionRecord, SessionStore
+
+SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+
+
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    """One applied step: ``outputs`` by output name, (T, D), or (D,) for a single
+    timestep sent without a time axis or a model that returns one output per sequence."""
+
+    outputs: dict[str, np.ndarray]
+    step: int
+    record: SessionRecord
+
+
+class SessionService:
+    """Create, step, reset, inspect and delete sessions.
+
+    Args:
+        registry: served models.
+        batchers: one batcher per served model name.
+        store: where records live (memory or Redis).
+        max_timesteps: per-request timesteps limit.
+        max_attempts: compare-and-set attempts before giving up with SessionConflict.
+        metrics: collectors, or None.
+        clock: Unix-seconds clock.
+    """
+
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        batchers: Mapping[str, Batcher],
+        store: SessionStore,
+        *,
+        max_timesteps: int,
+        max_attempts: int = 16,
+        metrics: Metrics | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if max_attempts < 1:
+            raise ValueError(f"SessionService needs max_attempts >= 1. Received: {max_attempts!r}")
+        self.registry, self.store = registry, store
+        self._batchers = dict(batchers)
+        self._max_timesteps, self._max_attempts = max_timesteps, max_attempts
+        self._metrics, self._clock = metrics, clock
+        self._locks = KeyedLocks()
+
+    # -- lookups -------------------------------------------------------------------------
+    def model_of(self, record: SessionRecord) -> LoadedModel:
+        """The served model a record belongs to (same name *and* version)."""
+        model = self.registry.get(record.model)
+        if model.version != record.version:
+            raise SessionModelMismatch(
+                record.session_id, record.model, record.version, model.version
+            )
+        return model
+
+    def states_of(self, record: SessionRecord) -> dict[str, np.ndarray]:
+        """The record's state as ``{state key: (units,)}``."""
+        return self.model_of(record).signature.split_state(record.state)
+
+    async def get(self, session_id: str) -> SessionRecord:
+        return await self.store.get(session_id)
+
+    # -- lifecycle -----------------------------------------------------------------------
+    async def create(
+        self,
+        model_name: str,
+        session_id: str | None = None,
+        initial_state: StateValue | None = None,
+    ) -> SessionRecord:
+        """Start a session at zero state, or at ``initial_state``.
+
+        Raises:
+            ModelNotFound, ModelUnavailable, InvalidInput, SessionExists, TooManySessions.
+        """
+        model = self.registry.get(model_name)
+        if session_id is None:
+            session_id = uuid.uuid4().hex
+        elif not isinstance(session_id, str) or not SESSION_ID.match(session_id):
+            raise InvalidInput(
+                "session_id",
+                f"use 1-128 letters, digits, '.', '_', ':' or '-' starting with a letter "
+                f"or digit. Received: {session_id!r}",
+            )
+        state = flat_state(model.signature, initial_state, "initial_state")
+        now = self._clock()
+        record = SessionRecord(
+            session_id, model.name, model.version, state, created_at=now, last_used_at=now
+        )
+        await self.store.create(record)
+        return record
+
+    async def delete(self, session_id: str) -> None:
+        async with self._locks.hold(session_id):
+            await self.store.delete(session_id)
+
+    async def reset(self, session_id: str, states: StateValue | None = None) -> SessionRecord:
+        """Zero the state, or set it to ``states`` (tf-keras ``reset_states(states=...)``)."""
+        async with self._locks.hold(session_id):
+            for _ in range(self._max_attempts):
+                record = await self.store.get(session_id)
+                state = flat_state(self.model_of(record).signature, states, "states")
+                updated = record.reset(state, self._clock())
+                if await self.store.compare_and_set(updated, record.revision):
+                    return updated
+                self._conflict()
+        raise SessionConflict(session_id, self._max_attempts)
+
+    # -- the hot path ----------------------------------------------------------------------
+    async def step(
+        self, session_id: str, inputs: np.ndarray, mask: np.ndarray | None = None
+    ) -> StepResult:
+        """Apply one chunk of timesteps to a session.
+
+        Args:
+            inputs: (T, F) or (F,) values, or (T,) / scalar token ids.
+            mask: (T,) bool; a masked timestep leaves the state unchanged.
+
+        Raises:
+            SessionNotFound, InvalidInput, PayloadTooLarge, SessionConflict, StoreUnavailable.
+        """
+        async with self._locks.hold(session_id):
+            chunk = None
+            for _ in range(self._max_attempts):
+                record = await self.store.get(session_id)
+                model = self.model_of(record)
+                if chunk is None:
+                    chunk = check_chunk(model.signature, inputs, mask, self._max_timesteps)
+                out = await self._batchers[model.name].submit(
+                    chunk.inputs, chunk.mask, record.state
+                )
+                updated = record.advanced(out.state, chunk.timesteps, self._clock())
+                if await self.store.compare_and_set(updated, record.revision):
+                    outputs = out.outputs
+                    if chunk.single and model.signature.per_timestep:
+                        outputs = [o[0] for o in outputs]
+                    return StepResult(
+                        dict(zip(model.signature.output_names, outputs, strict=True)),
+                        updated.step,
+                        updated,
+                    )
+                self._conflict()
+        raise SessionConflict(session_id, self._max_attempts)
+
+    def _conflict(self) -> None:
+        if self._metrics is not None:
+            self._metrics.cas_conflicts.inc()

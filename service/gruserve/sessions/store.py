@@ -1,0 +1,126 @@
+"""What a session store keeps, and the protocol every store implements.
+
+A :class:`SessionRecord` is the whole durable state of one session: which
+model version it runs on, its recurrent state as one flat float32 vector, its
+step counter and timestamps, and room for the last step's encoded result (so
+a retried step can be answered without being applied twice).
+
+Stores never modify a record in place: every update writes a new record,
+conditioned on the ``revision`` the writer read (:meth:`SessionStore.compare_and_set`).
+``revision`` grows by one on every write (steps and resets), so a stale writer
+always loses, even after a reset brought ``step`` back to an earlier value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRecord:
+    """One session.
+
+    Attributes:
+        session_id: the client-visible id.
+        model, version: the model version whose state layout ``state`` follows.
+        state: (total_units,) float32, the states in manifest order.
+        step: steps applied since creation or the last reset.
+        timesteps: timesteps applied since creation or the last reset.
+        revision: write counter for compare-and-set; 0 when created.
+        created_at, last_used_at: Unix seconds; idle expiry counts from ``last_used_at``.
+        last_result: the last step's encoded reply, or None (kept for exactly-once retries).
+    """
+
+    session_id: str
+    model: str
+    version: int
+    state: np.ndarray
+    step: int = 0
+    timesteps: int = 0
+    revision: int = 0
+    created_at: float = 0.0
+    last_used_at: float = 0.0
+    last_result: bytes | None = None
+
+    def advanced(
+        self, state: np.ndarray, timesteps: int, now: float, result: bytes | None = None
+    ) -> SessionRecord:
+        """The record after one more step (built directly: this is on every step's path)."""
+        return SessionRecord(
+            self.session_id,
+            self.model,
+            self.version,
+            state,
+            self.step + 1,
+            self.timesteps + timesteps,
+            self.revision + 1,
+            self.created_at,
+            now,
+            result,
+        )
+
+    def reset(self, state: np.ndarray, now: float) -> SessionRecord:
+        """The record after ``reset``: new state, counters back to zero."""
+        return dataclasses.replace(
+            self,
+            state=state,
+            step=0,
+            timesteps=0,
+            revision=self.revision + 1,
+            last_used_at=now,
+            last_result=None,
+        )
+
+
+class SessionStore(Protocol):
+    """Async storage of :class:`SessionRecord` with idle expiry and compare-and-set.
+
+    Every method may raise ``StoreUnavailable`` when the backing service is down.
+    """
+
+    name: str
+
+    async def create(self, record: SessionRecord) -> None:
+        """Insert a new record.
+
+        Raises:
+            SessionExists: the id is taken.
+            TooManySessions: the store is full.
+        """
+
+    async def get(self, session_id: str) -> SessionRecord:
+        """The current record (reading does not refresh the idle timer).
+
+        Raises:
+            SessionNotFound: unknown, deleted or expired.
+        """
+
+    async def compare_and_set(self, record: SessionRecord, expected_revision: int) -> bool:
+        """Replace the record if its stored revision still is ``expected_revision``.
+
+        Returns False when another writer got there first (re-read and retry).
+        Refreshes the idle timer.
+
+        Raises:
+            SessionNotFound: the session vanished (deleted or expired).
+        """
+
+    async def delete(self, session_id: str) -> None:
+        """Remove a session.
+
+        Raises:
+            SessionNotFound: unknown, deleted or expired.
+        """
+
+    async def count(self) -> int:
+        """Sessions currently held (expired ones excluded)."""
+
+    async def ping(self) -> None:
+        """Return when the store is reachable; raise ``StoreUnavailable`` otherwise."""
+
+    async def close(self) -> None:
+        """Release connections and background tasks."""

@@ -1,0 +1,172 @@
+"""The batcher: coalescing, exact padding, failure isolation, cancellation, backpressure."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+
+from gruserve.metrics import Metrics
+from gruserve.repository import ModelRepository
+from gruserve.runtime.batcher import Batcher
+from gruserve.runtime.model import LoadedModel
+
+ATOL = 1e-5
+
+
+class Recording(LoadedModel):
+    """The real model, recording each batch's shape; optionally held or failing on demand."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.shapes: list[tuple[int, ...]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.fail_next = False
+        self.entered = 0
+
+    def run(self, inputs: np.ndarray, mask: Any, states: Any) -> Any:
+        self.entered += 1
+        self.gate.wait(10)
+        self.shapes.append(inputs.shape)
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("boom")
+        return super().run(inputs, mask, states)
+
+
+@pytest.fixture
+def executor() -> Any:
+    with ThreadPoolExecutor(2) as pool:
+        yield pool
+
+
+def _model(models_dir: Path, name: str) -> Recording:
+    return Recording(ModelRepository(models_dir).resolve(name), ["CPUExecutionProvider"], 1)
+
+
+def test_parameters_are_validated(
+    models_dir: Path, tiny_models: dict[str, Any], executor: Any
+) -> None:
+    model = _model(models_dir, "simple")
+    for kwargs in (
+        {"max_batch_size": 0},
+        {"max_delay_s": -1.0},
+        {"max_queue": 0},
+        {"max_concurrent": 0},
+    ):
+        with pytest.raises(ValueError, match="Received"):
+            Batcher(model, executor, **kwargs)
+
+
+@pytest.mark.parametrize("name", ["stacked", "backwards", "last_only", "tokens"])
+async def test_mixed_lengths_batch_equals_each_alone(
+    models_dir: Path,
+    tiny_models: dict[str, Any],
+    executor: Any,
+    name: str,
+    rng: np.random.Generator,
+) -> None:
+    model = _model(models_dir, name)
+    metrics = Metrics(CollectorRegistry())
+    batcher = Batcher(
+        model, executor, max_batch_size=16, max_delay_s=0.05, metrics=metrics.for_model(name)
+    )
+    sig = model.signature
+    lengths = [1, 4, 2, 7, 3, 1]
+    if sig.takes_token_ids:
+        xs = [rng.integers(0, 10, size=n).astype(np.int64) for n in lengths]
+    else:
+        xs = [rng.normal(size=(n, 3)).astype(np.float32) for n in lengths]
+    starts = [rng.normal(size=sig.total_units).astype(np.float32) for _ in lengths]
+    masks = [None, None, np.array([True, False]), None, np.array([False, True, True]), None]
+
+    model.gate.clear()  # hold the first run so that the others queue up behind it
+    triples = zip(xs, masks, starts, strict=True)
+    tasks = [asyncio.ensure_future(batcher.submit(x, m, s)) for x, m, s in triples]
+    await asyncio.sleep(0.05)
+    model.gate.set()
+    results = await asyncio.gather(*tasks)
+    assert [shape[0] for shape in model.shapes] == [
+        1,
+        5,
+    ]  # idle: the first went alone; the rest together
+
+    for x, m, s, got in zip(xs, masks, starts, results, strict=True):
+        alone = LoadedModel.run(
+            model, x[None], None if m is None else m[None], [s[None, sl] for sl in sig.state_slices]
+        )
+        for out_got, out_alone in zip(got.outputs, alone.outputs, strict=True):
+            np.testing.assert_allclose(out_got, out_alone[0], atol=ATOL)
+        np.testing.assert_allclose(
+            got.state, np.concatenate([st[0] for st in alone.states]), atol=ATOL
+        )
+    assert metrics.batch_size.labels(name)._sum.get() == 6
+
+
+async def test_window_waits_for_company_while_busy(
+    models_dir: Path, tiny_models: dict[str, Any], executor: Any
+) -> None:
+    model = _model(models_dir, "simple")
+    batcher = Batcher(model, executor, max_batch_size=3, max_delay_s=0.2, max_concurrent=2)
+    x, s = np.zeros((1, 3), np.float32), np.zeros(4, np.float32)
+    model.gate.clear()
+    first = asyncio.ensure_future(batcher.submit(x, None, s))  # idle model: runs at once (held)
+    await asyncio.sleep(0.02)
+    second = asyncio.ensure_future(batcher.submit(x, None, s))  # busy: waits for company...
+    await asyncio.sleep(0.1)
+    assert model.entered == 1
+    await asyncio.sleep(0.2)  # ...until its window expires, then runs beside the first
+    assert model.entered == 2
+    model.gate.set()
+    await asyncio.gather(first, second)
+    full = [asyncio.ensure_future(batcher.submit(x, None, s)) for _ in range(4)]
+    await asyncio.gather(*full)  # 1 at once, then a full batch of 3 leaves without waiting
+    assert [shape[0] for shape in model.shapes][2:] == [1, 3]
+
+
+async def test_a_failing_batch_fails_only_its_steps(
+    models_dir: Path, tiny_models: dict[str, Any], executor: Any
+) -> None:
+    model = _model(models_dir, "simple")
+    batcher = Batcher(model, executor, max_batch_size=8, max_delay_s=0.01)
+    x, s = np.zeros((1, 3), np.float32), np.zeros(4, np.float32)
+    model.fail_next = True
+    model.gate.clear()
+    doomed = asyncio.ensure_future(batcher.submit(x, None, s))
+    await asyncio.sleep(0.01)
+    fine = [asyncio.ensure_future(batcher.submit(x, None, s)) for _ in range(3)]
+    await asyncio.sleep(0.01)
+    model.gate.set()
+    with pytest.raises(RuntimeError, match="boom"):
+        await doomed
+    results = await asyncio.gather(*fine)
+    assert len(results) == 3 and all(r.state.shape == (4,) for r in results)
+
+
+async def test_cancelled_steps_are_dropped_and_queue_is_bounded(
+    models_dir: Path, tiny_models: dict[str, Any], executor: Any
+) -> None:
+    model = _model(models_dir, "simple")
+    batcher = Batcher(model, executor, max_batch_size=8, max_delay_s=0.0, max_queue=2)
+    x, s = np.zeros((1, 3), np.float32), np.zeros(4, np.float32)
+    model.gate.clear()
+    running = asyncio.ensure_future(batcher.submit(x, None, s))
+    await asyncio.sleep(0.01)
+    queued = [asyncio.ensure_future(batcher.submit(x, None, s)) for _ in range(2)]
+    blocked = asyncio.ensure_future(batcher.submit(x, None, s))  # queue full: waits for room
+    await asyncio.sleep(0.02)
+    assert batcher.waiting == 2 and not blocked.done()
+    queued[0].cancel()
+    model.gate.set()
+    await asyncio.gather(running, queued[1], blocked)
+    assert [shape[0] for shape in model.shapes] == [1, 1, 1] or sum(
+        sh[0] for sh in model.shapes
+    ) == 3
+    assert sum(shape[0] for shape in model.shapes) == 3  # the cancelled step never ran

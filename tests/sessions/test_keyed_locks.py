@@ -1,0 +1,45 @@
+"""Per-key FIFO locks: arrival order, no overtaking, cancellation, cleanup."""
+
+from __future__ import annotations
+
+import asyncio
+
+from gruserve.sessions._locks import KeyedLocks
+
+
+async def test_fifo_per_key_and_cleanup() -> None:
+    locks = KeyedLocks()
+    order: list[int] = []
+
+    async def worker(i: int, key: str) -> None:
+        async with locks.hold(key):
+            await asyncio.sleep(0.001 * (5 - i % 5))
+            order.append(i)
+
+    await asyncio.gather(*(worker(i, "a") for i in range(20)), worker(99, "b"))
+    assert [i for i in order if i != 99] == list(range(20))
+    assert len(locks) == 0
+
+
+async def test_cancelled_waiters_do_not_block_the_queue() -> None:
+    locks = KeyedLocks()
+    release = asyncio.Event()
+    done: list[str] = []
+
+    async def holder() -> None:
+        async with locks.hold("k"):
+            await release.wait()
+            done.append("holder")
+
+    async def waiter(name: str) -> None:
+        async with locks.hold("k"):
+            done.append(name)
+
+    tasks = [asyncio.ensure_future(holder())]
+    await asyncio.sleep(0)
+    tasks += [asyncio.ensure_future(waiter(n)) for n in ("w1", "w2", "w3")]
+    await asyncio.sleep(0)
+    tasks[2].cancel()
+    release.set()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    assert done == ["holder", "w1", "w3"] and len(locks) == 0

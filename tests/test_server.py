@@ -1,0 +1,188 @@
+"""Real server processes (``gruserve serve``, ``uvicorn --factory``): NDJSON flushing, replicas."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from conftest import free_port
+
+ATOL = 1e-5
+BIN = Path(sys.executable).parent
+
+
+def _env(models_dir: Path, store: str = "memory", **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GRUSERVE_")}
+    env.update(
+        GRUSERVE_MODELS_DIR=str(models_dir),
+        GRUSERVE_PROVIDER="cpu",
+        GRUSERVE_SESSION_STORE=store,
+        GRUSERVE_LOG_LEVEL="warning",
+        **extra,
+    )
+    return env
+
+
+def _start(
+    command: list[str], env: dict[str, str], port: int, cwd: Path
+) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(
+        command, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            output = proc.stdout.read().decode() if proc.stdout else ""
+            _stop(proc)
+            raise RuntimeError(f"server exited: {output}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            time.sleep(0.1)
+    _stop(proc)
+    raise RuntimeError("server did not become ready")
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    if proc.stdout is not None:
+        proc.stdout.close()
+
+
+@pytest.fixture
+def serve_process(models_dir: Path, tiny_models: dict[str, Any], tmp_path: Path) -> Iterator[str]:
+    port = free_port()
+    proc = _start(
+        [str(BIN / "gruserve"), "serve", "--port", str(port)], _env(models_dir), port, tmp_path
+    )
+    yield f"127.0.0.1:{port}"
+    _stop(proc)
+
+
+def test_serve_command_and_ndjson_flushes_each_line(
+    serve_process: str, tiny_models: dict[str, Any], rng: np.random.Generator
+) -> None:
+    base = f"http://{serve_process}"
+    sid = httpx.post(f"{base}/v1/models/simple/sessions", json={}).json()["session_id"]
+    x = rng.normal(size=(1, 3, 3)).astype(np.float32)
+    host, port = serve_process.split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(
+            (
+                f"POST /v1/sessions/{sid}/stream HTTP/1.1\r\nHost: {host}\r\n"
+                "Content-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n\r\n"
+            ).encode()
+        )
+        reader = sock.makefile("rb")
+        replies = []
+        for t in range(3):
+            line = json.dumps({"inputs": x[0, t].tolist()}).encode() + b"\n"
+            sock.sendall(b"%x\r\n%s\r\n" % (len(line), line))
+            if t == 0:
+                assert reader.readline().startswith(b"HTTP/1.1 200")
+                while reader.readline() not in (b"\r\n", b""):
+                    pass
+            size = int(
+                reader.readline().strip(), 16
+            )  # the reply arrives before the next line is sent
+            replies.append(json.loads(reader.read(size + 2)))
+        sock.sendall(b"0\r\n\r\n")
+        reader.close()
+    assert [r["step"] for r in replies] == [1, 2, 3]
+    np.testing.assert_allclose(
+        [r["outputs"] for r in replies], tiny_models["simple"].reference(x)[0][0][0], atol=ATOL
+    )
+
+
+def test_serving_imports_no_training_stack(models_dir: Path, tiny_models: dict[str, Any]) -> None:
+    code = (
+        "import sys\n"
+        "from gruserve.server import create_app\n"
+        "from gruserve.settings import Settings\n"
+        f"settings = Settings(_env_file=None, models_dir={str(models_dir)!r}, provider='cpu')\n"
+        "app = create_app(settings)\n"
+        "heavy = sorted({'torch', 'keras', 'onnx', 'h5py'} & set(sys.modules))\n"
+        "assert not heavy, heavy\n"
+        "assert len(app.state.services.registry.models()) >= 8\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_env(models_dir),
+    )
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.slow
+def test_two_processes_on_one_redis_continue_each_other(
+    models_dir: Path,
+    tiny_models: dict[str, Any],
+    redis_url: str,
+    tmp_path: Path,
+    rng: np.random.Generator,
+) -> None:
+    ports = [free_port(), free_port()]
+    env = _env(models_dir, redis_url)
+    procs = [
+        _start([str(BIN / "gruserve"), "serve", "--port", str(ports[0])], env, ports[0], tmp_path),
+        _start(
+            [
+                str(BIN / "uvicorn"),
+                "--factory",
+                "gruserve.server:create_app",
+                "--port",
+                str(ports[1]),
+                "--log-level",
+                "warning",
+            ],
+            env,
+            ports[1],
+            tmp_path,
+        ),
+    ]
+    try:
+        a, b = (f"http://127.0.0.1:{p}" for p in ports)
+        sid = httpx.post(f"{a}/v1/models/stacked/sessions", json={"session_id": "roaming"}).json()[
+            "session_id"
+        ]
+        assert (
+            httpx.post(f"{b}/v1/models/stacked/sessions", json={"session_id": sid}).status_code
+            == 409
+        )
+        x = rng.normal(size=(1, 8, 3)).astype(np.float32)
+        outputs = []
+        for t in range(8):  # alternate replicas: each continues where the other left off
+            r = httpx.post(
+                f"{(a, b)[t % 2]}/v1/sessions/{sid}/step", json={"inputs": x[0, t].tolist()}
+            )
+            assert r.status_code == 200 and r.json()["step"] == t + 1, r.text
+            outputs.append(r.json()["outputs"])
+        expected, states = tiny_models["stacked"].reference(x)
+        np.testing.assert_allclose(outputs, expected[0][0], atol=ATOL)
+        got = httpx.get(f"{a}/v1/sessions/{sid}", params={"include_state": "true"}).json()
+        for key in states:
+            np.testing.assert_allclose(got["states"][key], states[key][0], atol=ATOL)
+        assert httpx.delete(f"{b}/v1/sessions/{sid}").status_code == 204
+        assert httpx.get(f"{a}/v1/sessions/{sid}").status_code == 404
+    finally:
+        for proc in procs:
+            _stop(proc)

@@ -1,0 +1,54 @@
+"""Settings come from GRUSERVE_* variables and .env, are validated, and are all documented."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import itertools
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from gruserve import settings as settings_module
+from gruserve.settings import Settings
+
+
+def test_environment_and_dotenv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_text("GRUSERVE_PORT=9001\nGRUSERVE_SESSION_TTL_S=12\n")
+    monkeypatch.setenv("GRUSERVE_SESSION_STORE", "redis://cache:6379/2")
+    monkeypatch.setenv("GRUSERVE_MODEL_VERSIONS", '{"demo": 3}')
+    monkeypatch.setenv("GRUSERVE_LOG_LEVEL", "WARNING")
+    s = Settings()
+    assert (s.port, s.session_ttl_s, s.session_store) == (9001, 12.0, "redis://cache:6379/2")
+    assert s.model_versions == {"demo": 3} and s.log_level == "warning"
+    assert Settings(port=1).port == 1  # explicit arguments win (what `gruserve serve --port` does)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("session_store", "postgres://x"),
+        ("provider", "tpu"),
+        ("max_sessions", 0),
+        ("session_ttl_s", 0),
+    ],
+)
+def test_invalid_values_are_rejected(field: str, value: object) -> None:
+    with pytest.raises(ValidationError, match=field):
+        Settings(_env_file=None, **{field: value})
+
+
+def test_every_field_has_a_docstring() -> None:
+    tree = ast.parse(inspect.getsource(settings_module))
+    body = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Settings").body
+    documented = {
+        stmt.target.id
+        for stmt, following in itertools.pairwise(body)
+        if isinstance(stmt, ast.AnnAssign)
+        and isinstance(stmt.target, ast.Name)
+        and isinstance(following, ast.Expr)
+        and isinstance(following.value, ast.Constant)
+    }
+    assert set(Settings.model_fields) == documented
