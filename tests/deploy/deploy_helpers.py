@@ -1,0 +1,321 @@
+"""Shared by tests/deploy: the repository's deployment files, real servers and a real nginx."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from dockerfile_parse import DockerfileParser
+
+REPO = Path(__file__).resolve().parents[2]
+NGINX_DIR = REPO / "deploy" / "nginx"
+K8S_DIR = REPO / "deploy" / "k8s"
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# -- Dockerfile ------------------------------------------------------------------------------
+class Stage:
+    """One ``FROM`` stage of the Dockerfile: its base, name and instructions in order."""
+
+    def __init__(self, base: str, name: str | None) -> None:
+        self.base, self.name = base, name
+        self.instructions: list[tuple[str, str]] = []
+
+    def values(self, instruction: str) -> list[str]:
+        return [v for i, v in self.instructions if i == instruction]
+
+    def env(self) -> dict[str, str]:
+        env: dict[str, str] = {}
+        for value in self.values("ENV"):
+            for item in shlex.split(value):
+                key, _, val = item.partition("=")
+                env[key] = val
+        return env
+
+
+def dockerfile() -> tuple[dict[str, str], list[Stage]]:
+    """The global ``ARG`` defaults and the stages of the repository's Dockerfile."""
+    parser = DockerfileParser(fileobj=io.BytesIO((REPO / "Dockerfile").read_bytes()))
+    args: dict[str, str] = {}
+    stages: list[Stage] = []
+    for item in parser.structure:
+        instruction, value = item["instruction"], item["value"]
+        if instruction == "COMMENT":
+            continue
+        if instruction == "FROM":
+            words = value.split()
+            name = words[2] if len(words) == 3 and words[1].upper() == "AS" else None
+            stages.append(Stage(words[0], name))
+        elif not stages:
+            if instruction == "ARG":
+                key, _, default = value.partition("=")
+                args[key] = default
+        else:
+            stages[-1].instructions.append((instruction, value))
+    return args, stages
+
+
+def stage(name: str) -> Stage:
+    for candidate in dockerfile()[1]:
+        if candidate.name == name:
+            return candidate
+    raise AssertionError(f"the Dockerfile has no stage {name!r}")
+
+
+def exec_form(value: str) -> list[str]:
+    """A JSON-array (exec form) CMD/ENTRYPOINT/HEALTHCHECK CMD argument list."""
+    argv = json.loads(value)
+    assert isinstance(argv, list) and all(isinstance(a, str) for a in argv), value
+    return argv
+
+
+# -- nginx configuration ---------------------------------------------------------------------
+def directive(text: str, name: str) -> list[str]:
+    """Values of every ``name ...;`` directive in an nginx configuration text."""
+    return [m.group(1).strip() for m in re.finditer(rf"(?m)^\s*{name}\s+([^;]*);", text)]
+
+
+def location(text: str, pattern: str) -> str:
+    """The body of ``location <pattern> { ... }`` (locations here nest no blocks)."""
+    match = re.search(r"location\s+" + re.escape(pattern) + r"\s*\{([^}]*)\}", text)
+    assert match, f"no location {pattern} in the nginx configuration"
+    return match.group(1)
+
+
+def nginx_size(value: str) -> int:
+    units = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+    match = re.fullmatch(r"(\d+)([kKmMgG]?)", value)
+    assert match, value
+    return int(match.group(1)) * units[match.group(2).lower()]
+
+
+def find_nginx() -> str:
+    binary = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
+    if binary is None:
+        pytest.skip(
+            "nginx is not installed (Debian: apt-get install nginx-light; .ci/run does it): "
+            "the multi-replica tests put the repository's nginx configuration in front of "
+            "real servers"
+        )
+    return binary
+
+
+@contextlib.contextmanager
+def nginx(upstream_ports: list[int], workdir: Path) -> Iterator[tuple[str, Path]]:
+    """A private, unprivileged nginx on a free port serving deploy/nginx/gruserve.conf.
+
+    Its upstream file (the environment's part) lists ``upstream_ports`` on 127.0.0.1. The
+    access log (``$uri $upstream_addr $status`` per line) shows which replica served what.
+    Yields the ``host:port`` nginx listens on and the access log's path.
+    """
+    binary = find_nginx()
+    port = free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    server = (NGINX_DIR / "gruserve.conf").read_text()
+    # the one change: where to listen (nginx takes no variables in `listen`)
+    server, count = re.subn(r"(?m)^(\s*)listen\s+8080;", rf"\1listen 127.0.0.1:{port};", server)
+    assert count == 1, "deploy/nginx/gruserve.conf should have one `listen 8080;`"
+    (workdir / "gruserve.conf").write_text(server)
+    upstream = (NGINX_DIR / "upstream-compose.conf").read_text()
+    servers = "".join(f"    server 127.0.0.1:{p};\n" for p in upstream_ports)
+    upstream, count = re.subn(r"(?m)^\s*server\s+[^;]*;\n", "", upstream)
+    assert count >= 1, upstream
+    upstream = upstream.replace("upstream gruserve {\n", "upstream gruserve {\n" + servers)
+    (workdir / "upstream.conf").write_text(upstream)
+    access_log = workdir / "access.log"
+    user = "user root root;\n" if os.geteuid() == 0 else ""  # workers can read the temp dirs
+    (workdir / "nginx.conf").write_text(
+        f"{user}worker_processes 1;\n"
+        "events { worker_connections 256; }\n"
+        "http {\n"
+        f"    client_body_temp_path {workdir}/client_body;\n"
+        f"    proxy_temp_path {workdir}/proxy;\n"
+        f"    fastcgi_temp_path {workdir}/fastcgi;\n"
+        f"    uwsgi_temp_path {workdir}/uwsgi;\n"
+        f"    scgi_temp_path {workdir}/scgi;\n"
+        "    log_format upstreams '$uri $upstream_addr $status';\n"
+        f"    access_log {access_log} upstreams;\n"
+        f"    include {workdir}/upstream.conf;\n"
+        f"    include {workdir}/gruserve.conf;\n"
+        "}\n"
+    )
+    command = [
+        binary,
+        "-p",
+        str(workdir),
+        "-c",
+        str(workdir / "nginx.conf"),
+        "-g",
+        f"daemon off; pid {workdir}/nginx.pid; error_log stderr;",
+    ]
+    check = subprocess.run([*command, "-t"], capture_output=True, text=True, timeout=30)
+    assert check.returncode == 0, check.stderr
+    with (workdir / "error.log").open("wb") as errors:  # a file: a full pipe would block nginx
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=errors)
+        try:
+            wait_for_port(port, proc)
+            yield f"127.0.0.1:{port}", access_log
+        finally:
+            proc.send_signal(signal.SIGQUIT)  # graceful: finish open requests, then exit
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def upstreams_by_uri(access_log: Path) -> dict[str, list[list[str]]]:
+    """``uri -> [[upstreams tried, the one that answered last] per request]`` (access log)."""
+    served: dict[str, list[list[str]]] = {}
+    for line in access_log.read_text().splitlines():
+        uri, rest = line.split(" ", 1)
+        upstreams, _status = rest.rsplit(" ", 1)
+        served.setdefault(uri, []).append(upstreams.split(", "))
+    return served
+
+
+# -- gruserve processes ----------------------------------------------------------------------
+def server_env(store: str = "memory", **extra: str) -> dict[str, str]:
+    """The environment of a ``gruserve serve`` on the repository's models (the demo)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GRUSERVE_")}
+    env.update(
+        GRUSERVE_MODELS_DIR=str(REPO / "models"),
+        GRUSERVE_PROVIDER="cpu",
+        GRUSERVE_SESSION_STORE=store,
+        GRUSERVE_LOG_LEVEL="warning",
+        **extra,
+    )
+    return env
+
+
+def start_server(port: int, env: dict[str, str], cwd: Path) -> subprocess.Popen[bytes]:
+    """``gruserve serve`` on 127.0.0.1:port (not waited for: see :func:`wait_ready`)."""
+    return subprocess.Popen(
+        [str(BIN / "gruserve"), "serve", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def wait_ready(proc: subprocess.Popen[bytes], port: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            output = proc.stdout.read().decode() if proc.stdout else ""
+            raise RuntimeError(f"server exited with {proc.returncode}: {output}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"server on port {port} did not become ready")
+
+
+def wait_for_port(port: int, proc: subprocess.Popen[Any], timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on port {port}")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> str:
+    """SIGTERM, wait (kill after 20 s); returns what the process printed."""
+    if proc.poll() is None:
+        proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    if proc.stdout is None or proc.stdout.closed:  # stopped before
+        return ""
+    output = proc.stdout.read().decode()
+    proc.stdout.close()
+    return output
+
+
+# -- NDJSON over a raw HTTP/1.1 connection ---------------------------------------------------
+class NdjsonStream:
+    """``POST .../stream`` with a chunked body sent line by line; replies read as they come.
+
+    Every reply is read before the next line is sent, so a proxy that buffered either way
+    would make :meth:`step` time out instead of passing.
+    """
+
+    def __init__(self, address: str, path: str, timeout: float = 10) -> None:
+        host, port = address.rsplit(":", 1)
+        self.sock = socket.create_connection((host, int(port)), timeout=timeout)
+        self.reader = self.sock.makefile("rb")
+        self.headers: dict[str, str] = {}
+        self._pending = b""
+        self.sock.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/x-ndjson\r\n"
+            "Transfer-Encoding: chunked\r\n\r\n".encode()
+        )
+
+    def send(self, body: dict[str, Any]) -> None:
+        line = json.dumps(body).encode() + b"\n"
+        self.sock.sendall(b"%x\r\n%s\r\n" % (len(line), line))
+
+    def receive(self) -> dict[str, Any]:
+        if not self.headers:
+            status = self.reader.readline()
+            assert status.startswith(b"HTTP/1.1 200"), status
+            while (header := self.reader.readline()) not in (b"\r\n", b""):
+                name, _, value = header.decode().partition(":")
+                self.headers[name.strip().lower()] = value.strip()
+        while b"\n" not in self._pending:  # a line may come in several chunks
+            size = int(self.reader.readline().split(b";")[0].strip(), 16)
+            assert size > 0, "the response ended before the reply"
+            self._pending += self.reader.read(size)
+            assert self.reader.read(2) == b"\r\n"
+        line, _, self._pending = self._pending.partition(b"\n")
+        return dict(json.loads(line))
+
+    def step(self, body: dict[str, Any]) -> dict[str, Any]:
+        self.send(body)
+        return self.receive()
+
+    def finish(self) -> None:
+        """End the request body and read the response to its end."""
+        self.sock.sendall(b"0\r\n\r\n")
+        while True:
+            size = int(self.reader.readline().split(b";")[0].strip(), 16)
+            if size == 0:
+                break
+            self._pending += self.reader.read(size)
+            self.reader.read(2)
+        assert self.reader.readline() == b"\r\n"
+        assert not self._pending.strip(), self._pending
+
+    def close(self) -> None:
+        self.reader.close()
+        self.sock.close()

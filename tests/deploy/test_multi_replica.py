@@ -1,0 +1,214 @@
+"""Three ``gruserve serve`` replicas on one Redis behind a real nginx running the repository's
+server block (deploy/nginx/gruserve.conf): sessions hop between replicas request by request
+and still give exactly what one process gives.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from deploy_helpers import (
+    NdjsonStream,
+    find_nginx,
+    free_port,
+    nginx,
+    server_env,
+    start_server,
+    stop,
+    upstreams_by_uri,
+    wait_ready,
+)
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
+
+ATOL = RTOL = 1e-5  # outputs are in raw sunspot units (tens): float32 holds ~7 digits
+REPLICAS = 3
+
+
+class Cluster:
+    def __init__(
+        self, lb: str, replicas: list[str], procs: list[subprocess.Popen[bytes]], log: Path
+    ) -> None:
+        self.lb, self.replicas, self.procs, self.access_log = lb, replicas, procs, log
+        self.client = httpx.Client(base_url=f"http://{lb}", timeout=10)
+
+    def reference(self, x: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Outputs [T, 1] and final states of one predict call on one replica, no nginx.
+
+        The last replica: the failover test stops the first.
+        """
+        reply = httpx.post(
+            f"http://{self.replicas[-1]}/v1/models/demo/predict",
+            json={"inputs": [x.tolist()], "return_state": True},
+            timeout=10,
+        )
+        assert reply.status_code == 200, reply.text
+        body = reply.json()
+        return np.asarray(body["outputs"][0]), {
+            k: np.asarray(v[0]) for k, v in body["states"].items()
+        }
+
+    def create(self, sid: str) -> None:
+        reply = self.client.post("/v1/models/demo/sessions", json={"session_id": sid})
+        assert reply.status_code == 201, reply.text
+
+    def states(self, sid: str) -> dict[str, np.ndarray]:
+        reply = self.client.get(f"/v1/sessions/{sid}", params={"include_state": "true"})
+        assert reply.status_code == 200, reply.text
+        return {k: np.asarray(v) for k, v in reply.json()["states"].items()}
+
+
+@pytest.fixture(scope="module")
+def cluster(redis_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    find_nginx()
+    workdir = tmp_path_factory.mktemp("cluster")
+    ports = [free_port() for _ in range(REPLICAS)]
+    env = server_env(redis_server)
+    procs = [start_server(port, env, workdir) for port in ports]
+    try:
+        for proc, port in zip(procs, ports, strict=True):
+            wait_ready(proc, port)
+        with nginx(ports, workdir / "nginx") as (lb, access_log):
+            cluster = Cluster(lb, [f"127.0.0.1:{p}" for p in ports], procs, access_log)
+            yield cluster
+            cluster.client.close()
+    finally:
+        for proc in procs:
+            stop(proc)
+
+
+def _sequence(rng: np.random.Generator, timesteps: int) -> np.ndarray:
+    return rng.uniform(0, 200, size=(timesteps, 1)).astype(np.float32)
+
+
+def _assert_close(got: Any, expected: np.ndarray) -> None:
+    np.testing.assert_allclose(np.asarray(got, dtype=np.float64), expected, rtol=RTOL, atol=ATOL)
+
+
+def test_sessions_hop_between_replicas_and_match_one_process(cluster: Cluster) -> None:
+    rng = np.random.default_rng(7)
+    chunks = [1, 3, 2, 1, 1, 2, 3, 1, 2, 1]  # timesteps per step
+    sids = [f"rr-{i}" for i in range(4)]  # 4 sessions over 3 replicas: each one rotates
+    xs = {sid: _sequence(rng, sum(chunks)) for sid in sids}
+    for sid in sids:
+        cluster.create(sid)
+    outputs: dict[str, list[Any]] = {sid: [] for sid in sids}
+    start = 0
+    for step, size in enumerate(chunks, start=1):  # sessions interleaved, nginx round robin
+        for sid in sids:
+            chunk = xs[sid][start : start + size]
+            reply = cluster.client.post(f"/v1/sessions/{sid}/step", json={"inputs": chunk.tolist()})
+            assert reply.status_code == 200, reply.text
+            assert reply.json()["step"] == step
+            outputs[sid].extend(reply.json()["outputs"])
+        start += size
+
+    served = upstreams_by_uri(cluster.access_log)
+    for sid in sids:
+        expected, states = cluster.reference(xs[sid])
+        _assert_close(outputs[sid], expected)
+        got = cluster.states(sid)
+        assert got.keys() == states.keys()
+        for key in states:
+            np.testing.assert_allclose(got[key], states[key], atol=ATOL)
+        replicas = {tried[-1] for tried in served[f"/v1/sessions/{sid}/step"]}
+        assert len(replicas) >= 2, f"{sid} stayed on {replicas}"
+    steps = {
+        tried[-1] for uri, requests in served.items() if uri.endswith("/step") for tried in requests
+    }
+    assert steps == set(cluster.replicas), "nginx should use every replica"
+
+
+def test_ndjson_stream_through_nginx_flushes_each_line(cluster: Cluster) -> None:
+    rng = np.random.default_rng(8)
+    x = _sequence(rng, 8)
+    cluster.create("streamed")
+    # two REST steps first (any replicas), then the stream continues the same session
+    for t in range(2):
+        reply = cluster.client.post("/v1/sessions/streamed/step", json={"inputs": x[t].tolist()})
+        assert reply.status_code == 200, reply.text
+    stream = NdjsonStream(cluster.lb, "/v1/sessions/streamed/stream")
+    try:
+        replies = [stream.step({"inputs": x[t].tolist()}) for t in range(2, 8)]
+        assert stream.headers.get("x-request-id")  # nginx made one up
+        stream.finish()
+    finally:
+        stream.close()
+    assert [r["step"] for r in replies] == list(range(3, 9))
+    expected, states = cluster.reference(x)
+    _assert_close([r["outputs"] for r in replies], expected[2:])
+    got = cluster.states("streamed")
+    for key in states:
+        np.testing.assert_allclose(got[key], states[key], atol=ATOL)
+
+
+def test_websocket_through_nginx(cluster: Cluster) -> None:
+    rng = np.random.default_rng(9)
+    x = _sequence(rng, 5)
+    cluster.create("socket")
+    reply = cluster.client.post("/v1/sessions/socket/step", json={"inputs": x[:2].tolist()})
+    assert reply.status_code == 200, reply.text
+    with connect(f"ws://{cluster.lb}/v1/sessions/socket/ws", open_timeout=10) as ws:
+        ws.send(json.dumps({"inputs": x[2:4].tolist()}))
+        text = json.loads(ws.recv(timeout=10))
+        ws.send(x[4].astype("<f4").tobytes())  # one timestep, binary
+        raw = ws.recv(timeout=10)
+        assert isinstance(raw, bytes), raw
+        binary = np.frombuffer(raw, "<f4")
+    assert text["step"] == 2
+    expected, states = cluster.reference(x)
+    _assert_close(reply.json()["outputs"] + text["outputs"], expected[:4])
+    _assert_close(binary, expected[4])
+    got = cluster.states("socket")
+    for key in states:
+        np.testing.assert_allclose(got[key], states[key], atol=ATOL)
+
+
+def test_nginx_passes_request_ids_and_enforces_the_body_limit(cluster: Cluster) -> None:
+    reply = cluster.client.get("/healthz", headers={"X-Request-ID": "trace-42"})
+    assert reply.status_code == 200
+    assert reply.headers["x-request-id"] == "trace-42"
+    generated = cluster.client.get("/healthz").headers["x-request-id"]
+    assert re.fullmatch(r"[0-9a-f]{32}", generated)
+    # client_max_body_size = GRUSERVE_MAX_REQUEST_BYTES: nginx refuses before any replica
+    body = b'{"inputs": [' + b"[1.0]," * (4 * 1024 * 1024 // 6) + b"[1.0]]}"
+    too_big = cluster.client.post(
+        "/v1/models/demo/predict", content=body, headers={"content-type": "application/json"}
+    )
+    assert too_big.status_code == 413
+    # a WebSocket close code gets through: a missing session closes the socket with 4404
+    with connect(f"ws://{cluster.lb}/v1/sessions/nobody/ws", open_timeout=10) as ws:
+        assert json.loads(ws.recv(timeout=10))["error"]["status"] == 404
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=10)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 4404
+
+
+def test_a_replica_stops_and_the_others_carry_on(cluster: Cluster) -> None:
+    """Runs last in this module: it stops one replica for good."""
+    rng = np.random.default_rng(10)
+    x = _sequence(rng, 9)
+    cluster.create("survivor")
+    outputs = []
+    for t in range(9):
+        if t == 3:
+            stop(cluster.procs[0])  # SIGTERM, as a rolling update does
+        reply = cluster.client.post("/v1/sessions/survivor/step", json={"inputs": [x[t].tolist()]})
+        assert reply.status_code == 200, reply.text  # refused connections go to the next replica
+        outputs.extend(reply.json()["outputs"])
+    after_stop = upstreams_by_uri(cluster.access_log)["/v1/sessions/survivor/step"][3:]
+    assert all(tried[-1] != cluster.replicas[0] for tried in after_stop)
+    assert any(tried[0] == cluster.replicas[0] for tried in after_stop), "nginx retried none"
+    expected, states = cluster.reference(x)
+    _assert_close(outputs, expected)
+    got = cluster.states("survivor")
+    for key in states:
+        np.testing.assert_allclose(got[key], states[key], atol=ATOL)
