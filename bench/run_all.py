@@ -3,10 +3,13 @@
 1. the in-process limit: ``LoadedModel.run`` in a loop, single-timestep steps, batch 1 and 64;
 2. gruserve (``gruserve serve``, one process) over REST and WebSocket at C = 1, 16, 64;
 3. the FastAPI + torch per-request baseline (bench/baseline_torch.py) over REST at the same C;
-4. the large model (2 x GRU(512)) over WebSocket at C = 64, batching on vs max batch size 1.
+4. the large model (2 x GRU(512)) over WebSocket at C = 64, batching on vs max batch size 1,
+   with the default single onnxruntime intra-op thread (the target's pair) and with 2.
+   The two servers of each pair differ only by ``GRUSERVE_BATCH_MAX_SIZE=1``.
 
 Servers and the load generator are separate processes on this machine; the CPU
-seconds each used are reported, so the client's share of the cores is visible.
+seconds each used are reported, and so is the CPU the whole machine was busy for,
+so the client's share of the cores, and anything else running, is visible.
 """
 
 from __future__ import annotations
@@ -37,6 +40,12 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _machine_busy_seconds() -> float:
+    """CPU seconds the whole machine has been busy (all cores, everything but idle and iowait)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
 class Server:
     """A server subprocess, ready when its health route answers."""
 
@@ -56,9 +65,10 @@ class Server:
         raise RuntimeError(f"{command} did not start")
 
     def measure(self, **kwargs: Any) -> dict[str, Any]:
-        before = _cpu_seconds(self.proc.pid)
+        before, busy = _cpu_seconds(self.proc.pid), _machine_busy_seconds()
         result = loadgen.run(self.url, **kwargs)
         result["server_cpu_s"] = _cpu_seconds(self.proc.pid) - before
+        result["machine_busy_s"] = _machine_busy_seconds() - busy
         return result
 
     def stop(self) -> None:
@@ -66,12 +76,16 @@ class Server:
         self.proc.wait(timeout=30)
 
 
-def in_process(models_dir: Path, name: str, batch: int, seconds: float = 2.0) -> float:
+def in_process(
+    models_dir: Path, name: str, batch: int, seconds: float = 2.0, threads: int = 1
+) -> float:
     """Steps/s of a bare ``LoadedModel.run`` loop: the ceiling for any transport."""
     from gruserve.repository import ModelRepository
     from gruserve.runtime.model import LoadedModel
 
-    model = LoadedModel(ModelRepository(models_dir).resolve(name), ["CPUExecutionProvider"], 1)
+    model = LoadedModel(
+        ModelRepository(models_dir).resolve(name), ["CPUExecutionProvider"], threads
+    )
     x = np.random.default_rng(0).normal(size=(batch, 1, FEATURES)).astype(np.float32)
     states = [np.zeros((batch, u), np.float32) for u in model.signature.state_units]
     runs, start = 0, time.perf_counter()
@@ -104,6 +118,9 @@ def main() -> None:
             for name in ("demo", "large")
             for b in (1, 64)
         }
+        limits.update(
+            {f"large_b{b}_intra2": in_process(models_dir, "large", b, threads=2) for b in (1, 64)}
+        )
         results["in_process_steps_per_s"] = limits
         print(
             "in-process onnxruntime loop (steps/s):",
@@ -126,27 +143,27 @@ def main() -> None:
                     )
                     results["runs"].append({"server": "gruserve", "model": "demo", **run})
                     _print(results["runs"][-1])
-            run = server.measure(model="large", transport="ws", sessions=64, seconds=seconds)
-            results["runs"].append({"server": "gruserve", "model": "large", **run})
-            _print(results["runs"][-1])
             metrics = httpx.get(server.url + "/metrics").text
-            results["large_mean_batch"] = _mean_batch(metrics, "large")
             results["demo_mean_batch"] = _mean_batch(metrics, "demo")
         finally:
             server.stop()
 
-        single = Server(
-            [str(BIN / "gruserve"), "serve"],
-            {**env, "GRUSERVE_BATCH_MAX_SIZE": "1"},
-            8311,
-            "/readyz",
-        )
-        try:
-            run = single.measure(model="large", transport="ws", sessions=64, seconds=seconds)
-            results["runs"].append({"server": "gruserve batch=1", "model": "large", **run})
-            _print(results["runs"][-1])
-        finally:
-            single.stop()
+        for intra in (1, 2):
+            for batch in (None, 1):
+                name = "gruserve" if batch is None else "gruserve batch=1"
+                extra = {"GRUSERVE_INTRA_OP_THREADS": str(intra)}
+                if batch is not None:
+                    extra["GRUSERVE_BATCH_MAX_SIZE"] = str(batch)
+                large = Server([str(BIN / "gruserve"), "serve"], {**env, **extra}, 8311, "/readyz")
+                try:
+                    run = large.measure(model="large", transport="ws", sessions=64, seconds=seconds)
+                    metrics = httpx.get(large.url + "/metrics").text
+                finally:
+                    large.stop()
+                run["intra_op_threads"] = intra
+                run["mean_batch"] = _mean_batch(metrics, "large")
+                results["runs"].append({"server": name, "model": "large", **run})
+                _print(results["runs"][-1])
 
         baseline = Server(
             [
@@ -186,7 +203,12 @@ def _mean_batch(metrics: str, model: str) -> float:
 
 
 def _find(
-    results: dict[str, Any], server: str, model: str, transport: str, sessions: int
+    results: dict[str, Any],
+    server: str,
+    model: str,
+    transport: str,
+    sessions: int,
+    intra_op_threads: int | None = None,
 ) -> dict[str, Any]:
     for run in results["runs"]:
         if (run["server"], run["model"], run["transport"], run["sessions"]) == (
@@ -194,17 +216,19 @@ def _find(
             model,
             transport,
             sessions,
-        ):
+        ) and run.get("intra_op_threads") == intra_op_threads:
             return dict(run)
-    raise KeyError((server, model, transport, sessions))
+    raise KeyError((server, model, transport, sessions, intra_op_threads))
 
 
 def _ratios(results: dict[str, Any]) -> dict[str, Any]:
     rest64 = _find(results, "gruserve", "demo", "rest", 64)
     ws64 = _find(results, "gruserve", "demo", "ws", 64)
     base64 = _find(results, "fastapi+torch", "demo", "rest", 64)
-    large = _find(results, "gruserve", "large", "ws", 64)
-    large1 = _find(results, "gruserve batch=1", "large", "ws", 64)
+    large = _find(results, "gruserve", "large", "ws", 64, 1)
+    large1 = _find(results, "gruserve batch=1", "large", "ws", 64, 1)
+    intra2 = _find(results, "gruserve", "large", "ws", 64, 2)
+    intra2_1 = _find(results, "gruserve batch=1", "large", "ws", 64, 2)
     limit = results["in_process_steps_per_s"]["demo_b64"]
     return {
         "rest_c64_vs_fastapi_torch": rest64["steps_per_s"] / base64["steps_per_s"],
@@ -212,6 +236,7 @@ def _ratios(results: dict[str, Any]) -> dict[str, Any]:
         "ws_c64_p99_ms": ws64["p99_ms"],
         "rest_c64_p99_ms": rest64["p99_ms"],
         "large_batching_vs_batch1": large["steps_per_s"] / large1["steps_per_s"],
+        "large_batching_vs_batch1_intra2": intra2["steps_per_s"] / intra2_1["steps_per_s"],
         "ws_c64_vs_in_process_b64_limit": ws64["steps_per_s"] / limit,
         "targets": {
             "rest_c64_5x_baseline": rest64["steps_per_s"] >= 5 * base64["steps_per_s"],
@@ -224,11 +249,13 @@ def _ratios(results: dict[str, Any]) -> dict[str, Any]:
 
 def _print(run: dict[str, Any]) -> None:
     total = run["seconds"] + 1.0  # measured seconds plus warm-up, roughly what both sides ran
+    intra = f" intra={run['intra_op_threads']}" if "intra_op_threads" in run else ""
     print(
-        f"{run['server']:>17} {run['model']:>5} {run['transport']:>4} C={run['sessions']:>2}: "
-        f"{run['steps_per_s']:>8.0f} steps/s  p50 {run['p50_ms']:6.2f} ms  "
+        f"{run['server']:>17} {run['model']:>5}{intra} {run['transport']:>4} "
+        f"C={run['sessions']:>2}: {run['steps_per_s']:>8.0f} steps/s  p50 {run['p50_ms']:6.2f} ms  "
         f"p99 {run['p99_ms']:6.2f} ms  server CPU {run['server_cpu_s'] / total:4.0%}  "
-        f"client CPU {run['client_cpu_s'] / total:4.0%}",
+        f"client CPU {run['client_cpu_s'] / total:4.0%}  "
+        f"machine busy {run['machine_busy_s'] / total:4.0%}",
         flush=True,
     )
 

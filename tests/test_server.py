@@ -186,3 +186,19 @@ def test_two_processes_on_one_redis_continue_each_other(
     finally:
         for proc in procs:
             _stop(proc)
+
+
+def test_settle_heap_freezes_what_start_up_built() -> None:
+    """Run in a child process: freezing the test process would keep every later test's garbage."""
+    code = (
+        "import gc\n"
+        "from gruserve.server import GC_THRESHOLDS, settle_heap\n"
+        "before = gc.get_freeze_count()\n"
+        "settle_heap()\n"
+        "assert gc.get_freeze_count() > before + 1000, gc.get_freeze_count()\n"
+        "assert gc.get_threshold() == GC_THRESHOLDS\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr

@@ -164,6 +164,18 @@ class SessionNotFound(GruServeError):
         )
 
 
+class SequenceNotStarted(GruServeError):
+    """A v2 request continues a sequence that is not active on that model."""
+
+    def __init__(self, session_id: str, model: str) -> None:
+        self.session_id, self.model = session_id, model
+        super().__init__(
+            f"sequence session {session_id!r} is not active on model {model!r} (never "
+            "started, already ended, or idle longer than the session TTL): the first request "
+            "of a sequence must set sequence_start=true"
+        )
+
+
 class SessionExists(GruServeError):
     """A client-chosen session id is already taken."""
 

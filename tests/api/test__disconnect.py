@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 from starlette.requests import Request
 
-from gruserve.api._disconnect import unless_disconnected
+from gruserve.api import _disconnect
+from gruserve.api._disconnect import DisconnectWatch, unless_disconnected
 from gruserve.api.errors import ClientDisconnected
 
 
@@ -46,3 +47,82 @@ async def test_work_finishes_when_the_client_stays() -> None:
     assert await unless_disconnected(_request(None), quick_step()) == "done"
     await asyncio.sleep(0)  # let the cancelled watcher finish
     assert len([t for t in asyncio.all_tasks() if not t.done()]) == 1  # the watcher is gone
+
+
+# -- DisconnectWatch: one timer for many requests --------------------------------------------
+def _receive(disconnect_after: float | None) -> Any:
+    async def receive() -> dict[str, Any]:
+        if disconnect_after is None:
+            await asyncio.Event().wait()
+        await asyncio.sleep(disconnect_after or 0)
+        return {"type": "http.disconnect"}
+
+    return receive
+
+
+async def test_watch_cancels_work_whose_client_left() -> None:
+    watch = DisconnectWatch(grace_s=0.01)
+    cancelled = asyncio.Event()
+
+    async def slow_step() -> str:
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return "done"
+
+    with pytest.raises(ClientDisconnected):
+        await asyncio.wait_for(watch.run(_receive(0.02), slow_step()), 5)
+    assert cancelled.is_set() and watch.watching == 0
+
+
+async def test_watch_leaves_quick_work_unwatched_and_slow_work_alone() -> None:
+    watch = DisconnectWatch(grace_s=0.02)
+
+    async def step(seconds: float) -> float:
+        await asyncio.sleep(seconds)
+        return seconds
+
+    staying = _receive(None)
+    results = await asyncio.gather(
+        *(watch.run(staying, step(0.001)) for _ in range(20)), watch.run(staying, step(0.1))
+    )
+    assert results == [0.001] * 20 + [0.1]
+    assert watch.watching == 0
+    await asyncio.sleep(0.05)  # the sweep stops once nothing waits; the cancelled watcher ends
+    assert len([t for t in asyncio.all_tasks() if not t.done()]) == 1
+
+
+async def test_watch_only_starts_watchers_after_the_grace_period(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    started: list[Any] = []
+    original = _disconnect._disconnected
+
+    def counted(receive: Any) -> Any:
+        started.append(receive)
+        return original(receive)
+
+    monkeypatch.setattr(_disconnect, "_disconnected", counted)
+    watch = DisconnectWatch(grace_s=0.03)
+    quick, slow = _receive(None), _receive(None)
+    await asyncio.gather(
+        watch.run(quick, asyncio.sleep(0.005)), watch.run(slow, asyncio.sleep(0.1))
+    )
+    assert started == [slow]
+
+
+async def test_an_outer_cancellation_is_not_a_disconnect() -> None:
+    watch = DisconnectWatch(grace_s=0.01)
+    task = asyncio.ensure_future(watch.run(_receive(None), asyncio.sleep(10)))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert watch.watching == 0
+
+
+def test_grace_is_validated() -> None:
+    with pytest.raises(ValueError, match="Received: grace_s=0"):
+        DisconnectWatch(grace_s=0)

@@ -33,7 +33,7 @@ async def test_error_shape_for_framework_errors(
     models_dir: Path, tiny_models: dict[str, Any]
 ) -> None:
     async for s in serve(models_dir):
-        r = await s.client.get("/v2/nothing")
+        r = await s.client.get("/v3/nothing")  # (/v2 is the KServe v2 protocol, its own shape)
         assert (
             r.status_code == 404 and ErrorResponse.model_validate(r.json()).error.type == "NotFound"
         )

@@ -170,3 +170,37 @@ async def test_cancelled_steps_are_dropped_and_queue_is_bounded(
         sh[0] for sh in model.shapes
     ) == 3
     assert sum(shape[0] for shape in model.shapes) == 3  # the cancelled step never ran
+
+
+@pytest.mark.parametrize("name", ["simple", "stacked"])
+async def test_each_step_owns_its_state_and_gets_its_rows(
+    models_dir: Path,
+    tiny_models: dict[str, Any],
+    executor: Any,
+    rng: np.random.Generator,
+    name: str,
+) -> None:
+    """Single steps batched together: each share is its own row; states are copies, not views
+    (a view would keep the whole batch's array alive for as long as the session idles)."""
+    model = _model(models_dir, name)
+    batcher = Batcher(model, executor, max_batch_size=8, max_delay_s=0.05)
+    sig = model.signature
+    xs = [rng.normal(size=(1, 3)).astype(np.float32) for _ in range(6)]
+    starts = [rng.normal(size=sig.total_units).astype(np.float32) for _ in xs]
+    model.gate.clear()
+    tasks = [
+        asyncio.ensure_future(batcher.submit(x, None, s)) for x, s in zip(xs, starts, strict=True)
+    ]
+    await asyncio.sleep(0.05)
+    model.gate.set()
+    results = await asyncio.gather(*tasks)
+    assert [shape[0] for shape in model.shapes] == [1, 5]
+    for i, (x, s, got) in enumerate(zip(xs, starts, results, strict=True)):
+        alone = LoadedModel.run(model, x[None], None, [s[None, sl] for sl in sig.state_slices])
+        np.testing.assert_allclose(got.outputs[0], alone.outputs[0][0], atol=ATOL)
+        np.testing.assert_allclose(
+            got.state, np.concatenate([st[0] for st in alone.states]), atol=ATOL
+        )
+        assert got.state.base is None and got.state.shape == (sig.total_units,)
+        for other in results[i + 1 :]:
+            assert not np.shares_memory(got.state, other.state)

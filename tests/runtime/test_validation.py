@@ -62,3 +62,23 @@ def test_states(sigs: dict[str, ModelSignature]) -> None:
     with pytest.raises(InvalidInput, match="expected 2 state"):
         check_states(sig, [np.ones(6)], "s")
     assert sig.split_state(flat)["gru_b"].shape == (5,)
+
+
+def test_finiteness_and_float32_range(sigs: dict[str, ModelSignature]) -> None:
+    """The one-reduction fast check and the value-by-value check agree on every edge."""
+    sig = sigs["stacked"]
+    top = float(np.finfo(np.float32).max)
+    ok = check_chunk(sig, np.array([[top, -top, 0.0]]), None, 10).inputs
+    assert ok.dtype == np.float32 and np.isfinite(ok).all()
+    assert check_chunk(sig, np.array([[1, 2, 3]]), None, 10).inputs.dtype == np.float32
+    bad = [
+        (np.array([[0.0, 0.0], [1e300, 0.0], [0.0, 0.0]]).T, "inputs[0][1]"),
+        (np.array([[0.0, 1e39, 0.0]]), "inputs[0][1]"),
+        (np.array([[0.0, 0.0, -np.inf]]), "inputs[0][2]"),
+        (np.array([[np.nan, 0.0, 0.0]], np.float32), "inputs[0][0]"),
+        (np.array([[0.0, 0.0, np.inf]], np.float32), "inputs[0][2]"),
+    ]
+    for x, field in bad:
+        with pytest.raises(InvalidInput, match="not a finite float32") as caught:
+            check_chunk(sig, x, None, 10)
+        assert caught.value.field == field

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
+from gruserve.errors import SequenceNotStarted, SessionNotFound
 from gruserve.metrics import Metrics
 from gruserve.runtime.batcher import Batcher
 from gruserve.runtime.registry import ModelRegistry
@@ -81,5 +82,40 @@ async def test_two_replicas_continue_each_other_without_losing_steps(
         np.testing.assert_allclose(final[key], states[key][0], atol=ATOL)
     conflicts = sum(r._metrics.cas_conflicts._value.get() for r in replicas)  # type: ignore[union-attr]
     assert conflicts > 0  # the race really happened and was resolved by re-reading
+    for s in stores:
+        await s.close()
+
+
+async def test_sequence_start_takes_over_the_id_and_later_steps_check_the_model(
+    models_dir: Path, tiny_models: dict[str, Any], executor: ThreadPoolExecutor
+) -> None:
+    """A v2 start replaces a session another model holds under the id; a plain step refuses it."""
+    store = MemorySessionStore(60, 10)
+    service = _service(models_dir, store, executor)
+    x = np.array([[0.4, -0.1, 0.7]], np.float32)
+    await service.create("simple", "v2:stacked:1")
+    with pytest.raises(SequenceNotStarted):
+        await service.sequence_step("stacked", "v2:stacked:1", x, start=False, end=False)
+    result = await service.sequence_step("stacked", "v2:stacked:1", x, start=True, end=False)
+    assert (result.record.model, result.step) == ("stacked", 1)
+    expected, _ = tiny_models["stacked"].reference(x[None])
+    np.testing.assert_allclose(result.outputs["outputs"], expected[0][0], atol=ATOL)
+    await service.sequence_step("stacked", "v2:stacked:1", x, start=False, end=True)
+    with pytest.raises(SessionNotFound):
+        await service.get("v2:stacked:1")
+
+
+async def test_replicas_starting_one_sequence_at_once_both_succeed(
+    models_dir: Path, tiny_models: dict[str, Any], redis_url: str, executor: ThreadPoolExecutor
+) -> None:
+    stores = [RedisSessionStore(redis_url, 60, 10), RedisSessionStore(redis_url, 60, 10)]
+    replicas = [_service(models_dir, s, executor) for s in stores]
+    x = np.array([[0.4, -0.1, 0.7]], np.float32)
+    results = await asyncio.gather(
+        *(replicas[i % 2].sequence_step("stacked", "v2:stacked:7", x, start=True, end=False)
+          for i in range(6))
+    )
+    assert all(r.record.model == "stacked" for r in results)  # each start restarted or created
+    assert (await replicas[0].get("v2:stacked:7")).step >= 1
     for s in stores:
         await s.close()

@@ -15,7 +15,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from gruserve import __version__
-from gruserve.api import errors, health, stream, v1, ws
+from gruserve.api import errors, fast_step, health, stream, v1, v2, ws
 from gruserve.api._edge import EdgeMiddleware
 from gruserve.services import Services
 from gruserve.settings import Settings
@@ -56,7 +56,9 @@ def create_app(settings: Settings, services: Services) -> FastAPI:
     app.include_router(health.router)
     app.include_router(v1.router)
     app.include_router(stream.router)
+    app.include_router(v2.router)
     errors.install(app, services.metrics)
+    fast_step.install(app, services)  # inside the edge: its byte limit and metrics apply
     app.add_middleware(
         EdgeMiddleware,
         max_bytes=settings.max_request_bytes,

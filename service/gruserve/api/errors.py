@@ -5,7 +5,10 @@ Every error body, whatever raised it, is::
     {"error": {"type": "InvalidInput", "message": "inputs[2][1]: ...", "field": "inputs[2][1]"}}
 
 ``field`` is null when no single field is at fault. WebSocket and NDJSON
-replies reuse :func:`error_payload` so a client parses errors one way. Our own
+replies reuse :func:`error_payload` so a client parses errors one way. Routes
+under ``/v2`` speak the KServe v2 / Triton protocol, whose clients expect
+``{"error": "<message>"}``: they get the same message and the same status in
+that shape (:func:`shaped`), so the mapping below stays the only one. Our own
 exceptions carry messages written for people; anything else is a bug and
 answers 500 without leaking internals (the traceback goes to the log).
 """
@@ -31,6 +34,7 @@ STATUS: dict[type[e.GruServeError], int] = {
     e.PayloadTooLarge: 413,
     e.ModelNotFound: 404,
     e.SessionNotFound: 404,
+    e.SequenceNotStarted: 404,
     e.SessionExists: 409,
     e.SessionConflict: 409,
     e.SessionModelMismatch: 409,
@@ -82,6 +86,21 @@ def json_error(
     )
 
 
+def is_v2(path: str) -> bool:
+    return path == "/v2" or path.startswith("/v2/")
+
+
+def shaped_for(path: str, body: dict[str, Any]) -> dict[str, Any]:
+    """``body`` as the protocol of ``path`` words errors: v2 routes take the message alone."""
+    if is_v2(path):
+        return {"error": body["error"]["message"]}
+    return body
+
+
+def shaped(request: Request, body: dict[str, Any]) -> dict[str, Any]:
+    return shaped_for(request.scope["path"], body)
+
+
 def _loc(loc: tuple[Any, ...]) -> str:
     parts = list(loc[1:]) if loc and loc[0] in ("body", "query", "path", "header") else list(loc)
     text = ""
@@ -101,7 +120,7 @@ def install(app: FastAPI, metrics: Metrics | None = None) -> None:
     async def _ours(request: Request, exc: e.GruServeError) -> Response:
         status, body = error_payload(exc)
         count(body["error"]["type"])
-        return json_error(status, body)
+        return json_error(status, shaped(request, body))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> Response:
@@ -110,13 +129,16 @@ def install(app: FastAPI, metrics: Metrics | None = None) -> None:
         count("InvalidInput")
         return json_error(
             422,
-            {
-                "error": {
-                    "type": "InvalidInput",
-                    "message": f"{field}: {first.get('msg')}",
-                    "field": field,
-                }
-            },
+            shaped(
+                request,
+                {
+                    "error": {
+                        "type": "InvalidInput",
+                        "message": f"{field}: {first.get('msg')}",
+                        "field": field,
+                    }
+                },
+            ),
         )
 
     @app.exception_handler(StarletteHTTPException)
@@ -130,7 +152,7 @@ def install(app: FastAPI, metrics: Metrics | None = None) -> None:
         count(kind)
         return json_error(
             exc.status_code,
-            {"error": {"type": kind, "message": message, "field": None}},
+            shaped(request, {"error": {"type": kind, "message": message, "field": None}}),
             headers=getattr(exc, "headers", None),
         )
 
@@ -138,4 +160,4 @@ def install(app: FastAPI, metrics: Metrics | None = None) -> None:
     async def _bug(request: Request, exc: Exception) -> Response:
         status, body = error_payload(exc)
         count(body["error"]["type"])
-        return json_error(status, body)
+        return json_error(status, shaped(request, body))

@@ -28,6 +28,7 @@ from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -37,8 +38,7 @@ from gruserve.runtime.model import LoadedModel, RunResult
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
-class StepOutput:
+class StepOutput(NamedTuple):
     """One step's share of a batch: ``outputs`` (T, D) or (D,) each, ``state`` (total_units,)."""
 
     outputs: list[np.ndarray]
@@ -119,7 +119,8 @@ class Batcher:
             await room
         future: asyncio.Future[StepOutput] = loop.create_future()
         self._pending.append(_Item(inputs, mask, state, future, loop.time()))
-        self._schedule(loop)
+        if len(self._running) < self._max_concurrent:  # else the end of a run schedules
+            self._schedule(loop)
         return await future
 
     # -- scheduling ------------------------------------------------------------------
@@ -234,22 +235,23 @@ class Batcher:
                 f"model {self.model.name!r} returned batches of "
                 f"{[o.shape[0] for o in result.outputs + result.states]} for {count} steps"
             )
-        per_timestep = self.model.signature.per_timestep
-        from_end = self._pad_alignment == "end"
         states = result.states
+        flat = states[0] if len(states) == 1 else np.concatenate(states, axis=1)
+        # each step keeps its own copy of its state row: a view would keep the whole batch alive
+        rows = [row.copy() for row in flat]
+        per_timestep = self.model.signature.per_timestep
+        if not per_timestep or min(lengths) == longest:  # no padding: row views are the outputs
+            columns = [list(o) for o in result.outputs]
+            return [
+                StepOutput([column[row] for column in columns], state)
+                for row, state in enumerate(rows)
+            ]
+        from_end = self._pad_alignment == "end"
         shares = []
         for row, length in enumerate(lengths):
-            if per_timestep:
-                start = longest - length if from_end else 0
-                outputs = [o[row, start : start + length] for o in result.outputs]
-            else:
-                outputs = [o[row] for o in result.outputs]
-            state = (
-                states[0][row].copy()
-                if len(states) == 1
-                else np.concatenate([s[row] for s in states])
-            )
-            shares.append(StepOutput(outputs, state))
+            start = longest - length if from_end else 0
+            outputs = [o[row, start : start + length] for o in result.outputs]
+            shares.append(StepOutput(outputs, rows[row]))
         return shares
 
     async def close(self) -> None:

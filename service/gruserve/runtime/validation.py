@@ -38,17 +38,25 @@ def path(field: str, index: Sequence[int]) -> str:
 
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
+_ALL = np.logical_and.reduce  # ``.all()`` without the Python-level wrapper numpy puts around it
+_LARGEST = np.maximum.reduce
 
 
 def _finite_float32(x: np.ndarray, field: str) -> np.ndarray:
     """``x`` as float32, refusing NaN, infinities and values float32 cannot hold.
 
     The range check comes before the cast, so the cast never overflows (and never
-    needs a costly ``np.errstate`` around it: this runs on every step).
+    needs a costly ``np.errstate`` around it: this runs on every step). The common
+    case is one reduction (NaN makes the largest magnitude NaN, which fails ``<=``);
+    only a failing array is checked value by value to name the first bad one.
     """
     if x.dtype == np.float32:
+        if _ALL(np.isfinite(x), axis=None):
+            return x
         ok = np.isfinite(x)
     elif x.dtype.kind in "fiu":
+        if x.size and _LARGEST(np.abs(x), axis=None) <= _FLOAT32_MAX:
+            return x.astype(np.float32)
         ok = np.abs(x) <= _FLOAT32_MAX  # False for NaN too
     else:
         raise InvalidInput(field, f"expected numbers, got {x.dtype} values")

@@ -16,15 +16,24 @@ with numpy arrays; it knows nothing about HTTP.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 import uuid
 from collections.abc import Callable, Mapping
+from contextlib import suppress
 from dataclasses import dataclass
 
 import numpy as np
 
-from gruserve.errors import InvalidInput, SessionConflict, SessionModelMismatch
+from gruserve.errors import (
+    InvalidInput,
+    SequenceNotStarted,
+    SessionConflict,
+    SessionExists,
+    SessionModelMismatch,
+    SessionNotFound,
+)
 from gruserve.metrics import Metrics
 from gruserve.runtime.batcher import Batcher
 from gruserve.runtime.model import LoadedModel
@@ -34,6 +43,7 @@ from gruserve.sessions._locks import KeyedLocks
 from gruserve.sessions.store import SessionRecord, SessionStore
 
 SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+_SEQUENCE = "sequence\x00"  # lock-key prefix no session id can have (see sequence_step)
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,3 +189,84 @@ class SessionService:
     def _conflict(self) -> None:
         if self._metrics is not None:
             self._metrics.cas_conflicts.inc()
+
+    # -- v2 (Triton / KServe) sequences ----------------------------------------------------
+    async def sequence_step(
+        self,
+        model_name: str,
+        session_id: str,
+        inputs: np.ndarray,
+        mask: np.ndarray | None = None,
+        *,
+        start: bool,
+        end: bool,
+        initial_state: StateValue | None = None,
+    ) -> StepResult:
+        """One request of a Triton-style sequence: a step framed by its start and end flags.
+
+        ``start`` creates the session, or starts a live one over at zero state (or at
+        ``initial_state``), as Triton does when a START arrives for a busy correlation
+        id. Without ``start`` the session must exist on ``model_name``. With ``end`` the
+        session is deleted once its step is applied; the step's result is still returned.
+        The inputs are checked before anything changes, so a rejected request leaves the
+        sequence as it was. Requests of one sequence run whole and in arrival order (a
+        FIFO lock of their own, around the session's usual one).
+
+        Args:
+            inputs, mask: as :meth:`step`.
+            initial_state: only with ``start``.
+
+        Raises:
+            SequenceNotStarted: no ``start`` and no such session on this model.
+            The errors of :meth:`create` and :meth:`step`.
+        """
+        model = self.registry.get(model_name)
+        chunk = check_chunk(model.signature, inputs, mask, self._max_timesteps)
+        if initial_state is not None and not start:
+            raise InvalidInput("initial_state", "a sequence's state is set only by its start")
+        async with self._locks.hold(_SEQUENCE + session_id):
+            if start:
+                await self._restart(model, session_id, initial_state)
+            else:
+                try:
+                    record = await self.store.get(session_id)
+                except SessionNotFound:
+                    raise SequenceNotStarted(session_id, model.name) from None
+                if record.model != model.name:
+                    raise SequenceNotStarted(session_id, model.name)
+            try:
+                result = await self.step(session_id, chunk.inputs, chunk.mask)
+            except SessionNotFound:  # expired or deleted between the check and the step
+                raise SequenceNotStarted(session_id, model.name) from None
+            if end:
+                with suppress(SessionNotFound):
+                    await self.delete(session_id)
+            return result
+
+    async def _restart(
+        self,
+        model: LoadedModel,
+        session_id: str,
+        initial_state: StateValue | None,
+    ) -> None:
+        """Create ``session_id``, or reset it in place (replace it if another model owns it)."""
+        state = flat_state(model.signature, initial_state, "initial_state")
+        for _ in range(self._max_attempts):
+            try:
+                record = await self.store.get(session_id)
+            except SessionNotFound:
+                try:
+                    await self.create(model.name, session_id, initial_state)
+                    return
+                except SessionExists:  # another replica created it meanwhile: restart that
+                    continue
+            if (record.model, record.version) != (model.name, model.version):
+                with suppress(SessionNotFound):
+                    await self.store.delete(session_id)
+                continue
+            now = self._clock()
+            fresh = dataclasses.replace(record.reset(state, now), created_at=now)
+            if await self.store.compare_and_set(fresh, record.revision):
+                return
+            self._conflict()
+        raise SessionConflict(session_id, self._max_attempts)

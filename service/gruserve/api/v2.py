@@ -1,0 +1,200 @@
+"""REST routes of the KServe v2 / Triton HTTP protocol, beside v1 and on the same core.
+
+Existing Triton and KServe clients (``tritonclient.http`` included) work
+unchanged: server and model metadata, health, a Triton-style model config, and
+``infer`` with JSON or binary tensors. A request without a sequence id is a
+stateless predict; one with ``sequence_id`` is one step of a sequence, kept as
+an ordinary session (:mod:`gruserve.api.v2_params` gives the id mapping), so
+v2 shares v1's models, sessions, batching and stores and none of the math is
+repeated here. Each route parses, makes one call into the core, and encodes;
+errors are raised, and ``api/errors.py`` answers them as ``{"error": "..."}``.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from gruserve import __version__
+from gruserve.api import encode, v2_request, v2_tensors
+from gruserve.api import v2_schemas as s
+from gruserve.api._disconnect import unless_disconnected
+from gruserve.api.triton_config import PLATFORM, model_config
+from gruserve.api.v2_model import bind, produced, sequence_outputs, wire_model
+from gruserve.api.v2_params import flag, sequence_control
+from gruserve.errors import GruServeError, InvalidInput, ModelNotFound
+from gruserve.runtime.model import LoadedModel
+from gruserve.services import Services
+
+router = APIRouter(prefix="/v2", tags=["v2 (KServe / Triton)"], responses=s.ERRORS)
+EXTENSIONS = ["binary_tensor_data", "model_configuration", "sequence", "sequence(string_id)"]
+
+
+def _services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+def _model(request: Request, name: str, version: str | None) -> LoadedModel:
+    """The served model, checked against the version in the path if there is one."""
+    model = _services(request).registry.get(name)
+    if version is None:
+        return model
+    if not (version.isascii() and version.isdigit()):
+        raise InvalidInput("version", f"expected a version number, got {version!r}")
+    if int(version) != model.version:
+        raise ModelNotFound(name, int(version), [f"{name} version {model.version}"])
+    return model
+
+
+# -- server --------------------------------------------------------------------------------
+@router.get("", response_model=s.ServerMetadata)
+async def server_metadata() -> Response:
+    """Server name, version and the protocol extensions it supports."""
+    return encode.json_response(
+        {"name": "gruserve", "version": __version__, "extensions": EXTENSIONS}
+    )
+
+
+@router.get("/health/live", response_model=s.Live)
+async def live() -> Response:
+    """The process is alive."""
+    return encode.json_response({"live": True})
+
+
+@router.get("/health/ready", response_model=s.Ready, responses={503: {"model": s.Ready}})
+async def ready(request: Request) -> Response:
+    """200 when a model is loaded and the session store answers (as ``/readyz``), else 503."""
+    services = _services(request)
+    ok = any(st.ready for st in services.registry.statuses())
+    try:
+        await services.store.ping()
+    except GruServeError:
+        ok = False
+    return encode.json_response({"ready": ok}, status=200 if ok else 503)
+
+
+# -- models ----------------------------------------------------------------------------------
+def _metadata(request: Request, name: str, version: str | None) -> Response:
+    return encode.json_response(wire_model(_model(request, name, version)).metadata(PLATFORM))
+
+
+@router.get("/models/{model}", response_model=s.ModelMetadata)
+async def model_metadata(model: str, request: Request) -> Response:
+    """Name, versions, platform, inputs and outputs (batch-major, -1: any size)."""
+    return _metadata(request, model, None)
+
+
+@router.get("/models/{model}/versions/{version}", response_model=s.ModelMetadata)
+async def model_version_metadata(model: str, version: str, request: Request) -> Response:
+    """As ``GET /v2/models/{model}``, for that version."""
+    return _metadata(request, model, version)
+
+
+def _ready(request: Request, name: str, version: str | None) -> Response:
+    return encode.json_response({"name": _model(request, name, version).name, "ready": True})
+
+
+@router.get("/models/{model}/ready", response_model=s.ModelReady)
+async def model_ready(model: str, request: Request) -> Response:
+    """200 when the model is loaded; 404 unknown, 503 failed to load."""
+    return _ready(request, model, None)
+
+
+@router.get("/models/{model}/versions/{version}/ready", response_model=s.ModelReady)
+async def model_version_ready(model: str, version: str, request: Request) -> Response:
+    """As ``GET /v2/models/{model}/ready``, for that version."""
+    return _ready(request, model, version)
+
+
+def _config(request: Request, name: str, version: str | None) -> Response:
+    services = _services(request)
+    model = _model(request, name, version)
+    batcher = services.batchers[model.name]
+    return encode.json_response(
+        model_config(
+            wire_model(model),
+            max_batch_size=batcher.max_batch_size,
+            max_delay_s=batcher.max_delay_s,
+            session_ttl_s=services.settings.session_ttl_s,
+            max_sessions=services.settings.max_sessions,
+            provider=model.provider,
+        )
+    )
+
+
+@router.get("/models/{model}/config", response_model=s.ModelConfig)
+async def config(model: str, request: Request) -> Response:
+    """Triton-style config: ``max_batch_size``, ``sequence_batching`` with implicit states."""
+    return _config(request, model, None)
+
+
+@router.get("/models/{model}/versions/{version}/config", response_model=s.ModelConfig)
+async def version_config(model: str, version: str, request: Request) -> Response:
+    """As ``GET /v2/models/{model}/config``, for that version."""
+    return _config(request, model, version)
+
+
+# -- inference -------------------------------------------------------------------------------
+async def _infer(request: Request, name: str, version: str | None) -> Response:
+    services = _services(request)
+    model = _model(request, name, version)
+    wire = wire_model(model)
+    body = v2_request.decompress(
+        await request.body(),
+        request.headers.get("content-encoding"),
+        services.settings.max_request_bytes,
+    )
+    parsed = v2_request.parse(body, request.headers.get(v2_tensors.HEADER_LENGTH))
+    call = bind(wire, parsed, flag(parsed.parameters, "binary_data_output"))
+    sequence = sequence_control(parsed.parameters, model.name)
+    if sequence is None:
+        work = services.predictor.predict(model.name, call.inputs, call.mask, call.states)
+        result = await unless_disconnected(request, work)
+        outputs = produced(wire, call, result.outputs, result.states)
+        return v2_tensors.reply(model.name, model.version, parsed.id, outputs)
+    one = call.one_sequence()
+    step = await unless_disconnected(
+        request,
+        services.sessions.sequence_step(
+            model.name,
+            sequence.session_id,
+            one.inputs,
+            one.mask,
+            start=sequence.start,
+            end=sequence.end,
+            initial_state=one.states,
+        ),
+    )
+    about = {
+        "sequence_id": sequence.sequence_id,
+        "session_id": sequence.session_id,
+        "step": step.step,
+    }
+    outputs = sequence_outputs(wire, call, step, model.signature)
+    return v2_tensors.reply(model.name, model.version, parsed.id, outputs, about)
+
+
+@router.post(
+    "/models/{model}/infer",
+    response_model=s.InferResponse,
+    openapi_extra=s.INFER_BODY,
+)
+async def infer(model: str, request: Request) -> Response:
+    """Stateless inference, or one step of a sequence (``parameters.sequence_id``).
+
+    Stateless: ``inputs`` [batch, timesteps, features] (+ ``mask``, ``initial_state/<key>``).
+    Sequence: batch 1; ``sequence_start`` (re)starts it, ``sequence_end`` ends it after
+    this step. Tensors may be JSON ``data`` or binary; so may outputs.
+    """
+    return await _infer(request, model, None)
+
+
+@router.post(
+    "/models/{model}/versions/{version}/infer",
+    response_model=s.InferResponse,
+    openapi_extra=s.INFER_BODY,
+)
+async def version_infer(model: str, version: str, request: Request) -> Response:
+    """As ``POST /v2/models/{model}/infer``, for that version."""
+    return await _infer(request, model, version)
