@@ -206,7 +206,12 @@ mount --make-rprivate /
 for target in $(awk '{print $2}' /proc/self/mounts | sort -u); do
     case "$target" in /proc*|/sys*|/dev*) ;; *) mount -o remount,bind,ro "$target" ;; esac
 done
+# A checkout under /tmp (a CI clone, say) would vanish under the fresh /tmp: carry it across.
+case "$REPO" in /tmp/*) mount --bind "$REPO" /mnt; carried=1 ;; esac
 mount -t tmpfs tmpfs /tmp
+if [ -n "${carried:-}" ]; then
+    mkdir -p "$REPO" && mount --bind /mnt "$REPO" && mount -o remount,bind,ro "$REPO"
+fi
 if touch "$GRUSERVE_MODELS_DIR/probe" 2>/dev/null; then echo "still writable"; exit 3; fi
 cd /tmp
 exec "$@"
@@ -227,6 +232,7 @@ def test_serves_on_a_read_only_root_with_a_writable_tmp(tmp_path: Path) -> None:
         "GRUSERVE_PROVIDER": "cpu",
         "GRUSERVE_PORT": str(port),
         "GRUSERVE_HOST": "127.0.0.1",
+        "REPO": str(REPO),
     }
     proc = subprocess.Popen(
         [unshare, "-m", "sh", "-c", READ_ONLY_ROOT, "sh", str(BIN / "gruserve"), "serve"],
