@@ -4,7 +4,7 @@
 #   docker build --build-arg VARIANT=gpu -t gruserve:gpu .   # onnxruntime-gpu on a CUDA base
 #   docker run --rm -p 8000:8000 -v "$PWD/models:/models:ro" gruserve:cpu
 #
-# See docs/deployment.md. tests/deploy/test_deploy_dockerfile.py checks this file offline.
+# See README.md (Deployment). tests/deploy/test_deploy_dockerfile.py checks this file offline.
 
 ARG VARIANT=cpu
 

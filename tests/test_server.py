@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -202,3 +204,91 @@ def test_settle_heap_freezes_what_start_up_built() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_serve_passes_the_shutdown_and_keep_alive_settings_to_uvicorn(
+    models_dir: Path, tiny_models: dict[str, Any]
+) -> None:
+    """In a child process: run_server settles the heap, which would stay done in this one."""
+    code = (
+        "import json, uvicorn\n"
+        "from gruserve.server import run_server\n"
+        "def fake(app, **kwargs): print(json.dumps(kwargs))\n"
+        "uvicorn.run = fake\n"
+        "run_server()\n"
+    )
+    env = _env(models_dir, GRUSERVE_SHUTDOWN_GRACE_S="3.5", GRUSERVE_KEEPALIVE_S="7")
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    kwargs = json.loads(result.stdout.splitlines()[-1])
+    assert kwargs["timeout_graceful_shutdown"] == 3.5 and kwargs["timeout_keep_alive"] == 7
+
+
+def test_a_memory_store_snapshot_survives_a_restart(
+    models_dir: Path, tiny_models: dict[str, Any], tmp_path: Path
+) -> None:
+    """SIGTERM writes every session; the next start restores them (only those whose model
+    version it serves), and they continue exactly as an uninterrupted run would."""
+    models = tmp_path / "models"
+    for name in ("stacked", "simple"):
+        shutil.copytree(models_dir / name, models / name)
+    snapshot_path = tmp_path / "state" / "sessions.snapshot"
+    snapshot_path.parent.mkdir()
+    env = {**_env(models, GRUSERVE_SNAPSHOT_PATH=str(snapshot_path)), "GRUSERVE_LOG_LEVEL": "info"}
+    rng = np.random.default_rng(21)
+    x = {sid: rng.normal(size=(1, 6, 3)).astype(np.float32) for sid in ("plain", "numbered")}
+
+    def step(base: str, sid: str, t: int, number: int | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"inputs": x[sid][0, t].tolist()}
+        if number is not None:
+            body["step"] = number
+        r = httpx.post(f"{base}/v1/sessions/{sid}/step", json=body)
+        assert r.status_code == 200, r.text
+        return dict(r.json())
+
+    port = free_port()
+    proc = _start([str(BIN / "gruserve"), "serve", "--port", str(port)], env, port, tmp_path)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for sid, model in (("plain", "stacked"), ("numbered", "stacked"), ("gone", "simple")):
+            created = httpx.post(f"{base}/v1/models/{model}/sessions", json={"session_id": sid})
+            assert created.status_code == 201
+        replies = {sid: [step(base, sid, t) for t in range(3)] for sid in ("plain",)}
+        replies["numbered"] = [step(base, "numbered", t, number=t) for t in range(3)]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
+    finally:
+        _stop(proc)
+    assert snapshot_path.is_file()
+
+    shutil.rmtree(models / "simple")  # the next start no longer serves this model
+    port = free_port()
+    proc = _start([str(BIN / "gruserve"), "serve", "--port", str(port)], env, port, tmp_path)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        assert not snapshot_path.exists()  # consumed: a crash later cannot bring it back
+        assert httpx.get(f"{base}/v1/sessions/gone").status_code == 404
+        # the last numbered step before the restart can still be resent: the same reply
+        again = httpx.post(
+            f"{base}/v1/sessions/numbered/step",
+            json={"inputs": x["numbered"][0, 2].tolist(), "step": 2},
+        )
+        assert again.json() == replies["numbered"][2]
+        for t in range(3, 6):
+            replies["plain"].append(step(base, "plain", t))
+            replies["numbered"].append(step(base, "numbered", t, number=t))
+        listed = httpx.get(f"{base}/v1/sessions").json()["sessions"]
+        assert [(s["session_id"], s["step"]) for s in listed] == [("numbered", 6), ("plain", 6)]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        output = proc.stdout.read().decode() if proc.stdout else ""
+        _stop(proc)
+    assert "restored 2 of the 3 sessions" in output and "1 on a model version not served" in output
+    for sid in ("plain", "numbered"):
+        assert [r["step"] for r in replies[sid]] == list(range(1, 7))
+        expected, _ = tiny_models["stacked"].reference(x[sid])
+        got = np.stack([r["outputs"] for r in replies[sid]])
+        np.testing.assert_allclose(got, expected[0][0], atol=ATOL)

@@ -33,6 +33,11 @@ def test_environment_and_dotenv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         ("provider", "tpu"),
         ("max_sessions", 0),
         ("session_ttl_s", 0),
+        ("session_max_lifetime_s", -1),
+        ("session_eviction", "fifo"),
+        ("store_timeout_s", 0),
+        ("keepalive_s", 0),
+        ("shutdown_grace_s", -1),
     ],
 )
 def test_invalid_values_are_rejected(field: str, value: object) -> None:
@@ -52,3 +57,18 @@ def test_every_field_has_a_docstring() -> None:
         and isinstance(following.value, ast.Constant)
     }
     assert set(Settings.model_fields) == documented
+
+
+def test_a_snapshot_is_for_the_memory_store_only(tmp_path: Path) -> None:
+    path = tmp_path / "sessions.snapshot"
+    assert Settings(_env_file=None, snapshot_path=path).snapshot_path == path
+    with pytest.raises(ValidationError, match="snapshot_path is for the memory store"):
+        Settings(_env_file=None, snapshot_path=path, session_store="redis://cache:6379/0")
+
+
+def test_api_keys_are_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GRUSERVE_API_KEYS", "k-1,k-2")
+    settings = Settings(_env_file=None)
+    assert settings.api_keys is not None
+    assert settings.api_keys.get_secret_value() == "k-1,k-2"
+    assert "k-1" not in repr(settings) and "k-1" not in str(settings.model_dump())

@@ -214,8 +214,60 @@ class TooManySessions(GruServeError):
         self.limit = limit
         super().__init__(
             f"the server holds its maximum of {limit} sessions (setting GRUSERVE_MAX_SESSIONS); "
-            "delete finished sessions or retry after idle ones expire"
+            "delete finished sessions or retry after idle ones expire (or have the least "
+            "recently used evicted: GRUSERVE_SESSION_EVICTION=lru)"
         )
+
+
+class StepOutOfOrder(GruServeError):
+    """A step's number is neither the session's next step nor a retry of its last one.
+
+    ``current_step`` is the number of steps the session has applied: the number its
+    next step must carry.
+    """
+
+    field = "step"
+
+    def __init__(self, session_id: str, sent: int, current: int) -> None:
+        self.session_id, self.sent, self.current_step = session_id, sent, current
+        if sent > current:
+            why = "ahead of it (a step in between is missing)"
+        elif sent == current - 1:
+            why = "its last step, whose result was not kept (that step carried no step number)"
+        else:
+            why = "behind it (only the last step's result is kept for a retry)"
+        hint = f"send step={current} for the next step"
+        if current > 0:
+            hint += f", or step={current - 1} to repeat the last one"
+        super().__init__(
+            f"session {session_id!r} has applied {current} steps and step={sent} is {why}; "
+            f"{hint}"
+        )
+
+
+class MissingApiKey(GruServeError):
+    """A request without (or with a malformed) API key, where one is required."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "this server requires an API key: send `Authorization: Bearer <key>` or "
+            "`X-API-Key: <key>`"
+        )
+
+
+class InvalidApiKey(GruServeError):
+    """A request whose API key is not one of the server's keys."""
+
+    def __init__(self) -> None:
+        super().__init__("the API key is not valid for this server")
+
+
+class SnapshotError(GruServeError):
+    """A session snapshot file cannot be written or read."""
+
+    def __init__(self, path: object, message: str) -> None:
+        self.path = path
+        super().__init__(f"session snapshot {path}: {message}")
 
 
 class StoreUnavailable(GruServeError):

@@ -98,6 +98,24 @@ class Metrics:
             "Sessions in the store (updated on every scrape).",
             registry=registry,
         )
+        self.sessions_expired = Counter(
+            "gruserve_sessions_expired",
+            "Sessions removed after their idle TTL or their maximum lifetime.",
+            ["reason"],
+            registry=registry,
+        )
+        for reason in ("idle", "lifetime"):
+            self.sessions_expired.labels(reason)
+        self.sessions_evicted = Counter(
+            "gruserve_sessions_evicted",
+            "Least recently used sessions evicted to make room (GRUSERVE_SESSION_EVICTION=lru).",
+            registry=registry,
+        )
+        self.step_replays = Counter(
+            "gruserve_step_replays",
+            "Retried steps (same step number) answered with the stored result, not run again.",
+            registry=registry,
+        )
         self.cas_conflicts = Counter(
             "gruserve_session_conflicts",
             "Session updates retried because another server advanced the session first.",

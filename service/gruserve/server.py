@@ -18,12 +18,15 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
 from gruserve.api.app import create_app as create_api
+from gruserve.errors import SnapshotError
 from gruserve.metrics import Metrics
 from gruserve.runtime.batcher import Batcher
 from gruserve.runtime.predictor import Predictor
 from gruserve.runtime.provider import choose_providers
 from gruserve.runtime.registry import ModelRegistry
 from gruserve.services import Services
+from gruserve.sessions import snapshot
+from gruserve.sessions.events import SessionEvents
 from gruserve.sessions.memory import MemorySessionStore
 from gruserve.sessions.redis_store import RedisSessionStore
 from gruserve.sessions.service import SessionService
@@ -35,10 +38,51 @@ SWITCH_INTERVAL_S = 0.0001
 GC_THRESHOLDS = (10_000, 20, 100)
 
 
-def build_store(settings: Settings) -> SessionStore:
+def build_store(settings: Settings, events: SessionEvents | None = None) -> SessionStore:
+    lifecycle: dict[str, Any] = {
+        "max_lifetime_s": settings.session_max_lifetime_s,
+        "eviction": settings.session_eviction,
+        "events": events,
+    }
     if settings.session_store == "memory":
-        return MemorySessionStore(settings.session_ttl_s, settings.max_sessions)
-    return RedisSessionStore(settings.session_store, settings.session_ttl_s, settings.max_sessions)
+        return MemorySessionStore(settings.session_ttl_s, settings.max_sessions, **lifecycle)
+    return RedisSessionStore(
+        settings.session_store,
+        settings.session_ttl_s,
+        settings.max_sessions,
+        timeout_s=settings.store_timeout_s,
+        **lifecycle,
+    )
+
+
+def restore_snapshot(path: Path, store: MemorySessionStore, sessions: SessionService) -> None:
+    """Load the sessions a previous run wrote to ``path`` into ``store``, then remove the file.
+
+    Only sessions this server can continue are restored (model version served, state of
+    the right size, not expired). The file is removed once read, so a later crash cannot
+    bring back these states after they have moved on; an unreadable file is moved aside
+    (``<path>.unreadable``) and the server starts without it.
+    """
+    if not path.exists():
+        return
+    try:
+        records = snapshot.read(path)
+    except SnapshotError as exc:
+        log.error("%s; starting without it (moved to %s.unreadable)", exc, path.name)
+        path.replace(path.with_name(path.name + ".unreadable"))
+        return
+    servable = [r for r in records if sessions.servable(r)]
+    restored = store.restore(servable)
+    path.unlink()
+    log.info(
+        "restored %d of the %d sessions in %s (%d on a model version not served here, "
+        "%d expired or over the session limit)",
+        len(restored),
+        len(records),
+        path,
+        len(records) - len(servable),
+        len(servable) - len(restored),
+    )
 
 
 def build_services(settings: Settings, registry: CollectorRegistry | None = None) -> Services:
@@ -70,10 +114,12 @@ def build_services(settings: Settings, registry: CollectorRegistry | None = None
             max_queue=settings.batch_queue_size,
             metrics=metrics.for_model(model.name),
         )
-    store = build_store(settings)
+    store = build_store(settings, SessionEvents(metrics))
     sessions = SessionService(
         models, batchers, store, max_timesteps=settings.max_timesteps, metrics=metrics
     )
+    if settings.snapshot_path is not None and isinstance(store, MemorySessionStore):
+        restore_snapshot(settings.snapshot_path, store, sessions)
     predictor = Predictor(models, executor, settings.max_timesteps, metrics)
     return Services(settings, models, batchers, predictor, sessions, store, metrics, executor)
 
@@ -127,7 +173,8 @@ def run_server(
         log_level=settings.log_level,
         ws_max_size=settings.max_request_bytes,
         access_log=settings.log_level == "debug",
-        timeout_graceful_shutdown=10,
+        timeout_graceful_shutdown=settings.shutdown_grace_s,  # type: ignore[arg-type]
+        timeout_keep_alive=settings.keepalive_s,  # type: ignore[arg-type]
         # the fastest of uvicorn's WebSocket stacks here (bench/README.md), where available
         ws="websockets-sansio" if "websockets-sansio" in WS_PROTOCOLS else "auto",
     )

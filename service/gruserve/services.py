@@ -7,16 +7,22 @@ itself, so tests and the benchmark build the same graph as production.
 from __future__ import annotations
 
 import asyncio
+import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from gruserve.errors import SnapshotError
 from gruserve.metrics import Metrics
 from gruserve.runtime.batcher import Batcher
 from gruserve.runtime.predictor import Predictor
 from gruserve.runtime.registry import ModelRegistry
+from gruserve.sessions import snapshot
+from gruserve.sessions.memory import MemorySessionStore
 from gruserve.sessions.service import SessionService
 from gruserve.sessions.store import SessionStore
 from gruserve.settings import Settings
+
+log = logging.getLogger("gruserve")
 
 
 @dataclass
@@ -31,7 +37,25 @@ class Services:
     executor: ThreadPoolExecutor
 
     async def aclose(self) -> None:
-        """Finish running batches, then release the store and the threads."""
+        """Finish running batches, write the snapshot (if configured), then release the store
+        and the threads."""
         await asyncio.gather(*(b.close() for b in self.batchers.values()))
+        self.write_snapshot()
         await self.store.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+    def write_snapshot(self) -> None:
+        """Write every live session to ``settings.snapshot_path`` (memory store only).
+
+        A failure is logged, not raised: shutting down must go on.
+        """
+        path = self.settings.snapshot_path
+        if path is None or not isinstance(self.store, MemorySessionStore):
+            return
+        records = self.store.records()
+        try:
+            snapshot.write(path, records)
+        except SnapshotError as exc:
+            log.error("%s; the sessions are lost", exc)
+            return
+        log.info("wrote %d sessions to %s", len(records), path)

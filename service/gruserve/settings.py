@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "GRUSERVE_"
@@ -55,8 +55,26 @@ class Settings(BaseSettings):
     session_ttl_s: float = Field(1800.0, gt=0)
     """Seconds a session may stay unused (no create, step or reset) before it expires."""
 
+    session_max_lifetime_s: float = Field(0.0, ge=0)
+    """Seconds a session may live from its creation however busy it is, then it expires
+    (0 = no limit). A reset does not renew it; a v2 ``sequence_start`` does."""
+
     max_sessions: int = Field(100_000, ge=1)
-    """Most sessions the store holds at once; creating one more answers 429."""
+    """Most sessions the store holds at once (across replicas with Redis)."""
+
+    session_eviction: Literal["reject", "lru"] = "reject"
+    """What creating a session does when ``max_sessions`` are held: ``reject`` answers 429;
+    ``lru`` evicts the least recently used session (the one unused for longest) to make room."""
+
+    store_timeout_s: float = Field(2.0, gt=0)
+    """Redis only: connect and socket timeout in seconds. A request whose Redis call takes
+    longer (Redis down or hung) answers 503 instead of waiting: after this, or up to about
+    4x this when Redis hangs (one retry on a fresh connection: two reads, two connects)."""
+
+    snapshot_path: Path | None = None
+    """Memory store only, opt-in: on a graceful shutdown (SIGTERM) every live session is
+    written to this file; the next start restores those whose model version is still served
+    and that have not expired, then removes the file."""
 
     max_timesteps: int = Field(4096, ge=1)
     """Most timesteps in one request (per sequence); more answers 413."""
@@ -73,6 +91,27 @@ class Settings(BaseSettings):
 
     batch_queue_size: int = Field(4096, ge=1)
     """Steps that may wait per model before new ones wait for room (backpressure)."""
+
+    api_keys: SecretStr | None = None
+    """Comma-separated API keys. When any key is set (here or in ``api_keys_file``), every
+    route but liveness and readiness needs one: ``Authorization: Bearer <key>`` or
+    ``X-API-Key: <key>``."""
+
+    api_keys_file: Path | None = None
+    """A file of API keys, one per line (blank lines and ``#`` comments ignored); read at
+    start, added to ``api_keys``."""
+
+    metrics_public: bool = False
+    """Serve ``/metrics`` without an API key even when keys are set (for a scraper that
+    cannot send one)."""
+
+    shutdown_grace_s: float = Field(10.0, ge=0)
+    """After SIGTERM, seconds ``gruserve serve`` lets requests in flight finish before it
+    cancels them and exits."""
+
+    keepalive_s: float = Field(5.0, gt=0)
+    """Seconds ``gruserve serve`` keeps an idle HTTP keep-alive connection open. A proxy's
+    upstream keep-alive timeout must be shorter (nginx: 4 s in deploy/nginx)."""
 
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     """Log level of gruserve and uvicorn."""
@@ -96,3 +135,13 @@ class Settings(BaseSettings):
                 f"expected 'memory' or a redis:// URL. Received: session_store={value!r}"
             )
         return value
+
+    @model_validator(mode="after")
+    def _snapshot_needs_memory(self) -> Settings:
+        if self.snapshot_path is not None and self.session_store != "memory":
+            raise ValueError(
+                "snapshot_path is for the memory store (Redis keeps sessions itself). "
+                f"Received: snapshot_path={str(self.snapshot_path)!r} with "
+                f"session_store={self.session_store!r}"
+            )
+        return self

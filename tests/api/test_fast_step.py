@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
@@ -227,8 +228,10 @@ async def test_a_quick_step_needs_no_watcher(served: Served, watchers: list[Any]
     sid = await _session(served.client)
     sent = await _call(served, f"/v1/sessions/{sid}/step", b'{"inputs": [1, 2, 3]}', None)
     assert sent[0]["status"] == 200 and json.loads(sent[1]["body"])["step"] == 1
-    assert sent[0]["headers"] == [
+    *headers, (name, request_id) = sent[0]["headers"]
+    assert headers == [
         (b"content-length", str(len(sent[1]["body"])).encode()),
         (b"content-type", b"application/json"),
     ]
+    assert name == b"x-request-id" and re.fullmatch(rb"[0-9a-f]{32}", request_id)  # the edge's
     assert watchers == [] and fast_path(served).disconnects.watching == 0

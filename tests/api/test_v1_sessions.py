@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import serve
-from gruserve.api.schemas import SessionInfo, StepResponse
+from gruserve.api.schemas import SessionInfo, SessionList, StepResponse
 
 ATOL = 1e-5
 
@@ -329,3 +330,65 @@ async def test_max_sessions(models_dir: Path, tiny_models: dict[str, Any], store
         assert "GRUSERVE_MAX_SESSIONS" in r.json()["error"]["message"]
         await s.client.delete(f"/v1/sessions/{first}")
         await create(s.client, "simple")
+
+
+async def test_lru_eviction_and_lifetime_through_the_api(
+    models_dir: Path, tiny_models: dict[str, Any], store_url: str
+) -> None:
+    async for s in serve(
+        models_dir, store_url, max_sessions=2, session_eviction="lru", session_max_lifetime_s=1.0
+    ):
+        first = await create(s.client, "simple", session_id="first")
+        # expires at the end of its lifetime, well before its idle TTL (1800 s)
+        created = datetime.fromisoformat(first["created_at"])
+        lives = datetime.fromisoformat(first["expires_at"]) - created
+        assert abs(lives - timedelta(seconds=1)) <= timedelta(milliseconds=1)  # ms resolution
+        await create(s.client, "simple", session_id="second")
+        await step(s.client, "first", [0.0, 0.0, 0.0])  # "second" is now the least recently used
+        await create(s.client, "simple", session_id="third")
+        assert (await s.client.get("/v1/sessions/second")).status_code == 404
+        assert (await s.client.get("/v1/sessions/first")).status_code == 200
+        await asyncio.sleep(1.1)
+        for sid in ("first", "third"):
+            r = await s.client.get(f"/v1/sessions/{sid}")
+            assert r.status_code == 404, r.text
+        metrics = (await s.client.get("/metrics")).text
+        assert _sample(metrics, "gruserve_sessions_evicted_total") == 1
+        assert _sample(metrics, 'gruserve_sessions_expired_total{reason="lifetime"}') == 2
+        assert _sample(metrics, 'gruserve_sessions_expired_total{reason="idle"}') == 0
+        assert _sample(metrics, "gruserve_sessions") == 0
+
+
+# -- listing -----------------------------------------------------------------------------------
+async def test_listing_pages_through_every_session(client: httpx.AsyncClient) -> None:
+    ids = sorted(f"list-{i:02d}" for i in range(7))
+    for i, sid in enumerate(ids):
+        await create(client, "stacked" if i % 3 else "simple", session_id=sid)
+    await step(client, ids[1], [[0.1, 0.2, 0.3]])
+    seen, cursor, pages = [], None, 0
+    while True:
+        params: dict[str, Any] = {"limit": 3}
+        if cursor is not None:
+            params["cursor"] = cursor
+        r = await client.get("/v1/sessions", params=params)
+        assert r.status_code == 200, r.text
+        body = SessionList.model_validate(r.json())
+        seen += body.sessions
+        pages += 1
+        cursor = body.next_cursor
+        if cursor is None:
+            break
+    assert [s.session_id for s in seen] == ids and pages == 3
+    assert seen[1].step == 1 and seen[1].timesteps == 1 and seen[1].model == "stacked"
+    assert "states" not in r.text
+    r = await client.get("/v1/sessions", params={"model": "simple", "limit": 100})
+    assert [s["session_id"] for s in r.json()["sessions"]] == [ids[0], ids[3], ids[6]]
+    assert r.json()["next_cursor"] is None
+    for params, field in (
+        ({"limit": 0}, "limit"),
+        ({"limit": 1001}, "limit"),
+        ({"limit": "many"}, "limit"),
+        ({"cursor": "../x"}, "cursor"),
+    ):
+        r = await client.get("/v1/sessions", params=params)
+        assert r.status_code == 422 and r.json()["error"]["field"] == field, r.text

@@ -83,8 +83,9 @@ def test_replicas_share_sessions_through_redis() -> None:
         assert match and match.group(1) in SERVICES, settings.session_store
         assert SERVICES[name]["depends_on"]["redis"]["condition"] == "service_healthy"
         assert SERVICES[name]["read_only"] is True and "/tmp" in SERVICES[name]["tmpfs"]
-        # docker's stop timeout covers gruserve's 10 s drain after SIGTERM
-        assert int(SERVICES[name]["stop_grace_period"].removesuffix("s")) > 10
+        # docker's stop timeout covers gruserve's drain after SIGTERM
+        drain = settings.shutdown_grace_s
+        assert int(SERVICES[name]["stop_grace_period"].removesuffix("s")) > drain
         assert SERVICES[name]["volumes"] == [
             f"./models:{stage('runtime').env()['GRUSERVE_MODELS_DIR']}:ro"
         ]
@@ -143,6 +144,9 @@ def test_nginx_matches_the_server_limits_and_streams() -> None:
     for line in ("proxy_buffering off", "proxy_request_buffering off"):
         assert line + ";" in stream
     assert "proxy_pass http://gruserve;" in location(NGINX, r"~ ^/v1/sessions/[^/]+/ws$")
-    # nginx keeps idle upstream connections for less than uvicorn's 5 s keep-alive
+    # nginx keeps idle upstream connections for less than gruserve's keep-alive
     timeout = directive(UPSTREAM, "keepalive_timeout")
-    assert timeout and int(timeout[0].removesuffix("s")) < 5
+    keepalive = Settings.model_fields["keepalive_s"].default
+    assert timeout and int(timeout[0].removesuffix("s")) < keepalive
+    # gruserve echoes X-Request-ID: nginx hides the upstream's and adds its own, once
+    assert "X-Request-ID" in directive(NGINX, "proxy_hide_header")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from gruserve.errors import SequenceNotStarted, SessionNotFound
+from gruserve.errors import InvalidInput, SequenceNotStarted, SessionNotFound, StepOutOfOrder
 from gruserve.metrics import Metrics
 from gruserve.runtime.batcher import Batcher
 from gruserve.runtime.registry import ModelRegistry
@@ -119,3 +119,156 @@ async def test_replicas_starting_one_sequence_at_once_both_succeed(
     assert (await replicas[0].get("v2:stacked:7")).step >= 1
     for s in stores:
         await s.close()
+
+
+# -- exactly-once steps -------------------------------------------------------------------------
+def _store(store_url: str) -> Any:
+    if store_url == "memory":
+        return MemorySessionStore(60, 10)
+    return RedisSessionStore(store_url, 60, 10)
+
+
+def _count(service: SessionService, name: str) -> float:
+    return float(getattr(service._metrics, name)._value.get())  # type: ignore[union-attr]
+
+
+async def test_numbered_steps_apply_once_and_a_resend_gets_the_same_reply(
+    models_dir: Path,
+    tiny_models: dict[str, Any],
+    store_url: str,
+    executor: ThreadPoolExecutor,
+    rng: np.random.Generator,
+) -> None:
+    store = _store(store_url)
+    service = _service(models_dir, store, executor)
+    await service.create("stacked", "once")
+    x = rng.normal(size=(4, 3)).astype(np.float32)
+    batcher, submitted = service._batchers["stacked"], []
+    submit = batcher.submit
+
+    async def counted(*args: Any) -> Any:
+        submitted.append(args)
+        return await submit(*args)
+
+    batcher.submit = counted  # type: ignore[method-assign]
+    first = await service.step("once", x[0], step_number=0)
+    assert first.step == 1 and len(submitted) == 1
+    # the resend carries other inputs on purpose: nothing is recomputed, the kept reply returns
+    again = await service.step("once", x[3], step_number=0)
+    assert again.step == 1 and len(submitted) == 1
+    assert again.outputs["outputs"].tobytes() == first.outputs["outputs"].tobytes()
+    assert _count(service, "step_replays") == 1
+    second = await service.step("once", x[1], step_number=1)
+    assert second.step == 2
+    for sent, why in ((0, "behind"), (5, "ahead")):
+        with pytest.raises(StepOutOfOrder, match=why) as refused:
+            await service.step("once", x[2], step_number=sent)
+        assert refused.value.current_step == 2 and refused.value.field == "step"
+    third = await service.step("once", x[2], step_number=2)
+    expected, states = tiny_models["stacked"].reference(x[None, :3])
+    got = [first.outputs["outputs"], second.outputs["outputs"], third.outputs["outputs"]]
+    np.testing.assert_allclose(np.stack(got), expected[0][0], atol=ATOL)
+    record = await service.get("once")
+    assert (record.step, record.revision) == (3, 3)
+    for key, value in service.states_of(record).items():
+        np.testing.assert_allclose(value, states[key][0], atol=ATOL)
+    await store.close()
+
+
+async def test_a_step_without_a_number_or_a_reset_keeps_no_result(
+    models_dir: Path, tiny_models: dict[str, Any], store_url: str, executor: ThreadPoolExecutor
+) -> None:
+    store = _store(store_url)
+    service = _service(models_dir, store, executor)
+    await service.create("stacked", "mixed")
+    x = np.array([0.4, -0.1, 0.7], np.float32)
+    await service.step("mixed", x, step_number=0)
+    assert (await service.get("mixed")).last_result is not None
+    await service.step("mixed", x)  # at-least-once: applied, nothing kept
+    record = await service.get("mixed")
+    assert record.step == 2 and record.last_result is None
+    with pytest.raises(StepOutOfOrder, match="carried no step number"):
+        await service.step("mixed", x, step_number=1)
+    assert (await service.step("mixed", x, step_number=2)).step == 3
+    await service.reset("mixed")  # counters restart, the kept result goes
+    record = await service.get("mixed")
+    assert (record.step, record.last_result) == (0, None)
+    with pytest.raises(StepOutOfOrder) as refused:
+        await service.step("mixed", x, step_number=2)
+    assert refused.value.current_step == 0
+    assert (await service.step("mixed", x, step_number=0)).step == 1
+    await store.close()
+
+
+async def test_duplicates_sent_at_once_apply_once(
+    models_dir: Path, tiny_models: dict[str, Any], store_url: str, executor: ThreadPoolExecutor
+) -> None:
+    """The per-session lock queues the duplicate behind the original: it gets the kept reply."""
+    store = _store(store_url)
+    service = _service(models_dir, store, executor)
+    await service.create("stacked", "twice")
+    x = np.array([[0.4, -0.1, 0.7], [0.2, 0.3, -0.5]], np.float32)
+    results = await asyncio.gather(*(service.step("twice", x, step_number=0) for _ in range(3)))
+    assert {r.step for r in results} == {1}
+    assert len({r.outputs["outputs"].tobytes() for r in results}) == 1
+    assert _count(service, "step_replays") == 2
+    assert (await service.get("twice")).timesteps == 2
+    await store.close()
+
+
+async def test_a_replica_that_loses_the_race_re_checks_the_step_number(
+    models_dir: Path, tiny_models: dict[str, Any], redis_url: str, executor: ThreadPoolExecutor
+) -> None:
+    """Two replicas apply the same numbered step at once: one writes, the other re-reads the
+    record, finds its step applied, and answers with the winner's outputs."""
+    stores = [RedisSessionStore(redis_url, 60, 10), RedisSessionStore(redis_url, 60, 10)]
+    replicas = [_service(models_dir, s, executor) for s in stores]
+    await replicas[0].create("stacked", "raced")
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(12, 3)).astype(np.float32)
+    outputs = []
+    for i in range(12):
+        a, b = await asyncio.gather(*(r.step("raced", x[i], step_number=i) for r in replicas))
+        assert a.step == b.step == i + 1
+        assert a.outputs["outputs"].tobytes() == b.outputs["outputs"].tobytes()
+        outputs.append(a.outputs["outputs"])
+    assert sum(_count(r, "cas_conflicts") for r in replicas) > 0  # the race happened
+    assert sum(_count(r, "step_replays") for r in replicas) == 12  # and every loser replayed
+    expected, states = tiny_models["stacked"].reference(x[None])
+    np.testing.assert_allclose(np.stack(outputs), expected[0][0], atol=ATOL)
+    record = await replicas[0].get("raced")
+    assert (record.step, record.timesteps) == (12, 12)
+    for key, value in replicas[0].states_of(record).items():
+        np.testing.assert_allclose(value, states[key][0], atol=ATOL)
+    for s in stores:
+        await s.close()
+
+
+async def test_sequence_steps_take_numbers_and_a_start_is_step_zero(
+    models_dir: Path, tiny_models: dict[str, Any], executor: ThreadPoolExecutor
+) -> None:
+    service = _service(models_dir, MemorySessionStore(60, 10), executor)
+    x = np.array([[0.4, -0.1, 0.7]], np.float32)
+    with pytest.raises(InvalidInput, match="step 0"):
+        await service.sequence_step("stacked", "v2:stacked:9", x, start=True, end=False,
+                                    step_number=3)  # fmt: skip
+    first = await service.sequence_step(
+        "stacked", "v2:stacked:9", x, start=True, end=False, step_number=0
+    )
+    again = await service.sequence_step(  # a resent start starts over: the same reply
+        "stacked", "v2:stacked:9", x, start=True, end=False, step_number=0
+    )
+    assert first.step == again.step == 1
+    assert first.outputs["outputs"].tobytes() == again.outputs["outputs"].tobytes()
+    step = await service.sequence_step(
+        "stacked", "v2:stacked:9", x, start=False, end=False, step_number=1
+    )
+    replay = await service.sequence_step(
+        "stacked", "v2:stacked:9", 2 * x, start=False, end=False, step_number=1
+    )
+    assert step.step == replay.step == 2
+    assert step.outputs["outputs"].tobytes() == replay.outputs["outputs"].tobytes()
+    with pytest.raises(StepOutOfOrder):
+        await service.sequence_step(
+            "stacked", "v2:stacked:9", x, start=False, end=False, step_number=0
+        )

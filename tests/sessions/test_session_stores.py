@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
 import pytest
+from prometheus_client import CollectorRegistry
 
 from gruserve.errors import SessionExists, SessionNotFound, TooManySessions
+from gruserve.metrics import Metrics
+from gruserve.sessions import memory as memory_module
+from gruserve.sessions import redis_store as redis_module
+from gruserve.sessions.events import SessionEvents
 from gruserve.sessions.memory import MemorySessionStore
 from gruserve.sessions.redis_store import RedisSessionStore
-from gruserve.sessions.store import SessionRecord, SessionStore
+from gruserve.sessions.store import SessionPage, SessionRecord, SessionStore
 
 
 def _make(url: str, ttl_s: float = 60.0, max_sessions: int = 100) -> Any:
@@ -119,3 +126,199 @@ async def test_two_redis_clients_cannot_both_advance_a_step(redis_url: str) -> N
     finally:
         for r in replicas:
             await r.close()
+
+
+# -- lifecycle: lifetime, eviction, what is reported ------------------------------------------
+class Reported(SessionEvents):
+    """Records what a store reports instead of counting it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.expired_ids: dict[str, list[str]] = {"idle": [], "lifetime": []}
+        self.evicted_ids: list[str] = []
+
+    def expired(self, reason: str, session_ids: Any) -> None:
+        self.expired_ids[reason] += list(session_ids)
+
+    def evicted(self, session_ids: Any) -> None:
+        self.evicted_ids += list(session_ids)
+
+
+def _lifecycle(url: str, events: SessionEvents, **kwargs: Any) -> Any:
+    ttl_s, max_sessions = kwargs.pop("ttl_s", 60.0), kwargs.pop("max_sessions", 100)
+    if url == "memory":
+        return MemorySessionStore(ttl_s, max_sessions, events=events, **kwargs)
+    return RedisSessionStore(url, ttl_s, max_sessions, events=events, **kwargs)
+
+
+async def test_a_busy_session_still_ends_at_its_lifetime(store_url: str) -> None:
+    events = Reported()
+    store = _lifecycle(store_url, events, ttl_s=5.0, max_lifetime_s=0.5)
+    try:
+        await store.create(_record("busy"))
+        await store.create(_record("also"))
+        for _ in range(3):  # used well within the idle TTL all along
+            await asyncio.sleep(0.1)
+            busy = await store.get("busy")
+            assert await store.compare_and_set(
+                busy.advanced(busy.state, 1, time.time()), busy.revision
+            )
+        await asyncio.sleep(0.35)
+        with pytest.raises(SessionNotFound):
+            await store.get("busy")
+        assert await store.count() == 0  # the sweep finds the other one
+        assert sorted(events.expired_ids["lifetime"]) == ["also", "busy"]
+        assert events.expired_ids["idle"] == []
+        # a restart (v2 sequence_start) gives a session a new lifetime
+        await store.create(_record("restarted"))
+        await asyncio.sleep(0.3)
+        current = await store.get("restarted")
+        fresh = dataclasses.replace(current, revision=current.revision + 1, created_at=time.time())
+        assert await store.compare_and_set(fresh, current.revision)
+        await asyncio.sleep(0.3)
+        assert (await store.get("restarted")).revision == 1
+    finally:
+        await store.close()
+
+
+async def test_idle_expiry_is_reported_once(store_url: str) -> None:
+    events = Reported()
+    store = _lifecycle(store_url, events, ttl_s=0.2)
+    try:
+        for sid in ("a", "b", "c"):
+            await store.create(_record(sid))
+        await asyncio.sleep(0.3)
+        with pytest.raises(SessionNotFound):
+            await store.get("a")
+        assert await store.count() == 0
+        assert await store.count() == 0
+        reported = events.expired_ids["idle"]
+        assert set(reported) >= {"b", "c"} and len(reported) == len(set(reported))
+    finally:
+        await store.close()
+
+
+async def test_a_full_lru_store_evicts_the_least_recently_used(store_url: str) -> None:
+    events = Reported()
+    store = _lifecycle(store_url, events, max_sessions=3, eviction="lru")
+    try:
+        for sid in ("old", "mid", "new"):
+            await store.create(_record(sid))
+            await asyncio.sleep(0.01)
+        old = await store.get("old")  # a write makes "old" the most recently used
+        assert await store.compare_and_set(old.advanced(old.state, 1, time.time()), 0)
+        await store.create(_record("fourth"))
+        assert events.evicted_ids == ["mid"]
+        with pytest.raises(SessionNotFound):
+            await store.get("mid")
+        assert await store.count() == 3
+        await store.create(_record("fifth"))
+        assert events.evicted_ids == ["mid", "new"]
+        with pytest.raises(SessionExists):  # an existing id is still refused, nothing evicted
+            await store.create(_record("old"))
+        assert events.evicted_ids == ["mid", "new"]
+    finally:
+        await store.close()
+
+
+async def test_the_default_store_rejects_instead_of_evicting(store_url: str) -> None:
+    events = Reported()
+    store = _lifecycle(store_url, events, max_sessions=1)
+    try:
+        await store.create(_record("only"))
+        with pytest.raises(TooManySessions):
+            await store.create(_record("more"))
+        assert events.evicted_ids == [] and (await store.get("only")).session_id == "only"
+    finally:
+        await store.close()
+
+
+async def test_events_count_in_metrics_and_log_ids_never_states(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    metrics = Metrics(CollectorRegistry())
+    store = MemorySessionStore(0.1, 1, eviction="lru", events=SessionEvents(metrics))
+    caplog.set_level(logging.INFO, "gruserve.sessions")
+    await store.create(_record("first", units=3))
+    await store.create(_record("second", units=3))  # evicts "first"
+    await asyncio.sleep(0.15)
+    assert await store.count() == 0  # "second" expired
+    assert metrics.sessions_evicted._value.get() == 1
+    assert metrics.sessions_expired.labels("idle")._value.get() == 1
+    assert metrics.sessions_expired.labels("lifetime")._value.get() == 0
+    assert "evicted" in caplog.text and "'first'" not in caplog.text and "first" in caplog.text
+    assert "expired (idle): second" in caplog.text
+    assert "0.0, 1.0, 2.0" not in caplog.text and "[0. 1. 2.]" not in caplog.text
+
+
+# -- listing ----------------------------------------------------------------------------------
+async def test_pages_are_stable_while_sessions_come_and_go(store_url: str) -> None:
+    store = _lifecycle(store_url, SessionEvents())
+    try:
+        ids = [f"s{i:02d}" for i in range(25)]
+        for sid in ids:
+            record = _record(sid)
+            if sid.endswith("7"):
+                record = dataclasses.replace(record, model="other")
+            await store.create(record)
+        first = await store.page(None, 10, None)
+        assert [s.session_id for s in first.sessions] == ids[:10]
+        assert first.next_cursor == "s09"
+        # created and deleted meanwhile: ids before the cursor never come back, none is skipped
+        await store.delete("s03")
+        await store.delete("s12")
+        await store.create(_record("s005"))  # sorts before the cursor
+        await store.create(_record("s155"))  # after it
+        rest, cursor = [], first.next_cursor
+        while cursor is not None:
+            page = await store.page(cursor, 10, None)
+            rest += [s.session_id for s in page.sessions]
+            cursor = page.next_cursor
+        assert rest == sorted([*(i for i in ids[10:] if i != "s12"), "s155"])
+        others = await store.page(None, 100, "other")
+        assert [s.session_id for s in others.sessions] == ["s07", "s17"]
+        assert others.next_cursor is None
+        summary = others.sessions[0]
+        assert (summary.model, summary.version, summary.step) == ("other", 3, 0)
+        assert not hasattr(summary, "state")
+        assert (await store.page("s24", 10, None)) == SessionPage([], None)
+    finally:
+        await store.close()
+
+
+async def test_a_filtered_page_examines_a_bounded_number_of_ids(
+    monkeypatch: pytest.MonkeyPatch, store_url: str
+) -> None:
+    monkeypatch.setattr(memory_module, "SCAN_PER_PAGE", 4)
+    monkeypatch.setattr(redis_module, "SCAN_PER_PAGE_REDIS", 4)
+    store = _lifecycle(store_url, SessionEvents())
+    try:
+        for i in range(10):
+            await store.create(_record(f"s{i}"))
+        page = await store.page(None, 5, "nobody")
+        assert page == SessionPage([], "s3")  # nothing found yet, but not the end
+        page = await store.page("s7", 5, "nobody")
+        assert page == SessionPage([], None)
+    finally:
+        await store.close()
+
+
+# -- snapshots (memory store) -------------------------------------------------------------------
+async def test_records_and_restore_keep_what_has_not_expired() -> None:
+    now = time.time()
+    clock = [now]
+    store = MemorySessionStore(10.0, 3, lambda: clock[0], max_lifetime_s=100.0)
+    fresh = [
+        dataclasses.replace(_record(f"s{i}"), created_at=now - 50, last_used_at=now - i)
+        for i in range(4)
+    ]
+    stale = dataclasses.replace(_record("idle"), last_used_at=now - 11)
+    old = dataclasses.replace(_record("old"), created_at=now - 101, last_used_at=now)
+    added = store.restore([*fresh, stale, old])
+    # expired ones dropped; of the rest, the 3 most recently used fit
+    assert sorted(r.session_id for r in added) == ["s0", "s1", "s2"]
+    assert [r.session_id for r in store.records()] == ["s2", "s1", "s0"]  # least recent first
+    clock[0] = now + 8.5  # s2 (last used 2 s before "now") is past its idle TTL
+    assert [r.session_id for r in store.records()] == ["s1", "s0"]
+    clock[0] = now + 51  # and lifetime (created 50 s before "now") ends the rest
+    assert await store.count() == 0

@@ -1,15 +1,25 @@
-"""Pure-ASGI middleware at the very edge: request size limit and HTTP metrics.
+"""Pure-ASGI middleware at the very edge: request ids, request size limit, HTTP metrics.
 
-The byte limit is enforced while the body is being received, before anything
-parses it: a ``Content-Length`` above the limit is answered 413 at once, and a
-chunked body that grows past it raises :class:`~gruserve.errors.PayloadTooLarge`
-from inside ``receive`` (a body with an acceptable ``Content-Length`` cannot grow:
-the server reads exactly that many bytes, so its ``receive`` is passed through
-unwrapped). NDJSON streams are exempt as a whole (each line is limited by the
-stream route instead).
+Outermost of gruserve's middleware, so everything below it (API keys, WebSockets,
+the fast step path, FastAPI) is covered:
 
-This runs on every request, so the labelled metric children are looked up once
-per (method, route, status) and kept, instead of calling ``labels()`` each time.
+- request ids (:mod:`gruserve.api._request_id`): every HTTP response carries the
+  request's ``X-Request-ID``; a WebSocket handshake gets one from
+  :class:`~gruserve.api.ws.SessionSockets`, which reads it from
+  :data:`~gruserve.api._request_id.REQUEST_ID`, set here for both;
+- the byte limit is enforced while the body is being received, before anything
+  parses it: a ``Content-Length`` above the limit is answered 413 at once, and a
+  chunked body that grows past it raises :class:`~gruserve.errors.PayloadTooLarge`
+  from inside ``receive`` (a body with an acceptable ``Content-Length`` cannot grow:
+  the server reads exactly that many bytes, so its ``receive`` is passed through
+  unwrapped). NDJSON streams are exempt as a whole (each line is limited by the
+  stream route instead);
+- HTTP metrics, for every answer including the 401/403 of missing or wrong API keys.
+
+WebSocket connections are passed on with their ``receive`` and ``send`` untouched, so
+their messages pay for no wrapper. This runs on every request, so the labelled metric
+children are looked up once per (method, route, status) and kept, instead of calling
+``labels()`` each time.
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ from typing import Any
 from prometheus_client import Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from gruserve.api._request_id import HEADER, REQUEST_ID, chosen
 from gruserve.api.errors import error_payload, json_error, shaped_for
 from gruserve.errors import PayloadTooLarge
 from gruserve.metrics import Metrics
@@ -39,34 +50,55 @@ class EdgeMiddleware:
         self._seconds: dict[str, Histogram] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        kind = scope["type"]
+        if kind != "http":
+            if kind == "websocket":
+                REQUEST_ID.set(chosen(_header(scope["headers"], HEADER)).decode())
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        status = 500
+        status = 0
+        length, chunked, received_id = _scan(scope["headers"])
+        request_id = chosen(received_id)
+        token = REQUEST_ID.set(request_id.decode())
 
         async def send_status(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                message["headers"] = [*message.get("headers", ()), (HEADER, request_id)]
             await send(message)
 
         try:
             if self.unbounded.match(scope["path"]):
-                await self.app(scope, receive, send_status)
-                return
-            length, chunked = _declared_length(scope["headers"])
-            if length is not None and length > self.max_bytes:
+                pass
+            elif length is not None and length > self.max_bytes:
                 error = PayloadTooLarge("the request body (bytes)", length, self.max_bytes, SETTING)
-                code, body = error_payload(error)
-                body = shaped_for(scope["path"], body)  # /v2 answers in the protocol's shape
-                await json_error(code, body, {"connection": "close"})(scope, receive, send_status)
+                await self._answer(error, scope, receive, send_status, {"connection": "close"})
                 return
-            if length is None or chunked:
+            elif length is None or chunked:
                 receive = self._limited(receive)
             await self.app(scope, receive, send_status)
+        except Exception as exc:  # a bug below: answered here, so it carries the request id
+            if status:
+                raise
+            await self._answer(exc, scope, receive, send_status)
         finally:
-            self._count(scope, status, time.perf_counter() - started)
+            REQUEST_ID.reset(token)
+            self._count(scope, status or 500, time.perf_counter() - started)
+
+    async def _answer(
+        self,
+        exc: Exception,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        code, body = error_payload(exc)  # logs an unexpected error, with the request id
+        self.metrics.errors.labels(body["error"]["type"]).inc()
+        body = shaped_for(scope["path"], body)  # /v2 answers in the protocol's shape
+        await json_error(code, body, headers)(scope, receive, send)
 
     def _limited(self, receive: Receive) -> Receive:
         """``receive`` raising PayloadTooLarge once the body passes the limit."""
@@ -99,12 +131,22 @@ class EdgeMiddleware:
         timer.observe(seconds)
 
 
-def _declared_length(headers: list[tuple[bytes, bytes]]) -> tuple[int | None, bool]:
-    """``(Content-Length or None, whether Transfer-Encoding is set)`` from raw ASGI headers."""
-    length, chunked = None, False
+def _scan(headers: list[tuple[bytes, bytes]]) -> tuple[int | None, bool, bytes | None]:
+    """``(Content-Length or None, whether Transfer-Encoding is set, X-Request-ID or None)``
+    from raw ASGI headers, in one pass."""
+    length, chunked, request_id = None, False, None
     for name, value in headers:
         if name == b"content-length" and value.isdigit():
             length = int(value)
         elif name == b"transfer-encoding":
             chunked = True
-    return length, chunked
+        elif name == HEADER:
+            request_id = value
+    return length, chunked, request_id
+
+
+def _header(headers: list[tuple[bytes, bytes]], wanted: bytes) -> bytes | None:
+    for name, value in headers:
+        if name == wanted:
+            return value
+    return None

@@ -16,6 +16,7 @@ from fastapi import FastAPI
 
 from gruserve import __version__
 from gruserve.api import errors, fast_step, health, stream, v1, v2, ws
+from gruserve.api._auth import METRICS, PUBLIC, ApiKeyMiddleware, ApiKeys, load_keys
 from gruserve.api._edge import EdgeMiddleware
 from gruserve.services import Services
 from gruserve.settings import Settings
@@ -25,7 +26,7 @@ STREAM_PATHS = re.compile(r"^/v1/sessions/[^/]+/stream$")
 DESCRIPTION = """Serve Keras GRU models exported to ONNX, statelessly (`predict`) or as sessions
 whose state carries over between calls exactly like a Keras `stateful=True` layer.
 Steps of different sessions are batched into one onnxruntime run. Every error body is
-`{"error": {"type", "message", "field"}}`."""
+`{"error": {"type", "message", "field"}}`; every response carries an `X-Request-ID`."""
 
 
 # Metrics are Prometheus (/metrics). FastAPI's native OpenTelemetry hooks (FastAPI versions that
@@ -58,13 +59,39 @@ def create_app(settings: Settings, services: Services) -> FastAPI:
     app.include_router(stream.router)
     app.include_router(v2.router)
     errors.install(app, services.metrics)
-    fast_step.install(app, services)  # inside the edge: its byte limit and metrics apply
+    # Middleware added later is further out. From the outside in: the edge (request ids, byte
+    # limit, metrics), API keys, WebSocket dispatch (sockets skip every per-message wrapper:
+    # the two outer ones pass their receive and send on untouched), the fast step path.
+    fast_step.install(app, services)
+    app.add_middleware(ws.SocketDispatch, sockets=ws.SessionSockets(services))
+    keys = load_keys(settings.api_keys, settings.api_keys_file)
+    if keys:
+        public = PUBLIC | {METRICS} if settings.metrics_public else PUBLIC
+        app.add_middleware(
+            ApiKeyMiddleware, keys=ApiKeys(keys), metrics=services.metrics, public=public
+        )
+        _document_keys(app)
     app.add_middleware(
         EdgeMiddleware,
         max_bytes=settings.max_request_bytes,
         metrics=services.metrics,
         unbounded=STREAM_PATHS,
     )
-    # added last, so outermost: WebSocket steps skip every per-message wrapper (see api/ws.py)
-    app.add_middleware(ws.SocketDispatch, sockets=ws.SessionSockets(services))
     return app
+
+
+def _document_keys(app: FastAPI) -> None:
+    """Declare the two ways to send a key in the OpenAPI schema (only when keys are set)."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = generate()
+            schema.setdefault("components", {})["securitySchemes"] = {
+                "bearer": {"type": "http", "scheme": "bearer"},
+                "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+            }
+            schema["security"] = [{"bearer": []}, {"apiKey": []}]
+        return app.openapi_schema or {}
+
+    app.openapi = openapi  # type: ignore[method-assign]

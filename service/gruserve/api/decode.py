@@ -11,6 +11,7 @@ with the path of the offending value (``inputs[2][1]``). Every error is an
 from __future__ import annotations
 
 import json
+import reprlib
 from collections.abc import Iterable
 from typing import Any
 
@@ -19,7 +20,10 @@ import orjson
 
 from gruserve.errors import InvalidInput
 
-STEP_FIELDS = frozenset({"inputs", "mask"})
+STEP_FIELDS = frozenset({"inputs", "mask", "step"})
+MAX_DEPTH = 8
+"""Deepest nesting of an array field (a step is at most 2-D, a predict batch 3-D)."""
+STEP_NUMBER_LIMIT = 2**63
 _NUMBER = (float, int)
 
 
@@ -29,6 +33,20 @@ class _NonFinite:
     def __init__(self, text: str) -> None:
         self.text = text
 
+    def __repr__(self) -> str:
+        return self.text
+
+
+def _integer(text: str) -> int | float:
+    """An integer literal as orjson reads it: past 64 bits it is a float (``inf`` past the
+    float range), so the fallback parser never builds a huge ``int`` (``int()`` refuses more
+    than 4300 digits, numpy cannot convert one past 2**64: both were 500s)."""
+    if len(text) <= 20:
+        value = int(text)
+        if -(2**63) <= value < 2**64:
+            return value
+    return float(text)
+
 
 def loads(data: bytes | str) -> Any:
     """Parse JSON; non-finite literals become :class:`_NonFinite` so the walker can name them."""
@@ -36,7 +54,9 @@ def loads(data: bytes | str) -> Any:
         return orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         try:
-            return json.loads(data, parse_constant=_NonFinite)
+            return json.loads(data, parse_constant=_NonFinite, parse_int=_integer)
+        except RecursionError:  # orjson stops at 1024 levels; the standard library overflows
+            raise InvalidInput("body", f"nested too deeply: {exc}") from None
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise InvalidInput("body", f"not valid JSON: {exc}") from None
 
@@ -57,13 +77,27 @@ def _where(field: str, index: tuple[int, ...]) -> str:
     return field + "".join(f"[{i}]" for i in index)
 
 
+def shown(value: Any) -> str:
+    """A received value as an error message quotes it (JSON); never raises.
+
+    orjson parses up to 1024 levels of nesting, deeper than Python's recursion limit, so
+    ``json.dumps`` or ``repr`` of a parsed value can raise ``RecursionError`` (and a NaN
+    literal inside a list is no JSON): such a value is abbreviated by :mod:`reprlib`.
+    """
+    if isinstance(value, _NonFinite):
+        return value.text
+    try:
+        return json.dumps(value) if _jsonable(value) else repr(value)
+    except (TypeError, ValueError, RecursionError):
+        return reprlib.repr(value)
+
+
 def _leaf_error(field: str, index: tuple[int, ...], value: Any, kind: str) -> InvalidInput:
     if isinstance(value, _NonFinite):
         return InvalidInput(
             _where(field, index), f"{value.text} is not allowed: send finite numbers"
         )
-    shown = json.dumps(value) if _jsonable(value) else repr(value)
-    return InvalidInput(_where(field, index), f"expected {kind}, got {shown}")
+    return InvalidInput(_where(field, index), f"expected {kind}, got {shown(value)}")
 
 
 def _jsonable(value: Any) -> bool:
@@ -78,6 +112,8 @@ def _shape(
         if type(value) in leaf:
             return ()
         raise _leaf_error(field, index, value, kind)
+    if len(index) >= MAX_DEPTH:
+        raise InvalidInput(_where(field, index), f"arrays nest at most {MAX_DEPTH} deep")
     if not value:
         return (0,)
     if type(value[0]) is not list:
@@ -122,15 +158,32 @@ def states(value: Any, field: str) -> dict[str, np.ndarray] | np.ndarray | list[
     return numbers(value, field)
 
 
-def step_body(body: dict[str, Any]) -> tuple[np.ndarray, np.ndarray | None]:
-    """A step body ``{"inputs": TxF, F or token ids, "mask"?: T}`` as unchecked arrays."""
+def step_number(value: Any, field: str = "step") -> int | None:
+    """A client's step number (steps already applied): an integer >= 0, or None if absent."""
+    if value is None:
+        return None
+    if type(value) is not int or not 0 <= value < STEP_NUMBER_LIMIT:
+        raise InvalidInput(
+            field,
+            f"expected the number of steps already applied (an integer >= 0), got {shown(value)}",
+        )
+    return value
+
+
+def step_body(body: dict[str, Any]) -> tuple[np.ndarray, np.ndarray | None, int | None]:
+    """A step body ``{"inputs": TxF, F or token ids, "mask"?: T, "step"?: n}`` as unchecked
+    arrays and the step number (None: at-least-once)."""
     if "inputs" not in body:
         raise InvalidInput("inputs", "required: the timesteps of this step")
     mask = body.get("mask")
-    return numbers(body["inputs"], "inputs"), None if mask is None else booleans(mask, "mask")
+    return (
+        numbers(body["inputs"], "inputs"),
+        None if mask is None else booleans(mask, "mask"),
+        step_number(body.get("step")),
+    )
 
 
-def step_message(data: bytes | str) -> tuple[np.ndarray, np.ndarray | None]:
+def step_message(data: bytes | str) -> tuple[np.ndarray, np.ndarray | None, int | None]:
     """A JSON step (REST body, NDJSON line, WebSocket text message)."""
     return step_body(json_object(data, STEP_FIELDS))
 

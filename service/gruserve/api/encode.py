@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from datetime import UTC, datetime
 from typing import Any
 
@@ -10,9 +11,10 @@ import orjson
 from starlette.responses import Response
 
 from gruserve.sessions.service import StepResult
-from gruserve.sessions.store import SessionRecord
+from gruserve.sessions.store import SessionPage, SessionRecord, SessionSummary
 
 _OPTIONS = orjson.OPT_SERIALIZE_NUMPY
+_STEP = struct.Struct("<Q")
 
 
 def _fallback(value: Any) -> Any:
@@ -48,6 +50,12 @@ def outputs_bytes(result: StepResult) -> bytes:
     return b"".join(a.astype("<f4", copy=False).tobytes() for a in arrays)
 
 
+def numbered_outputs_bytes(result: StepResult) -> bytes:
+    """A binary reply of the ``gruserve-step`` WebSocket subprotocol: the steps applied
+    (u64, little-endian) then :func:`outputs_bytes`."""
+    return _STEP.pack(result.step) + outputs_bytes(result)
+
+
 def _iso(seconds: float) -> str:
     return (
         datetime.fromtimestamp(seconds, UTC)
@@ -57,8 +65,15 @@ def _iso(seconds: float) -> str:
 
 
 def session(
-    record: SessionRecord, ttl_s: float, states: dict[str, np.ndarray] | None = None
+    record: SessionRecord | SessionSummary,
+    ttl_s: float,
+    states: dict[str, np.ndarray] | None = None,
+    lifetime_s: float = 0.0,
 ) -> dict[str, Any]:
+    """A session's metadata; it expires at its idle deadline or, if sooner, its lifetime's."""
+    expires = record.last_used_at + ttl_s
+    if lifetime_s:
+        expires = min(expires, record.created_at + lifetime_s)
     info: dict[str, Any] = {
         "session_id": record.session_id,
         "model": record.model,
@@ -67,8 +82,15 @@ def session(
         "timesteps": record.timesteps,
         "created_at": _iso(record.created_at),
         "last_used_at": _iso(record.last_used_at),
-        "expires_at": _iso(record.last_used_at + ttl_s),
+        "expires_at": _iso(expires),
     }
     if states is not None:
         info["states"] = states
     return info
+
+
+def page(found: SessionPage, ttl_s: float, lifetime_s: float = 0.0) -> dict[str, Any]:
+    return {
+        "sessions": [session(s, ttl_s, lifetime_s=lifetime_s) for s in found.sessions],
+        "next_cursor": found.next_cursor,
+    }

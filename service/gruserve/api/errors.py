@@ -4,7 +4,8 @@ Every error body, whatever raised it, is::
 
     {"error": {"type": "InvalidInput", "message": "inputs[2][1]: ...", "field": "inputs[2][1]"}}
 
-``field`` is null when no single field is at fault. WebSocket and NDJSON
+``field`` is null when no single field is at fault; a ``StepOutOfOrder`` error also
+has ``current_step``, the session's step count, so a client can resynchronise. WebSocket and NDJSON
 replies reuse :func:`error_payload` so a client parses errors one way. Routes
 under ``/v2`` speak the KServe v2 / Triton protocol, whose clients expect
 ``{"error": "<message>"}``: they get the same message and the same status in
@@ -25,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from gruserve import errors as e
+from gruserve.api._request_id import REQUEST_ID
 from gruserve.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,9 @@ STATUS: dict[type[e.GruServeError], int] = {
     e.SessionExists: 409,
     e.SessionConflict: 409,
     e.SessionModelMismatch: 409,
+    e.StepOutOfOrder: 409,
+    e.MissingApiKey: 401,
+    e.InvalidApiKey: 403,
     e.TooManySessions: 429,
     e.ModelUnavailable: 503,
     e.StoreUnavailable: 503,
@@ -67,15 +72,17 @@ def error_payload(exc: BaseException) -> tuple[int, dict[str, Any]]:
     if isinstance(exc, e.GruServeError):
         status, kind, message = status_of(exc), type(exc).__name__, str(exc)
     else:
-        log.error("unexpected error", exc_info=exc)
+        request_id = REQUEST_ID.get()
+        log.error("unexpected error (request %s)", request_id, exc_info=exc)
         status, kind, message = (
             500,
             "InternalError",
-            "internal server error; the server log has the details",
+            f"internal server error; the server log has the details (request {request_id})",
         )
-    return status, {
-        "error": {"type": kind, "message": message, "field": getattr(exc, "field", None)}
-    }
+    error: dict[str, Any] = {"type": kind, "message": message, "field": getattr(exc, "field", None)}
+    if isinstance(exc, e.StepOutOfOrder):
+        error["current_step"] = exc.current_step
+    return status, {"error": error}
 
 
 def json_error(

@@ -3,12 +3,13 @@
 The FastAPI route in :mod:`gruserve.api.v1` stays declared, so OpenAPI documents
 it, but :class:`StepFastPath` answers matching requests first. It does what that
 route does, with the same pieces: :func:`gruserve.api.decode.step_message` for
-the body, one :meth:`~gruserve.sessions.service.SessionService.step` call,
+the body (step number included), one
+:meth:`~gruserve.sessions.service.SessionService.step` call,
 :func:`gruserve.api.encode.step` for the reply, :func:`gruserve.api.errors.error_payload`
 for every error (counted like the exception handlers count them), and the client's
-disconnect cancels the step. It sits inside :class:`~gruserve.api._edge.EdgeMiddleware`,
-so the byte limit and the HTTP metrics are the same code as for every other route
-(``scope["route"]`` is set to the declared route for them).
+disconnect cancels the step. It sits inside :class:`~gruserve.api._edge.EdgeMiddleware`
+and the API-key check, so the byte limit, request ids, keys and HTTP metrics are the
+same code as for every other route (``scope["route"]`` is set to the declared route).
 
 What it skips is per-request machinery that a step does not need: routing through
 every route's regex, dependency resolution, ``Request``/``Response`` objects and
@@ -64,8 +65,8 @@ class StepFastPath:
         self.taken += 1
         scope["route"] = self.route
         try:
-            inputs, mask = decode.step_message(await _body(receive))
-            work = self.sessions.step(match["session_id"], inputs, mask)
+            inputs, mask, number = decode.step_message(await _body(receive))
+            work = self.sessions.step(match["session_id"], inputs, mask, number)
             result = await self.disconnects.run(receive, work)
             status, body = 200, encode.dumps(encode.step(result))
         except Exception as exc:  # every error gets the one JSON shape, as in api/errors.py

@@ -15,10 +15,18 @@ from pydantic import BaseModel, ConfigDict, Field
 
 Numbers = list[Any]
 """A nested list of numbers: rank and sizes depend on the model (see ``GET /v1/models/{model}``)."""
-States = dict[str, Numbers] | list[Numbers]
-"""``{state key: values}`` (canonical), or a list with one entry per state in manifest order."""
 Outputs = Numbers | dict[str, Numbers]
 """The model's output array, or ``{output name: array}`` for a model with several outputs."""
+# Request arrays, by rank: sizes depend on the model (features, units, vocabulary).
+StepInputs = list[list[float]] | list[float] | float
+"""[timesteps, features], [features] (one timestep), [timesteps] ids or one id."""
+BatchInputs = list[list[list[float]]] | list[list[int]]
+"""[batch, timesteps, features] values, or [batch, timesteps] token ids."""
+States = dict[str, list[float]] | list[list[float]] | list[float]
+"""Per state [units]: ``{state key: values}`` (canonical), a list in manifest order, or the
+values of a one-state model."""
+BatchStates = dict[str, list[list[float]]] | list[list[list[float]]] | list[list[float]]
+"""Per state [batch, units], keyed or listed as :data:`States`."""
 
 
 class _Strict(BaseModel):
@@ -26,13 +34,14 @@ class _Strict(BaseModel):
 
 
 class PredictRequest(_Strict):
-    inputs: Numbers = Field(
-        description="[batch, timesteps, features] values, or [batch, timesteps] token ids."
+    inputs: BatchInputs = Field(
+        description="[batch, timesteps, features] values, or [batch, timesteps] token ids.",
+        examples=[[[[0.5, -0.1, 0.2], [0.3, 0.0, -0.4]]], [[1, 2, 3]]],
     )
     mask: list[list[bool]] | None = Field(
         None, description="[batch, timesteps]; false skips a timestep."
     )
-    initial_state: States | None = Field(
+    initial_state: BatchStates | None = Field(
         None, description="Per state [batch, units]; zeros when omitted."
     )
     return_state: bool = Field(False, description="Also return the final states.")
@@ -64,18 +73,30 @@ class SessionInfo(_Strict):
     timesteps: int = Field(description="Timesteps applied since creation or the last reset.")
     created_at: str
     last_used_at: str
-    expires_at: str = Field(description="When the session expires unless used again (idle TTL).")
+    expires_at: str = Field(
+        description="When the session expires unless used again (idle TTL), or at the end "
+        "of its maximum lifetime if that comes first."
+    )
     states: dict[str, list[float]] | None = Field(None, description="With ?include_state=true.")
 
 
 class StepRequest(_Strict):
-    inputs: Numbers = Field(
+    inputs: StepInputs = Field(
         description="[timesteps, features], or [features] for one timestep; "
         "token ids: [timesteps] or one id.",
-        examples=[[[0.1, 0.2, 0.3, 0.4]]],
+        examples=[[[40.5], [60.1]]],
     )
     mask: list[bool] | None = Field(
         None, description="[timesteps]; false leaves the state unchanged."
+    )
+    step: int | None = Field(
+        None,
+        ge=0,
+        lt=2**63,
+        description="Exactly-once: the steps already applied (the previous reply's `step`). "
+        "Resending the same value returns the same reply without applying it again; "
+        "another value answers 409 StepOutOfOrder. Omit for at-least-once.",
+        examples=[0],
     )
 
 
@@ -85,6 +106,24 @@ class StepResponse(_Strict):
         "axis, or a model with one output per sequence)."
     )
     step: int = Field(description="Steps applied so far, this one included.")
+
+
+class SessionSummary(_Strict):
+    session_id: str
+    model: str
+    version: int
+    step: int
+    timesteps: int
+    created_at: str
+    last_used_at: str
+    expires_at: str
+
+
+class SessionList(_Strict):
+    sessions: list[SessionSummary] = Field(description="In session id order.")
+    next_cursor: str | None = Field(
+        description="Pass as `cursor` for the next page; null on the last page."
+    )
 
 
 class ResetRequest(_Strict):
@@ -124,6 +163,9 @@ class ErrorDetail(_Strict):
     type: str = Field(examples=["InvalidInput"])
     message: str
     field: str | None = Field(None, examples=["inputs[2][1]"])
+    current_step: int | None = Field(
+        None, description="StepOutOfOrder only: the steps the session has applied."
+    )
 
 
 class ErrorResponse(_Strict):
@@ -143,10 +185,14 @@ def request_body(model: type[BaseModel], media_type: str = "application/json") -
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text}
     for code, text in {
+        401: "API key required (the server has keys): `Authorization: Bearer` or `X-API-Key`.",
+        403: "The API key is not valid.",
         404: "Unknown model or session.",
-        409: "Session id taken, or concurrent update.",
+        409: "Session id taken, concurrent update, or a step number out of order "
+        "(`StepOutOfOrder`, with `current_step`).",
         413: "Too many bytes or timesteps.",
         422: "Invalid value; `field` names it.",
+        429: "The session limit is reached (`GRUSERVE_SESSION_EVICTION=reject`).",
         503: "Session store unreachable or model not loaded.",
     }.items()
 }

@@ -1,12 +1,12 @@
 """NDJSON streaming of session steps: one request line in, one reply line out, as it happens.
 
 The request body is read incrementally; every complete line is a step body
-(``{"inputs": ..., "mask"?: ...}``) applied in order, and its reply line
-(``{"outputs": ..., "step": n}``) is sent at once, before the next line is
-read. The first failing line is answered with an error line (the usual error
-object plus ``"line"``, counting from 1) and ends the stream, so a sequence is
-never applied with a step missing. Each line is limited to
-``max_request_bytes``; the stream as a whole is not.
+(``{"inputs": ..., "mask"?: ..., "step"?: n}``; ``step`` makes it exactly-once)
+applied in order, and its reply line (``{"outputs": ..., "step": n}``) is sent at
+once, before the next line is read. The first failing line is answered with an
+error line (the usual error object plus ``"line"``, counting from 1) and ends the
+stream, so a sequence is never applied with a step missing. Each line is limited
+to ``max_request_bytes``; the stream as a whole is not.
 
 Starlette's ``StreamingResponse`` cannot be used: it reads ``receive`` itself
 to watch for disconnects, which would steal the request body this route
@@ -58,6 +58,7 @@ class StepStream(Response):
                 if not await self._answer(line, send):
                     return await self._finish(send)
             if len(buffer) > self._limit:
+                self._line += 1  # the line still being received is the one at fault
                 error = PayloadTooLarge("an NDJSON line (bytes)", len(buffer), self._limit, SETTING)
                 await self._send_error(error, send)
                 return await self._finish(send)
@@ -72,8 +73,8 @@ class StepStream(Response):
         try:
             if len(line) > self._limit:
                 raise PayloadTooLarge("an NDJSON line (bytes)", len(line), self._limit, SETTING)
-            inputs, mask = decode.step_message(line)
-            result = await self._sessions.step(self._session_id, inputs, mask)
+            inputs, mask, number = decode.step_message(line)
+            result = await self._sessions.step(self._session_id, inputs, mask, number)
         except GruServeError as exc:
             await self._send_error(exc, send)
             return False

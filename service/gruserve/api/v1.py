@@ -8,6 +8,8 @@ encodes the reply; errors are raised and turned into responses by
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Query, Request
 from starlette.responses import Response
 
@@ -16,6 +18,7 @@ from gruserve.api import schemas as s
 from gruserve.api._disconnect import unless_disconnected
 from gruserve.errors import InvalidInput
 from gruserve.services import Services
+from gruserve.sessions.store import MAX_PAGE, SessionRecord
 
 router = APIRouter(prefix="/v1", responses=s.ERRORS)
 
@@ -23,6 +26,15 @@ router = APIRouter(prefix="/v1", responses=s.ERRORS)
 def _services(request: Request) -> Services:
     services: Services = request.app.state.services
     return services
+
+
+def _info(
+    services: Services, record: SessionRecord, states: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    settings = services.settings
+    return encode.session(
+        record, settings.session_ttl_s, states, settings.session_max_lifetime_s
+    )
 
 
 # -- models --------------------------------------------------------------------------------
@@ -75,7 +87,9 @@ async def predict(model: str, request: Request) -> Response:
     )
     return_state = body.get("return_state", False)
     if not isinstance(return_state, bool):
-        raise InvalidInput("return_state", f"expected true or false, got {return_state!r}")
+        raise InvalidInput(
+            "return_state", f"expected true or false, got {decode.shown(return_state)}"
+        )
     work = _services(request).predictor.predict(model, inputs, mask, initial)
     result = await unless_disconnected(request, work)
     reply = {
@@ -106,7 +120,7 @@ async def create_session(model: str, request: Request) -> Response:
         body.get("session_id"),
         None if initial is None else decode.states(initial, "initial_state"),
     )
-    return encode.json_response(encode.session(record, services.settings.session_ttl_s), status=201)
+    return encode.json_response(_info(services, record), status=201)
 
 
 @router.post(
@@ -116,10 +130,16 @@ async def create_session(model: str, request: Request) -> Response:
     openapi_extra=s.request_body(s.StepRequest),
 )
 async def step(session_id: str, request: Request) -> Response:
-    """Apply timesteps; the state advances exactly as a Keras stateful layer across calls."""
-    inputs, mask = decode.step_message(await request.body())
+    """Apply timesteps; the state advances exactly as a Keras stateful layer across calls.
+
+    With ``"step": n`` (the steps already applied) the step is applied exactly once:
+    resending the same ``n`` returns the same reply without applying it again, and any
+    other ``n`` than the session's step count (or that count minus one) answers 409
+    ``StepOutOfOrder`` with the session's ``current_step``.
+    """
+    inputs, mask, number = decode.step_message(await request.body())
     result = await unless_disconnected(
-        request, _services(request).sessions.step(session_id, inputs, mask)
+        request, _services(request).sessions.step(session_id, inputs, mask, number)
     )
     return encode.json_response(encode.step(result))
 
@@ -136,7 +156,30 @@ async def reset_session(session_id: str, request: Request) -> Response:
     states = None if body.get("states") is None else decode.states(body["states"], "states")
     services = _services(request)
     record = await services.sessions.reset(session_id, states)
-    return encode.json_response(encode.session(record, services.settings.session_ttl_s))
+    return encode.json_response(_info(services, record))
+
+
+@router.get("/sessions", response_model=s.SessionList, tags=["sessions"])
+async def list_sessions(
+    request: Request,
+    limit: int = Query(100, ge=1, le=MAX_PAGE, description="Most sessions in this page."),
+    cursor: str | None = Query(
+        None, description="`next_cursor` of the previous page; omit for the first page."
+    ),
+    model: str | None = Query(None, description="Only sessions of this model."),
+) -> Response:
+    """Every session, in session id order, a page at a time (for operators; never states).
+
+    Follow ``next_cursor`` until it is null; a page may hold fewer than ``limit``
+    sessions (with ``model``, even none) before the end. Paging is stable: sessions
+    created or deleted meanwhile never make a page repeat or skip the others.
+    """
+    services = _services(request)
+    found = await services.sessions.page(cursor, limit, model)
+    settings = services.settings
+    return encode.json_response(
+        encode.page(found, settings.session_ttl_s, settings.session_max_lifetime_s)
+    )
 
 
 @router.get("/sessions/{session_id}", response_model=s.SessionInfo, tags=["sessions"])
@@ -149,7 +192,7 @@ async def get_session(
     services = _services(request)
     record = await services.sessions.get(session_id)
     states = services.sessions.states_of(record) if include_state else None
-    return encode.json_response(encode.session(record, services.settings.session_ttl_s, states))
+    return encode.json_response(_info(services, record, states))
 
 
 @router.delete("/sessions/{session_id}", status_code=204, tags=["sessions"])

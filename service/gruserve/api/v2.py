@@ -164,6 +164,7 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
             start=sequence.start,
             end=sequence.end,
             initial_state=one.states,
+            step_number=sequence.step_number,
         ),
     )
     about = {

@@ -15,6 +15,11 @@ v2 ``sequence_id``         session id
 ``"a b/c"`` (other)        ``v2:{model}:h:`` + 32 hex of SHA-256
 ========================  ==================================
 
+A request of a sequence may also carry ``parameters.sequence_step``: the steps of the
+sequence already applied (the previous reply's ``parameters.step``; 0 with
+``sequence_start``). It makes the step exactly-once, as ``"step"`` does on v1: resending
+a request with the same number returns the same outputs without applying it again.
+
 Numbers are bare digits and strings always carry ``s:`` or ``h:``, so ``42``
 and ``"42"`` are different sequences. A string keeps its text when it uses only
 ``A-Z a-z 0-9 . _ : -`` and fits the 128-character session id; any other string
@@ -32,9 +37,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from gruserve.api.decode import shown, step_number
 from gruserve.errors import InvalidInput
 
 UINT64_MAX = 2**64 - 1
+STEP = "sequence_step"
 _READABLE = re.compile(r"^[A-Za-z0-9._:-]+$")
 _MAX_SESSION_ID = 128
 
@@ -47,6 +54,7 @@ class SequenceControl:
     session_id: str
     start: bool
     end: bool
+    step_number: int | None = None
 
 
 def session_id_for(model: str, sequence_id: int | str) -> str:
@@ -64,7 +72,7 @@ def flag(parameters: Mapping[str, Any], key: str) -> bool:
     """A boolean request parameter (``binary_data_output``, ``sequence_start``), default false."""
     value = parameters.get(key, False)
     if not isinstance(value, bool):
-        raise InvalidInput(f"parameters.{key}", f"expected true or false, got {value!r}")
+        raise InvalidInput(f"parameters.{key}", f"expected true or false, got {shown(value)}")
     return value
 
 
@@ -75,19 +83,20 @@ def sequence_control(parameters: Mapping[str, Any], model: str) -> SequenceContr
         InvalidInput: an id that is neither uint64 nor string, or flags without an id.
     """
     start, end = flag(parameters, "sequence_start"), flag(parameters, "sequence_end")
+    number = step_number(parameters.get(STEP), f"parameters.{STEP}")
     sequence_id = parameters.get("sequence_id", 0)
     if isinstance(sequence_id, bool) or not isinstance(sequence_id, int | str):
         raise InvalidInput(
-            "parameters.sequence_id", f"expected a uint64 or a string, got {sequence_id!r}"
+            "parameters.sequence_id", f"expected a uint64 or a string, got {shown(sequence_id)}"
         )
     if isinstance(sequence_id, int) and not 0 <= sequence_id <= UINT64_MAX:
         raise InvalidInput("parameters.sequence_id", f"a numeric id is a uint64, got {sequence_id}")
     if sequence_id in (0, ""):
-        if start or end:
+        if start or end or number is not None:
             raise InvalidInput(
                 "parameters.sequence_id",
-                'sequence_start / sequence_end need a non-zero sequence_id (0 and "" mean '
-                "a stateless request)",
+                f'sequence_start / sequence_end / {STEP} need a non-zero sequence_id (0 and "" '
+                "mean a stateless request)",
             )
         return None
-    return SequenceControl(sequence_id, session_id_for(model, sequence_id), start, end)
+    return SequenceControl(sequence_id, session_id_for(model, sequence_id), start, end, number)

@@ -93,7 +93,8 @@ class InferRequest(_Wire):
     parameters: dict[str, Any] | None = Field(
         None,
         description="`sequence_id` (uint64 or string; 0 = stateless), `sequence_start`, "
-        "`sequence_end`, `binary_data_output`.",
+        "`sequence_end`, `sequence_step` (exactly-once: the steps of the sequence already "
+        "applied, the previous reply's `step`), `binary_data_output`.",
         examples=[{"sequence_id": 42, "sequence_start": True}],
     )
     inputs: list[RequestInput]
@@ -150,8 +151,10 @@ INFER_BODY: dict[str, Any] = {
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text}
     for code, text in {
+        401: "API key required (the server has keys).",
+        403: "The API key is not valid.",
         404: "Unknown model, version, or sequence (not started / ended / expired).",
-        409: "Concurrent update of a sequence.",
+        409: "Concurrent update of a sequence, or `sequence_step` out of order.",
         413: "Too many bytes or timesteps.",
         422: "Malformed request or tensor (name, datatype, shape, byte count).",
         503: "Session store unreachable or model not loaded.",

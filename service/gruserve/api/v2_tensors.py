@@ -26,7 +26,7 @@ import numpy as np
 import orjson
 from starlette.responses import Response
 
-from gruserve.api import encode
+from gruserve.api import decode, encode
 from gruserve.errors import InvalidInput
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -80,10 +80,12 @@ def json_object(value: Any, field: str, allowed: frozenset[str]) -> dict[str, An
 
 def show(value: Any) -> str:
     """A received value as an error message quotes it (short; NaN literals by their text)."""
+    if type(value) is float and not math.isfinite(value):  # orjson would write null
+        return decode.shown(value)
     try:
         text = orjson.dumps(value).decode()
-    except TypeError:
-        text = getattr(value, "text", repr(value))  # a NaN / Infinity literal
+    except TypeError:  # a NaN / Infinity literal, or nested past orjson's 255 levels
+        text = decode.shown(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
 
@@ -94,7 +96,7 @@ def decode_input(field: str, entry: Any, binary: bytes, offset: int) -> tuple[Te
     name, datatype = entry.get("name"), entry.get("datatype")
     if not isinstance(name, str) or not name:
         raise InvalidInput(f"{field}.name", f"expected the input's name, got {show(name)}")
-    if datatype not in DATATYPES:
+    if not isinstance(datatype, str) or datatype not in DATATYPES:  # a list: unhashable
         raise InvalidInput(
             f"{field}.datatype",
             f"input {name!r}: unknown datatype {show(datatype)}; v2 datatypes are "

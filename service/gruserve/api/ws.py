@@ -1,13 +1,21 @@
 """WebSocket steps: every message on ``/v1/sessions/{id}/ws`` is one step of that session.
 
-- text message: a JSON step body, answered with ``{"outputs": ..., "step": n}``;
-- binary message: raw little-endian float32 values, (T x F) row-major (int64
-  ids for a token model), answered with the outputs' raw float32 bytes
-  (every output in order, each (T x D), or (D) for a one-output-per-sequence model).
+- text message: a JSON step body (``"step": n`` for exactly-once, as on REST), answered
+  with ``{"outputs": ..., "step": n}``;
+- binary message: raw little-endian float32 values, (T x F) row-major (int64 ids for a
+  token model), answered with the outputs' raw float32 bytes (every output in order,
+  each (T x D), or (D) for a one-output-per-sequence model).
+
+Binary frames carry step numbers when the client asks for the ``gruserve-step``
+subprotocol (``Sec-WebSocket-Protocol: gruserve-step``): every binary message then
+starts with 8 bytes, the step number as a little-endian u64 (2**64 - 1: none, applied
+at least once), and every binary reply starts with 8 bytes too, the steps applied
+after it (the ``"step"`` of a JSON reply). Text messages are the same either way.
 
 Messages are applied in the order they arrive. A bad message is answered with
-the usual error object (as text, plus ``"status"``) and the connection stays
-open; a session that disappears closes it with code 4404.
+the usual error object (as text, plus ``"status"``; a ``StepOutOfOrder`` error has
+``"current_step"``) and the connection stays open; a session that disappears closes
+it with code 4404.
 
 This is the leanest path in the server, so it is a plain ASGI app that
 :class:`SocketDispatch` hands WebSocket connections to before the framework's
@@ -18,18 +26,29 @@ numpy views over the received bytes, one orjson call per JSON reply.
 from __future__ import annotations
 
 import re
+import struct
 from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gruserve.api import decode, encode
 from gruserve.api._edge import SETTING
+from gruserve.api._request_id import HEADER, REQUEST_ID
 from gruserve.api.errors import error_payload
-from gruserve.errors import GruServeError, PayloadTooLarge, SessionModelMismatch, SessionNotFound
+from gruserve.errors import (
+    GruServeError,
+    InvalidInput,
+    PayloadTooLarge,
+    SessionModelMismatch,
+    SessionNotFound,
+)
 from gruserve.services import Services
 
 PATH = re.compile(r"^/v1/sessions/(?P<session_id>[^/]+)/ws$")
 CLOSE_NOT_FOUND = 4404
+SUBPROTOCOL = "gruserve-step"
+NUMBER = struct.Struct("<Q")
+NO_NUMBER = 2**64 - 1
 
 
 def _error(exc: GruServeError) -> dict[str, Any]:
@@ -50,7 +69,14 @@ class SessionSockets:
         if (await receive())["type"] != "websocket.connect":
             return
         sessions, limit = self.services.sessions, self.services.settings.max_request_bytes
-        await send({"type": "websocket.accept"})
+        numbered = SUBPROTOCOL in scope.get("subprotocols", ())
+        await send(
+            {
+                "type": "websocket.accept",
+                "subprotocol": SUBPROTOCOL if numbered else None,
+                "headers": [(HEADER, REQUEST_ID.get().encode())],
+            }
+        )
         try:
             features = sessions.model_of(await sessions.get(session_id)).signature.features
         except GruServeError as exc:
@@ -71,8 +97,15 @@ class SessionSockets:
                         raise PayloadTooLarge(
                             "a WebSocket message (bytes)", len(data), limit, SETTING
                         )
-                    result = await step(session_id, decode.float32_bytes(data, features), None)
-                    await send({"type": "websocket.send", "bytes": encode.outputs_bytes(result)})
+                    if numbered:
+                        number, data = _numbered(data)
+                        inputs = decode.float32_bytes(data, features)
+                        result = await step(session_id, inputs, None, number)
+                        reply = encode.numbered_outputs_bytes(result)
+                    else:
+                        result = await step(session_id, decode.float32_bytes(data, features), None)
+                        reply = encode.outputs_bytes(result)
+                    await send({"type": "websocket.send", "bytes": reply})
                     binary_count.inc()
                 else:
                     text = message.get("text") or ""
@@ -80,8 +113,8 @@ class SessionSockets:
                         raise PayloadTooLarge(
                             "a WebSocket message (bytes)", len(text), limit, SETTING
                         )
-                    inputs, mask = decode.step_message(text)
-                    result = await step(session_id, inputs, mask)
+                    inputs, mask, number = decode.step_message(text)
+                    result = await step(session_id, inputs, mask, number)
                     await send(
                         {
                             "type": "websocket.send",
@@ -101,6 +134,19 @@ class SessionSockets:
                 return
             except GruServeError as exc:
                 await send(_error(exc))
+
+
+def _numbered(data: bytes) -> tuple[int | None, bytes]:
+    """A ``gruserve-step`` binary message: its step number (None: none) and the values."""
+    if len(data) < NUMBER.size:
+        raise InvalidInput(
+            "message",
+            f"{len(data)} bytes: a {SUBPROTOCOL} binary message starts with an 8-byte step number",
+        )
+    (number,) = NUMBER.unpack_from(data)
+    if number == NO_NUMBER:
+        return None, data[NUMBER.size :]
+    return decode.step_number(number), data[NUMBER.size :]
 
 
 class SocketDispatch:

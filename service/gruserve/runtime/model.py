@@ -60,8 +60,8 @@ class LoadedModel:
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
-        self._session = ort.InferenceSession(
-            str(version.onnx_path), options, providers=list(providers)
+        self._session = ort.InferenceSession(  # the bytes the repository verified
+            version.onnx_bytes or str(version.onnx_path), options, providers=list(providers)
         )
         self.provider = short_name(self._session.get_providers()[0])
         sig = self.signature

@@ -78,16 +78,15 @@ def _token_ids(x: np.ndarray, field: str, vocabulary: int | None) -> np.ndarray:
             raise InvalidInput(path(field, bad), f"token ids must be integers, got {x[bad]!r}")
     elif x.dtype.kind not in "iu":
         raise InvalidInput(field, f"token ids must be integers, got {x.dtype} values")
-    ids = x.astype(np.int64, copy=False)
     limit = vocabulary if vocabulary is not None else np.iinfo(np.int64).max
-    out = (ids < 0) | (ids >= limit)
+    out = (x < 0) | (x >= limit)  # before the cast: a huge float must not wrap around
     if out.any():
         bad = tuple(np.argwhere(out)[0])
         raise InvalidInput(
             path(field, bad),
-            f"token id {int(ids[bad])} is outside [0, {limit}) (the Embedding's input_dim)",
+            f"token id {int(x[bad])} is outside [0, {limit}) (the Embedding's input_dim)",
         )
-    return ids
+    return x.astype(np.int64, copy=False)
 
 
 def _mask(
@@ -195,12 +194,13 @@ def check_states(
     elif isinstance(value, np.ndarray) and len(keys) == 1 and value.shape == shapes[0]:
         parts = [(field, value)]
     else:
-        entries = list(value)
-        if len(entries) != len(keys):
+        scalar = isinstance(value, np.ndarray) and value.ndim == 0
+        entries = [] if scalar else list(value)
+        if scalar or len(entries) != len(keys):
             raise InvalidInput(
                 field,
                 f"expected {len(keys)} state(s) {keys} with shapes {[list(s) for s in shapes]}, "
-                f"got {len(entries)} entries",
+                f"got {'a single number' if scalar else f'{len(entries)} entries'}",
             )
         parts = [(f"{field}[{i}]", np.asarray(v)) for i, v in enumerate(entries)]
     checked = []

@@ -1,14 +1,17 @@
 """The session service: stateful streaming on top of the batcher and a session store.
 
 A session is Keras ``stateful=True`` made explicit: each step feeds the stored
-state as ``initial_state`` and stores ``final_state``. Two guarantees:
+state as ``initial_state`` and stores ``final_state``. Three guarantees:
 
 - in one process, requests on one session are applied one at a time in
   arrival order (a FIFO lock per session id);
 - across processes sharing a store, a step is written only if nobody else
   advanced the session since it was read (compare-and-set on the record's
   revision); a loser re-reads the state and recomputes its step, so no step
-  is ever lost or applied twice.
+  is ever lost or applied twice;
+- a step that carries the client's step number is applied exactly once even when
+  the client resends it (after a lost reply, a timeout, a replica that died): the
+  record keeps that step's outputs, and a resend gets them back unchanged.
 
 Transports (REST, NDJSON, WebSocket, later KServe v2) all call this class
 with numpy arrays; it knows nothing about HTTP.
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import reprlib
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -27,20 +31,23 @@ from dataclasses import dataclass
 import numpy as np
 
 from gruserve.errors import (
+    GruServeError,
     InvalidInput,
     SequenceNotStarted,
     SessionConflict,
     SessionExists,
     SessionModelMismatch,
     SessionNotFound,
+    StepOutOfOrder,
 )
 from gruserve.metrics import Metrics
 from gruserve.runtime.batcher import Batcher
 from gruserve.runtime.model import LoadedModel
 from gruserve.runtime.registry import ModelRegistry
 from gruserve.runtime.validation import StateValue, check_chunk, flat_state
+from gruserve.sessions import _result
 from gruserve.sessions._locks import KeyedLocks
-from gruserve.sessions.store import SessionRecord, SessionStore
+from gruserve.sessions.store import MAX_PAGE, SessionPage, SessionRecord, SessionStore
 
 SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 _SEQUENCE = "sequence\x00"  # lock-key prefix no session id can have (see sequence_step)
@@ -121,10 +128,12 @@ class SessionService:
         if session_id is None:
             session_id = uuid.uuid4().hex
         elif not isinstance(session_id, str) or not SESSION_ID.match(session_id):
+            # reprlib: a JSON value nested past the recursion limit has no full repr
+            received = repr(session_id) if isinstance(session_id, str) else reprlib.repr(session_id)
             raise InvalidInput(
                 "session_id",
                 f"use 1-128 letters, digits, '.', '_', ':' or '-' starting with a letter "
-                f"or digit. Received: {session_id!r}",
+                f"or digit. Received: {received}",
             )
         state = flat_state(model.signature, initial_state, "initial_state")
         now = self._clock()
@@ -150,34 +159,75 @@ class SessionService:
                 self._conflict()
         raise SessionConflict(session_id, self._max_attempts)
 
+    async def page(
+        self, cursor: str | None = None, limit: int = 100, model: str | None = None
+    ) -> SessionPage:
+        """One page of every session, in id order (see :meth:`SessionStore.page`).
+
+        Raises:
+            InvalidInput: ``limit`` outside 1..MAX_PAGE, or a cursor no session id can be.
+        """
+        if not 1 <= limit <= MAX_PAGE:
+            raise InvalidInput("limit", f"expected 1 to {MAX_PAGE}. Received: limit={limit}")
+        if cursor is not None and not SESSION_ID.match(cursor):
+            raise InvalidInput("cursor", f"not a cursor this server returned: {cursor!r}")
+        return await self.store.page(cursor, limit, model)
+
+    def servable(self, record: SessionRecord) -> bool:
+        """Whether this server can continue ``record`` (a restored one): a valid id, its model
+        version served, its state the size that model's states add up to."""
+        try:
+            model = self.model_of(record)
+        except GruServeError:
+            return False
+        return bool(SESSION_ID.match(record.session_id)) and record.state.shape == (
+            model.signature.total_units,
+        )
+
     # -- the hot path ----------------------------------------------------------------------
     async def step(
-        self, session_id: str, inputs: np.ndarray, mask: np.ndarray | None = None
+        self,
+        session_id: str,
+        inputs: np.ndarray,
+        mask: np.ndarray | None = None,
+        step_number: int | None = None,
     ) -> StepResult:
-        """Apply one chunk of timesteps to a session.
+        """Apply one chunk of timesteps to a session, at least once or exactly once.
+
+        Without ``step_number`` the step is applied whenever it arrives (a client that
+        resends after a lost reply applies it twice). With it, the step is applied only if
+        the session has applied exactly ``step_number`` steps, and its outputs are kept
+        with the new state (in the same store write); resending the same number then
+        returns the kept result without running anything. Any other number is refused.
+        The check runs again on every compare-and-set retry, against the record re-read.
 
         Args:
             inputs: (T, F) or (F,) values, or (T,) / scalar token ids.
             mask: (T,) bool; a masked timestep leaves the state unchanged.
+            step_number: steps the client knows were applied before this one (>= 0).
 
         Raises:
             SessionNotFound, InvalidInput, PayloadTooLarge, SessionConflict, StoreUnavailable.
+            StepOutOfOrder: ``step_number`` is neither the next step nor the last one.
         """
         async with self._locks.hold(session_id):
             chunk = None
             for _ in range(self._max_attempts):
                 record = await self.store.get(session_id)
                 model = self.model_of(record)
+                if step_number is not None and step_number != record.step:
+                    return self._replay(record, model, step_number)
                 if chunk is None:
                     chunk = check_chunk(model.signature, inputs, mask, self._max_timesteps)
                 out = await self._batchers[model.name].submit(
                     chunk.inputs, chunk.mask, record.state
                 )
-                updated = record.advanced(out.state, chunk.timesteps, self._clock())
+                outputs = out.outputs
+                if chunk.single and model.signature.per_timestep:
+                    outputs = [o[0] for o in outputs]
+                kept = None if step_number is None else _result.pack(step_number, outputs)
+                updated = record.advanced(out.state, chunk.timesteps, self._clock(), kept)
                 if await self.store.compare_and_set(updated, record.revision):
-                    outputs = out.outputs
-                    if chunk.single and model.signature.per_timestep:
-                        outputs = [o[0] for o in outputs]
                     return StepResult(
                         dict(zip(model.signature.output_names, outputs, strict=True)),
                         updated.step,
@@ -185,6 +235,17 @@ class SessionService:
                     )
                 self._conflict()
         raise SessionConflict(session_id, self._max_attempts)
+
+    def _replay(self, record: SessionRecord, model: LoadedModel, step_number: int) -> StepResult:
+        """The kept result of the session's last step, if ``step_number`` is that step's."""
+        if step_number == record.step - 1 and _result.base_of(record.last_result) == step_number:
+            if self._metrics is not None:
+                self._metrics.step_replays.inc()
+            outputs = _result.unpack(record.last_result or b"")
+            return StepResult(
+                dict(zip(model.signature.output_names, outputs, strict=True)), record.step, record
+            )
+        raise StepOutOfOrder(record.session_id, step_number, record.step)
 
     def _conflict(self) -> None:
         if self._metrics is not None:
@@ -201,6 +262,7 @@ class SessionService:
         start: bool,
         end: bool,
         initial_state: StateValue | None = None,
+        step_number: int | None = None,
     ) -> StepResult:
         """One request of a Triton-style sequence: a step framed by its start and end flags.
 
@@ -212,9 +274,14 @@ class SessionService:
         sequence as it was. Requests of one sequence run whole and in arrival order (a
         FIFO lock of their own, around the session's usual one).
 
+        A ``step_number`` makes the step exactly-once as in :meth:`step`. A start always
+        starts over (as Triton does), so its number, if any, must be 0: resending a start
+        whose reply was lost starts over again and gives the same result.
+
         Args:
             inputs, mask: as :meth:`step`.
             initial_state: only with ``start``.
+            step_number: as :meth:`step`; 0 (or None) with ``start``.
 
         Raises:
             SequenceNotStarted: no ``start`` and no such session on this model.
@@ -224,6 +291,11 @@ class SessionService:
         chunk = check_chunk(model.signature, inputs, mask, self._max_timesteps)
         if initial_state is not None and not start:
             raise InvalidInput("initial_state", "a sequence's state is set only by its start")
+        if start and step_number not in (None, 0):
+            raise InvalidInput(
+                "step",
+                f"a sequence_start request is the sequence's step 0. Received: {step_number}",
+            )
         async with self._locks.hold(_SEQUENCE + session_id):
             if start:
                 await self._restart(model, session_id, initial_state)
@@ -235,7 +307,7 @@ class SessionService:
                 if record.model != model.name:
                     raise SequenceNotStarted(session_id, model.name)
             try:
-                result = await self.step(session_id, chunk.inputs, chunk.mask)
+                result = await self.step(session_id, chunk.inputs, chunk.mask, step_number)
             except SessionNotFound:  # expired or deleted between the check and the step
                 raise SequenceNotStarted(session_id, model.name) from None
             if end:

@@ -76,20 +76,67 @@ class SessionRecord:
         )
 
 
-class SessionStore(Protocol):
-    """Async storage of :class:`SessionRecord` with idle expiry and compare-and-set.
+@dataclass(frozen=True, slots=True)
+class SessionSummary:
+    """What a listing shows of one session: never its state or stored result."""
 
-    Every method may raise ``StoreUnavailable`` when the backing service is down.
+    session_id: str
+    model: str
+    version: int
+    step: int
+    timesteps: int
+    created_at: float
+    last_used_at: float
+
+    @classmethod
+    def of(cls, record: SessionRecord) -> SessionSummary:
+        return cls(
+            record.session_id,
+            record.model,
+            record.version,
+            record.step,
+            record.timesteps,
+            record.created_at,
+            record.last_used_at,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SessionPage:
+    """One page of a listing in session id order; ``next_cursor`` None on the last page.
+
+    A page may hold fewer than the sessions asked for (even none) while ``next_cursor``
+    is set: a store bounds the ids it examines per page (a ``model`` filter skips some).
+    """
+
+    sessions: list[SessionSummary]
+    next_cursor: str | None
+
+
+MAX_PAGE = 1000
+"""Most sessions one listing page returns."""
+SCAN_PER_PAGE = 10_000
+"""Most session ids a store examines for one page."""
+
+
+class SessionStore(Protocol):
+    """Async storage of :class:`SessionRecord` with expiry, a size limit and compare-and-set.
+
+    Sessions expire ``ttl_s`` after their last write (idle) and, when a lifetime is set,
+    that long after ``created_at``; a full store rejects new sessions or evicts the least
+    recently used one. Stores report expirations and evictions to a
+    :class:`~gruserve.sessions.events.SessionEvents`. Every method may raise
+    ``StoreUnavailable`` when the backing service is down.
     """
 
     name: str
 
     async def create(self, record: SessionRecord) -> None:
-        """Insert a new record.
+        """Insert a new record (evicting the least recently used one if full and so configured).
 
         Raises:
             SessionExists: the id is taken.
-            TooManySessions: the store is full.
+            TooManySessions: the store is full and does not evict.
         """
 
     async def get(self, session_id: str) -> SessionRecord:
@@ -118,6 +165,11 @@ class SessionStore(Protocol):
 
     async def count(self) -> int:
         """Sessions currently held (expired ones excluded)."""
+
+    async def page(self, cursor: str | None, limit: int, model: str | None) -> SessionPage:
+        """Up to ``limit`` sessions whose id sorts after ``cursor`` (from the first if None),
+        of ``model`` only when given. Stable: sessions created or removed meanwhile never
+        shift the ids a cursor continues from."""
 
     async def ping(self) -> None:
         """Return when the store is reachable; raise ``StoreUnavailable`` otherwise."""

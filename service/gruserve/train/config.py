@@ -1,6 +1,6 @@
 """The training configuration (YAML), validated completely before any training.
 
-Four sections (see ``docs/training.md`` for every key and default):
+Four sections (see the README, "Training", for every key and default):
 
 - ``data``: CSV file, feature and target columns, window, horizon, splits,
   scaling, missing values;
