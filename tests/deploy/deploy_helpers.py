@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 from dockerfile_parse import DockerfileParser
 
@@ -260,6 +261,21 @@ def stop(proc: subprocess.Popen[bytes]) -> str:
     output = proc.stdout.read().decode()
     proc.stdout.close()
     return output
+
+
+def reference(
+    url: str, x: np.ndarray, timeout: float = 30
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Outputs [T, 1] and final states of one stateless demo predict call over ``x`` [T, 1]."""
+    reply = httpx.post(
+        f"{url}/v1/models/demo/predict",
+        json={"inputs": [x.tolist()], "return_state": True},
+        timeout=timeout,
+    )
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    states = {key: np.asarray(value[0]) for key, value in body["states"].items()}
+    return np.asarray(body["outputs"][0]), states
 
 
 # -- NDJSON over a raw HTTP/1.1 connection ---------------------------------------------------

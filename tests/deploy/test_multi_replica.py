@@ -20,6 +20,7 @@ from deploy_helpers import (
     find_nginx,
     free_port,
     nginx,
+    reference,
     server_env,
     start_server,
     stop,
@@ -45,16 +46,7 @@ class Cluster:
 
         The last replica: the failover test stops the first.
         """
-        reply = httpx.post(
-            f"http://{self.replicas[-1]}/v1/models/demo/predict",
-            json={"inputs": [x.tolist()], "return_state": True},
-            timeout=10,
-        )
-        assert reply.status_code == 200, reply.text
-        body = reply.json()
-        return np.asarray(body["outputs"][0]), {
-            k: np.asarray(v[0]) for k, v in body["states"].items()
-        }
+        return reference(f"http://{self.replicas[-1]}", x, timeout=10)
 
     def create(self, sid: str) -> None:
         reply = self.client.post("/v1/models/demo/sessions", json={"session_id": sid})

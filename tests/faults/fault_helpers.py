@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "deploy"))
 from deploy_helpers import find_nginx as find_nginx  # re-exported: tests/deploy is on the path
 from deploy_helpers import free_port, start_server, stop, wait_ready
 from deploy_helpers import nginx as nginx
+from deploy_helpers import reference as reference
 from deploy_helpers import server_env as server_env
 
 
@@ -216,19 +217,6 @@ def replicas(count: int, env: dict[str, str], workdir: Path) -> Iterator[list[Re
 def sequence(rng: np.random.Generator, timesteps: int) -> np.ndarray:
     """Demo inputs (one feature, the sunspot range), [timesteps, 1] float32."""
     return rng.uniform(0, 200, size=(timesteps, 1)).astype(np.float32)
-
-
-def reference(url: str, x: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Outputs [T, 1] and final states of one stateless predict call over ``x`` [T, 1]."""
-    reply = httpx.post(
-        f"{url}/v1/models/demo/predict",
-        json={"inputs": [x.tolist()], "return_state": True},
-        timeout=30,
-    )
-    assert reply.status_code == 200, reply.text
-    body = reply.json()
-    states = {key: np.asarray(value[0]) for key, value in body["states"].items()}
-    return np.asarray(body["outputs"][0]), states
 
 
 def session_info(url: str, session_id: str) -> dict[str, Any]:

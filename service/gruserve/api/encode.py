@@ -10,6 +10,7 @@ import numpy as np
 import orjson
 from starlette.responses import Response
 
+from gruserve.runtime.registry import ModelStatus
 from gruserve.sessions.service import StepResult
 from gruserve.sessions.store import SessionPage, SessionRecord, SessionSummary
 
@@ -54,6 +55,17 @@ def numbered_outputs_bytes(result: StepResult) -> bytes:
     """A binary reply of the ``gruserve-step`` WebSocket subprotocol: the steps applied
     (u64, little-endian) then :func:`outputs_bytes`."""
     return _STEP.pack(result.step) + outputs_bytes(result)
+
+
+def model_status(status: ModelStatus) -> dict[str, Any]:
+    """A model folder's outcome as ``/v1/models`` and ``/readyz`` list it."""
+    return {
+        "name": status.name,
+        "version": status.version,
+        "provider": status.provider,
+        "ready": status.ready,
+        "error": status.error,
+    }
 
 
 def _iso(seconds: float) -> str:

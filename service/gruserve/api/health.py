@@ -41,16 +41,7 @@ async def readyz(request: Request) -> Response:
     ready = bool(loaded) and bool(store["reachable"])
     body = {
         "status": "ready" if ready else "not ready",
-        "models": [
-            {
-                "name": st.name,
-                "version": st.version,
-                "provider": st.provider,
-                "ready": st.ready,
-                "error": st.error,
-            }
-            for st in statuses
-        ],
+        "models": [encode.model_status(st) for st in statuses],
         "store": store,
     }
     if not loaded:

@@ -32,9 +32,7 @@ def _info(
     services: Services, record: SessionRecord, states: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     settings = services.settings
-    return encode.session(
-        record, settings.session_ttl_s, states, settings.session_max_lifetime_s
-    )
+    return encode.session(record, settings.session_ttl_s, states, settings.session_max_lifetime_s)
 
 
 # -- models --------------------------------------------------------------------------------
@@ -42,20 +40,7 @@ def _info(
 async def list_models(request: Request) -> Response:
     """Every model folder: loaded (with its provider) or failed (with the reason)."""
     statuses = _services(request).registry.statuses()
-    return encode.json_response(
-        {
-            "models": [
-                {
-                    "name": st.name,
-                    "version": st.version,
-                    "provider": st.provider,
-                    "ready": st.ready,
-                    "error": st.error,
-                }
-                for st in statuses
-            ]
-        }
-    )
+    return encode.json_response({"models": [encode.model_status(st) for st in statuses]})
 
 
 @router.get("/models/{model}", response_model=s.ModelDescription, tags=["models"])
