@@ -142,13 +142,15 @@ async def client(served: Served) -> httpx.AsyncClient:
 
 
 async def live_server(app: Any) -> AsyncIterator[str]:
-    """Serve ``app`` with a real uvicorn on a free port inside this event loop; yields its URL."""
+    """Serve ``app`` with a real uvicorn on a free port inside this event loop, configured as
+    ``gruserve serve`` configures it; yields its address."""
     import uvicorn
 
+    from gruserve.server import uvicorn_options
+
     port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                            ws="websockets-sansio",
-                            lifespan="off")
+    options = {**uvicorn_options(app.state.settings), "log_level": "warning"}  # as `serve` runs
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off", **options)
     server = uvicorn.Server(config)
     task = asyncio.get_running_loop().create_task(server.serve())
     while not server.started:

@@ -206,14 +206,14 @@ def test_settle_heap_freezes_what_start_up_built() -> None:
     assert result.returncode == 0, result.stderr
 
 
-def test_serve_passes_the_shutdown_and_keep_alive_settings_to_uvicorn(
+def test_serve_passes_its_settings_to_uvicorn(
     models_dir: Path, tiny_models: dict[str, Any]
 ) -> None:
     """In a child process: run_server settles the heap, which would stay done in this one."""
     code = (
         "import json, uvicorn\n"
         "from gruserve.server import run_server\n"
-        "def fake(app, **kwargs): print(json.dumps(kwargs))\n"
+        "def fake(app, **kwargs): print(json.dumps(kwargs, default=lambda o: o.__name__))\n"
         "uvicorn.run = fake\n"
         "run_server()\n"
     )
@@ -224,6 +224,10 @@ def test_serve_passes_the_shutdown_and_keep_alive_settings_to_uvicorn(
     assert result.returncode == 0, result.stderr
     kwargs = json.loads(result.stdout.splitlines()[-1])
     assert kwargs["timeout_graceful_shutdown"] == 3.5 and kwargs["timeout_keep_alive"] == 7
+    # one write per response (api/_http11.py), no server header, X-Forwarded-* only for the
+    # access log, which is off below debug level
+    assert kwargs["http"] == "HeadJoiningProtocol" and kwargs["server_header"] is False
+    assert kwargs["access_log"] is False and kwargs["proxy_headers"] is False
 
 
 def test_a_memory_store_snapshot_survives_a_restart(

@@ -148,6 +148,33 @@ def settle_heap() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
+def uvicorn_options(settings: Settings) -> dict[str, Any]:
+    """The ``uvicorn.Config`` arguments ``gruserve serve`` uses, but the app, host and port."""
+    from uvicorn.config import WS_PROTOCOLS
+
+    access_log = settings.log_level == "debug"
+    options: dict[str, Any] = {
+        "log_level": settings.log_level,
+        "ws_max_size": settings.max_request_bytes,
+        "access_log": access_log,
+        # X-Forwarded-For only changes the client address uvicorn's access log shows (nothing
+        # else reads it), so the per-request rewrite runs only when that log is on.
+        "proxy_headers": access_log,
+        "server_header": False,  # no "server: uvicorn" on every response
+        "timeout_graceful_shutdown": settings.shutdown_grace_s,
+        "timeout_keep_alive": settings.keepalive_s,
+        # the fastest of uvicorn's WebSocket stacks here (bench/README.md), where available
+        "ws": "websockets-sansio" if "websockets-sansio" in WS_PROTOCOLS else "auto",
+    }
+    try:  # one write per response (api/_http11.py); needs httptools, as uvicorn's default
+        from gruserve.api._http11 import HeadJoiningProtocol
+    except ImportError:  # pragma: no cover - uvicorn[standard] brings httptools
+        pass
+    else:
+        options["http"] = HeadJoiningProtocol
+    return options
+
+
 def run_server(
     models_dir: Path | None = None,
     host: str | None = None,
@@ -156,7 +183,6 @@ def run_server(
 ) -> None:
     """Serve with uvicorn; arguments given here override the environment."""
     import uvicorn
-    from uvicorn.config import WS_PROTOCOLS
 
     # The event loop thread and the onnxruntime worker thread hand the GIL back and forth on
     # every batch; at Python's default 5 ms switch interval a finished run can wait that long
@@ -166,15 +192,4 @@ def run_server(
     settings = Settings(**{k: v for k, v in given.items() if v is not None})
     app = create_app(settings)
     settle_heap()
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        ws_max_size=settings.max_request_bytes,
-        access_log=settings.log_level == "debug",
-        timeout_graceful_shutdown=settings.shutdown_grace_s,  # type: ignore[arg-type]
-        timeout_keep_alive=settings.keepalive_s,  # type: ignore[arg-type]
-        # the fastest of uvicorn's WebSocket stacks here (bench/README.md), where available
-        ws="websockets-sansio" if "websockets-sansio" in WS_PROTOCOLS else "auto",
-    )
+    uvicorn.run(app, host=settings.host, port=settings.port, **uvicorn_options(settings))

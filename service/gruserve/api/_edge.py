@@ -1,7 +1,9 @@
 """Pure-ASGI middleware at the very edge: request ids, request size limit, HTTP metrics.
 
-Outermost of gruserve's middleware, so everything below it (API keys, WebSockets,
-the fast step path, FastAPI) is covered:
+Outermost of gruserve's middleware on both ways in (:mod:`gruserve.api.app`): around
+FastAPI's routes, and around the per-step REST and WebSocket handlers that
+:mod:`gruserve.api.hot_paths` dispatches before the framework, with the API-key check
+inside it in both. So every request is covered:
 
 - request ids (:mod:`gruserve.api._request_id`): every HTTP response carries the
   request's ``X-Request-ID``; a WebSocket handshake gets one from

@@ -13,11 +13,16 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
+from starlette.middleware import Middleware
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gruserve import __version__
-from gruserve.api import errors, fast_step, health, stream, v1, v2, ws
+from gruserve.api import errors, health, stream, v1, v2
 from gruserve.api._auth import METRICS, PUBLIC, ApiKeyMiddleware, ApiKeys, load_keys
 from gruserve.api._edge import EdgeMiddleware
+from gruserve.api.fast_step import StepEndpoint
+from gruserve.api.hot_paths import HotPaths
+from gruserve.api.ws import SessionSockets
 from gruserve.services import Services
 from gruserve.settings import Settings
 
@@ -38,7 +43,20 @@ _NO_TELEMETRY: dict[str, Any] = (
 )
 
 
-def create_app(settings: Settings, services: Services) -> FastAPI:
+class GruServeAPI(FastAPI):
+    """FastAPI, with the per-step routes (:mod:`gruserve.api.hot_paths`) answered first."""
+
+    hot_paths: HotPaths | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        handler = self.hot_paths.route(scope) if self.hot_paths is not None else None
+        if handler is not None:
+            await handler(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
+
+
+def create_app(settings: Settings, services: Services) -> GruServeAPI:
     """The ASGI app serving ``services``; closing the app (lifespan end) closes them."""
 
     @asynccontextmanager
@@ -48,8 +66,11 @@ def create_app(settings: Settings, services: Services) -> FastAPI:
         finally:
             await services.aclose()
 
-    app = FastAPI(
-        title="gruserve", version=__version__, description=DESCRIPTION, lifespan=lifespan,
+    app = GruServeAPI(
+        title="gruserve",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
         **_NO_TELEMETRY,
     )
     app.state.services = services
@@ -59,23 +80,40 @@ def create_app(settings: Settings, services: Services) -> FastAPI:
     app.include_router(stream.router)
     app.include_router(v2.router)
     errors.install(app, services.metrics)
-    # Middleware added later is further out. From the outside in: the edge (request ids, byte
-    # limit, metrics), API keys, WebSocket dispatch (sockets skip every per-message wrapper:
-    # the two outer ones pass their receive and send on untouched), the fast step path.
-    fast_step.install(app, services)
-    app.add_middleware(ws.SocketDispatch, sockets=ws.SessionSockets(services))
+    # What every request passes, from the outside in: the edge (request ids, byte limit,
+    # metrics), then API keys. The framework's routes get them as middleware; the per-step
+    # routes get the same two classes around their handlers, outside the framework.
     keys = load_keys(settings.api_keys, settings.api_keys_file)
+    guard = [
+        Middleware(
+            EdgeMiddleware,
+            max_bytes=settings.max_request_bytes,
+            metrics=services.metrics,
+            unbounded=STREAM_PATHS,
+        )
+    ]
     if keys:
         public = PUBLIC | {METRICS} if settings.metrics_public else PUBLIC
-        app.add_middleware(
-            ApiKeyMiddleware, keys=ApiKeys(keys), metrics=services.metrics, public=public
+        guard.append(
+            Middleware(
+                ApiKeyMiddleware, keys=ApiKeys(keys), metrics=services.metrics, public=public
+            )
         )
         _document_keys(app)
-    app.add_middleware(
-        EdgeMiddleware,
-        max_bytes=settings.max_request_bytes,
-        metrics=services.metrics,
-        unbounded=STREAM_PATHS,
+    for layer in reversed(guard):
+        app.add_middleware(layer.cls, *layer.args, **layer.kwargs)
+
+    def guarded(handler: ASGIApp) -> ASGIApp:
+        for cls, args, kwargs in reversed(guard):
+            handler = cls(handler, *args, **kwargs)
+        return handler
+
+    step_route = next(r for r in v1.router.routes if getattr(r, "endpoint", None) is v1.step)
+    app.hot_paths = HotPaths(
+        StepEndpoint(services.sessions, services.metrics),
+        SessionSockets(services),
+        step_route,
+        guarded,
     )
     return app
 

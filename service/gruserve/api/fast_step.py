@@ -1,72 +1,54 @@
 """``POST /v1/sessions/{id}/step`` as plain ASGI: the hot REST route without the framework.
 
 The FastAPI route in :mod:`gruserve.api.v1` stays declared, so OpenAPI documents
-it, but :class:`StepFastPath` answers matching requests first. It does what that
-route does, with the same pieces: :func:`gruserve.api.decode.step_message` for
-the body (step number included), one
+it, but :class:`~gruserve.api.hot_paths.HotPaths` sends matching requests here
+first. :class:`StepEndpoint` does what that route does, with the same pieces:
+:func:`gruserve.api.decode.step_message` for the body (step number included), one
 :meth:`~gruserve.sessions.service.SessionService.step` call,
 :func:`gruserve.api.encode.step` for the reply, :func:`gruserve.api.errors.error_payload`
 for every error (counted like the exception handlers count them), and the client's
-disconnect cancels the step. It sits inside :class:`~gruserve.api._edge.EdgeMiddleware`
+disconnect cancels the step. It runs inside :class:`~gruserve.api._edge.EdgeMiddleware`
 and the API-key check, so the byte limit, request ids, keys and HTTP metrics are the
-same code as for every other route (``scope["route"]`` is set to the declared route).
+same code as for every other route.
 
-What it skips is per-request machinery that a step does not need: routing through
-every route's regex, dependency resolution, ``Request``/``Response`` objects and
-the exception-handler layers (measured in ``bench/README.md``). A request it does
-not recognise (another method, a ``root_path`` prefix) goes on to FastAPI unchanged.
+What it skips is per-request machinery that a step does not need: the framework's
+outer layers, routing through every route's regex, dependency resolution,
+``Request``/``Response`` objects and the exception-handler layers (measured in
+``bench/README.md``).
 """
 
 from __future__ import annotations
 
-import re
+from starlette.types import Message, Receive, Scope, Send
 
-from fastapi import FastAPI
-from starlette.routing import BaseRoute
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-from gruserve.api import decode, encode, v1
+from gruserve.api import decode, encode
 from gruserve.api._disconnect import DisconnectWatch
 from gruserve.api.errors import ClientDisconnected, error_payload
 from gruserve.metrics import Metrics
-from gruserve.services import Services
 from gruserve.sessions.service import SessionService
 
-PATH = re.compile(r"^/v1/sessions/(?P<session_id>[^/]+)/step$")
 _JSON = b"application/json"
 
 
-class StepFastPath:
-    """Middleware answering ``POST /v1/sessions/{session_id}/step``; everything else passes on.
+class StepEndpoint:
+    """ASGI app answering ``POST /v1/sessions/{session_id}/step`` (``scope["path_params"]``).
 
     Args:
-        app: the rest of the ASGI stack.
         sessions: the session service the route calls.
-        route: the declared FastAPI route, named in ``scope["route"]`` for the HTTP metrics.
         metrics: collectors; errors are counted by type as ``api/errors.py`` counts them.
     """
 
-    def __init__(
-        self, app: ASGIApp, sessions: SessionService, route: BaseRoute, metrics: Metrics
-    ) -> None:
-        self.app, self.sessions, self.route, self.metrics = app, sessions, route, metrics
+    def __init__(self, sessions: SessionService, metrics: Metrics) -> None:
+        self.sessions, self.metrics = sessions, metrics
         self.disconnects = DisconnectWatch()
         self.taken = 0
-        """Requests answered here (tests check that the fast path is the one taken)."""
+        """Requests answered here (tests check that this path is the one taken)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST":
-            await self.app(scope, receive, send)
-            return
-        match = PATH.match(scope["path"])
-        if match is None:
-            await self.app(scope, receive, send)
-            return
         self.taken += 1
-        scope["route"] = self.route
         try:
             inputs, mask, number = decode.step_message(await _body(receive))
-            work = self.sessions.step(match["session_id"], inputs, mask, number)
+            work = self.sessions.step(scope["path_params"]["session_id"], inputs, mask, number)
             result = await self.disconnects.run(receive, work)
             status, body = 200, encode.dumps(encode.step(result))
         except Exception as exc:  # every error gets the one JSON shape, as in api/errors.py
@@ -81,14 +63,6 @@ class StepFastPath:
             }
         )
         await send({"type": "http.response.body", "body": body})
-
-
-def install(app: FastAPI, services: Services) -> None:
-    """Add :class:`StepFastPath` for the app's declared step route (call before the edge)."""
-    route = next(r for r in v1.router.routes if getattr(r, "endpoint", None) is v1.step)
-    app.add_middleware(
-        StepFastPath, sessions=services.sessions, route=route, metrics=services.metrics
-    )
 
 
 async def _body(receive: Receive) -> bytes:

@@ -18,18 +18,17 @@ the usual error object (as text, plus ``"status"``; a ``StepOutOfOrder`` error h
 it with code 4404.
 
 This is the leanest path in the server, so it is a plain ASGI app that
-:class:`SocketDispatch` hands WebSocket connections to before the framework's
-per-message wrappers (which only matter for HTTP responses): no pydantic,
-numpy views over the received bytes, one orjson call per JSON reply.
+:class:`~gruserve.api.hot_paths.HotPaths` hands WebSocket connections to before the
+framework's layers: no pydantic, numpy views over the received bytes, one orjson
+call per JSON reply.
 """
 
 from __future__ import annotations
 
-import re
 import struct
 from typing import Any
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from gruserve.api import decode, encode
 from gruserve.api._edge import SETTING
@@ -44,7 +43,6 @@ from gruserve.errors import (
 )
 from gruserve.services import Services
 
-PATH = re.compile(r"^/v1/sessions/(?P<session_id>[^/]+)/ws$")
 CLOSE_NOT_FOUND = 4404
 SUBPROTOCOL = "gruserve-step"
 NUMBER = struct.Struct("<Q")
@@ -58,16 +56,17 @@ def _error(exc: GruServeError) -> dict[str, Any]:
 
 
 class SessionSockets:
-    """The ASGI app of one WebSocket connection to a session."""
+    """ASGI app serving WebSocket connections to sessions (``scope["path_params"]``)."""
 
     def __init__(self, services: Services) -> None:
         self.services = services
         counted = services.metrics.ws_messages
         self._binary, self._text = counted.labels("binary"), counted.labels("text")
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send, session_id: str) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (await receive())["type"] != "websocket.connect":
             return
+        session_id: str = scope["path_params"]["session_id"]
         sessions, limit = self.services.sessions, self.services.settings.max_request_bytes
         numbered = SUBPROTOCOL in scope.get("subprotocols", ())
         await send(
@@ -147,18 +146,3 @@ def _numbered(data: bytes) -> tuple[int | None, bytes]:
     if number == NO_NUMBER:
         return None, data[NUMBER.size :]
     return decode.step_number(number), data[NUMBER.size :]
-
-
-class SocketDispatch:
-    """Middleware: WebSockets to ``/v1/sessions/{id}/ws`` go straight to :class:`SessionSockets`."""
-
-    def __init__(self, app: ASGIApp, sockets: SessionSockets) -> None:
-        self.app, self.sockets = app, sockets
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "websocket":
-            match = PATH.match(scope["path"])
-            if match is not None:
-                await self.sockets(scope, receive, send, match["session_id"])
-                return
-        await self.app(scope, receive, send)

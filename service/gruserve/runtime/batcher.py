@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -43,6 +43,15 @@ class StepOutput(NamedTuple):
 
     outputs: list[np.ndarray]
     state: np.ndarray
+
+
+class _Launched(NamedTuple):
+    """A batch handed to the thread pool: its run, and what scattering its result needs."""
+
+    running: asyncio.Future[RunResult]
+    lengths: list[int]
+    longest: int
+    started: float
 
 
 @dataclass(slots=True)
@@ -108,20 +117,38 @@ class Batcher:
     def waiting(self) -> int:
         return len(self._pending)
 
-    async def submit(
+    def submit(
+        self, inputs: np.ndarray, mask: np.ndarray | None, state: np.ndarray
+    ) -> Awaitable[StepOutput]:
+        """Run one validated step: ``inputs`` (T, F) or (T,) ids, ``mask`` (T,), flat ``state``.
+
+        Returns what to await for the step's share of its batch: the step's future itself
+        when the queue has room (every step pays for one coroutine less), else a coroutine
+        that first waits for room.
+        """
+        if len(self._pending) >= self._max_queue:
+            return self._submit_when_room(inputs, mask, state)
+        return self._enqueue(inputs, mask, state)
+
+    async def _submit_when_room(
         self, inputs: np.ndarray, mask: np.ndarray | None, state: np.ndarray
     ) -> StepOutput:
-        """Run one validated step: ``inputs`` (T, F) or (T,) ids, ``mask`` (T,), flat ``state``."""
         loop = asyncio.get_running_loop()
         while len(self._pending) >= self._max_queue:
             room = loop.create_future()
             self._room.append(room)
             await room
+        return await self._enqueue(inputs, mask, state)
+
+    def _enqueue(
+        self, inputs: np.ndarray, mask: np.ndarray | None, state: np.ndarray
+    ) -> asyncio.Future[StepOutput]:
+        loop = asyncio.get_running_loop()
         future: asyncio.Future[StepOutput] = loop.create_future()
         self._pending.append(_Item(inputs, mask, state, future, loop.time()))
         if len(self._running) < self._max_concurrent:  # else the end of a run schedules
             self._schedule(loop)
-        return await future
+        return future
 
     # -- scheduling ------------------------------------------------------------------
     def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -136,7 +163,7 @@ class Batcher:
                 return
             batch = self._take()
             if batch:
-                task = loop.create_task(self._run(batch, loop))
+                task = loop.create_task(self._run(batch, self._launch(batch, loop), loop))
                 self._running.add(task)
                 task.add_done_callback(self._running.discard)
         self._release_room()
@@ -167,15 +194,32 @@ class Batcher:
                 room.set_result(None)
 
     # -- running -------------------------------------------------------------------------
-    async def _run(self, batch: list[_Item], loop: asyncio.AbstractEventLoop) -> None:
+    def _launch(self, batch: list[_Item], loop: asyncio.AbstractEventLoop) -> _Launched:
+        """Stack ``batch`` and hand it to the thread pool now, not in a task's first step: a
+        task made here would run only after the callers the previous batch just woke."""
         started = loop.time()
         try:
             inputs, mask, states, lengths = self._stack(batch)
-            result = await loop.run_in_executor(
-                self._executor, self.model.run, inputs, mask, states
-            )
-            shares = self._scatter(result, lengths, inputs.shape[1])
+            running = loop.run_in_executor(self._executor, self.model.run, inputs, mask, states)
+        except Exception as exc:
+            failed: asyncio.Future[RunResult] = loop.create_future()
+            failed.set_exception(exc)
+            return _Launched(failed, [], 0, started)
+        return _Launched(running, lengths, inputs.shape[1], started)
+
+    async def _run(
+        self, batch: list[_Item], launched: _Launched, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        started = launched.started
+        try:
+            result = await launched.running
+            # the model is free: start the next batch before waking this one's callers, so
+            # onnxruntime works while the event loop answers them
+            self._running.discard(asyncio.current_task())  # type: ignore[arg-type]
+            self._schedule(loop)
+            shares = self._scatter(result, launched.lengths, launched.longest)
         except asyncio.CancelledError:
+            launched.running.cancel()
             for item in batch:
                 item.future.cancel()
             raise
@@ -196,10 +240,11 @@ class Batcher:
                 m.batch_seconds.observe(loop.time() - started)
                 m.queue_seconds.observe(started - batch[0].arrived)
                 m.steps.inc(len(batch))
-                m.timesteps.inc(int(sum(lengths)))
+                m.timesteps.inc(int(sum(launched.lengths)))
         finally:
-            self._running.discard(asyncio.current_task())  # type: ignore[arg-type]
-            self._schedule(loop)
+            if asyncio.current_task() in self._running:  # not rescheduled above (a failure)
+                self._running.discard(asyncio.current_task())  # type: ignore[arg-type]
+                self._schedule(loop)
 
     def _stack(
         self, batch: Sequence[_Item]

@@ -41,6 +41,14 @@ class KeyedLocks:
     def hold(self, key: str) -> _Hold:
         return _Hold(self, key)
 
+    def try_acquire(self, key: str) -> bool:
+        """Take ``key`` if nobody holds it (no await: the hot path's uncontended case);
+        False means :meth:`acquire` must be awaited."""
+        if key in self._waiters:
+            return False
+        self._waiters[key] = deque()
+        return True
+
     async def acquire(self, key: str) -> None:
         queue = self._waiters.get(key)
         if queue is None:

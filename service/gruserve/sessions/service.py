@@ -210,7 +210,10 @@ class SessionService:
             SessionNotFound, InvalidInput, PayloadTooLarge, SessionConflict, StoreUnavailable.
             StepOutOfOrder: ``step_number`` is neither the next step nor the last one.
         """
-        async with self._locks.hold(session_id):
+        locks = self._locks
+        if not locks.try_acquire(session_id):  # the `async with locks.hold()` of the other
+            await locks.acquire(session_id)  # methods, without its two coroutine calls
+        try:
             chunk = None
             for _ in range(self._max_attempts):
                 record = await self.store.get(session_id)
@@ -234,6 +237,8 @@ class SessionService:
                         updated,
                     )
                 self._conflict()
+        finally:
+            locks.release(session_id)
         raise SessionConflict(session_id, self._max_attempts)
 
     def _replay(self, record: SessionRecord, model: LoadedModel, step_number: int) -> StepResult:

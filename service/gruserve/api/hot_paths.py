@@ -1,0 +1,71 @@
+"""The two per-step routes, dispatched before the framework's own layers.
+
+A session step over REST (``POST /v1/sessions/{id}/step``) or a WebSocket
+(``/v1/sessions/{id}/ws``) is what a busy server does thousands of times a second.
+FastAPI wraps every request in its own layers before any user middleware runs
+(error handling, telemetry, a body limit, routing), each one more coroutine frame
+to enter and resume and, for HTTP, another ``send`` wrapper per message. Those
+layers do nothing for these two routes: their handlers answer every error themselves
+in the one JSON shape. So :class:`~gruserve.api.app.GruServeAPI` asks
+:meth:`HotPaths.route` first and hands a match to the handler wrapped only in what
+every request needs: the edge (request ids, byte limit, HTTP metrics) and the API-key
+check, the same middleware classes the framework path uses (measured in
+``bench/README.md``).
+
+Anything else, including these paths under a ``root_path`` prefix and other methods
+on them, goes through FastAPI as usual, and both routes stay declared there, so
+OpenAPI documents them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+from starlette.routing import BaseRoute
+from starlette.types import ASGIApp, Scope
+
+STEP = re.compile(r"^/v1/sessions/(?P<session_id>[^/]+)/step$")
+SOCKET = re.compile(r"^/v1/sessions/(?P<session_id>[^/]+)/ws$")
+
+
+class HotPaths:
+    """Which requests skip the framework, and the handler each one goes to.
+
+    Args:
+        step: ASGI app answering ``POST /v1/sessions/{session_id}/step``.
+        sockets: ASGI app serving WebSockets on ``/v1/sessions/{session_id}/ws``.
+        step_route: the declared FastAPI route of ``step``, named in ``scope["route"]``
+            (the HTTP metrics label requests by it).
+        guard: wraps a handler in the middleware every request passes (edge, API keys).
+    """
+
+    def __init__(
+        self,
+        step: ASGIApp,
+        sockets: ASGIApp,
+        step_route: BaseRoute,
+        guard: Callable[[ASGIApp], ASGIApp],
+    ) -> None:
+        self.step, self.sockets, self.step_route = step, sockets, step_route
+        self._guarded_step, self._guarded_sockets = guard(step), guard(sockets)
+
+    def route(self, scope: Scope) -> ASGIApp | None:
+        """The guarded handler for ``scope``, with its ``path_params`` set; None: not ours."""
+        kind = scope["type"]
+        if kind == "http":
+            if scope["method"] != "POST":
+                return None
+            match = STEP.match(scope["path"])
+            if match is None:
+                return None
+            scope["path_params"] = {"session_id": match["session_id"]}
+            scope["route"] = self.step_route
+            return self._guarded_step
+        if kind == "websocket":
+            match = SOCKET.match(scope["path"])
+            if match is None:
+                return None
+            scope["path_params"] = {"session_id": match["session_id"]}
+            return self._guarded_sockets
+        return None
