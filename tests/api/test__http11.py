@@ -122,6 +122,33 @@ async def test_keep_alive_requests_and_a_stream_on_a_real_server(served: Served)
             writer.close()
 
 
+async def test_pipelined_requests_are_answered_whole_and_in_order(served: Served) -> None:
+    r = await served.client.post("/v1/models/simple/sessions", json={})
+    sid = r.json()["session_id"]
+    bodies = [json.dumps({"inputs": [0.1 * n, 0.2, 0.3], "step": n}).encode() for n in range(3)]
+    requests = b"".join(
+        f"POST /v1/sessions/{sid}/step HTTP/1.1\r\nhost: x\r\n"
+        f"content-length: {len(body)}\r\n\r\n".encode() + body
+        for body in bodies
+    ) + b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n"
+    async for address in live_server(served.app):
+        host, port = address.split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            writer.write(requests)  # all four at once, before reading anything
+            await writer.drain()
+            steps = []
+            for _ in bodies:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                steps.append(json.loads(await reader.readexactly(length))["step"])
+            assert steps == [1, 2, 3]
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/1.1 200 ")
+        finally:
+            writer.close()
+
+
 @pytest.mark.parametrize("expect", [b"", b"expect: 100-continue\r\n"])
 async def test_error_responses_and_100_continue(served: Served, expect: bytes) -> None:
     async for address in live_server(served.app):
