@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from conftest import Served, live_server
+from gruserve.api import _http11 as http11
 from gruserve.api._http11 import HeadJoiningProtocol, _HeadJoiner
 from gruserve.server import uvicorn_options
 from gruserve.settings import Settings
@@ -69,6 +70,29 @@ async def test_close_sends_what_is_held_first() -> None:
 
 def test_serve_uses_it() -> None:
     assert uvicorn_options(Settings(_env_file=None))["http"] is HeadJoiningProtocol
+
+
+async def test_a_real_server_joins_its_writes(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fails if a uvicorn release stops giving the protocol a cycle whose transport it can swap."""
+    joined: list[bytes] = []
+
+    class Recording(_HeadJoiner):
+        def write(self, data: bytes) -> None:
+            if self._held is not None:
+                joined.append(self._held + data)
+            super().write(data)
+
+    monkeypatch.setattr(http11, "_HeadJoiner", Recording)
+    async for address in live_server(served.app):
+        host, port = address.split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            reply = await _exchange(reader, writer, b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        finally:
+            writer.close()
+    assert joined == [reply]  # the whole response, head and body, in one write
 
 
 async def _exchange(

@@ -19,7 +19,8 @@ before anything the cycle writes or closes after them.
 Only the cycle's writes are joined; the protocol's own writes (a 400 for a malformed
 request, the WebSocket upgrade) go to the socket as before. If a uvicorn release
 changes the pieces this relies on (``cycle``, ``cycle.transport``), the protocol
-leaves the cycle alone and behaves exactly like uvicorn's.
+leaves the cycle alone and behaves exactly like uvicorn's (and
+``tests/api/test__http11.py`` fails, to say so).
 """
 
 from __future__ import annotations
