@@ -204,3 +204,41 @@ async def test_each_step_owns_its_state_and_gets_its_rows(
         assert got.state.base is None and got.state.shape == (sig.total_units,)
         for other in results[i + 1 :]:
             assert not np.shares_memory(got.state, other.state)
+
+
+class _CountingPool(ThreadPoolExecutor):
+    """A thread pool counting the runs handed to it."""
+
+    submitted = 0
+
+    def submit(self, *args: Any, **kwargs: Any) -> Any:
+        self.submitted += 1
+        return super().submit(*args, **kwargs)
+
+
+async def test_the_next_batch_starts_before_the_last_ones_callers_wake(
+    models_dir: Path, tiny_models: dict[str, Any]
+) -> None:
+    """The model gets its next batch first; the event loop answers the finished one after."""
+    model = _model(models_dir, "simple")
+    x, s = np.zeros((1, 3), np.float32), np.zeros(4, np.float32)
+    seen: list[int] = []
+
+    async def caller() -> Any:  # awaits its step as the session service does
+        out = await batcher.submit(x, None, s)
+        seen.append(pool.submitted)
+        return out
+
+    with _CountingPool(1) as pool:
+        batcher = Batcher(model, pool, max_batch_size=8, max_delay_s=0.0)
+        model.gate.clear()
+        first = asyncio.ensure_future(caller())  # idle model: handed to the pool at once (held)
+        await asyncio.sleep(0.01)
+        second = asyncio.ensure_future(caller())  # busy: waits in the queue
+        await asyncio.sleep(0.01)
+        assert pool.submitted == 1 and batcher.waiting == 1
+        model.gate.set()
+        await asyncio.gather(first, second)
+        # when the first step's caller ran again, the second batch was already in the pool
+        assert seen == [2, 2]
+        await batcher.close()

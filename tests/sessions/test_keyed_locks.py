@@ -43,3 +43,25 @@ async def test_cancelled_waiters_do_not_block_the_queue() -> None:
     release.set()
     await asyncio.gather(*tasks, return_exceptions=True)
     assert done == ["holder", "w1", "w3"] and len(locks) == 0
+
+
+async def test_try_acquire_takes_only_a_free_key_and_queues_nobody() -> None:
+    locks = KeyedLocks()
+    assert locks.try_acquire("k") and len(locks) == 1
+    assert not locks.try_acquire("k")  # held: the caller must await acquire() instead
+    order: list[str] = []
+
+    async def waiter(name: str) -> None:
+        await locks.acquire("k")
+        order.append(name)
+        locks.release("k")
+
+    waiters = [asyncio.ensure_future(waiter(n)) for n in ("first", "second")]
+    await asyncio.sleep(0.01)
+    assert order == [] and not locks.try_acquire("k")  # no overtaking the queue either
+    locks.release("k")
+    await asyncio.gather(*waiters)
+    assert order == ["first", "second"] and len(locks) == 0
+    assert locks.try_acquire("k")  # free again
+    locks.release("k")
+    assert len(locks) == 0
