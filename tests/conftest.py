@@ -162,3 +162,19 @@ async def live_server(app: Any) -> AsyncIterator[str]:
     finally:
         server.should_exit = True
         await task
+
+
+@pytest.fixture
+def watchers(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Disconnect watchers started (one per request that outlived the grace period)."""
+    from gruserve.api import _disconnect
+
+    started: list[Any] = []
+    original = _disconnect._disconnected
+
+    def counted(receive: Any) -> Any:
+        started.append(receive)
+        return original(receive)
+
+    monkeypatch.setattr(_disconnect, "_disconnected", counted)
+    return started

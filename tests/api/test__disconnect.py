@@ -8,34 +8,42 @@ from typing import Any
 import pytest
 from starlette.requests import Request
 
-from gruserve.api import _disconnect
 from gruserve.api._disconnect import DisconnectWatch, unless_disconnected
 from gruserve.api.errors import ClientDisconnected
 
 
-def _request(disconnect_after: float | None) -> Request:
+def _receive(disconnect_after: float | None) -> Any:
+    """An ASGI ``receive`` whose client leaves after ``disconnect_after`` s (None: stays)."""
+
     async def receive() -> dict[str, Any]:
         if disconnect_after is None:
             await asyncio.Event().wait()  # the client stays
         await asyncio.sleep(disconnect_after or 0)
         return {"type": "http.disconnect"}
 
-    return Request({"type": "http", "method": "POST", "path": "/", "headers": []}, receive)
+    return receive
+
+
+def _request(disconnect_after: float | None) -> Request:
+    return Request(
+        {"type": "http", "method": "POST", "path": "/", "headers": []}, _receive(disconnect_after)
+    )
+
+
+async def _slow_step(cancelled: asyncio.Event) -> str:
+    """Work that takes long and records being cancelled."""
+    try:
+        await asyncio.sleep(10)
+    except asyncio.CancelledError:
+        cancelled.set()
+        raise
+    return "done"
 
 
 async def test_work_is_cancelled_when_the_client_leaves() -> None:
     cancelled = asyncio.Event()
-
-    async def slow_step() -> str:
-        try:
-            await asyncio.sleep(10)
-        except asyncio.CancelledError:
-            cancelled.set()
-            raise
-        return "done"
-
     with pytest.raises(ClientDisconnected):
-        await unless_disconnected(_request(0.01), slow_step())
+        await unless_disconnected(_request(0.01), _slow_step(cancelled))
     assert cancelled.is_set()
 
 
@@ -50,30 +58,11 @@ async def test_work_finishes_when_the_client_stays() -> None:
 
 
 # -- DisconnectWatch: one timer for many requests --------------------------------------------
-def _receive(disconnect_after: float | None) -> Any:
-    async def receive() -> dict[str, Any]:
-        if disconnect_after is None:
-            await asyncio.Event().wait()
-        await asyncio.sleep(disconnect_after or 0)
-        return {"type": "http.disconnect"}
-
-    return receive
-
-
 async def test_watch_cancels_work_whose_client_left() -> None:
     watch = DisconnectWatch(grace_s=0.01)
     cancelled = asyncio.Event()
-
-    async def slow_step() -> str:
-        try:
-            await asyncio.sleep(10)
-        except asyncio.CancelledError:
-            cancelled.set()
-            raise
-        return "done"
-
     with pytest.raises(ClientDisconnected):
-        await asyncio.wait_for(watch.run(_receive(0.02), slow_step()), 5)
+        await asyncio.wait_for(watch.run(_receive(0.02), _slow_step(cancelled)), 5)
     assert cancelled.is_set() and watch.watching == 0
 
 
@@ -94,23 +83,13 @@ async def test_watch_leaves_quick_work_unwatched_and_slow_work_alone() -> None:
     assert len([t for t in asyncio.all_tasks() if not t.done()]) == 1
 
 
-async def test_watch_only_starts_watchers_after_the_grace_period(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    started: list[Any] = []
-    original = _disconnect._disconnected
-
-    def counted(receive: Any) -> Any:
-        started.append(receive)
-        return original(receive)
-
-    monkeypatch.setattr(_disconnect, "_disconnected", counted)
+async def test_watch_only_starts_watchers_after_the_grace_period(watchers: list[Any]) -> None:
     watch = DisconnectWatch(grace_s=0.03)
     quick, slow = _receive(None), _receive(None)
     await asyncio.gather(
         watch.run(quick, asyncio.sleep(0.005)), watch.run(slow, asyncio.sleep(0.1))
     )
-    assert started == [slow]
+    assert watchers == [slow]
 
 
 async def test_an_outer_cancellation_is_not_a_disconnect() -> None:

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from conftest import Served, serve
-from gruserve.api import _disconnect, v1
+from gruserve.api import v1
 from gruserve.api.fast_step import StepEndpoint
 
 ATOL = 1e-5
@@ -184,20 +184,6 @@ async def _call(served: Served, path: str, body: bytes, leave_after: float | Non
     }
     await served.app(scope, receive, send)
     return sent
-
-
-@pytest.fixture
-def watchers(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
-    """Disconnect watchers started (one per request that outlived the grace period)."""
-    started: list[Any] = []
-    original = _disconnect._disconnected
-
-    def counted(receive: Any) -> Any:
-        started.append(receive)
-        return original(receive)
-
-    monkeypatch.setattr(_disconnect, "_disconnected", counted)
-    return started
 
 
 async def test_a_client_that_leaves_cancels_its_step(

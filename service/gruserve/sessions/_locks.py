@@ -46,14 +46,13 @@ class KeyedLocks:
         False means :meth:`acquire` must be awaited."""
         if key in self._waiters:
             return False
-        self._waiters[key] = deque()
+        self._waiters[key] = deque()  # held, nobody waiting
         return True
 
     async def acquire(self, key: str) -> None:
-        queue = self._waiters.get(key)
-        if queue is None:
-            self._waiters[key] = deque()  # held, nobody waiting
+        if self.try_acquire(key):
             return
+        queue = self._waiters[key]
         waiter = asyncio.get_running_loop().create_future()
         queue.append(waiter)
         try:
