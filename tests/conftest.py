@@ -164,6 +164,21 @@ async def live_server(app: Any) -> AsyncIterator[str]:
         await task
 
 
+async def http_exchange(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, raw: bytes
+) -> bytes:
+    """Send raw request bytes; read one Content-Length response (head and body)."""
+    writer.write(raw)
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    length = next(
+        int(line.split(b":")[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    return head + await asyncio.wait_for(reader.readexactly(length), 5)
+
+
 @pytest.fixture
 def watchers(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     """Disconnect watchers started (one per request that outlived the grace period)."""

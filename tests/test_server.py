@@ -226,7 +226,7 @@ def test_serve_passes_its_settings_to_uvicorn(
     assert kwargs["timeout_graceful_shutdown"] == 3.5 and kwargs["timeout_keep_alive"] == 7
     # one write per response (api/_http11.py), no server header, X-Forwarded-* only for the
     # access log, which is off below debug level
-    assert kwargs["http"] == "HeadJoiningProtocol" and kwargs["server_header"] is False
+    assert kwargs["http"] == "GruServeHttpProtocol" and kwargs["server_header"] is False
     assert kwargs["access_log"] is False and kwargs["proxy_headers"] is False
 
 

@@ -166,12 +166,12 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
         # the fastest of uvicorn's WebSocket stacks here (bench/README.md), where available
         "ws": "websockets-sansio" if "websockets-sansio" in WS_PROTOCOLS else "auto",
     }
-    try:  # one write per response (api/_http11.py); needs httptools, as uvicorn's default
-        from gruserve.api._http11 import HeadJoiningProtocol
+    try:  # one write per response, the step without ASGI (api/_http11.py); needs httptools
+        from gruserve.api._http11 import GruServeHttpProtocol
     except ImportError:  # pragma: no cover - uvicorn[standard] brings httptools
         pass
     else:
-        options["http"] = HeadJoiningProtocol
+        options["http"] = GruServeHttpProtocol
     return options
 
 

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from conftest import Served, live_server
+from conftest import Served, http_exchange, live_server
 from gruserve.api import _http11 as http11
-from gruserve.api._http11 import HeadJoiningProtocol, _HeadJoiner
+from gruserve.api._http11 import GruServeHttpProtocol, _HeadJoiner
 from gruserve.server import uvicorn_options
 from gruserve.settings import Settings
 
@@ -69,7 +69,7 @@ async def test_close_sends_what_is_held_first() -> None:
 
 
 def test_serve_uses_it() -> None:
-    assert uvicorn_options(Settings(_env_file=None))["http"] is HeadJoiningProtocol
+    assert uvicorn_options(Settings(_env_file=None))["http"] is GruServeHttpProtocol
 
 
 async def test_a_real_server_joins_its_writes(
@@ -89,25 +89,10 @@ async def test_a_real_server_joins_its_writes(
         host, port = address.split(":")
         reader, writer = await asyncio.open_connection(host, int(port))
         try:
-            reply = await _exchange(reader, writer, b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+            reply = await http_exchange(reader, writer, b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
         finally:
             writer.close()
     assert joined == [reply]  # the whole response, head and body, in one write
-
-
-async def _exchange(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, raw: bytes
-) -> bytes:
-    """Send one request; read one content-length response (head and body)."""
-    writer.write(raw)
-    await writer.drain()
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-    length = next(
-        int(line.split(b":")[1])
-        for line in head.split(b"\r\n")
-        if line.lower().startswith(b"content-length:")
-    )
-    return head + await asyncio.wait_for(reader.readexactly(length), 5)
 
 
 async def test_keep_alive_requests_and_a_stream_on_a_real_server(served: Served) -> None:
@@ -119,7 +104,7 @@ async def test_keep_alive_requests_and_a_stream_on_a_real_server(served: Served)
         try:
             for n in range(1, 4):  # one connection, several responses, each whole and in order
                 body = json.dumps({"inputs": [0.1 * n, 0.2, 0.3], "step": n - 1}).encode()
-                reply = await _exchange(
+                reply = await http_exchange(
                     reader,
                     writer,
                     f"POST /v1/sessions/{sid}/step HTTP/1.1\r\nhost: x\r\n"

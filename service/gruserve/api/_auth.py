@@ -100,6 +100,16 @@ class ApiKeys:
             matched |= hmac.compare_digest(given, digest)
         return matched
 
+    def refusal(self, headers: list[tuple[bytes, bytes]]) -> GruServeError | None:
+        """Why a request with ``headers`` is refused, or None if it presents a valid key."""
+        presented = presented_keys(headers)
+        if presented is None:
+            return MissingApiKey()
+        accepted = False
+        for key in presented:
+            accepted |= self.accepts(key)
+        return None if accepted else InvalidApiKey()
+
 
 def presented_keys(headers: list[tuple[bytes, bytes]]) -> list[bytes] | None:
     """The keys a request presents, or None if it presents none (or only malformed ones)."""
@@ -133,18 +143,10 @@ class ApiKeyMiddleware:
         if kind not in ("http", "websocket") or self._path(scope) in self.public:
             await self.app(scope, receive, send)
             return
-        presented = presented_keys(scope["headers"])
-        refusal: GruServeError
-        if presented is None:
-            refusal = MissingApiKey()
-        else:
-            accepted = False
-            for key in presented:
-                accepted |= self.keys.accepts(key)
-            if accepted:
-                await self.app(scope, receive, send)
-                return
-            refusal = InvalidApiKey()
+        refusal = self.keys.refusal(scope["headers"])
+        if refusal is None:
+            await self.app(scope, receive, send)
+            return
         status, body = error_payload(refusal)
         self.metrics.errors.labels(body["error"]["type"]).inc()
         content = encode.dumps(shaped_for(scope["path"], body))

@@ -20,8 +20,13 @@ inside it in both. So every request is covered:
 
 WebSocket connections are passed on with their ``receive`` and ``send`` untouched, so
 their messages pay for no wrapper. This runs on every request, so the labelled metric
-children are looked up once per (method, route, status) and kept, instead of calling
-``labels()`` each time.
+children are looked up once per (method, route, status) and kept (:class:`HttpMetrics`),
+instead of calling ``labels()`` each time.
+
+The step route answered by the HTTP protocol itself (:class:`gruserve.api.fast_step.DirectStep`)
+takes only requests this layer would pass through unchanged (a ``Content-Length`` within
+the limit), and uses the same pieces: :func:`scan_headers`, the request id and
+:class:`HttpMetrics`.
 """
 
 from __future__ import annotations
@@ -48,19 +53,18 @@ class EdgeMiddleware:
         self, app: ASGIApp, max_bytes: int, metrics: Metrics, unbounded: re.Pattern[str]
     ) -> None:
         self.app, self.max_bytes, self.metrics, self.unbounded = app, max_bytes, metrics, unbounded
-        self._requests: dict[tuple[str, str, int], Counter] = {}
-        self._seconds: dict[str, Histogram] = {}
+        self.http = HttpMetrics(metrics)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind != "http":
             if kind == "websocket":
-                REQUEST_ID.set(chosen(_header(scope["headers"], HEADER)).decode())
+                REQUEST_ID.set(chosen(header(scope["headers"], HEADER)).decode())
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
         status = 0
-        length, chunked, received_id = _scan(scope["headers"])
+        length, chunked, received_id = scan_headers(scope["headers"])
         request_id = chosen(received_id)
         token = REQUEST_ID.set(request_id.decode())
 
@@ -87,7 +91,13 @@ class EdgeMiddleware:
             await self._answer(exc, scope, receive, send_status)
         finally:
             REQUEST_ID.reset(token)
-            self._count(scope, status or 500, time.perf_counter() - started)
+            route: Any = scope.get("route")
+            self.http.count(
+                scope["method"],
+                getattr(route, "path", "unmatched"),
+                status or 500,
+                time.perf_counter() - started,
+            )
 
     async def _answer(
         self,
@@ -117,23 +127,32 @@ class EdgeMiddleware:
 
         return limited
 
-    def _count(self, scope: Scope, status: int, seconds: float) -> None:
-        route: Any = scope.get("route")
-        name = getattr(route, "path", "unmatched")
-        key = (scope["method"], name, status)
+
+class HttpMetrics:
+    """``gruserve_http_requests_total`` and ``gruserve_http_request_seconds``, one update each
+    per request, with the labelled children looked up once per (method, route, status)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self._requests: dict[tuple[str, str, int], Counter] = {}
+        self._seconds: dict[str, Histogram] = {}
+
+    def count(self, method: str, route: str, status: int, seconds: float) -> None:
+        """One answered request; ``route`` is the route's template (``"unmatched"``: none)."""
+        key = (method, route, status)
         requests = self._requests.get(key)
         if requests is None:
             requests = self._requests[key] = self.metrics.http_requests.labels(
-                key[0], name, str(status)
+                method, route, str(status)
             )
-        timer = self._seconds.get(name)
+        timer = self._seconds.get(route)
         if timer is None:
-            timer = self._seconds[name] = self.metrics.http_seconds.labels(name)
+            timer = self._seconds[route] = self.metrics.http_seconds.labels(route)
         requests.inc()
         timer.observe(seconds)
 
 
-def _scan(headers: list[tuple[bytes, bytes]]) -> tuple[int | None, bool, bytes | None]:
+def scan_headers(headers: list[tuple[bytes, bytes]]) -> tuple[int | None, bool, bytes | None]:
     """``(Content-Length or None, whether Transfer-Encoding is set, X-Request-ID or None)``
     from raw ASGI headers, in one pass."""
     length, chunked, request_id = None, False, None
@@ -147,7 +166,7 @@ def _scan(headers: list[tuple[bytes, bytes]]) -> tuple[int | None, bool, bytes |
     return length, chunked, request_id
 
 
-def _header(headers: list[tuple[bytes, bytes]], wanted: bytes) -> bytes | None:
+def header(headers: list[tuple[bytes, bytes]], wanted: bytes) -> bytes | None:
     for name, value in headers:
         if name == wanted:
             return value

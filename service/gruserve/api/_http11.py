@@ -1,34 +1,64 @@
-"""uvicorn's httptools HTTP/1.1 protocol, sending a response's head and body in one write.
+"""uvicorn's httptools HTTP/1.1 protocol, with two savings for small, frequent requests.
 
-An ASGI app answers with two messages, the head (``http.response.start``) and the
-body, and uvicorn writes each to the socket as it comes: two ``send`` system calls
-per response, and on loopback each one also runs the receiving side's network
-stack. For a small JSON reply that second call is a good part of the cost of the
-request (a hello-world app served 15% more requests per second here with one;
-bench/README.md).
+**One write per response.** An ASGI app answers with two messages, the head
+(``http.response.start``) and the body, and uvicorn writes each to the socket as it
+comes: two ``send`` system calls per response, and on loopback each one also runs the
+receiving side's network stack. For a small JSON reply that second call is a good part
+of the cost of the request (a hello-world app served 15% more requests per second here
+with one; bench/README.md). Every ASGI response cycle writes through a
+:class:`_HeadJoiner`, which holds the first write of the response (the head) until the
+next one and sends both together. A response whose body does not follow at once (an
+NDJSON stream waiting for its first request line, say) still has its head sent within
+the same event-loop iteration: the joiner flushes it from a ``call_soon`` callback.
+Writes are never reordered or dropped.
 
-:class:`HeadJoiningProtocol` gives every request's response cycle a
-:class:`_HeadJoiner` in place of the socket transport. It holds the first write of
-the response (the head) until the next write, and sends both together, so an
-ordinary response leaves in one system call. A response whose body does not follow
-at once (an NDJSON stream waiting for its first request line, say) still has its
-head sent within the same event-loop iteration: the joiner flushes it from a
-``call_soon`` callback. Writes are never reordered or dropped: the held bytes go out
-before anything the cycle writes or closes after them.
+**Direct routes.** An app may name, as its ``direct_routes`` attribute, requests that it
+answers without ASGI (:class:`DirectRoutes`; gruserve's is the session step,
+:class:`gruserve.api.fast_step.DirectStep`). For those the protocol builds no ASGI
+scope, cycle, event or ``receive``/``send`` pair: a :class:`_DirectCycle` collects the
+body, awaits the app's ``(status, headers, body)`` and writes it in one call. uvicorn's
+own connection handling is kept: the cycle stands in ``self.cycle`` and in the pipeline
+where uvicorn's cycles do (pipelined requests are answered in order, whichever path
+each takes), it is started as uvicorn starts a cycle (so graceful shutdown waits for
+it), and it ends through the protocol's ``on_response_complete`` (keep-alive timer,
+reading resumed). A lost connection cancels the app's work at once. Requests the app
+does not match, and every request when the access log is on (it is written from
+uvicorn's cycles), take uvicorn's ASGI path unchanged.
 
-Only the cycle's writes are joined; the protocol's own writes (a 400 for a malformed
-request, the WebSocket upgrade) go to the socket as before. If a uvicorn release
-changes the pieces this relies on (``cycle``, ``cycle.transport``), the protocol
-leaves the cycle alone and behaves exactly like uvicorn's (and
-``tests/api/test__http11.py`` fails, to say so).
+The protocol's own writes (a 400 for a malformed request, the WebSocket upgrade) go
+to the socket as before. This relies on pieces of uvicorn that are not public
+(``cycle``, ``cycle.transport``, ``pipeline``, ``_start_asgi_task``,
+``on_response_complete``): if a release changes them, the protocol leaves cycles
+alone and answers everything through ASGI, like uvicorn's own
+(``tests/api/test__http11.py`` and ``tests/api/test_direct_step.py`` fail, to say so).
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+import httptools
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+from gruserve.api.errors import ClientDisconnected
+
+Headers = list[tuple[bytes, bytes]]
+Watch = Callable[[Awaitable[Any]], Awaitable[Any]]
+
+
+class DirectRoutes(Protocol):
+    """Requests an app answers straight from the HTTP protocol (``app.direct_routes``)."""
+
+    def match(self, method: bytes, path: bytes, headers: Headers) -> str | None:
+        """The argument to answer with (a session id, say), or None: not a direct request."""
+
+    def answer(
+        self, argument: str, headers: Headers, body: bytes, watch: Watch
+    ) -> Awaitable[tuple[int, Headers, bytes]]:
+        """``(status, headers, body)``; ``watch`` wraps the work that a disconnect cancels
+        (raising :class:`~gruserve.api.errors.ClientDisconnected` then)."""
 
 
 class _HeadJoiner:
@@ -71,13 +101,187 @@ class _HeadJoiner:
         return getattr(self._transport, name)
 
 
-class HeadJoiningProtocol(HttpToolsProtocol):
-    """uvicorn's ``httptools`` protocol; each response cycle writes through a joiner."""
+class _DirectCycle:
+    """One request to a direct route: its body, the app's answer, and the write.
+
+    Stands where uvicorn keeps its ``RequestResponseCycle`` and has the attributes
+    uvicorn's protocol reads or sets there (``response_complete``, ``disconnected``,
+    ``keep_alive``, ``message_event``, ``run_asgi``).
+    """
+
+    __slots__ = (
+        "_waiter",
+        "_watching",
+        "argument",
+        "body",
+        "disconnected",
+        "headers",
+        "keep_alive",
+        "more_body",
+        "protocol",
+        "response_complete",
+        "routes",
+        "task",
+    )
+
+    def __init__(
+        self,
+        protocol: GruServeHttpProtocol,
+        routes: DirectRoutes,
+        argument: str,
+        headers: Headers,
+        keep_alive: bool,
+    ) -> None:
+        self.protocol, self.routes, self.argument, self.headers = (
+            protocol,
+            routes,
+            argument,
+            headers,
+        )
+        self.keep_alive = keep_alive
+        self.body = b""
+        self.more_body = True
+        self.response_complete = self.disconnected = False
+        self.task: asyncio.Task[None] | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._watching = False
+
+    @property
+    def message_event(self) -> _DirectCycle:
+        """What uvicorn signals on a lost connection: this cycle's :meth:`set`."""
+        return self
+
+    def set(self) -> None:
+        """The body is complete, or the connection is lost (``disconnected`` set)."""
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        if self.disconnected and self._watching and self.task is not None:
+            self.task.cancel()
+
+    async def watch(self, work: Awaitable[Any]) -> Any:
+        """Await ``work``; cancel it, raising ClientDisconnected, if the connection is lost."""
+        if self.disconnected:
+            work.close()  # type: ignore[attr-defined]
+            raise ClientDisconnected
+        self._watching = True
+        try:
+            return await work
+        except asyncio.CancelledError:
+            task = self.task
+            if self.disconnected and task is not None and task.uncancel() == 0:
+                raise ClientDisconnected from None
+            raise
+        finally:
+            self._watching = False
+
+    async def run_asgi(self, app: Any) -> None:
+        """Answer the request (named as uvicorn's cycles: its pipeline starts them by it)."""
+        protocol = self.protocol
+        self.task = asyncio.current_task()
+        try:
+            if self.more_body:
+                self._waiter = protocol.loop.create_future()
+                await self._waiter
+            if self.disconnected:
+                return
+            status, headers, body = await self.routes.answer(
+                self.argument, self.headers, self.body, self.watch
+            )
+            if protocol.flow.write_paused and not self.disconnected:
+                await protocol.flow.drain()
+            self._write(status, headers, body)
+        except BaseException as exc:
+            protocol.logger.error("Exception in a direct route", exc_info=exc)
+            if not self.response_complete and not self.disconnected:
+                self.keep_alive = False
+                self._write(500, _PLAIN_500, b"Internal Server Error")
+            if not isinstance(exc, Exception):
+                raise
+
+    def _write(self, status: int, headers: Headers, body: bytes) -> None:
+        transport = self.protocol.transport
+        if self.disconnected or transport.is_closing():
+            return
+        content = [STATUS_LINE[status]]
+        for name, value in self.protocol.server_state.default_headers:
+            content += (name, b": ", value, b"\r\n")
+        for name, value in headers:
+            content += (name, b": ", value, b"\r\n")
+        if not self.keep_alive:
+            content.append(b"connection: close\r\n")
+        content += (b"\r\n", body)
+        transport.write(b"".join(content))
+        self.response_complete = True
+        if not self.keep_alive:
+            transport.close()
+        self.protocol.on_response_complete()
+
+
+_PLAIN_500 = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", b"21")]
+# what the direct path needs of uvicorn's protocol beyond its public interface
+_UVICORN_PIECES = ("cycle", "pipeline", "flow", "_start_asgi_task", "on_response_complete")
+
+
+class GruServeHttpProtocol(HttpToolsProtocol):
+    """uvicorn's ``httptools`` protocol; ASGI responses in one write, direct routes without ASGI."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        routes = getattr(self.app, "direct_routes", None)
+        usable = (
+            not self.access_log
+            and self.limit_concurrency is None
+            and all(hasattr(self, piece) for piece in _UVICORN_PIECES)
+        )
+        self.direct: DirectRoutes | None = routes if usable else None
 
     def on_headers_complete(self) -> None:
+        if self.direct is not None and self._start_direct():
+            return
         previous = getattr(self, "cycle", None)
         super().on_headers_complete()
         cycle = getattr(self, "cycle", None)
         # a new request (an upgrade makes none); its task has not run yet, so nothing was written
         if cycle is not None and cycle is not previous and hasattr(cycle, "transport"):
             cycle.transport = _HeadJoiner(self.transport, self.loop)
+
+    def _start_direct(self) -> bool:
+        """Start a direct cycle for this request if it is one (HTTP/1.1, no upgrade, no
+        ``Expect``, a path of the app's), as uvicorn would start its own."""
+        parser = self.parser
+        if parser.get_http_version() != "1.1" or parser.should_upgrade():
+            return False
+        if self.expect_100_continue:
+            return False
+        try:
+            path = httptools.parse_url(self.url).path
+        except httptools.HttpParserInvalidURLError:
+            return False
+        argument = self.direct.match(parser.get_method(), path, self.headers)  # type: ignore[union-attr]
+        if argument is None:
+            return False
+        existing = self.cycle
+        cycle = _DirectCycle(self, self.direct, argument, self.headers, parser.should_keep_alive())  # type: ignore[arg-type]
+        self.cycle = cycle  # type: ignore[assignment]
+        if existing is None or existing.response_complete:
+            self._start_asgi_task(cycle, self.app)  # type: ignore[arg-type]
+        else:  # pipelined behind a request still being answered
+            self.flow.pause_reading()
+            self.pipeline.appendleft((cycle, self.app))  # type: ignore[arg-type]
+        return True
+
+    def on_body(self, body: bytes) -> None:
+        cycle = self.cycle
+        if type(cycle) is _DirectCycle:
+            cycle.body += body
+            return
+        super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        cycle = self.cycle
+        if type(cycle) is _DirectCycle:
+            cycle.more_body = False
+            cycle.set()
+            return
+        super().on_message_complete()

@@ -20,7 +20,7 @@ from gruserve import __version__
 from gruserve.api import errors, health, stream, v1, v2
 from gruserve.api._auth import METRICS, PUBLIC, ApiKeyMiddleware, ApiKeys, load_keys
 from gruserve.api._edge import EdgeMiddleware
-from gruserve.api.fast_step import StepEndpoint
+from gruserve.api.fast_step import DirectStep, StepEndpoint
 from gruserve.api.hot_paths import HotPaths
 from gruserve.api.ws import SessionSockets
 from gruserve.services import Services
@@ -44,9 +44,14 @@ _NO_TELEMETRY: dict[str, Any] = (
 
 
 class GruServeAPI(FastAPI):
-    """FastAPI, with the per-step routes (:mod:`gruserve.api.hot_paths`) answered first."""
+    """FastAPI, with the per-step routes (:mod:`gruserve.api.hot_paths`) answered first.
+
+    ``direct_routes`` is what ``gruserve serve``'s HTTP protocol answers without ASGI
+    (:mod:`gruserve.api._http11`); other servers never look at it.
+    """
 
     hot_paths: HotPaths | None = None
+    direct_routes: DirectStep | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         handler = self.hot_paths.route(scope) if self.hot_paths is not None else None
@@ -84,6 +89,7 @@ def create_app(settings: Settings, services: Services) -> GruServeAPI:
     # metrics), then API keys. The framework's routes get them as middleware; the per-step
     # routes get the same two classes around their handlers, outside the framework.
     keys = load_keys(settings.api_keys, settings.api_keys_file)
+    accepted = ApiKeys(keys) if keys else None
     guard = [
         Middleware(
             EdgeMiddleware,
@@ -92,11 +98,11 @@ def create_app(settings: Settings, services: Services) -> GruServeAPI:
             unbounded=STREAM_PATHS,
         )
     ]
-    if keys:
+    if accepted is not None:
         public = PUBLIC | {METRICS} if settings.metrics_public else PUBLIC
         guard.append(
             Middleware(
-                ApiKeyMiddleware, keys=ApiKeys(keys), metrics=services.metrics, public=public
+                ApiKeyMiddleware, keys=accepted, metrics=services.metrics, public=public
             )
         )
         _document_keys(app)
@@ -109,12 +115,9 @@ def create_app(settings: Settings, services: Services) -> GruServeAPI:
         return handler
 
     step_route = next(r for r in v1.router.routes if getattr(r, "endpoint", None) is v1.step)
-    app.hot_paths = HotPaths(
-        StepEndpoint(services.sessions, services.metrics),
-        SessionSockets(services),
-        step_route,
-        guarded,
-    )
+    step = StepEndpoint(services.sessions, services.metrics)
+    app.hot_paths = HotPaths(step, SessionSockets(services), step_route, guarded)
+    app.direct_routes = DirectStep(step, step_route.path, settings.max_request_bytes, accepted)
     return app
 
 

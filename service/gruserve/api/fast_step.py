@@ -1,33 +1,55 @@
-"""``POST /v1/sessions/{id}/step`` as plain ASGI: the hot REST route without the framework.
+"""``POST /v1/sessions/{id}/step`` without the framework: the hot REST route, in two forms.
 
 The FastAPI route in :mod:`gruserve.api.v1` stays declared, so OpenAPI documents
-it, but :class:`~gruserve.api.hot_paths.HotPaths` sends matching requests here
-first. :class:`StepEndpoint` does what that route does, with the same pieces:
-:func:`gruserve.api.decode.step_message` for the body (step number included), one
-:meth:`~gruserve.sessions.service.SessionService.step` call,
-:func:`gruserve.api.encode.step` for the reply, :func:`gruserve.api.errors.error_payload`
-for every error (counted like the exception handlers count them), and the client's
-disconnect cancels the step. It runs inside :class:`~gruserve.api._edge.EdgeMiddleware`
-and the API-key check, so the byte limit, request ids, keys and HTTP metrics are the
-same code as for every other route.
+it, but a step request is answered by one of these first:
 
-What it skips is per-request machinery that a step does not need: the framework's
-outer layers, routing through every route's regex, dependency resolution,
-``Request``/``Response`` objects and the exception-handler layers (measured in
-``bench/README.md``).
+- :class:`DirectStep`, under ``gruserve serve``: the HTTP protocol
+  (:mod:`gruserve.api._http11`) hands it the parsed request and writes the reply
+  it returns, with no ASGI cycle, task-per-message ``receive``/``send`` or middleware
+  in between. It takes only requests the edge and the API-key check would pass
+  through unchanged (a ``Content-Length`` within the byte limit, a valid key if keys
+  are set); anything else (a chunked body, an oversized or missing key...) goes the
+  ASGI way below, where those layers answer it.
+- :class:`StepEndpoint`, as plain ASGI, for every other server
+  (``uvicorn --factory``, the ASGI test transport): :class:`~gruserve.api.hot_paths.HotPaths`
+  sends matching requests to it inside :class:`~gruserve.api._edge.EdgeMiddleware` and
+  the API-key check.
+
+Both answer with :meth:`StepEndpoint.answer`: :func:`gruserve.api.decode.step_message`
+for the body (step number included), one
+:meth:`~gruserve.sessions.service.SessionService.step` call, :func:`gruserve.api.encode.step`
+for the reply, :func:`gruserve.api.errors.error_payload` for every error (counted like
+the exception handlers count them); a client that disconnects has its step cancelled.
+Request ids and HTTP metrics are the edge's own pieces (measured in ``bench/README.md``).
 """
 
 from __future__ import annotations
 
+import re
+import time
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Any
+
 from starlette.types import Message, Receive, Scope, Send
 
 from gruserve.api import decode, encode
+from gruserve.api._auth import ApiKeys
 from gruserve.api._disconnect import DisconnectWatch
+from gruserve.api._edge import HttpMetrics, header, scan_headers
+from gruserve.api._request_id import HEADER, REQUEST_ID, chosen
 from gruserve.api.errors import ClientDisconnected, error_payload
 from gruserve.metrics import Metrics
 from gruserve.sessions.service import SessionService
 
 _JSON = b"application/json"
+# the raw path: an id with escapes (%) or non-ASCII bytes is left to the ASGI route
+_STEP = re.compile(rb"/v1/sessions/([^/%\x80-\xff]+)/step")
+Watch = Callable[[Awaitable[Any]], Awaitable[Any]]
+
+
+Reply = tuple[int, list[tuple[bytes, bytes]], bytes]
+"""``(status, headers, body)`` of an answer given to the HTTP protocol directly."""
 
 
 class StepEndpoint:
@@ -47,22 +69,85 @@ class StepEndpoint:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self.taken += 1
         try:
-            inputs, mask, number = decode.step_message(await _body(receive))
-            work = self.sessions.step(scope["path_params"]["session_id"], inputs, mask, number)
-            result = await self.disconnects.run(receive, work)
-            status, body = 200, encode.dumps(encode.step(result))
+            body = await _body(receive)
+        except Exception as exc:
+            status, content = self.failed(exc)
+        else:
+            session_id = scope["path_params"]["session_id"]
+            status, content = await self.answer(
+                session_id, body, partial(self.disconnects.run, receive)
+            )
+        await send({"type": "http.response.start", "status": status, "headers": _headers(content)})
+        await send({"type": "http.response.body", "body": content})
+
+    async def answer(self, session_id: str, body: bytes, watch: Watch) -> tuple[int, bytes]:
+        """``(status, JSON body)`` of one step; ``watch`` awaits the step, raising
+        :class:`~gruserve.api.errors.ClientDisconnected` if the client leaves first."""
+        try:
+            inputs, mask, number = decode.step_message(body)
+            result = await watch(self.sessions.step(session_id, inputs, mask, number))
+            return 200, encode.dumps(encode.step(result))
         except Exception as exc:  # every error gets the one JSON shape, as in api/errors.py
-            status, payload = error_payload(exc)
-            self.metrics.errors.labels(payload["error"]["type"]).inc()
-            body = encode.dumps(payload)
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [(b"content-length", b"%d" % len(body)), (b"content-type", _JSON)],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+            return self.failed(exc)
+
+    def failed(self, exc: Exception) -> tuple[int, bytes]:
+        status, payload = error_payload(exc)
+        self.metrics.errors.labels(payload["error"]["type"]).inc()
+        return status, encode.dumps(payload)
+
+
+class DirectStep:
+    """The step route, answered by the HTTP protocol (``app.direct_routes``, see
+    :class:`~gruserve.api._http11.DirectRoutes`).
+
+    Args:
+        endpoint: the ASGI form, whose :meth:`~StepEndpoint.answer` this shares.
+        route: the declared route's template, the ``route`` label of the HTTP metrics.
+        max_bytes: the edge's body limit: larger bodies are left to the edge to refuse.
+        keys: the API keys, if any: requests without a valid one are left to the check.
+    """
+
+    def __init__(
+        self, endpoint: StepEndpoint, route: str, max_bytes: int, keys: ApiKeys | None
+    ) -> None:
+        self.endpoint, self.route, self.max_bytes, self.keys = endpoint, route, max_bytes, keys
+        self.http = HttpMetrics(endpoint.metrics)
+        self.taken = 0
+        """Requests answered here (tests check that this path is the one taken)."""
+
+    def match(self, method: bytes, path: bytes, headers: list[tuple[bytes, bytes]]) -> str | None:
+        """The session id, if this is a step request the edge and key check would let by."""
+        if method != b"POST":
+            return None
+        found = _STEP.fullmatch(path)
+        if found is None:
+            return None
+        length, chunked, _ = scan_headers(headers)
+        if length is None or chunked or length > self.max_bytes:
+            return None
+        if self.keys is not None and self.keys.refusal(headers) is not None:
+            return None
+        return found[1].decode("ascii")
+
+    async def answer(
+        self, session_id: str, headers: list[tuple[bytes, bytes]], body: bytes, watch: Watch
+    ) -> Reply:
+        """The reply to a matched request, with the request id the edge would give it."""
+        self.taken += 1
+        started = time.perf_counter()
+        request_id = chosen(header(headers, HEADER))
+        token = REQUEST_ID.set(request_id.decode())
+        status = 500
+        try:
+            status, content = await self.endpoint.answer(session_id, body, watch)
+        finally:
+            REQUEST_ID.reset(token)
+            self.http.count("POST", self.route, status, time.perf_counter() - started)
+        return status, [*_headers(content), (HEADER, request_id)], content
+
+
+def _headers(content: bytes) -> list[tuple[bytes, bytes]]:
+    return [(b"content-length", b"%d" % len(content)), (b"content-type", _JSON)]
 
 
 async def _body(receive: Receive) -> bytes:
