@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from conftest import Served, http_exchange, live_server, serve
+from conftest import Served, free_port, http_exchange, live_server, serve
 from gruserve.api.fast_step import DirectStep, StepEndpoint
 
 ATOL = 1e-5
@@ -270,3 +270,38 @@ async def test_with_the_access_log_on_every_request_goes_through_asgi(
                 writer.close()
         assert status == 200 and reply["step"] == 1
         assert direct(s).taken == 0 and asgi_step(s).taken == 1
+
+
+async def test_shutdown_waits_for_a_step_in_flight(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import uvicorn
+
+    from gruserve.server import uvicorn_options
+
+    sid = await session(served)
+    original, started = served.services.sessions.step, asyncio.Event()
+
+    async def slow_step(*args: Any) -> Any:
+        started.set()
+        await asyncio.sleep(0.3)
+        return await original(*args)
+
+    monkeypatch.setattr(served.services.sessions, "step", slow_step)
+    port = free_port()
+    options = {**uvicorn_options(served.app.state.settings), "log_level": "warning"}
+    server = uvicorn.Server(uvicorn.Config(served.app, port=port, lifespan="off", **options))
+    serving = asyncio.get_running_loop().create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.01)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(step_request(sid, b'{"inputs": [1, 2, 3]}'))
+        await asyncio.wait_for(started.wait(), 5)
+        server.should_exit = True  # as on SIGTERM: stop accepting, finish what is in flight
+        status, headers, reply = parse(await http_exchange(reader, writer, b""))
+    finally:
+        writer.close()
+    await asyncio.wait_for(serving, 10)
+    assert status == 200 and reply["step"] == 1 and headers[b"connection"] == b"close"
+    assert direct(served).taken == 1
