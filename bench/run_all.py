@@ -212,35 +212,36 @@ def _mean_batch(metrics: str, model: str) -> float:
     return values["sum"] / values["count"] if values.get("count") else float("nan")
 
 
-def _find(
+def _all(
     results: dict[str, Any],
     server: str,
     model: str,
     transport: str,
     sessions: int,
     intra_op_threads: int | None = None,
-) -> dict[str, Any]:
-    for run in results["runs"]:
-        if (run["server"], run["model"], run["transport"], run["sessions"]) == (
-            server,
-            model,
-            transport,
-            sessions,
-        ) and run.get("intra_op_threads") == intra_op_threads:
-            return dict(run)
-    raise KeyError((server, model, transport, sessions, intra_op_threads))
-
-
-def _all(
-    results: dict[str, Any], server: str, model: str, transport: str, sessions: int
 ) -> list[dict[str, Any]]:
     """Every run of that point, in the order measured (the REST C=64 rounds)."""
-    key = (server, model, transport, sessions)
+    key = (server, model, transport, sessions, intra_op_threads)
     return [
-        r
-        for r in results["runs"]
-        if (r["server"], r["model"], r["transport"], r["sessions"]) == key
+        dict(run)
+        for run in results["runs"]
+        if (
+            run["server"],
+            run["model"],
+            run["transport"],
+            run["sessions"],
+            run.get("intra_op_threads"),
+        )
+        == key
     ]
+
+
+def _find(results: dict[str, Any], *point: Any) -> dict[str, Any]:
+    """The first run of that point (see :func:`_all`)."""
+    runs = _all(results, *point)
+    if not runs:
+        raise KeyError(point)
+    return runs[0]
 
 
 def _ratios(results: dict[str, Any]) -> dict[str, Any]:

@@ -15,9 +15,9 @@ timer, every ``grace_s``, starts the watcher of each request still unanswered af
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from starlette.requests import Request
 from starlette.types import Receive
@@ -25,6 +25,9 @@ from starlette.types import Receive
 from gruserve.api.errors import ClientDisconnected
 
 T = TypeVar("T")
+Watch = Callable[[Awaitable[Any]], Awaitable[Any]]
+"""Awaits a request's work, raising ClientDisconnected if its client leaves first
+(:meth:`DisconnectWatch.run` with its ``receive`` bound, or the HTTP protocol's own)."""
 GRACE_S = 0.01
 
 

@@ -59,7 +59,7 @@ class EdgeMiddleware:
         kind = scope["type"]
         if kind != "http":
             if kind == "websocket":
-                REQUEST_ID.set(chosen(header(scope["headers"], HEADER)).decode())
+                REQUEST_ID.set(chosen(_header(scope["headers"], HEADER)).decode())
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
@@ -166,7 +166,7 @@ def scan_headers(headers: list[tuple[bytes, bytes]]) -> tuple[int | None, bool, 
     return length, chunked, request_id
 
 
-def header(headers: list[tuple[bytes, bytes]], wanted: bytes) -> bytes | None:
+def _header(headers: list[tuple[bytes, bytes]], wanted: bytes) -> bytes | None:
     for name, value in headers:
         if name == wanted:
             return value

@@ -36,26 +36,27 @@ alone and answers everything through ASGI, like uvicorn's own
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from typing import Any, Protocol
 
 import httptools
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
+from gruserve.api._disconnect import Watch
 from gruserve.api.errors import ClientDisconnected
 
 Headers = list[tuple[bytes, bytes]]
-Watch = Callable[[Awaitable[Any]], Awaitable[Any]]
 
 
 class DirectRoutes(Protocol):
     """Requests an app answers straight from the HTTP protocol (``app.direct_routes``)."""
 
-    def match(self, method: bytes, path: bytes, headers: Headers) -> str | None:
-        """The argument to answer with (a session id, say), or None: not a direct request."""
+    def match(self, method: bytes, path: bytes, headers: Headers) -> Any:
+        """What :meth:`answer` needs of the request line and headers (the session id, say),
+        or None: not a direct request."""
 
     def answer(
-        self, argument: str, headers: Headers, body: bytes, watch: Watch
+        self, matched: Any, body: bytes, watch: Watch
     ) -> Awaitable[tuple[int, Headers, bytes]]:
         """``(status, headers, body)``; ``watch`` wraps the work that a disconnect cancels
         (raising :class:`~gruserve.api.errors.ClientDisconnected` then)."""
@@ -112,11 +113,10 @@ class _DirectCycle:
     __slots__ = (
         "_waiter",
         "_watching",
-        "argument",
         "body",
         "disconnected",
-        "headers",
         "keep_alive",
+        "matched",
         "more_body",
         "protocol",
         "response_complete",
@@ -128,16 +128,12 @@ class _DirectCycle:
         self,
         protocol: GruServeHttpProtocol,
         routes: DirectRoutes,
-        argument: str,
-        headers: Headers,
+        matched: Any,
         keep_alive: bool,
     ) -> None:
-        self.protocol, self.routes, self.argument, self.headers = (
-            protocol,
-            routes,
-            argument,
-            headers,
-        )
+        self.protocol = protocol
+        self.routes = routes
+        self.matched = matched
         self.keep_alive = keep_alive
         self.body = b""
         self.more_body = True
@@ -185,9 +181,7 @@ class _DirectCycle:
                 await self._waiter
             if self.disconnected:
                 return
-            status, headers, body = await self.routes.answer(
-                self.argument, self.headers, self.body, self.watch
-            )
+            status, headers, body = await self.routes.answer(self.matched, self.body, self.watch)
             if protocol.flow.write_paused and not self.disconnected:
                 await protocol.flow.drain()
             self._write(status, headers, body)
@@ -258,11 +252,11 @@ class GruServeHttpProtocol(HttpToolsProtocol):
             path = httptools.parse_url(self.url).path
         except httptools.HttpParserInvalidURLError:
             return False
-        argument = self.direct.match(parser.get_method(), path, self.headers)  # type: ignore[union-attr]
-        if argument is None:
+        matched = self.direct.match(parser.get_method(), path, self.headers)  # type: ignore[union-attr]
+        if matched is None:
             return False
         existing = self.cycle
-        cycle = _DirectCycle(self, self.direct, argument, self.headers, parser.should_keep_alive())  # type: ignore[arg-type]
+        cycle = _DirectCycle(self, self.direct, matched, parser.should_keep_alive())  # type: ignore[arg-type]
         self.cycle = cycle  # type: ignore[assignment]
         if existing is None or existing.response_complete:
             self._start_asgi_task(cycle, self.app)  # type: ignore[arg-type]

@@ -101,9 +101,7 @@ def create_app(settings: Settings, services: Services) -> GruServeAPI:
     if accepted is not None:
         public = PUBLIC | {METRICS} if settings.metrics_public else PUBLIC
         guard.append(
-            Middleware(
-                ApiKeyMiddleware, keys=accepted, metrics=services.metrics, public=public
-            )
+            Middleware(ApiKeyMiddleware, keys=accepted, metrics=services.metrics, public=public)
         )
         _document_keys(app)
     for layer in reversed(guard):

@@ -27,16 +27,14 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import Any
 
 from starlette.types import Message, Receive, Scope, Send
 
 from gruserve.api import decode, encode
 from gruserve.api._auth import ApiKeys
-from gruserve.api._disconnect import DisconnectWatch
-from gruserve.api._edge import HttpMetrics, header, scan_headers
+from gruserve.api._disconnect import DisconnectWatch, Watch
+from gruserve.api._edge import HttpMetrics, scan_headers
 from gruserve.api._request_id import HEADER, REQUEST_ID, chosen
 from gruserve.api.errors import ClientDisconnected, error_payload
 from gruserve.metrics import Metrics
@@ -45,7 +43,6 @@ from gruserve.sessions.service import SessionService
 _JSON = b"application/json"
 # the raw path: an id with escapes (%) or non-ASCII bytes is left to the ASGI route
 _STEP = re.compile(rb"/v1/sessions/([^/%\x80-\xff]+)/step")
-Watch = Callable[[Awaitable[Any]], Awaitable[Any]]
 
 
 Reply = tuple[int, list[tuple[bytes, bytes]], bytes]
@@ -115,27 +112,29 @@ class DirectStep:
         self.taken = 0
         """Requests answered here (tests check that this path is the one taken)."""
 
-    def match(self, method: bytes, path: bytes, headers: list[tuple[bytes, bytes]]) -> str | None:
-        """The session id, if this is a step request the edge and key check would let by."""
+    def match(
+        self, method: bytes, path: bytes, headers: list[tuple[bytes, bytes]]
+    ) -> tuple[str, bytes | None] | None:
+        """``(session id, X-Request-ID or None)`` if this is a step request the edge and the
+        key check would let by, else None."""
         if method != b"POST":
             return None
         found = _STEP.fullmatch(path)
         if found is None:
             return None
-        length, chunked, _ = scan_headers(headers)
+        length, chunked, received_id = scan_headers(headers)
         if length is None or chunked or length > self.max_bytes:
             return None
         if self.keys is not None and self.keys.refusal(headers) is not None:
             return None
-        return found[1].decode("ascii")
+        return found[1].decode("ascii"), received_id
 
-    async def answer(
-        self, session_id: str, headers: list[tuple[bytes, bytes]], body: bytes, watch: Watch
-    ) -> Reply:
+    async def answer(self, matched: tuple[str, bytes | None], body: bytes, watch: Watch) -> Reply:
         """The reply to a matched request, with the request id the edge would give it."""
         self.taken += 1
         started = time.perf_counter()
-        request_id = chosen(header(headers, HEADER))
+        session_id, received_id = matched
+        request_id = chosen(received_id)
         token = REQUEST_ID.set(request_id.decode())
         status = 500
         try:
