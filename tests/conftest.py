@@ -179,6 +179,30 @@ async def http_exchange(
     return head + await asyncio.wait_for(reader.readexactly(length), 5)
 
 
+class StuckStep:
+    """What became of a session step that never finishes by itself."""
+
+    def __init__(self) -> None:
+        self.started, self.cancelled = asyncio.Event(), asyncio.Event()
+
+
+@pytest.fixture
+def stuck_step(served: Served, monkeypatch: pytest.MonkeyPatch) -> StuckStep:
+    """``served``'s session steps wait (10 s) until cancelled, recording start and cancel."""
+    events = StuckStep()
+
+    async def step(*args: Any) -> Any:
+        events.started.set()
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            events.cancelled.set()
+            raise
+
+    monkeypatch.setattr(served.services.sessions, "step", step)
+    return events
+
+
 @pytest.fixture
 def watchers(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     """Disconnect watchers started (one per request that outlived the grace period)."""

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from conftest import Served, free_port, http_exchange, live_server, serve
+from conftest import Served, StuckStep, free_port, http_exchange, live_server, serve
 from gruserve.api.fast_step import DirectStep, StepEndpoint
 
 ATOL = 1e-5
@@ -225,26 +225,16 @@ async def test_what_the_edge_or_key_check_must_answer_goes_the_asgi_way(
 
 
 async def test_a_lost_connection_cancels_the_step_at_once(
-    served: Served, connection: Connection, monkeypatch: pytest.MonkeyPatch
+    served: Served, connection: Connection, stuck_step: StuckStep
 ) -> None:
     sid = await session(served)
-    started, cancelled = asyncio.Event(), asyncio.Event()
-
-    async def slow_step(*args: Any) -> Any:
-        started.set()
-        try:
-            await asyncio.sleep(10)
-        except asyncio.CancelledError:
-            cancelled.set()
-            raise
-
-    monkeypatch.setattr(served.services.sessions, "step", slow_step)
     writer = connection[1]
     writer.write(step_request(sid, b'{"inputs": [1, 2, 3]}'))
     await writer.drain()
-    await asyncio.wait_for(started.wait(), 5)
+    await asyncio.wait_for(stuck_step.started.wait(), 5)
     writer.close()
-    await asyncio.wait_for(cancelled.wait(), 1)  # no watcher grace period: the protocol knows
+    # no watcher grace period: the protocol hears of the lost connection itself
+    await asyncio.wait_for(stuck_step.cancelled.wait(), 1)
     text = ""
     for _ in range(50):  # the answer (499, never sent) is counted once the task has unwound
         text = (await served.client.get("/metrics")).text

@@ -18,7 +18,7 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import Served, serve
+from conftest import Served, StuckStep, serve
 from gruserve.api import v1
 from gruserve.api.fast_step import StepEndpoint
 
@@ -187,22 +187,12 @@ async def _call(served: Served, path: str, body: bytes, leave_after: float | Non
 
 
 async def test_a_client_that_leaves_cancels_its_step(
-    served: Served, monkeypatch: pytest.MonkeyPatch, watchers: list[Any]
+    served: Served, stuck_step: StuckStep, watchers: list[Any]
 ) -> None:
     sid = await _session(served.client)
-    cancelled = asyncio.Event()
-
-    async def slow_step(*args: Any) -> Any:
-        try:
-            await asyncio.sleep(10)
-        except asyncio.CancelledError:
-            cancelled.set()
-            raise
-
-    monkeypatch.setattr(served.services.sessions, "step", slow_step)
     path, body = f"/v1/sessions/{sid}/step", b'{"inputs": [1, 2, 3]}'
     sent = await asyncio.wait_for(_call(served, path, body, leave_after=0.05), 5)
-    assert cancelled.is_set() and len(watchers) == 1
+    assert stuck_step.cancelled.is_set() and len(watchers) == 1
     assert sent[0]["status"] == 499  # nobody reads it; the metrics count it
     assert fast_path(served).disconnects.watching == 0
     text = (await served.client.get("/metrics")).text
