@@ -27,6 +27,7 @@ class ModelMetrics:
     steps: Counter
     timesteps: Counter
     batch_failures: Counter
+    inline_batches: Counter
 
 
 class Metrics:
@@ -67,6 +68,13 @@ class Metrics:
         )
         self.batch_failures = Counter(
             "gruserve_batch_failures", "Batched runs that raised.", ["model"], registry=registry
+        )
+        self.inline_batches = Counter(
+            "gruserve_inline_batches",
+            "Batched runs made on the event loop (recent runs of that size were cheaper than "
+            "a hand-off to the thread pool).",
+            ["model"],
+            registry=registry,
         )
         self.predictions = Counter(
             "gruserve_predictions", "Stateless predict calls.", ["model"], registry=registry
@@ -136,4 +144,5 @@ class Metrics:
             self.steps.labels(model),
             self.timesteps.labels(model),
             self.batch_failures.labels(model),
+            self.inline_batches.labels(model),
         )

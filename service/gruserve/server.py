@@ -112,6 +112,7 @@ def build_services(settings: Settings, registry: CollectorRegistry | None = None
             max_batch_size=size,
             max_delay_s=delay_ms / 1000,
             max_queue=settings.batch_queue_size,
+            inline_below_s=settings.batch_inline_below_us / 1e6,
             metrics=metrics.for_model(model.name),
         )
     store = build_store(settings, SessionEvents(metrics))

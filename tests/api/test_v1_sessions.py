@@ -299,6 +299,35 @@ async def test_concurrent_sessions_are_batched_exactly(
     assert total == 8 and count < 8, metrics
 
 
+@pytest.mark.parametrize("inline_below_us", [250.0, 0.0])
+async def test_a_small_models_steps_run_on_the_loop_once_measured(
+    models_dir: Path,
+    tiny_models: dict[str, Any],
+    store_url: str,
+    inline_below_us: float,
+    rng: np.random.Generator,
+) -> None:
+    """Same outputs and state on the event loop as in the pool; /metrics says where."""
+    steps = 12
+    xs = rng.normal(size=(1, steps, 3)).astype(np.float32)
+    inline = 'gruserve_inline_batches_total{model="simple"}'
+    async for s in serve(models_dir, store_url, batch_inline_below_us=inline_below_us):
+        sid = (await create(s.client, "simple"))["session_id"]
+        replies = [await step(s.client, sid, xs[0, t]) for t in range(steps - 2)]
+        before = _sample((await s.client.get("/metrics")).text, inline)
+        replies += [await step(s.client, sid, xs[0, t]) for t in range(steps - 2, steps)]
+        after = _sample((await s.client.get("/metrics")).text, inline)
+        outs, expected = tiny_models["simple"].reference(xs)
+        for t, reply in enumerate(replies):
+            np.testing.assert_allclose(reply["outputs"], outs[0][0, t], atol=ATOL)
+        final = await states(s.client, sid)
+        for key in expected:
+            np.testing.assert_allclose(final[key], expected[key][0], atol=ATOL)
+        # the first steps measure the model in the pool; measured, a tiny model's run takes
+        # µs and the last steps ran on the loop
+        assert (before > 0, after - before) == ((True, 2) if inline_below_us else (False, 0))
+
+
 def _sample(text: str, name: str) -> float:
     for line in text.splitlines():
         if line.startswith(name + " "):

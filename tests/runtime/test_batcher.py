@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from gruserve.metrics import Metrics
 from gruserve.repository import ModelRepository
-from gruserve.runtime.batcher import Batcher
+from gruserve.runtime.batcher import Batcher, RunTimes
 from gruserve.runtime.model import LoadedModel
 
 ATOL = 1e-5
@@ -26,15 +27,21 @@ class Recording(LoadedModel):
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
         self.shapes: list[tuple[int, ...]] = []
+        self.threads: list[threading.Thread] = []
         self.gate = threading.Event()
         self.gate.set()
         self.fail_next = False
         self.entered = 0
+        self.busy_s = 0.0  # CPU time each run burns on top of the model's own
 
     def run(self, inputs: np.ndarray, mask: Any, states: Any) -> Any:
         self.entered += 1
         self.gate.wait(10)
         self.shapes.append(inputs.shape)
+        self.threads.append(threading.current_thread())
+        until = time.thread_time() + self.busy_s
+        while time.thread_time() < until:
+            pass
         if self.fail_next:
             self.fail_next = False
             raise RuntimeError("boom")
@@ -60,6 +67,7 @@ def test_parameters_are_validated(
         {"max_delay_s": -1.0},
         {"max_queue": 0},
         {"max_concurrent": 0},
+        {"inline_below_s": -0.001},
     ):
         with pytest.raises(ValueError, match="Received"):
             Batcher(model, executor, **kwargs)
@@ -242,3 +250,96 @@ async def test_the_next_batch_starts_before_the_last_ones_callers_wake(
         # when the first step's caller ran again, the second batch was already in the pool
         assert seen == [2, 2]
         await batcher.close()
+
+
+# -- where batches run ---------------------------------------------------------------------
+def test_run_times_average_per_class_of_cells() -> None:
+    times = RunTimes()
+    assert times.expected(1) is None
+    times.record(1, 0.004)
+    times.record(1, 0.008)  # a quarter of the way from 4 ms to 8 ms
+    assert times.expected(1) == pytest.approx(0.005)
+    times.record(24, 0.1)  # 17-32 cells share a class; 16 and 33 do not
+    assert times.expected(17) == times.expected(32) == 0.1
+    assert times.expected(16) is None and times.expected(33) is None
+    assert times.expected(2) is None  # one cell's time says nothing about two
+
+
+async def _steps(batcher: Batcher, count: int, timesteps: int = 1) -> list[Any]:
+    """``count`` steps submitted in one pass of the loop, as concurrent requests arrive."""
+    x, s = np.full((timesteps, 3), 0.5, np.float32), np.zeros(4, np.float32)
+    return await asyncio.gather(*(batcher.submit(x, None, s) for _ in range(count)))
+
+
+async def test_cheap_batches_move_onto_the_loop_and_back_when_they_slow_down(
+    models_dir: Path, tiny_models: dict[str, Any], executor: Any
+) -> None:
+    model = _model(models_dir, "simple")
+    metrics = Metrics(CollectorRegistry())
+    batcher = Batcher(
+        model, executor, inline_below_s=0.01, max_delay_s=0.0, metrics=metrics.for_model("simple")
+    )
+    loop_thread = threading.current_thread()
+    pooled = await _steps(batcher, 3)  # a size never run: measured in the pool first
+    assert model.threads == [model.threads[0]] and model.threads[0] is not loop_thread
+    inline = await _steps(batcher, 3)  # measured well below 10 ms: runs on the loop
+    assert model.threads[1] is loop_thread and model.shapes[1][0] == 3
+    for a, b in zip(pooled + inline, inline + pooled, strict=True):  # same numbers either way
+        np.testing.assert_allclose(a.outputs[0], b.outputs[0], atol=ATOL)
+        np.testing.assert_allclose(a.state, b.state, atol=ATOL)
+    await _steps(batcher, 12)  # another class of size: pool first again
+    assert model.threads[2] is not loop_thread
+    assert metrics.inline_batches.labels("simple")._value.get() == 1
+
+    model.busy_s = 0.05  # the model slows down to 5x the limit...
+    threads_before = len(model.threads)
+    for _ in range(6):
+        await _steps(batcher, 3)
+    where = [t is loop_thread for t in model.threads[threads_before:]]
+    # ...one slow run on the loop lifts the average (a quarter of the way) past the limit
+    assert where[0] and not any(where[1:]), where
+    model.busy_s = 0.0  # and speeds up again: pool runs bring the average back under the limit
+    for _ in range(12):
+        await _steps(batcher, 3)
+    assert model.threads[-1] is loop_thread
+    await batcher.close()
+
+
+async def test_an_idle_model_waits_one_loop_pass_for_company_when_inline_is_on(
+    models_dir: Path, tiny_models: dict[str, Any], executor: Any
+) -> None:
+    model = _model(models_dir, "simple")
+    on = Batcher(model, executor, inline_below_s=0.02, max_delay_s=0.0)
+    await _steps(on, 5)
+    assert [shape[0] for shape in model.shapes] == [5]  # all five joined the first batch
+    model.shapes.clear()
+    off = Batcher(model, executor, max_delay_s=0.0)
+    await _steps(off, 5)
+    assert [shape[0] for shape in model.shapes] == [1, 4]  # the first left alone at once
+
+
+async def test_a_long_chunk_is_not_expected_to_cost_what_a_short_one_does(
+    models_dir: Path, tiny_models: dict[str, Any], executor: Any
+) -> None:
+    model = _model(models_dir, "simple")
+    batcher = Batcher(model, executor, inline_below_s=0.02, max_delay_s=0.0)
+    loop_thread = threading.current_thread()
+    for _ in range(2):
+        await _steps(batcher, 2)
+    assert model.threads[-1] is loop_thread
+    await _steps(batcher, 2, timesteps=64)  # 128 cells: never measured, so the pool
+    assert model.shapes[-1][:2] == (2, 64) and model.threads[-1] is not loop_thread
+
+
+async def test_close_drops_a_batch_that_waits_for_its_loop_pass(
+    models_dir: Path, tiny_models: dict[str, Any], executor: Any
+) -> None:
+    model = _model(models_dir, "simple")
+    batcher = Batcher(model, executor, inline_below_s=0.02)
+    x, s = np.zeros((1, 3), np.float32), np.zeros(4, np.float32)
+    step = batcher.submit(x, None, s)  # deferred to the next pass of the loop
+    await batcher.close()
+    with pytest.raises(RuntimeError, match="shutting down"):
+        await step
+    await asyncio.sleep(0.01)
+    assert model.entered == 0

@@ -14,16 +14,31 @@ provided fewer than ``max_concurrent`` batches are running. So batches grow
 with load by themselves, and the window bounds how long a step waits for
 company. Every timer reads the event loop's clock, which is ``time.monotonic``.
 
+Where a batch runs: in the thread pool, unless ``inline_below_s`` is set and
+batches of its size (steps x padded timesteps) have recently taken less CPU time
+than that; then on the event loop itself. Handing a run to a thread and back
+costs the loop a wake-up and the GIL twice (~120 µs round trip on a 2-core VM),
+more than a small model's whole batch; a large model's run would stall every
+connection, so it stays in the pool, and so does a batch of a size not
+measured yet. Run times are measured in both places, per size class, so a
+model moves back to the pool when its runs grow slower (load, longer chunks)
+and returns when they shrink. With inline running on, a step that finds the
+model idle waits one pass of the event loop, so that the steps that pass reads
+join its batch before the size (and so the place) is chosen; steps that
+gathered while a run was in the pool leave as soon as it ends.
+
 Checklist (STYLE §3): futures are made inside the running loop; a bounded
-queue makes callers wait for room; each batch runs as its own task in the
-thread pool; a failure fails only that batch's futures; a future is resolved
-only if not done, and steps whose caller went away are dropped before a run.
+queue makes callers wait for room; a pooled batch runs as its own task, an
+inline one as one callback; a failure fails only that batch's futures; a future
+is resolved only if not done, and steps whose caller went away are dropped
+before a run.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable, Sequence
 from concurrent.futures import Executor
@@ -45,13 +60,48 @@ class StepOutput(NamedTuple):
     state: np.ndarray
 
 
+class _Timed(NamedTuple):
+    result: RunResult
+    seconds: float
+
+
 class _Launched(NamedTuple):
     """A batch handed to the thread pool: its run, and what scattering its result needs."""
 
-    running: asyncio.Future[RunResult]
+    running: asyncio.Future[_Timed]
     lengths: list[int]
     longest: int
     started: float
+
+
+class RunTimes:
+    """Recent run time of a model's batches, per class of ``cells`` (1, 2, 3-4, 5-8, ...).
+
+    ``cells`` is rows x padded timesteps, what a run's time grows with: one
+    step of 4096 timesteps is not expected to cost what 64 single steps cost.
+
+    An exponential moving average per class: one slow run (a page fault, a
+    descheduled thread) moves it a quarter of the way, a lasting change
+    within a few runs.
+    """
+
+    WEIGHT = 0.25
+
+    def __init__(self) -> None:
+        self._seconds: dict[int, float] = {}
+
+    @staticmethod
+    def _size_class(cells: int) -> int:
+        return (cells - 1).bit_length()
+
+    def record(self, cells: int, seconds: float) -> None:
+        key = self._size_class(cells)
+        last = self._seconds.get(key)
+        self._seconds[key] = seconds if last is None else last + self.WEIGHT * (seconds - last)
+
+    def expected(self, cells: int) -> float | None:
+        """Seconds a batch of this many cells is expected to take; None before one has run."""
+        return self._seconds.get(self._size_class(cells))
 
 
 @dataclass(slots=True)
@@ -61,6 +111,11 @@ class _Item:
     state: np.ndarray
     future: asyncio.Future[StepOutput]
     arrived: float
+
+
+def _cells(batch: Sequence[_Item]) -> int:
+    """Rows x timesteps of ``batch`` once padded to its longest step."""
+    return len(batch) * max(item.inputs.shape[0] for item in batch)
 
 
 class Batcher:
@@ -73,6 +128,8 @@ class Batcher:
         max_delay_s: how long the oldest waiting step waits for company (>= 0).
         max_queue: steps that may wait before ``submit`` waits for room (>= 1).
         max_concurrent: batches of this model running at once (>= 1).
+        inline_below_s: run a batch on the event loop when batches of its size recently
+            took less than this (0 = always in the thread pool).
         metrics: labelled collectors of this model, or None.
 
     Raises:
@@ -88,6 +145,7 @@ class Batcher:
         max_delay_s: float = 0.002,
         max_queue: int = 4096,
         max_concurrent: int = 1,
+        inline_below_s: float = 0.0,
         metrics: ModelMetrics | None = None,
     ) -> None:
         for name, value, low in (
@@ -97,14 +155,15 @@ class Batcher:
         ):
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"Batcher needs {name} >= {low}. Received: {name}={value!r}")
-        if not max_delay_s >= 0:
-            raise ValueError(
-                f"Batcher needs max_delay_s >= 0. Received: max_delay_s={max_delay_s!r}"
-            )
+        for name, seconds in (("max_delay_s", max_delay_s), ("inline_below_s", inline_below_s)):
+            if not seconds >= 0:
+                raise ValueError(f"Batcher needs {name} >= 0. Received: {name}={seconds!r}")
         self.model = model
         self.max_batch_size, self.max_delay_s = max_batch_size, float(max_delay_s)
         self._executor, self._max_queue, self._max_concurrent = executor, max_queue, max_concurrent
         self._metrics = metrics
+        self.inline_below_s = float(inline_below_s)
+        self.run_times = RunTimes()
         sig = model.signature
         self._pad_alignment = sig.pad_alignment
         self._slices = sig.state_slices
@@ -112,6 +171,7 @@ class Batcher:
         self._room: deque[asyncio.Future[None]] = deque()
         self._timer: asyncio.TimerHandle | None = None
         self._running: set[asyncio.Task[None]] = set()
+        self._deferred: asyncio.Handle | None = None  # a pass of the loop before choosing
 
     @property
     def waiting(self) -> int:
@@ -151,22 +211,42 @@ class Batcher:
         return future
 
     # -- scheduling ------------------------------------------------------------------
-    def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _schedule(self, loop: asyncio.AbstractEventLoop, gathered: bool = False) -> None:
+        """Start what may start; ``gathered``: the waiting steps had a whole run to gather."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         pending = self._pending
-        while pending and len(self._running) < self._max_concurrent:
+        while pending and self._deferred is None and len(self._running) < self._max_concurrent:
             deadline = pending[0].arrived + self.max_delay_s
             if self._running and len(pending) < self.max_batch_size and loop.time() < deadline:
                 self._timer = loop.call_at(deadline, self._schedule, loop)
                 return
-            batch = self._take()
-            if batch:
-                task = loop.create_task(self._run(batch, self._launch(batch, loop), loop))
-                self._running.add(task)
-                task.add_done_callback(self._running.discard)
+            if self.inline_below_s and not (gathered or self._running):
+                self._deferred = loop.call_soon(self._start_deferred, loop)
+            else:
+                self._dispatch(self._take(), loop)
         self._release_room()
+
+    def _start_deferred(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._deferred = None
+        self._dispatch(self._take(), loop)
+        self._schedule(loop)
+
+    def _dispatch(self, batch: list[_Item], loop: asyncio.AbstractEventLoop) -> None:
+        if not batch:
+            return
+        if self.inline_below_s:
+            expected = self.run_times.expected(_cells(batch))
+            if expected is not None and expected < self.inline_below_s:
+                self._run_inline(batch, loop)
+                return
+        self._start(batch, loop)
+
+    def _start(self, batch: list[_Item], loop: asyncio.AbstractEventLoop) -> None:
+        task = loop.create_task(self._run(batch, self._launch(batch, loop), loop))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
 
     def _take(self) -> list[_Item]:
         """Pop the next batch, dropping steps whose caller has gone."""
@@ -194,15 +274,26 @@ class Batcher:
                 room.set_result(None)
 
     # -- running -------------------------------------------------------------------------
+    def _timed_run(
+        self, inputs: np.ndarray, mask: np.ndarray | None, states: list[np.ndarray]
+    ) -> _Timed:
+        """Run, timing the CPU time of this thread: in the pool, wall time would include
+        waiting for the GIL while the event loop holds it (up to 5 ms per switch), and keep
+        a small model in the pool for good. onnxruntime's calling thread works through the
+        whole run, with intra-op threads too, so this is what the run would block the loop."""
+        start = time.thread_time()
+        result = self.model.run(inputs, mask, states)
+        return _Timed(result, time.thread_time() - start)
+
     def _launch(self, batch: list[_Item], loop: asyncio.AbstractEventLoop) -> _Launched:
         """Stack ``batch`` and hand it to the thread pool now, not in a task's first step: a
         task made here would run only after the callers the previous batch just woke."""
         started = loop.time()
         try:
             inputs, mask, states, lengths = self._stack(batch)
-            running = loop.run_in_executor(self._executor, self.model.run, inputs, mask, states)
+            running = loop.run_in_executor(self._executor, self._timed_run, inputs, mask, states)
         except Exception as exc:
-            failed: asyncio.Future[RunResult] = loop.create_future()
+            failed: asyncio.Future[_Timed] = loop.create_future()
             failed.set_exception(exc)
             return _Launched(failed, [], 0, started)
         return _Launched(running, lengths, inputs.shape[1], started)
@@ -210,41 +301,69 @@ class Batcher:
     async def _run(
         self, batch: list[_Item], launched: _Launched, loop: asyncio.AbstractEventLoop
     ) -> None:
-        started = launched.started
         try:
-            result = await launched.running
+            timed = await launched.running
+            self.run_times.record(len(launched.lengths) * launched.longest, timed.seconds)
             # the model is free: start the next batch before waking this one's callers, so
             # onnxruntime works while the event loop answers them
             self._running.discard(asyncio.current_task())  # type: ignore[arg-type]
-            self._schedule(loop)
-            shares = self._scatter(result, launched.lengths, launched.longest)
+            self._schedule(loop, gathered=True)
+            shares = self._scatter(timed.result, launched.lengths, launched.longest)
         except asyncio.CancelledError:
             launched.running.cancel()
             for item in batch:
                 item.future.cancel()
             raise
         except Exception as exc:
-            if self._metrics is not None:
-                self._metrics.batch_failures.inc()
-            log.exception("batch of %d steps on model %s failed", len(batch), self.model.name)
-            for item in batch:
-                if not item.future.done():
-                    item.future.set_exception(exc)
+            self._fail(batch, exc)
         else:
-            for item, share in zip(batch, shares, strict=True):
-                if not item.future.done():
-                    item.future.set_result(share)
-            if self._metrics is not None:
-                m = self._metrics
-                m.batch_size.observe(len(batch))
-                m.batch_seconds.observe(loop.time() - started)
-                m.queue_seconds.observe(started - batch[0].arrived)
-                m.steps.inc(len(batch))
-                m.timesteps.inc(int(sum(launched.lengths)))
+            self._resolve(batch, shares, launched.lengths, launched.started, loop)
         finally:
             if asyncio.current_task() in self._running:  # not rescheduled above (a failure)
                 self._running.discard(asyncio.current_task())  # type: ignore[arg-type]
                 self._schedule(loop)
+
+    def _run_inline(self, batch: list[_Item], loop: asyncio.AbstractEventLoop) -> None:
+        """Run ``batch`` on the event loop: only batches measured to be cheaper than a hand-off."""
+        started = loop.time()
+        try:
+            inputs, mask, states, lengths = self._stack(batch)
+            timed = self._timed_run(inputs, mask, states)
+            self.run_times.record(len(batch) * inputs.shape[1], timed.seconds)
+            shares = self._scatter(timed.result, lengths, inputs.shape[1])
+        except Exception as exc:
+            self._fail(batch, exc)
+        else:
+            if self._metrics is not None:
+                self._metrics.inline_batches.inc()
+            self._resolve(batch, shares, lengths, started, loop)
+
+    def _fail(self, batch: list[_Item], exc: Exception) -> None:
+        if self._metrics is not None:
+            self._metrics.batch_failures.inc()
+        log.error("batch of %d steps on model %s failed", len(batch), self.model.name, exc_info=exc)
+        for item in batch:
+            if not item.future.done():
+                item.future.set_exception(exc)
+
+    def _resolve(
+        self,
+        batch: list[_Item],
+        shares: list[StepOutput],
+        lengths: list[int],
+        started: float,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        for item, share in zip(batch, shares, strict=True):
+            if not item.future.done():
+                item.future.set_result(share)
+        if self._metrics is not None:
+            m = self._metrics
+            m.batch_size.observe(len(batch))
+            m.batch_seconds.observe(loop.time() - started)
+            m.queue_seconds.observe(started - batch[0].arrived)
+            m.steps.inc(len(batch))
+            m.timesteps.inc(int(sum(lengths)))
 
     def _stack(
         self, batch: Sequence[_Item]
@@ -303,6 +422,9 @@ class Batcher:
         """Wait for running batches; fail steps that never started."""
         if self._timer is not None:
             self._timer.cancel()
+        if self._deferred is not None:
+            self._deferred.cancel()
+            self._deferred = None
         while self._pending:
             item = self._pending.popleft()
             if not item.future.done():
