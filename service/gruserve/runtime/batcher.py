@@ -71,7 +71,8 @@ class _Launched(NamedTuple):
     running: asyncio.Future[_Timed]
     lengths: list[int]
     longest: int
-    started: float
+    started: float  # the loop's clock, as steps' arrival times
+    clock: float  # time.perf_counter(): uvloop's clock counts whole milliseconds
 
 
 class RunTimes:
@@ -288,15 +289,15 @@ class Batcher:
     def _launch(self, batch: list[_Item], loop: asyncio.AbstractEventLoop) -> _Launched:
         """Stack ``batch`` and hand it to the thread pool now, not in a task's first step: a
         task made here would run only after the callers the previous batch just woke."""
-        started = loop.time()
+        started, clock = loop.time(), time.perf_counter()
         try:
             inputs, mask, states, lengths = self._stack(batch)
             running = loop.run_in_executor(self._executor, self._timed_run, inputs, mask, states)
         except Exception as exc:
             failed: asyncio.Future[_Timed] = loop.create_future()
             failed.set_exception(exc)
-            return _Launched(failed, [], 0, started)
-        return _Launched(running, lengths, inputs.shape[1], started)
+            return _Launched(failed, [], 0, started, clock)
+        return _Launched(running, lengths, inputs.shape[1], started, clock)
 
     async def _run(
         self, batch: list[_Item], launched: _Launched, loop: asyncio.AbstractEventLoop
@@ -317,7 +318,7 @@ class Batcher:
         except Exception as exc:
             self._fail(batch, exc)
         else:
-            self._resolve(batch, shares, launched.lengths, launched.started, loop)
+            self._resolve(batch, shares, launched.lengths, launched.started, launched.clock)
         finally:
             if asyncio.current_task() in self._running:  # not rescheduled above (a failure)
                 self._running.discard(asyncio.current_task())  # type: ignore[arg-type]
@@ -325,7 +326,7 @@ class Batcher:
 
     def _run_inline(self, batch: list[_Item], loop: asyncio.AbstractEventLoop) -> None:
         """Run ``batch`` on the event loop: only batches measured to be cheaper than a hand-off."""
-        started = loop.time()
+        started, clock = loop.time(), time.perf_counter()
         try:
             inputs, mask, states, lengths = self._stack(batch)
             timed = self._timed_run(inputs, mask, states)
@@ -336,7 +337,7 @@ class Batcher:
         else:
             if self._metrics is not None:
                 self._metrics.inline_batches.inc()
-            self._resolve(batch, shares, lengths, started, loop)
+            self._resolve(batch, shares, lengths, started, clock)
 
     def _fail(self, batch: list[_Item], exc: Exception) -> None:
         if self._metrics is not None:
@@ -352,7 +353,7 @@ class Batcher:
         shares: list[StepOutput],
         lengths: list[int],
         started: float,
-        loop: asyncio.AbstractEventLoop,
+        clock: float,
     ) -> None:
         for item, share in zip(batch, shares, strict=True):
             if not item.future.done():
@@ -360,7 +361,7 @@ class Batcher:
         if self._metrics is not None:
             m = self._metrics
             m.batch_size.observe(len(batch))
-            m.batch_seconds.observe(loop.time() - started)
+            m.batch_seconds.observe(time.perf_counter() - clock)
             m.queue_seconds.observe(started - batch[0].arrived)
             m.steps.inc(len(batch))
             m.timesteps.inc(int(sum(lengths)))
