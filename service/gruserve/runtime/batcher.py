@@ -281,7 +281,8 @@ class Batcher:
         """Run, timing the CPU time of this thread: in the pool, wall time would include
         waiting for the GIL while the event loop holds it (up to 5 ms per switch), and keep
         a small model in the pool for good. onnxruntime's calling thread works through the
-        whole run, with intra-op threads too, so this is what the run would block the loop."""
+        whole run, with intra-op threads too, so this is how long the run would hold the
+        loop."""
         start = time.thread_time()
         result = self.model.run(inputs, mask, states)
         return _Timed(result, time.thread_time() - start)
