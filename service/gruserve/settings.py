@@ -91,7 +91,8 @@ class Settings(BaseSettings):
 
     batch_inline_below_us: float = Field(250.0, ge=0)
     """Run a batch on the event loop instead of the inference threads when batches of its
-    size recently took less than this many microseconds (0 = always the threads). Below
+    size recently took less than this many microseconds of CPU time (0 = always the
+    threads). Below
     it, the hand-off to a thread costs more than the run: the demo model runs inline,
     a large one (U=512) stays off the loop so that it cannot stall other requests."""
 
