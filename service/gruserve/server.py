@@ -157,6 +157,7 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
     options: dict[str, Any] = {
         "log_level": settings.log_level,
         "ws_max_size": settings.max_request_bytes,
+        "ws_per_message_deflate": settings.ws_compression,
         "access_log": access_log,
         # X-Forwarded-For only changes the client address uvicorn's access log shows (nothing
         # else reads it), so the per-request rewrite runs only when that log is on.
@@ -167,6 +168,10 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
         # the fastest of uvicorn's WebSocket stacks here (bench/README.md), where available
         "ws": "websockets-sansio" if "websockets-sansio" in WS_PROTOCOLS else "auto",
     }
+    if options["ws"] == "websockets-sansio":  # plain messages framed in the protocol itself
+        from gruserve.api._websocket import GruServeWebSocketProtocol
+
+        options["ws"] = GruServeWebSocketProtocol
     try:  # one write per response, the step without ASGI (api/_http11.py); needs httptools
         from gruserve.api._http11 import GruServeHttpProtocol
     except ImportError:  # pragma: no cover - uvicorn[standard] brings httptools

@@ -82,6 +82,12 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(4 * 1024 * 1024, ge=64)
     """Largest request body, WebSocket message or NDJSON line in bytes; more answers 413."""
 
+    ws_compression: bool = True
+    """Accept WebSocket clients' offer of permessage-deflate (browsers always offer it).
+    Compressing a few float32 values saves nothing, and a compressed connection's
+    messages take ``websockets``' slower framing (bench/README.md, item 9); off, every
+    client's messages are framed by gruserve's protocol."""
+
     batch_max_size: int | None = Field(None, ge=1)
     """Override every model's ``batching.max_batch_size`` (steps per onnxruntime run)."""
 

@@ -59,13 +59,20 @@ async def ws_url(served: Served) -> Any:
         yield f"ws://{address}"
 
 
+@pytest.mark.parametrize("compression", [None, "deflate"])
 async def test_websocket_binary_and_text(
-    served: Served, ws_url: str, tiny_models: dict[str, Any], rng: np.random.Generator
+    served: Served,
+    ws_url: str,
+    tiny_models: dict[str, Any],
+    rng: np.random.Generator,
+    compression: str | None,
 ) -> None:
+    """Uncompressed messages are framed by gruserve's protocol, compressed ones by websockets."""
     x = rng.normal(size=(1, 7, 3)).astype(np.float32)
     sid = await _create(served.client, "stacked")
     outputs = []
-    async with connect(f"{ws_url}/v1/sessions/{sid}/ws") as ws:
+    async with connect(f"{ws_url}/v1/sessions/{sid}/ws", compression=compression) as ws:
+        assert bool(ws.protocol.extensions) == (compression is not None)
         for t in range(3):  # binary: one timestep each
             await ws.send(x[0, t].astype("<f4").tobytes())
             reply = await ws.recv()
