@@ -165,13 +165,15 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
         "server_header": False,  # no "server: uvicorn" on every response
         "timeout_graceful_shutdown": settings.shutdown_grace_s,
         "timeout_keep_alive": settings.keepalive_s,
-        # the fastest of uvicorn's WebSocket stacks here (bench/README.md), where available
-        "ws": "websockets-sansio" if "websockets-sansio" in WS_PROTOCOLS else "auto",
     }
-    if options["ws"] == "websockets-sansio":  # plain messages framed in the protocol itself
+    # the fastest of uvicorn's WebSocket stacks here (bench/README.md), where available, with
+    # plain messages framed by the protocol itself (api/_websocket.py)
+    if "websockets-sansio" in WS_PROTOCOLS:
         from gruserve.api._websocket import GruServeWebSocketProtocol
 
         options["ws"] = GruServeWebSocketProtocol
+    else:  # pragma: no cover - uvicorn releases before websockets-sansio
+        options["ws"] = "auto"
     try:  # one write per response, the step without ASGI (api/_http11.py); needs httptools
         from gruserve.api._http11 import GruServeHttpProtocol
     except ImportError:  # pragma: no cover - uvicorn[standard] brings httptools

@@ -29,6 +29,7 @@ from websockets.extensions.permessage_deflate import (
 from websockets.frames import Frame, Opcode
 from websockets.server import ServerProtocol
 from websockets.uri import parse_uri
+from websockets.utils import apply_mask
 
 from conftest import live_server, serve
 from gruserve.api import _websocket
@@ -354,7 +355,8 @@ async def test_bytes_after_the_handshake_request_leave_reading_to_websockets() -
 
 
 def _mask(payload: bytes, key: bytes = b"\x11\x22\x33\x44") -> bytes:
-    return key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+    """A client frame's masking key and masked payload."""
+    return key + apply_mask(payload, key)
 
 
 @pytest.mark.parametrize(

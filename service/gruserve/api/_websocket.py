@@ -69,9 +69,6 @@ class _Inbox:
             if not waiter.done():
                 waiter.set_result(None)
 
-    def empty(self) -> bool:
-        return not self.events
-
     def qsize(self) -> int:
         return len(self.events)
 
