@@ -14,6 +14,7 @@ ends, with the outputs its client was given equal to that call's, none lost or d
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -35,10 +36,13 @@ from fault_helpers import (
     server_env,
 )
 
+from gruserve.sessions.redis_store import WRITE_SCRIPT
+
 SESSIONS = 6
 STEPS = 50
 HOLD_S = 0.3  # the victim keeps what nginx sends it this long (< the 2 s store timeout)
-CAS = b"EVALSHA"  # a step's write: the compare-and-set script (sessions exist by then)
+# a step's write: the compare-and-set script, called by its SHA1 (reads call another script)
+CAS = hashlib.sha1(WRITE_SCRIPT.encode()).hexdigest().encode()
 
 
 @pytest.mark.slow

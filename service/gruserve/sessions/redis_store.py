@@ -21,6 +21,12 @@ Writes are Lua scripts, atomic on the server:
   State, counters and the stored result are one ``HSET``: a session is never seen
   half written.
 
+Reads and compare-and-sets travel per batch, not per step: the reads issued in one pass
+of the event loop go out as one ``_READ`` call, and so do the writes (one ``_CAS`` call
+deciding each session's write on its own, so a lost race fails only that session's).
+The batcher wakes a batch's steps in one pass, so a batch of 64 steps costs two round
+trips instead of 128 (:mod:`gruserve.sessions._coalesce`; figures in bench/README.md).
+
 Idle times come from Redis's own clock (``TIME``), so replicas with skewed clocks
 agree; the lifetime counts from the record's ``created_at``, the creating replica's
 clock. (Scripts touch keys they build from the prefix, so this needs one Redis, not
@@ -30,8 +36,8 @@ a Redis Cluster.)
 from __future__ import annotations
 
 import os
-from collections.abc import Awaitable, Callable
-from typing import Any, Literal, TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import numpy as np
 import redis.asyncio as aioredis
@@ -41,6 +47,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gruserve.errors import SessionExists, SessionNotFound, StoreUnavailable, TooManySessions
+from gruserve.sessions._coalesce import Coalescer
 from gruserve.sessions.events import IDLE, LIFETIME, SessionEvents
 from gruserve.sessions.store import SessionPage, SessionRecord, SessionSummary
 
@@ -107,24 +114,44 @@ return {1, evicted, ended[1], ended[2]}
 """
 )
 
-# ARGV: expected revision, new revision, writer token, ttl_ms, id, deadline_ms, fields...
+# KEYS[4..] the sessions' hashes, one per write. ARGV[1] ttl_ms, then
+# per write WRITE_ARGS values: id, expected revision, writer token, lifetime deadline_ms (0: none),
+# and the record's fields in _FIELDS order (revision among them). Answers per write: 1 written
+# (or already written by this writer: a retry after a lost reply), 0 lost the race, -1 gone.
 _CAS = (
     _FORGET
-    + """
-local cur = redis.call('HMGET', KEYS[4], 'revision', 'writer')
-if not cur[1] then return -1 end
-if cur[1] ~= ARGV[1] then
-    if cur[1] == ARGV[2] and cur[2] == ARGV[3] then return 1 end
-    return 0
-end
-redis.call('HSET', KEYS[4], unpack(ARGV, 7))
-"""
     + _NOW_MS
     + """
-expire(KEYS[4], ARGV[5], now, tonumber(ARGV[4]), tonumber(ARGV[6]))
-return 1
+local ttl, out = tonumber(ARGV[1]), {}
+for i = 4, #KEYS do
+    local key, a = KEYS[i], 2 + (i - 4) * WRITE_ARGS
+    local cur = redis.call('HMGET', key, 'revision', 'writer')
+    if not cur[1] then
+        out[#out + 1] = -1
+    elseif cur[1] ~= ARGV[a + 1] then
+        if cur[1] == ARGV[a + REVISION] and cur[2] == ARGV[a + 2] then
+            out[#out + 1] = 1
+        else
+            out[#out + 1] = 0
+        end
+    else
+        redis.call('HSET', key, FIELDS)
+        expire(key, ARGV[a], now, ttl, tonumber(ARGV[a + 3]))
+        out[#out + 1] = 1
+    end
+end
+return out
 """
 )
+
+# KEYS: the sessions' hashes. Answers each one's _FIELDS (all nil for a missing session).
+_READ = """
+local out = {}
+for i, key in ipairs(KEYS) do
+    out[i] = redis.call('HMGET', key, READ_FIELDS)
+end
+return out
+"""
 
 _DELETE = (
     _FORGET
@@ -172,44 +199,78 @@ return {more, found, ended[1], ended[2]}
 )
 
 
-def _fields(record: SessionRecord, writer: bytes) -> list[Any]:
+_FIELDS = (
+    "model",
+    "version",
+    "state",
+    "step",
+    "timesteps",
+    "revision",
+    "created_at",
+    "last_used_at",
+    "result",
+)
+"""A session hash's fields in the order the scripts read and write them (and ``writer``)."""
+_WRITE_HEAD = 4  # a write's values before its fields: id, expected revision, writer, deadline
+_CAS = (
+    _CAS.replace("WRITE_ARGS", str(_WRITE_HEAD + len(_FIELDS)))
+    .replace("REVISION", str(_WRITE_HEAD + _FIELDS.index("revision")))
+    .replace(
+        "FIELDS",
+        ", ".join(
+            [f"'{name}', ARGV[a + {_WRITE_HEAD + i}]" for i, name in enumerate(_FIELDS)]
+            + ["'writer', ARGV[a + 2]"]
+        ),
+    )
+)
+_READ = _READ.replace("READ_FIELDS", ", ".join(f"'{name}'" for name in _FIELDS))
+WRITE_SCRIPT = _CAS
+"""The compare-and-set script's text: its SHA1 marks a step's write on the wire (fault tests)."""
+
+
+def _values(record: SessionRecord) -> list[Any]:
+    """``record`` as the values of :data:`_FIELDS`, in order."""
     return [
-        "model",
         record.model,
-        "version",
         record.version,
-        "state",
         np.ascontiguousarray(record.state, "<f4").tobytes(),
-        "step",
         record.step,
-        "timesteps",
         record.timesteps,
-        "revision",
         record.revision,
-        "created_at",
         repr(record.created_at),
-        "last_used_at",
         repr(record.last_used_at),
-        "result",
         record.last_result or b"",
-        "writer",
-        writer,
     ]
 
 
-def _record(session_id: str, h: dict[bytes, bytes]) -> SessionRecord:
+def _fields(record: SessionRecord, writer: bytes) -> list[Any]:
+    """``record`` as ``HSET`` arguments: field, value, ..."""
+    pairs: list[Any] = []
+    for name, value in zip(_FIELDS, _values(record), strict=True):
+        pairs += (name, value)
+    return [*pairs, "writer", writer]
+
+
+def _record(session_id: str, values: list[bytes | None]) -> SessionRecord:
+    """The record of one session from its :data:`_FIELDS` values, as ``_READ`` answers them."""
+    model, version, state, step, timesteps, revision, created_at, last_used_at, result = values
     return SessionRecord(
         session_id=session_id,
-        model=h[b"model"].decode(),
-        version=int(h[b"version"]),
-        state=np.frombuffer(h[b"state"], "<f4"),
-        step=int(h[b"step"]),
-        timesteps=int(h[b"timesteps"]),
-        revision=int(h[b"revision"]),
-        created_at=float(h[b"created_at"]),
-        last_used_at=float(h[b"last_used_at"]),
-        last_result=h.get(b"result") or None,
+        model=model.decode(),  # type: ignore[union-attr]
+        version=int(version),  # type: ignore[arg-type]
+        state=np.frombuffer(state, "<f4"),  # type: ignore[arg-type]
+        step=int(step),  # type: ignore[arg-type]
+        timesteps=int(timesteps),  # type: ignore[arg-type]
+        revision=int(revision),  # type: ignore[arg-type]
+        created_at=float(created_at),  # type: ignore[arg-type]
+        last_used_at=float(last_used_at),  # type: ignore[arg-type]
+        last_result=result or None,
     )
+
+
+class _Write(NamedTuple):
+    record: SessionRecord
+    expected_revision: int
 
 
 class RedisSessionStore:
@@ -228,6 +289,8 @@ class RedisSessionStore:
         eviction: ``"reject"`` or ``"lru"`` (evict the least recently used session), atomic
             across replicas.
         events: told about expired and evicted sessions, or None.
+        batch_limit: most reads (or writes) sent in one script call; the reads and writes
+            issued in one pass of the event loop travel together (:mod:`._coalesce`).
     """
 
     name = "redis"
@@ -243,6 +306,7 @@ class RedisSessionStore:
         max_lifetime_s: float = 0.0,
         eviction: Literal["reject", "lru"] = "reject",
         events: SessionEvents | None = None,
+        batch_limit: int = 256,
     ) -> None:
         if not ttl_s > 0:
             raise ValueError(f"RedisSessionStore needs ttl_s > 0. Received: ttl_s={ttl_s!r}")
@@ -266,6 +330,9 @@ class RedisSessionStore:
         )
         self._create = self._redis.register_script(_CREATE)
         self._cas = self._redis.register_script(_CAS)
+        self._read = self._redis.register_script(_READ)
+        self._reads: Coalescer[str, SessionRecord] = Coalescer(self._read_many, batch_limit)
+        self._writes: Coalescer[_Write, bool] = Coalescer(self._write_many, batch_limit)
         self._delete = self._redis.register_script(_DELETE)
         self._count = self._redis.register_script(_COUNT)
         self._page = self._redis.register_script(_PAGE)
@@ -313,27 +380,38 @@ class RedisSessionStore:
             raise TooManySessions(self.max_sessions)
 
     async def get(self, session_id: str) -> SessionRecord:
-        h = await self._call(lambda: self._redis.hgetall(self._key(session_id)))
-        if not h:
-            raise SessionNotFound(session_id)
-        return _record(session_id, h)
+        return await self._reads(session_id)
 
     async def compare_and_set(self, record: SessionRecord, expected_revision: int) -> bool:
-        writer = os.urandom(8).hex().encode()
-        args = [
-            expected_revision,
-            record.revision,
-            writer,
-            self._ttl_ms,
-            record.session_id,
-            self._deadline_ms(record),
-            *_fields(record, writer),
+        return await self._writes(_Write(record, expected_revision))
+
+    async def _read_many(self, session_ids: Sequence[str]) -> list[SessionRecord | Exception]:
+        """One ``_READ`` call for the reads of one wave."""
+        keys = [self._key(session_id) for session_id in session_ids]
+        found = await self._call(lambda: self._read(keys=keys))
+        return [
+            SessionNotFound(session_id) if values[0] is None else _record(session_id, values)
+            for session_id, values in zip(session_ids, found, strict=True)
         ]
-        keys = [*self._keys, self._key(record.session_id)]
-        outcome = await self._call(lambda: self._cas(keys=keys, args=args))
-        if outcome == -1:
-            raise SessionNotFound(record.session_id)
-        return bool(outcome == 1)
+
+    async def _write_many(self, writes: Sequence[_Write]) -> list[bool | Exception]:
+        """One ``_CAS`` call for the compare-and-sets of one wave (every write decided on its
+        own: a lost race fails only that session's)."""
+        keys, args = list(self._keys), [self._ttl_ms]
+        for record, expected in writes:
+            keys.append(self._key(record.session_id))
+            args += (
+                record.session_id,
+                expected,
+                os.urandom(8).hex(),
+                self._deadline_ms(record),
+                *_values(record),
+            )
+        outcomes = await self._call(lambda: self._cas(keys=keys, args=args))
+        return [
+            SessionNotFound(write.record.session_id) if outcome == -1 else outcome == 1
+            for write, outcome in zip(writes, outcomes, strict=True)
+        ]
 
     async def delete(self, session_id: str) -> None:
         keys = [*self._keys, self._key(session_id)]
@@ -374,4 +452,6 @@ class RedisSessionStore:
         await self._call(self._redis.ping)
 
     async def close(self) -> None:
+        await self._reads.close()
+        await self._writes.close()
         await self._redis.aclose()

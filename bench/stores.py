@@ -1,0 +1,152 @@
+"""The memory store against the Redis store, in one run: steps/s and p99 at C=64, as ratios.
+
+    python -m bench.stores --seconds 5 --rounds 3 [--other-bin /path/to/old/.venv/bin]
+
+Serves the benchmark's ``demo`` model (GRU(128) over 32 features, Dense(1)) twice, once
+per store, from the same code: a private ``redis-server`` (no persistence) backs the
+Redis server. Each round measures REST and then WebSocket C=64 closed loops on both
+servers back to back, so a machine whose speed drifts moves both sides of each ratio
+alike; the ratio reported is the median of the rounds'. The servers run on core 0 and the
+load generator on core 1 (when the machine has two cores or more); Redis floats.
+
+``--other-bin`` adds a third server, the Redis store served by another installation of
+gruserve (an older commit's venv), for before/after figures in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.models import build
+from bench.run_all import BIN, Server
+
+PORT = 8321
+
+
+def _redis(workdir: Path, port: int) -> subprocess.Popen[bytes]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("redis-server is not installed (Debian: apt-get install redis-server)")
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--save", "", "--appendonly", "no", "--dir", str(workdir)],
+        stdout=subprocess.DEVNULL,
+    )
+    import redis
+
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            redis.Redis(port=port).ping()
+            return proc
+        except redis.ConnectionError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise
+            time.sleep(0.05)
+
+
+def _pin(core: int) -> None:
+    if (os.cpu_count() or 1) >= 2:
+        os.sched_setaffinity(0, {core})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--other-bin", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=Path("bench/stores.json"))
+    args = parser.parse_args()
+    runs: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="gruserve-stores-") as tmp:
+        models_dir = Path(tmp) / "models"
+        build(models_dir)
+        redis_port = PORT + 9
+        redis = _redis(Path(tmp), redis_port)
+        env = {
+            "GRUSERVE_MODELS_DIR": str(models_dir),
+            "GRUSERVE_PROVIDER": "cpu",
+            "GRUSERVE_LOG_LEVEL": "warning",
+        }
+        redis_env = {"GRUSERVE_SESSION_STORE": f"redis://127.0.0.1:{redis_port}/0"}
+        configs = [("memory", BIN, {}), ("redis", BIN, redis_env)]
+        if args.other_bin is not None:
+            configs.append(("redis (other)", args.other_bin, redis_env))
+        servers: dict[str, Server] = {}
+        try:
+            for i, (name, bin_dir, extra) in enumerate(configs):
+                port = PORT + i
+                servers[name] = Server(
+                    ["taskset", "-c", "0", str(bin_dir / "gruserve"), "serve", "--port", str(port)]
+                    if (os.cpu_count() or 1) >= 2
+                    else [str(bin_dir / "gruserve"), "serve", "--port", str(port)],
+                    {**env, **extra},
+                    port,
+                    "/readyz",
+                )
+            _pin(1)
+            for round_ in range(args.rounds):
+                for transport in ("rest", "ws"):
+                    for name, server in servers.items():
+                        run = server.measure(
+                            model="demo", transport=transport, sessions=64, seconds=args.seconds
+                        )
+                        runs.append({"store": name, "round": round_, **run})
+                        print(
+                            f"round {round_} {transport:>4} {name:>14}: "
+                            f"{run['steps_per_s']:8.0f} steps/s  p50 {run['p50_ms']:6.2f} ms  "
+                            f"p99 {run['p99_ms']:6.2f} ms",
+                            flush=True,
+                        )
+        finally:
+            for server in servers.values():
+                server.stop()
+            redis.terminate()
+            redis.wait(timeout=10)
+    summary: dict[str, Any] = {}
+    for transport in ("rest", "ws"):
+        for name in servers:
+            if name == "memory":
+                continue
+            pairs = [
+                (r, m)
+                for r in runs
+                for m in runs
+                if r["store"] == name
+                and m["store"] == "memory"
+                and r["transport"] == m["transport"] == transport
+                and r["round"] == m["round"]
+            ]
+            summary[f"{transport} {name} / memory"] = float(
+                np.median([r["steps_per_s"] / m["steps_per_s"] for r, m in pairs])
+            )
+            summary[f"{transport} {name} p99_ms"] = float(
+                np.median([r["p99_ms"] for r, _ in pairs])
+            )
+        summary[f"{transport} memory p99_ms"] = float(
+            np.median(
+                [
+                    r["p99_ms"]
+                    for r in runs
+                    if r["store"] == "memory" and r["transport"] == transport
+                ]
+            )
+        )
+    print(json.dumps(summary, indent=2))
+    args.out.write_text(json.dumps({"runs": runs, "summary": summary}, indent=2) + "\n")
+    print(f"wrote {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
