@@ -51,6 +51,8 @@ def parse_serialized(
     else:
         raise InvalidArgument(where, argument, identifier, "a name or a Keras serialized dict")
     name = (aliases or {}).get(name, name)
+    if name not in known and isinstance(identifier, str):
+        name = snake_name(name)  # Keras also resolves class names: "Zeros", "NonNeg"
     if name not in known:
         raise InvalidArgument(where, argument, identifier, sorted(known))
     defaults = known[name]

@@ -76,7 +76,7 @@ class GRUCellSpec:
     def from_reader(cls, reader: ArgReader, keras_version: int = 3) -> GRUCellSpec:
         where = reader.where
         keras_version = reader.choice("keras_version", keras_version, [2, 3])
-        units = reader.int("units", minimum=1)
+        units = reader.int("units", minimum=1, integral_floats=False, allow_bool=True)
         activation = activation_name(reader.raw("activation", "tanh"))
         recurrent_activation = activation_name(reader.raw("recurrent_activation", "sigmoid"))
         get_activation(activation, keras_version=keras_version, where=where, argument="activation")
@@ -86,10 +86,14 @@ class GRUCellSpec:
             where=where,
             argument="recurrent_activation",
         )
-        recurrent_dropout = reader.rate("recurrent_dropout")
-        implementation = reader.choice("implementation", 2, [0, 1, 2])
-        if implementation == 0:  # tf-keras's deprecated mode 0 behaves as 1
-            implementation = 1
+        recurrent_dropout = reader.clipped_rate("recurrent_dropout")
+        if keras_version == 3:
+            # Keras 3 stores any value and only asks whether it equals 1 (per-gate masks).
+            implementation = 1 if reader.raw("implementation", 2) == 1 else 2
+        else:
+            implementation = reader.choice("implementation", 2, [0, 1, 2])
+            if implementation == 0:  # tf-keras's deprecated mode 0 behaves as 1
+                implementation = 1
         if recurrent_dropout:
             implementation = 1  # Keras forces per-gate masks with recurrent dropout
 
@@ -97,7 +101,9 @@ class GRUCellSpec:
             return get_initializer(reader.raw(key, default), where=where, argument=key)
 
         def reg(key: str) -> Regularizer | None:
-            return get_regularizer(reader.raw(key), where=where, argument=key)
+            return get_regularizer(
+                reader.raw(key), where=where, argument=key, keras_version=keras_version
+            )
 
         def con(key: str) -> Constraint | None:
             return get_constraint(reader.raw(key), where=where, argument=key)
@@ -116,7 +122,7 @@ class GRUCellSpec:
             kernel_constraint=con("kernel_constraint"),
             recurrent_constraint=con("recurrent_constraint"),
             bias_constraint=con("bias_constraint"),
-            dropout=reader.rate("dropout"),
+            dropout=reader.clipped_rate("dropout"),
             recurrent_dropout=recurrent_dropout,
             reset_after=reader.bool("reset_after", True),
             seed=reader.optional_int("seed"),
