@@ -240,7 +240,8 @@ class StepOutOfOrder(GruServeError):
         if current > 0:
             hint += f", or step={current - 1} to repeat the last one"
         super().__init__(
-            f"session {session_id!r} has applied {current} steps and step={sent} is {why}; {hint}"
+            f"session {session_id!r} has applied {current} steps and step={sent} is {why}; "
+            f"{hint}"
         )
 
 

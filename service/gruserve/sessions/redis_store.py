@@ -337,7 +337,9 @@ class RedisSessionStore:
 
     async def delete(self, session_id: str) -> None:
         keys = [*self._keys, self._key(session_id)]
-        existed = await self._call(lambda: self._delete(keys=keys, args=[session_id, self._prefix]))
+        existed = await self._call(
+            lambda: self._delete(keys=keys, args=[session_id, self._prefix])
+        )
         if not existed:
             raise SessionNotFound(session_id)
 
