@@ -126,6 +126,39 @@ def _parity_line(parity: dict[str, Any]) -> str:
     )
 
 
+@app.command("export-keras")
+@_reports_errors
+def export_keras(
+    model: Annotated[Path, typer.Argument(help="models/NAME (latest) or models/NAME/VERSION.")],
+    out: Annotated[Path, typer.Argument(help="The .keras file to write.")],
+) -> None:
+    """Write one repository version back as a .keras file that Keras 3 loads (no Keras needed)."""
+    _require("onnx", "convert", "export-keras")
+    _require("h5py", "convert", "export-keras")
+    import onnx
+
+    from gruserve.keras_io.writer import onnx_weights, spec_of_manifest, write_keras_file
+
+    chosen = _load_model_version(Path(model))
+    spec = spec_of_manifest(chosen.manifest)
+    weights = onnx_weights(onnx.load(str(chosen.onnx_path)), spec)
+    write_keras_file(spec, weights, out)
+    m = chosen.manifest
+    console.print(f"[green]wrote[/] {out} ({m.name} v{m.version}, {len(spec.layers)} layers)")
+
+
+def _load_model_version(path: Path) -> Any:
+    """``models/NAME/VERSION``, or the newest version of ``models/NAME``."""
+    from gruserve.repository import load_version, versions
+
+    if path.name.isdigit():
+        return load_version(path)
+    available = versions(path)
+    if not available:
+        raise GruServeError(f"{path}: no model versions found (expected {path}/1/model.json)")
+    return load_version(path / str(available[-1]))
+
+
 @app.command()
 @_reports_errors
 def inspect(

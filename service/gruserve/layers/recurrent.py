@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 from gruserve.errors import ConfigError, InvalidArgument, UnsupportedLayer
+from gruserve.layers._serialized import keras_layer_entry
 from gruserve.layers.activations import Activation, activation_name, get_activation
 from gruserve.layers.base import ArgReader, LayerSpec, base_config, read_base
 from gruserve.layers.constraints import Constraint, get_constraint
@@ -251,16 +252,10 @@ class RNNSpec(LayerSpec):
 
     def to_config(self) -> dict[str, Any]:
         if len(self.cells) == 1:
-            cell: dict[str, Any] = {"class_name": "GRUCell", "config": self.cells[0].to_config()}
+            cell = keras_layer_entry("GRUCell", self.cells[0].to_config())
         else:
-            cell = {
-                "class_name": "StackedRNNCells",
-                "config": {
-                    "cells": [
-                        {"class_name": "GRUCell", "config": c.to_config()} for c in self.cells
-                    ]
-                },
-            }
+            cells = [keras_layer_entry("GRUCell", c.to_config()) for c in self.cells]
+            cell = keras_layer_entry("StackedRNNCells", {"cells": cells})
         return {
             **base_config(self.name, self.activity_regularizer),
             **self.loop_config(),
@@ -424,11 +419,10 @@ class BidirectionalSpec(LayerSpec):
         return {
             **base_config(self.name, self.activity_regularizer),
             "merge_mode": self.merge_mode,
-            "layer": {"class_name": self.forward.class_name, "config": self.forward.to_config()},
-            "backward_layer": {
-                "class_name": self.backward.class_name,
-                "config": self.backward.to_config(),
-            },
+            "layer": keras_layer_entry(self.forward.class_name, self.forward.to_config()),
+            "backward_layer": keras_layer_entry(
+                self.backward.class_name, self.backward.to_config()
+            ),
         }
 
 
