@@ -88,6 +88,18 @@ def pick_reference(name: str = "auto") -> tuple[str, Reference]:
     return name, (torch_reference if name == "torch" else numpy_reference)
 
 
+def float32_references(name: str = "auto") -> list[tuple[str, Reference]]:
+    """Every float32 computation the yardstick takes: the chosen one, plus numpy's.
+
+    Under ``auto`` with torch installed both run; their larger error is
+    float32's error on those inputs (:func:`~gruserve.export.tolerance.judge`).
+    """
+    chosen = pick_reference(name)
+    if name == "auto" and chosen[0] == "torch":
+        return [chosen, ("numpy", numpy_reference)]
+    return [chosen]
+
+
 def _masks(batch: int, steps: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     lengths = np.array([steps, max(steps - 2, 1), 1, 0][:batch])
     right = np.arange(steps)[None, :] < lengths[:, None]
@@ -137,8 +149,7 @@ def parity_report(
     all cases and outputs, ``float32_max_abs_diff`` the float32 reference's
     own; ``passed`` says whether every case met the rule of this module.
     """
-    ref_name, ref = pick_reference(reference)
-    ref = _with_errstate(ref)
+    references = [(n, _with_errstate(r)) for n, r in float32_references(reference)]
     rng = np.random.default_rng(seed)
     batch = 4
     steps = static_timesteps or spec.timesteps or DEFAULT_TIMESTEPS
@@ -159,10 +170,10 @@ def parity_report(
         feeds[INPUT], feeds[MASK] = x, mask
         got = session.run(output_names, feeds)
         exact = _flat(*float64_reference(spec, weights, x, mask, states), spec)
-        single = _flat(*ref(spec, weights, x, mask, states), spec)
+        singles = [_flat(*ref(spec, weights, x, mask, states), spec) for _, ref in references]
         verdicts = [
-            judge(g, e, np.asarray(f), atol, rtol)
-            for g, e, f in zip(got, exact, single, strict=True)
+            judge(g, e, [np.asarray(s[i]) for s in singles], atol, rtol)
+            for i, (g, e) in enumerate(zip(got, exact, strict=True))
         ]
         cases.append(
             {
@@ -180,7 +191,7 @@ def parity_report(
     return {
         "verified": True,
         "reference": "numpy float64",
-        "float32_reference": f"{ref_name} float32",
+        "float32_reference": " and ".join(f"{n} float32" for n, _ in references),
         "runtime": f"onnxruntime {ort.__version__} CPUExecutionProvider",
         "max_abs_diff": max(c["max_abs_diff"] for c in cases),
         "float32_max_abs_diff": max(c["float32_max_abs_diff"] for c in cases),
