@@ -116,6 +116,13 @@ def choose_strategy(spec: RNNSpec, requested: str = "auto") -> LayerExport:
             "loop", False, [f"activations {', '.join(missing)} have no ONNX GRU equivalent"]
         )
     inexact = sorted({name for c in spec.cells for name in _inexact_activations(c)})
+    inexact += sorted(
+        {
+            f"{c.recurrent_activation} as a gate (unbounded)"
+            for c in spec.cells
+            if not c.recurrent_activation_fn.bounded
+        }
+    )
     if inexact and requested == "auto":
         return LayerExport(
             "loop",

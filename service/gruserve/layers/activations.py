@@ -44,8 +44,21 @@ class Activation:
     native_exact: bool = True
     """Whether onnxruntime's GRU kernel computes ``onnx_gru`` as exactly as the loop."""
 
+    @property
+    def bounded(self) -> bool:
+        """Whether the output stays within [-1, 1]: a gate that cannot run away.
+
+        onnxruntime's GRU kernel loses Keras's result by orders of magnitude
+        once an unbounded gate (relu, linear, elu...) grows past 1 and the
+        state diverges, so only bounded gates are exported natively.
+        """
+        return self.name in _BOUNDED
+
     def __call__(self, x: Array, backend: Backend) -> Array:
         return self.fn(x, backend)
+
+
+_BOUNDED = {"sigmoid", "hard_sigmoid", "sparse_sigmoid", "tanh", "softsign", "hard_tanh"}
 
 
 def _hard_sigmoid(x: Array, b: Backend) -> Array:
