@@ -199,3 +199,33 @@ def test_console_script_runs_in_a_subprocess(tmp_path: Path, rng: np.random.Gene
         timeout=300,
     )
     assert missing.returncode == 1 and "nope.keras" in missing.stderr
+
+
+def test_strategy_tolerances_and_no_verify_flags(tmp_path: Path, rng: np.random.Generator) -> None:
+    """An unzipped Keras 3 folder, imported with each flag; the manifest records them."""
+    model = _keras_model(rng)
+    source = tmp_path / "unzipped"
+    model.save(source, zipped=False)
+    models = tmp_path / "models"
+    base = ["import-keras", str(source), "--models-dir", str(models)]
+
+    forced = runner.invoke(
+        app, [*base, "--name", "looped", "--strategy", "loop", "--atol", "2e-5", "--rtol", "1e-3"]
+    )
+    assert forced.exit_code == 0, forced.output
+    manifest = ModelRepository(models).resolve("looped").manifest
+    assert manifest.source["format"] == "keras_dir"
+    assert {layer.export["strategy"] for layer in manifest.layers if layer.export} == {"loop"}
+    assert (manifest.parity["atol"], manifest.parity["rtol"]) == (2e-5, 1e-3)
+    x = rng.normal(size=(3, T, F)).astype(np.float32)
+    assert_close([_predict(models / "looped" / "1", x)], [to_numpy(model(x))])
+
+    unverified = runner.invoke(app, [*base, "--name", "raw", "--no-verify"])
+    assert unverified.exit_code == 0 and "unverified" in unverified.output
+    assert ModelRepository(models).resolve("raw").manifest.parity["verified"] is False
+    shown = runner.invoke(app, ["inspect", str(models / "raw")])
+    assert shown.exit_code == 0 and "unverified" in shown.output
+
+    wrong = runner.invoke(app, [*base, "--name", "bad", "--strategy", "fast"])
+    assert wrong.exit_code == 1 and "unknown export strategy 'fast'" in wrong.output
+    assert not (models / "bad").exists()

@@ -69,7 +69,13 @@ def test_export_writes_a_verified_version(tmp_path: Path, rng: np.random.Generat
         "notes": ["masks with holes or left padding run the Scan loop (If branch)"],
     }
     assert manifest.parity["passed"] and manifest.parity["max_abs_diff"] < 1e-5
-    assert {c["case"] for c in manifest.parity["cases"]} == {"full", "right_padded", "holes"}
+    assert {c["case"] for c in manifest.parity["cases"]} == {
+        "full",
+        "right_padded",
+        "holes",
+        "large",
+    }
+    assert manifest.parity["reference"] == "numpy float64" and manifest.parity["verified"]
     ort.InferenceSession(str(result.path / "model.onnx"), providers=["CPUExecutionProvider"])
 
     second = export_model(_spec(), _weights(rng), models_dir=tmp_path, name="demo")

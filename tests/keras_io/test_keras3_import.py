@@ -227,7 +227,7 @@ def keras_weights(layer: Any) -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Any, np.ndarray, Path]]:
-    """Each model built, randomized and saved once in both formats."""
+    """Each model built, randomized and saved once in each format (zipped=False: a folder)."""
     folder = tmp_path_factory.mktemp("keras3")
     result = {}
     for index, (name, build) in enumerate(BUILDERS.items()):
@@ -236,11 +236,15 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Any, np.n
         randomize(model, rng)
         model.save(folder / f"{name}.keras")
         model.save(folder / f"{name}.h5")
+        model.save(folder / f"{name}.dir", zipped=False)
         result[name] = (model, x, folder)
     return result
 
 
-@pytest.mark.parametrize("suffix", [".keras", ".h5"])
+FORMATS = {".keras": "keras", ".h5": "keras_h5", ".dir": "keras_dir"}
+
+
+@pytest.mark.parametrize("suffix", list(FORMATS))
 @pytest.mark.parametrize("name", list(BUILDERS))
 def test_keras3_round_trip(
     saved: dict[str, tuple[Any, np.ndarray, Path]], name: str, suffix: str
@@ -249,7 +253,7 @@ def test_keras3_round_trip(
     imported = load_keras_model(folder / f"{name}{suffix}")
 
     assert imported.spec.keras_version == 3
-    assert imported.source["format"] == ("keras" if suffix == ".keras" else "keras_h5")
+    assert imported.source["format"] == FORMATS[suffix]
     assert imported.source["keras_version"] == keras.__version__
     assert [layer.name for layer in imported.spec.layers] == [
         layer.name for layer in model.layers if not isinstance(layer, layers.InputLayer)

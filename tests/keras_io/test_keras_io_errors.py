@@ -103,7 +103,14 @@ def test_unknown_kind_of_file(tmp_path: Path) -> None:
 
 def test_missing_file_and_directory(tmp_path: Path) -> None:
     _raises(ModelFileError, tmp_path / "nope.keras", "no such file")
-    _raises(ModelFileError, tmp_path, "SavedModel directories are not supported")
+    message = str(_raises(ModelFileError, tmp_path, "neither a Keras 3 model directory"))
+    assert "is a TensorFlow SavedModel" not in message
+
+
+def test_saved_model_directory_is_named_as_such(tmp_path: Path) -> None:
+    (tmp_path / "saved_model.pb").write_bytes(b"\x08\x01")
+    (tmp_path / "variables").mkdir()
+    _raises(ModelFileError, tmp_path, "is a TensorFlow SavedModel")
 
 
 @pytest.mark.parametrize("fraction", [0.5, 0.97])

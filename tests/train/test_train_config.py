@@ -170,7 +170,7 @@ BAD = {
             "model.layers": [
                 {
                     "class_name": "GRU",
-                    "config": {"units": 1, "return_sequences": True, "dropout": 3},
+                    "config": {"units": 1, "return_sequences": True, "dropout": "3"},
                 }
             ]
         },

@@ -21,8 +21,8 @@ import numpy as np
 
 from gruserve import __version__
 from gruserve.errors import ExportError, ParityError, RepositoryError, WeightShapeError
-from gruserve.export.model_graph import build_model_graph
-from gruserve.export.parity import parity_report
+from gruserve.export.model_graph import BuiltGraph, build_model_graph
+from gruserve.export.parity import ATOL, RTOL, describe_failure, parity_report, unverified_report
 from gruserve.layers.model import ModelSpec, is_recurrent
 from gruserve.manifest import MANIFEST_FILE, ONNX_FILE, LayerInfo, Manifest, StateInfo, TensorInfo
 from gruserve.repository import next_version, validate_model_name
@@ -68,12 +68,28 @@ def export_model(
     preprocessing: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
     reference: str = "auto",
+    strategy: str = "auto",
+    atol: float = ATOL,
+    rtol: float = RTOL,
+    verify: bool = True,
 ) -> ExportResult:
     """Build, verify and atomically write one model version.
 
+    Args:
+        strategy: ``auto`` (per layer, see
+            :func:`~gruserve.export.recurrent.choose_strategy`), or ``native``,
+            ``loop`` or ``unrolled`` forced on every recurrent layer. Under
+            ``auto``, a graph with native GRU nodes that fails the check is
+            rebuilt with the loop, which computes Keras's formulas exactly as
+            written, and checked again.
+        atol, rtol: the tolerance of the parity check
+            (:mod:`gruserve.export.parity`).
+        verify: ``False`` writes without the check; the manifest records
+            the version as unverified.
+
     Raises:
         ExportError: the graph could not be built, or (ParityError) it
-            disagrees with the reference math.
+            disagrees with Keras's float64 math.
         RepositoryError: bad name, or the version already exists.
     """
     validate_model_name(name)
@@ -90,21 +106,48 @@ def export_model(
     weights32 = {
         layer: {k: np.asarray(v, np.float32) for k, v in w.items()} for layer, w in weights.items()
     }
-    built = build_model_graph(spec, weights32)
+    built = build_model_graph(spec, weights32, strategy)
     onnx_bytes = built.model.SerializeToString()
-    parity = parity_report(
-        spec, weights32, onnx_bytes, static_timesteps=built.static_timesteps, reference=reference
-    )
-    if not parity["passed"]:
-        raise ParityError(
-            "exported graph disagrees with the reference "
-            f"(max |diff| {parity['max_abs_diff']:.3g}); nothing was written"
-        )
+    if not verify:
+        parity = unverified_report("written with --no-verify")
+    else:
+
+        def check(graph: BuiltGraph, data: bytes) -> dict[str, Any]:
+            return parity_report(
+                spec,
+                weights32,
+                data,
+                static_timesteps=graph.static_timesteps,
+                reference=reference,
+                atol=atol,
+                rtol=rtol,
+            )
+
+        parity = check(built, onnx_bytes)
+        if not parity["passed"] and strategy == "auto" and _has_native(built):
+            retry = build_model_graph(spec, weights32, "loop")
+            retry_bytes = retry.model.SerializeToString()
+            retry_parity = check(retry, retry_bytes)
+            if retry_parity["passed"]:
+                for plan in retry.layers.values():
+                    plan.notes.append("the native GRU node missed Keras's float64 result: loop")
+                built, onnx_bytes, parity = retry, retry_bytes, retry_parity
+        if not parity["passed"]:
+            where = f"{(source or {}).get('path', name)} -> {target}"
+            raise ParityError(
+                f"{where}: the exported graph disagrees with Keras's math: "
+                f"{describe_failure(parity)}; nothing was written "
+                "(loosen --atol/--rtol, or write it anyway with --no-verify)"
+            )
     manifest = _manifest(
         spec, built, onnx_bytes, name, version, parity, source, preprocessing, metrics
     )
     _write_atomically(target, {ONNX_FILE: onnx_bytes, MANIFEST_FILE: manifest.to_json().encode()})
     return ExportResult(target, manifest)
+
+
+def _has_native(built: BuiltGraph) -> bool:
+    return any("native" in plan.strategy for plan in built.layers.values())
 
 
 def _manifest(

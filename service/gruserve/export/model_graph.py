@@ -71,7 +71,10 @@ class BuiltGraph:
     static_timesteps: int | None
 
 
-def _needs_static_timesteps(spec: ModelSpec) -> bool:
+def _needs_static_timesteps(spec: ModelSpec, strategy: str = "auto") -> bool:
+    if strategy == "unrolled":
+        return bool(spec.recurrent_layers())
+
     def unrolled(layer: object) -> bool:
         if isinstance(layer, BidirectionalSpec):
             return layer.forward.unroll or layer.backward.unroll
@@ -85,13 +88,19 @@ def _leading(spec: ModelSpec, time: int | str) -> list[int | str]:
 
 
 def build_model_graph(
-    spec: ModelSpec, weights: Mapping[str, Mapping[str, np.ndarray]]
+    spec: ModelSpec, weights: Mapping[str, Mapping[str, np.ndarray]], strategy: str = "auto"
 ) -> BuiltGraph:
-    """Build and check the ONNX graph of ``spec`` with Keras-layout ``weights``."""
-    static_t = spec.timesteps if _needs_static_timesteps(spec) else None
-    if _needs_static_timesteps(spec) and static_t is None:
+    """Build and check the ONNX graph of ``spec`` with Keras-layout ``weights``.
+
+    ``strategy`` is ``auto`` (per layer: native GRU node where exact, else the
+    loop; unrolled for ``unroll=True``) or one strategy forced on every
+    recurrent layer (see :func:`~gruserve.export.recurrent.choose_strategy`).
+    """
+    static_t = spec.timesteps if _needs_static_timesteps(spec, strategy) else None
+    if _needs_static_timesteps(spec, strategy) and static_t is None:
         raise ExportError(
-            "unroll=True needs a fixed number of timesteps: declare them in the model's input shape"
+            "unrolling (unroll=True or strategy unrolled) needs a fixed number of timesteps: "
+            "declare them in the model's input shape"
         )
     time: int | str = static_t if static_t is not None else "time"
     ctx = GraphContext()
@@ -140,12 +149,14 @@ def build_model_graph(
         init = [states_in[k] for k in keys]
         if isinstance(layer, BidirectionalSpec):
             outputs, new_states, plan = export_bidirectional(
-                ob, layer, layer_weights, outputs[0], mask, init
+                ob, layer, layer_weights, outputs[0], mask, init, strategy
             )
             layer_exports[layer.name] = plan
             mask = mask if layer.return_sequences else None
         elif isinstance(layer, RNNSpec):
-            out, new_states, plan = export_rnn(ob, layer, layer_weights, outputs[0], mask, init)
+            out, new_states, plan = export_rnn(
+                ob, layer, layer_weights, outputs[0], mask, init, strategy
+            )
             outputs = [out]
             layer_exports[layer.name] = plan
             mask = mask if layer.return_sequences else None

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from onnx import helper
@@ -65,6 +65,12 @@ def _native_activations(cell: GRUCellSpec) -> list[OnnxGruActivation] | None:
     return None if f is None or g is None else [f, g]
 
 
+def _inexact_activations(cell: GRUCellSpec) -> list[str]:
+    """Activations the GRU node spells but computes less exactly than Keras's formula."""
+    acts = (cell.activation_fn, cell.recurrent_activation_fn)
+    return sorted({a.name for a in acts if a.onnx_gru is not None and not a.native_exact})
+
+
 def _cudnn_reasons(cells: Sequence[GRUCellSpec]) -> list[str]:
     """Why onnxruntime's CUDA EP would fall back to the CPU for these cells."""
     reasons = []
@@ -78,21 +84,62 @@ def _cudnn_reasons(cells: Sequence[GRUCellSpec]) -> list[str]:
     return sorted(set(reasons))
 
 
-def choose_strategy(spec: RNNSpec) -> LayerExport:
-    if spec.unroll:
-        return LayerExport("unrolled", False, ["unroll=True: one step per timestep"])
+STRATEGIES = ("auto", "native", "loop", "unrolled")
+
+
+def choose_strategy(spec: RNNSpec, requested: str = "auto") -> LayerExport:
+    """The strategy of one layer: Keras's own choice under ``auto``, else the one requested.
+
+    Raises:
+        ExportError: an unknown strategy, or ``native`` for activations the
+            ONNX GRU node cannot compute as exactly as the loop.
+    """
+    if requested not in STRATEGIES:
+        raise ExportError(f"unknown export strategy {requested!r}; expected one of {STRATEGIES}")
+    if requested == "unrolled" or (requested == "auto" and spec.unroll):
+        why = "unroll=True" if spec.unroll and requested == "auto" else "strategy unrolled"
+        return LayerExport("unrolled", False, [f"{why}: one step per timestep"])
     missing = [
         f"{c.activation}/{c.recurrent_activation}"
         for c in spec.cells
         if _native_activations(c) is None
     ]
+    if requested == "loop":
+        return LayerExport("loop", False, ["strategy loop requested"])
     if missing:
+        if requested == "native":
+            raise ExportError(
+                f"layer {spec.name!r} cannot use the native GRU node: activations "
+                f"{', '.join(missing)} have no ONNX GRU equivalent; use loop or unrolled"
+            )
         return LayerExport(
             "loop", False, [f"activations {', '.join(missing)} have no ONNX GRU equivalent"]
         )
+    inexact = sorted({name for c in spec.cells for name in _inexact_activations(c)})
+    inexact += sorted(
+        {
+            f"{c.recurrent_activation} as a gate (unbounded)"
+            for c in spec.cells
+            if not c.recurrent_activation_fn.bounded
+        }
+    )
+    if inexact and requested == "auto":
+        return LayerExport(
+            "loop",
+            False,
+            [f"onnxruntime's GRU kernel is less exact than Keras for {', '.join(inexact)}"],
+        )
     reasons = _cudnn_reasons(spec.cells)
     notes = ["masks with holes or left padding run the Scan loop (If branch)", *reasons]
+    if inexact:
+        notes.append(f"strategy native forced although inexact for {', '.join(inexact)}")
     return LayerExport("native", not reasons, notes)
+
+
+def _as_planned(spec: RNNSpec, plan: LayerExport) -> RNNSpec:
+    """The spec whose ``unroll`` matches the plan (the manifest keeps the original)."""
+    unroll = plan.strategy == "unrolled"
+    return spec if spec.unroll == unroll else replace(spec, unroll=unroll)
 
 
 # ----------------------------------------------------------------------------- native node
@@ -287,12 +334,14 @@ def export_rnn(
     x: OnnxTensor,
     mask: OnnxTensor | None,
     initial_states: Sequence[OnnxTensor],
+    strategy: str = "auto",
 ) -> tuple[OnnxTensor, list[OnnxTensor], LayerExport]:
     """Export a GRU / RNN layer; semantics identical to :func:`rnn_forward`."""
-    plan = choose_strategy(spec)
+    plan = choose_strategy(spec, strategy)
+    spec = _as_planned(spec, plan)
     if plan.strategy == "unrolled" and ob.timesteps is None:
         raise ExportError(
-            f"layer {spec.name!r} has unroll=True, which needs a fixed number of timesteps: "
+            f"layer {spec.name!r} is unrolled, which needs a fixed number of timesteps: "
             "declare them in the model's input shape"
         )
 
@@ -323,7 +372,7 @@ def export_rnn(
     return output, states, plan
 
 
-def _fused_bidirectional(spec: BidirectionalSpec) -> bool:
+def _fused_bidirectional(spec: BidirectionalSpec, strategy: str) -> bool:
     """Whether both directions fit one ``direction="bidirectional"`` GRU node."""
     f, b = spec.forward, spec.backward
     return (
@@ -333,8 +382,8 @@ def _fused_bidirectional(spec: BidirectionalSpec) -> bool:
         and b.go_backwards
         and f.units == b.units
         and f.cells[0].reset_after == b.cells[0].reset_after
-        and choose_strategy(f).strategy == "native"
-        and choose_strategy(b).strategy == "native"
+        and choose_strategy(f, strategy).strategy == "native"
+        and choose_strategy(b, strategy).strategy == "native"
     )
 
 
@@ -345,12 +394,19 @@ def export_bidirectional(
     x: OnnxTensor,
     mask: OnnxTensor | None,
     initial_states: Sequence[OnnxTensor],
+    strategy: str = "auto",
 ) -> tuple[list[OnnxTensor], list[OnnxTensor], LayerExport]:
     """Export Keras ``Bidirectional``; one bidirectional node when both sides allow."""
-    if not _fused_bidirectional(spec) or mask is None:
+    if not _fused_bidirectional(spec, strategy) or mask is None:
         n_forward = len(spec.forward.cells)
         y, fs, f_plan = export_rnn(
-            ob, spec.forward, cell_weights(weights, "forward"), x, mask, initial_states[:n_forward]
+            ob,
+            spec.forward,
+            cell_weights(weights, "forward"),
+            x,
+            mask,
+            initial_states[:n_forward],
+            strategy,
         )
         y_rev, bs, b_plan = export_rnn(
             ob,
@@ -359,6 +415,7 @@ def export_bidirectional(
             x,
             mask,
             initial_states[n_forward:],
+            strategy,
         )
         strategies = {f_plan.strategy, b_plan.strategy}
         plan = LayerExport(

@@ -1,7 +1,9 @@
 """Open a ``.keras`` archive without Keras: a zip of JSON plus one HDF5 file.
 
 Keras 3 (and tf-keras >= 2.13) write ``metadata.json`` (Keras version, save
-date), ``config.json`` (the serialized model) and ``model.weights.h5``. This
+date), ``config.json`` (the serialized model) and ``model.weights.h5``; with
+``model.save(path, zipped=False)`` Keras 3 writes the same three files into a
+directory, which :func:`open_model_directory` reads. This
 module only unpacks those three members and turns every way a zip can be
 broken (garbage bytes, truncation, a bad CRC, a missing member) into a
 :class:`~gruserve.errors.ModelFileError` that names the file, so callers never
@@ -81,6 +83,43 @@ def open_archive(path: Path) -> Iterator[ArchiveContents]:
         yield ArchiveContents(config=config, metadata=metadata, weights=weights)
 
 
+@contextmanager
+def open_model_directory(path: Path) -> Iterator[ArchiveContents]:
+    """Yield the contents of an unzipped Keras 3 model (``model.save(path, zipped=False)``)."""
+    names = {p.name for p in path.iterdir()}
+    config = _read_json_file(path, CONFIG, required=True)
+    metadata = _read_json_file(path, METADATA, required=False)
+    if WEIGHTS not in names:
+        raise ModelFileError(path, _missing_weights_message(names))
+    try:
+        weights = h5py.File(path / WEIGHTS, "r")
+    except (OSError, ValueError) as exc:
+        raise ModelFileError(path, f"{WEIGHTS} is not a readable HDF5 file: {exc}") from exc
+    with weights:
+        yield ArchiveContents(config=config, metadata=metadata, weights=weights)
+
+
+def _read_json_file(folder: Path, member: str, *, required: bool) -> dict[str, Any]:
+    if not (folder / member).is_file():
+        if required:
+            raise ModelFileError(folder, f"has no {member}; it is not a Keras model directory")
+        return {}
+    try:
+        return _parse_json(folder, member, (folder / member).read_bytes())
+    except OSError as exc:
+        raise ModelFileError(folder, f"cannot read {member}: {exc}") from exc
+
+
+def _parse_json(path: Path, member: str, raw: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelFileError(path, f"{member} is not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise ModelFileError(path, f"{member} must hold a JSON object, got {type(value).__name__}")
+    return value
+
+
 def _missing_weights_message(names: set[str]) -> str:
     if any(name.startswith("model.weights") and name.endswith(".json") for name in names):
         return (
@@ -111,11 +150,4 @@ def _read_json(
                 f"(members: {sorted(archive.namelist())})",
             )
         return {}
-    raw = _read_member(archive, path, member)
-    try:
-        value = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelFileError(path, f"{member} is not valid JSON: {exc}") from exc
-    if not isinstance(value, dict):
-        raise ModelFileError(path, f"{member} must hold a JSON object, got {type(value).__name__}")
-    return value
+    return _parse_json(path, member, _read_member(archive, path, member))

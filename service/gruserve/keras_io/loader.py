@@ -21,7 +21,7 @@ import h5py
 import numpy as np
 
 from gruserve.errors import GruServeError, ModelFileError
-from gruserve.keras_io.archive import open_archive
+from gruserve.keras_io.archive import CONFIG, open_archive, open_model_directory
 from gruserve.keras_io.h5 import open_h5
 from gruserve.keras_io.topology import Topology, read_topology
 from gruserve.keras_io.version import keras_major
@@ -50,7 +50,7 @@ class KerasModel:
 
     ``weights`` has exactly the keys of ``spec.weight_shapes()``, as float32
     arrays of those shapes. ``source`` records where it came from: ``format``
-    (``"keras"``, ``"keras_h5"`` or ``"tf_keras_h5"``), ``keras_version`` (as
+    (``"keras"``, ``"keras_dir"``, ``"keras_h5"`` or ``"tf_keras_h5"``), ``keras_version`` (as
     recorded in the file, or None), ``path``, ``model_class`` and, when the
     file records them, ``backend`` and ``date_saved``.
     """
@@ -61,19 +61,20 @@ class KerasModel:
 
 
 def load_keras_model(path: str | os.PathLike[str]) -> KerasModel:
-    """Read a ``.keras`` archive or a Keras 3 / tf-keras ``.h5`` model file."""
+    """Read a ``.keras`` archive (zipped or not) or a Keras 3 / tf-keras ``.h5`` model file."""
     path = Path(path)
     kind = _sniff(path)
     with _naming(path):
-        if kind == "archive":
-            with open_archive(path) as archive:
+        if kind in ("archive", "directory"):
+            opener = open_archive if kind == "archive" else open_model_directory
+            with opener(path) as archive:
                 version = archive.keras_version
                 major = keras_major(path, version, archive.config)
                 topology = read_topology(str(path), archive.config)
                 spec = _spec(topology, major)
                 weights = archive_weights(path, archive.weights, spec, topology.tracked)
                 extra = {"date_saved": archive.metadata.get("date_saved")}
-            file_format = "keras"
+            file_format = "keras" if kind == "archive" else "keras_dir"
         else:
             with open_h5(path) as legacy:
                 version = legacy.keras_version
@@ -101,15 +102,11 @@ def _spec(topology: Topology, keras_version: int) -> ModelSpec:
 
 
 def _sniff(path: Path) -> str:
-    """``"archive"`` or ``"h5"``, from the first bytes; the suffix only breaks ties for junk."""
+    """``"archive"``, ``"h5"`` or ``"directory"``, from the content; the suffix only breaks ties."""
     if not path.exists():
         raise ModelFileError(path, "no such file")
     if path.is_dir():
-        raise ModelFileError(
-            path,
-            "is a directory: TensorFlow SavedModel directories are not supported; "
-            "save the model with model.save('model.keras') or model.save('model.h5')",
-        )
+        return _sniff_directory(path)
     try:
         with path.open("rb") as handle:
             head = handle.read(8)
@@ -129,6 +126,23 @@ def _sniff(path: Path) -> str:
         path,
         "is neither a .keras archive (zip) nor an HDF5 .h5 model file; "
         "save the model with model.save('model.keras')",
+    )
+
+
+def _sniff_directory(path: Path) -> str:
+    """A Keras 3 unzipped model has config.json; a TensorFlow SavedModel has saved_model.pb."""
+    if (path / CONFIG).is_file():
+        return "directory"
+    if (path / "saved_model.pb").is_file() or (path / "saved_model.pbtxt").is_file():
+        raise ModelFileError(
+            path,
+            "is a TensorFlow SavedModel, which is not supported; "
+            "save the model with model.save('model.keras') or model.save('model.h5')",
+        )
+    raise ModelFileError(
+        path,
+        f"is a directory but neither a Keras 3 model directory (no {CONFIG}; "
+        "model.save(path, zipped=False) writes one) nor a TensorFlow SavedModel",
     )
 
 

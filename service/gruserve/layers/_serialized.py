@@ -51,6 +51,8 @@ def parse_serialized(
     else:
         raise InvalidArgument(where, argument, identifier, "a name or a Keras serialized dict")
     name = (aliases or {}).get(name, name)
+    if name not in known and isinstance(identifier, str):
+        name = snake_name(name)  # Keras also resolves class names: "Zeros", "NonNeg"
     if name not in known:
         raise InvalidArgument(where, argument, identifier, sorted(known))
     defaults = known[name]
@@ -66,3 +68,19 @@ def to_keras(name: str, config: dict[str, Any]) -> dict[str, Any]:
     """Keras 3's serialized form, for ``get_config`` round trips."""
     class_name = "".join(part.capitalize() for part in name.split("_"))
     return {"class_name": class_name, "config": dict(config)}
+
+
+def keras_layer_entry(class_name: str, config: dict[str, Any]) -> dict[str, Any]:
+    """A serialized layer as Keras 3 writes it, ``module`` included.
+
+    ``keras.Sequential.from_config`` finds top-level layers by class name
+    alone, but a layer nested in another one's config (Bidirectional's
+    ``layer``, an RNN's ``cell``, StackedRNNCells' ``cells``) is only found
+    through its module.
+    """
+    return {
+        "module": "keras.layers",
+        "class_name": class_name,
+        "config": config,
+        "registered_name": None,
+    }

@@ -2,7 +2,10 @@
 
 Each :class:`Activation` carries the math (a function of an array and a
 :class:`~gruserve.layers.backend.Backend`) and, when one exists, the exact
-equivalent in the ONNX GRU operator's ``activations`` attribute. The formulas
+equivalent in the ONNX GRU operator's ``activations`` attribute, marked
+``native_exact`` where onnxruntime's kernel is as exact as the float32 loop
+from small to extreme inputs (``tests/export/test_native_kernels.py``
+measures it); only those are exported natively unless a user forces it. The formulas
 follow ``keras/src/backend/*/nn.py``; where Keras's behaviour is surprising
 (sparsemax, Keras 2's hard_sigmoid) the docstring says so.
 """
@@ -38,9 +41,24 @@ class Activation:
     name: str
     fn: Callable[[Array, Backend], Array]
     onnx_gru: OnnxGruActivation | None = None
+    native_exact: bool = True
+    """Whether onnxruntime's GRU kernel computes ``onnx_gru`` as exactly as the loop."""
+
+    @property
+    def bounded(self) -> bool:
+        """Whether the output stays within [-1, 1]: a gate that cannot run away.
+
+        onnxruntime's GRU kernel loses Keras's result by orders of magnitude
+        once an unbounded gate (relu, linear, elu...) grows past 1 and the
+        state diverges, so only bounded gates are exported natively.
+        """
+        return self.name in _BOUNDED
 
     def __call__(self, x: Array, backend: Backend) -> Array:
         return self.fn(x, backend)
+
+
+_BOUNDED = {"sigmoid", "hard_sigmoid", "sparse_sigmoid", "tanh", "softsign", "hard_tanh"}
 
 
 def _hard_sigmoid(x: Array, b: Backend) -> Array:
@@ -95,7 +113,9 @@ def _build_registry() -> dict[str, Activation]:
         a("tanh", lambda x, b: b.tanh(x), OnnxGruActivation("Tanh")),
         a("relu", lambda x, b: b.maximum(x, 0.0), OnnxGruActivation("Relu")),
         a("softsign", lambda x, b: x / (b.abs(x) + 1.0), OnnxGruActivation("Softsign")),
-        a("softplus", lambda x, b: b.softplus(x), OnnxGruActivation("Softplus")),
+        # onnxruntime's GRU kernel computes log(1 + exp(x)), inf past x ~ 88 where Keras is
+        # finite: only a forced native export uses it; the loop's Softplus op is stable.
+        Activation("softplus", lambda x, b: b.softplus(x), OnnxGruActivation("Softplus"), False),
         a("hard_sigmoid", _hard_sigmoid, OnnxGruActivation("HardSigmoid", 1.0 / 6.0, 0.5)),
         a(
             "sparse_sigmoid",

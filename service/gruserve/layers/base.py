@@ -13,6 +13,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
+
 from gruserve.errors import ConfigError, InvalidArgument
 from gruserve.layers.regularizers import Regularizer, get_regularizer
 
@@ -37,17 +39,31 @@ class ArgReader:
         return self.config.get(key, default)
 
     def bool(self, key: str, default: bool) -> bool:
-        value = self.raw(key, default)
-        if not isinstance(value, bool):
-            raise InvalidArgument(self.where, key, value, "a boolean")
-        return value
+        """Keras stores any value given for a flag and only asks for its truth value."""
+        return bool(self.raw(key, default))
 
-    def int(self, key: str, default: int | None = None, *, minimum: int | None = None) -> int:
+    def int(
+        self,
+        key: str,
+        default: int | None = None,
+        *,
+        minimum: int | None = None,
+        integral_floats: bool = True,
+        allow_bool: bool = False,
+    ) -> int:
+        """An integer; ``2.0`` counts unless ``integral_floats`` is off, ``True`` only if allowed.
+
+        Keras's ``units`` takes ``True`` (an int) and refuses ``2.0``, so that
+        argument reads with ``integral_floats=False, allow_bool=True``.
+        """
         value = self.raw(key, default)
-        if isinstance(value, float) and value.is_integer():
+        if integral_floats and isinstance(value, float) and value.is_integer():
             value = int(value)
-        if not isinstance(value, int) or isinstance(value, bool):
+        if allow_bool and isinstance(value, bool):
+            value = int(value)
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
             raise InvalidArgument(self.where, key, value, "an integer")
+        value = int(value)
         if minimum is not None and value < minimum:
             raise InvalidArgument(self.where, key, value, f"an integer >= {minimum}")
         return value
@@ -66,6 +82,13 @@ class ArgReader:
         ):
             raise InvalidArgument(self.where, key, value, "a number in [0, 1]")
         return float(value)
+
+    def clipped_rate(self, key: str, default: float = 0.0) -> float:
+        """A number clipped into [0, 1], as Keras's recurrent cells store their dropout rates."""
+        value = self.raw(key, default)
+        if not isinstance(value, (int, float, np.integer, np.floating)):
+            raise InvalidArgument(self.where, key, value, "a number (Keras clips it into [0, 1])")
+        return min(1.0, max(0.0, float(value)))
 
     def number(self, key: str, default: float) -> float:
         value = self.raw(key, default)

@@ -91,6 +91,13 @@ class Initializer:
 
 
 def get_initializer(identifier: Any, *, where: str, argument: str) -> Initializer:
+    """An initializer from a name or a serialized dict.
+
+    ``None`` is glorot_uniform: Keras's ``add_weight`` falls back to it for a
+    float variable created without an initializer.
+    """
+    if identifier is None:
+        identifier = "glorot_uniform"
     parsed = parse_serialized(
         identifier, where=where, argument=argument, known=_KNOWN, aliases=_ALIASES
     )

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gruserve.errors import ConfigError, UnsupportedLayer
+from gruserve.layers._serialized import keras_layer_entry
 from gruserve.layers.base import LayerSpec
 from gruserve.layers.core import DenseSpec, DropoutSpec, EmbeddingSpec, InputLayerSpec, MaskingSpec
 from gruserve.layers.recurrent import BidirectionalSpec, GRUSpec, RNNSpec
@@ -177,14 +178,14 @@ class ModelSpec:
         return cls(name=name, input=input_spec, layers=tuple(layers), keras_version=keras_version)
 
     def to_config(self) -> dict[str, Any]:
-        """Keras Sequential config (``{"name", "layers": [...]}``)."""
+        """Keras Sequential config (``{"name", "layers": [...]}``).
+
+        ``keras.Sequential.from_config`` loads it as it is.
+        """
         return {
             "name": self.name,
-            "layers": [{"class_name": "InputLayer", "config": self.input.to_config()}]
-            + [
-                {"class_name": layer.class_name, "config": layer.to_config()}
-                for layer in self.layers
-            ],
+            "layers": [keras_layer_entry("InputLayer", self.input.to_config())]
+            + [keras_layer_entry(layer.class_name, layer.to_config()) for layer in self.layers],
         }
 
     # -- validation ----------------------------------------------------------------------

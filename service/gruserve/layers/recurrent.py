@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 from gruserve.errors import ConfigError, InvalidArgument, UnsupportedLayer
+from gruserve.layers._serialized import keras_layer_entry
 from gruserve.layers.activations import Activation, activation_name, get_activation
 from gruserve.layers.base import ArgReader, LayerSpec, base_config, read_base
 from gruserve.layers.constraints import Constraint, get_constraint
@@ -76,7 +77,7 @@ class GRUCellSpec:
     def from_reader(cls, reader: ArgReader, keras_version: int = 3) -> GRUCellSpec:
         where = reader.where
         keras_version = reader.choice("keras_version", keras_version, [2, 3])
-        units = reader.int("units", minimum=1)
+        units = reader.int("units", minimum=1, integral_floats=False, allow_bool=True)
         activation = activation_name(reader.raw("activation", "tanh"))
         recurrent_activation = activation_name(reader.raw("recurrent_activation", "sigmoid"))
         get_activation(activation, keras_version=keras_version, where=where, argument="activation")
@@ -86,10 +87,14 @@ class GRUCellSpec:
             where=where,
             argument="recurrent_activation",
         )
-        recurrent_dropout = reader.rate("recurrent_dropout")
-        implementation = reader.choice("implementation", 2, [0, 1, 2])
-        if implementation == 0:  # tf-keras's deprecated mode 0 behaves as 1
-            implementation = 1
+        recurrent_dropout = reader.clipped_rate("recurrent_dropout")
+        if keras_version == 3:
+            # Keras 3 stores any value and only asks whether it equals 1 (per-gate masks).
+            implementation = 1 if reader.raw("implementation", 2) == 1 else 2
+        else:
+            implementation = reader.choice("implementation", 2, [0, 1, 2])
+            if implementation == 0:  # tf-keras's deprecated mode 0 behaves as 1
+                implementation = 1
         if recurrent_dropout:
             implementation = 1  # Keras forces per-gate masks with recurrent dropout
 
@@ -97,7 +102,9 @@ class GRUCellSpec:
             return get_initializer(reader.raw(key, default), where=where, argument=key)
 
         def reg(key: str) -> Regularizer | None:
-            return get_regularizer(reader.raw(key), where=where, argument=key)
+            return get_regularizer(
+                reader.raw(key), where=where, argument=key, keras_version=keras_version
+            )
 
         def con(key: str) -> Constraint | None:
             return get_constraint(reader.raw(key), where=where, argument=key)
@@ -116,7 +123,7 @@ class GRUCellSpec:
             kernel_constraint=con("kernel_constraint"),
             recurrent_constraint=con("recurrent_constraint"),
             bias_constraint=con("bias_constraint"),
-            dropout=reader.rate("dropout"),
+            dropout=reader.clipped_rate("dropout"),
             recurrent_dropout=recurrent_dropout,
             reset_after=reader.bool("reset_after", True),
             seed=reader.optional_int("seed"),
@@ -245,16 +252,10 @@ class RNNSpec(LayerSpec):
 
     def to_config(self) -> dict[str, Any]:
         if len(self.cells) == 1:
-            cell: dict[str, Any] = {"class_name": "GRUCell", "config": self.cells[0].to_config()}
+            cell = keras_layer_entry("GRUCell", self.cells[0].to_config())
         else:
-            cell = {
-                "class_name": "StackedRNNCells",
-                "config": {
-                    "cells": [
-                        {"class_name": "GRUCell", "config": c.to_config()} for c in self.cells
-                    ]
-                },
-            }
+            cells = [keras_layer_entry("GRUCell", c.to_config()) for c in self.cells]
+            cell = keras_layer_entry("StackedRNNCells", {"cells": cells})
         return {
             **base_config(self.name, self.activity_regularizer),
             **self.loop_config(),
@@ -418,11 +419,10 @@ class BidirectionalSpec(LayerSpec):
         return {
             **base_config(self.name, self.activity_regularizer),
             "merge_mode": self.merge_mode,
-            "layer": {"class_name": self.forward.class_name, "config": self.forward.to_config()},
-            "backward_layer": {
-                "class_name": self.backward.class_name,
-                "config": self.backward.to_config(),
-            },
+            "layer": keras_layer_entry(self.forward.class_name, self.forward.to_config()),
+            "backward_layer": keras_layer_entry(
+                self.backward.class_name, self.backward.to_config()
+            ),
         }
 
 

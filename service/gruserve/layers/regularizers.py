@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from gruserve.errors import InvalidArgument
 from gruserve.layers._serialized import parse_serialized, to_keras
 from gruserve.layers.backend import Array, Backend
 
@@ -40,6 +41,28 @@ class Regularizer:
         return to_keras(self.name, self.config)
 
 
-def get_regularizer(identifier: Any, *, where: str, argument: str) -> Regularizer | None:
+# Keras 3 resolves a string through its class names and their snake_case forms (L1L2 ->
+# "l1l2"); tf-keras also knew the function name "l1_l2".
+_KERAS3_NAMES = {"l1": "l1", "L1": "l1", "l2": "l2", "L2": "l2", "l1l2": "l1_l2", "L1L2": "l1_l2"}
+_KERAS3_UNSUPPORTED = {"orthogonal_regularizer", "OrthogonalRegularizer"}
+
+
+def get_regularizer(
+    identifier: Any, *, where: str, argument: str, keras_version: int = 3
+) -> Regularizer | None:
+    """A regularizer from a name or a serialized dict, resolving names as that Keras does.
+
+    Raises:
+        InvalidArgument: a name that Keras refuses (Keras 3 refuses ``"l1_l2"``),
+            or one that gruserve cannot compute (``orthogonal_regularizer``).
+    """
+    if isinstance(identifier, str) and keras_version == 3:
+        if identifier in _KERAS3_UNSUPPORTED:
+            raise InvalidArgument(
+                where, argument, identifier, "a regularizer gruserve computes (l1, l2, l1l2)"
+            )
+        if identifier not in _KERAS3_NAMES:
+            raise InvalidArgument(where, argument, identifier, sorted(_KERAS3_NAMES))
+        identifier = _KERAS3_NAMES[identifier]
     parsed = parse_serialized(identifier, where=where, argument=argument, known=_KNOWN)
     return None if parsed is None else Regularizer(*parsed)

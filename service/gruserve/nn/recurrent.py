@@ -147,6 +147,13 @@ class GRUCell(KerasLayer):
         return new_h, [new_h]
 
 
+def _as_state(value: Any) -> torch.Tensor:
+    """A state given as a tensor, a numpy array or nested lists (Keras takes all three)."""
+    if isinstance(value, torch.Tensor):
+        return value
+    return torch.as_tensor(np.asarray(value, np.float32))
+
+
 class StackedRNNCells(nn.Module):
     """Keras ``StackedRNNCells``: the cells of one RNN, run in order at every step."""
 
@@ -270,7 +277,8 @@ class RNN(KerasLayer):
         self, x: torch.Tensor, given: Sequence[torch.Tensor] | None
     ) -> list[torch.Tensor] | None:
         if given is not None:
-            states = [given] if isinstance(given, torch.Tensor) else list(given)
+            single = isinstance(given, (torch.Tensor, np.ndarray)) and np.ndim(given) == 2
+            states = [_as_state(s) for s in ([given] if single else list(given))]
             if len(states) != len(self.spec.cells):
                 raise InvalidArgument(
                     self.name,
