@@ -82,6 +82,23 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(4 * 1024 * 1024, ge=64)
     """Largest request body, WebSocket message or NDJSON line in bytes; more answers 413."""
 
+    max_batch_timesteps: int = Field(65_536, ge=1)
+    """Most sequences x timesteps one stateless request (v1 ``predict``, v2 ``infer``) may
+    run; more answers 413 before anything runs. The request byte limit does not bound
+    this: 4 MiB of binary v2 input holds a million one-step sequences."""
+
+    max_reply_values: int = Field(1_048_576, ge=1)
+    """Most numbers one reply may hold: the requested outputs plus the requested final
+    states, over the whole batch (a session step: its outputs). More answers 413 before
+    anything runs. A float32 takes 4 bytes in a binary reply and up to about 16 in JSON,
+    so the default keeps a reply under about 16 MiB."""
+
+    predict_chunk_timesteps: int = Field(8_192, ge=1)
+    """A large stateless batch runs as several onnxruntime runs of at most this many
+    sequences x timesteps each (but one sequence at least), so that its working memory is
+    bounded by this and not by the request, and other requests get the inference threads
+    in between."""
+
     ws_compression: bool = True
     """Accept WebSocket clients' offer of permessage-deflate (browsers always offer it).
     Compressing a few float32 values saves nothing, and a compressed connection's

@@ -63,6 +63,14 @@ async def predict(model: str, request: Request) -> Response:
         raise InvalidInput(
             "inputs", "required: [batch, timesteps, features] values or [batch, timesteps] ids"
         )
+    return_state = body.get("return_state", False)
+    if not isinstance(return_state, bool):
+        raise InvalidInput(
+            "return_state", f"expected true or false, got {decode.shown(return_state)}"
+        )
+    predictor, states = _services(request).predictor, None if return_state else ()
+    batch, timesteps = decode.leading_sizes(body["inputs"])
+    predictor.admit(model, batch, timesteps, states=states)  # before building any array
     inputs = decode.numbers(body["inputs"], "inputs")
     mask = None if body.get("mask") is None else decode.booleans(body["mask"], "mask")
     initial = (
@@ -70,12 +78,7 @@ async def predict(model: str, request: Request) -> Response:
         if body.get("initial_state") is None
         else decode.states(body["initial_state"], "initial_state")
     )
-    return_state = body.get("return_state", False)
-    if not isinstance(return_state, bool):
-        raise InvalidInput(
-            "return_state", f"expected true or false, got {decode.shown(return_state)}"
-        )
-    work = _services(request).predictor.predict(model, inputs, mask, initial)
+    work = predictor.predict(model, inputs, mask, initial, states=states)
     result = await unless_disconnected(request, work)
     reply = {
         "model": result.model,

@@ -149,7 +149,10 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     call = bind(wire, parsed, flag(parsed.parameters, "binary_data_output"))
     sequence = sequence_control(parsed.parameters, model.name)
     if sequence is None:
-        work = services.predictor.predict(model.name, call.inputs, call.mask, call.states)
+        names, keys = call.wanted(wire)
+        work = services.predictor.predict(
+            model.name, call.inputs, call.mask, call.states, outputs=names, states=keys
+        )
         result = await unless_disconnected(request, work)
         outputs = produced(wire, call, result.outputs, result.states)
         return v2_tensors.reply(model.name, model.version, parsed.id, outputs)

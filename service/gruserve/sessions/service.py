@@ -42,9 +42,11 @@ from gruserve.errors import (
 )
 from gruserve.metrics import Metrics
 from gruserve.runtime.batcher import Batcher
+from gruserve.runtime.limits import WorkLimits
 from gruserve.runtime.model import LoadedModel
 from gruserve.runtime.registry import ModelRegistry
-from gruserve.runtime.validation import StateValue, check_chunk, flat_state
+from gruserve.runtime.signature import ModelSignature
+from gruserve.runtime.validation import Chunk, StateValue, check_chunk, flat_state
 from gruserve.sessions import _result
 from gruserve.sessions._locks import KeyedLocks
 from gruserve.sessions.store import MAX_PAGE, SessionPage, SessionRecord, SessionStore
@@ -74,6 +76,7 @@ class SessionService:
         max_attempts: compare-and-set attempts before giving up with SessionConflict.
         metrics: collectors, or None.
         clock: Unix-seconds clock.
+        limits: work per request: a step's reply is counted against ``max_reply_values``.
     """
 
     def __init__(
@@ -86,6 +89,7 @@ class SessionService:
         max_attempts: int = 16,
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
+        limits: WorkLimits | None = None,
     ) -> None:
         if max_attempts < 1:
             raise ValueError(f"SessionService needs max_attempts >= 1. Received: {max_attempts!r}")
@@ -94,6 +98,7 @@ class SessionService:
         self._max_timesteps, self._max_attempts = max_timesteps, max_attempts
         self._metrics, self._clock = metrics, clock
         self._locks = KeyedLocks()
+        self._limits = limits if limits is not None else WorkLimits()
 
     # -- lookups -------------------------------------------------------------------------
     def model_of(self, record: SessionRecord) -> LoadedModel:
@@ -221,7 +226,7 @@ class SessionService:
                 if step_number is not None and step_number != record.step:
                     return self._replay(record, model, step_number)
                 if chunk is None:
-                    chunk = check_chunk(model.signature, inputs, mask, self._max_timesteps)
+                    chunk = self._chunk(model.signature, inputs, mask)
                 out = await self._batchers[model.name].submit(
                     chunk.inputs, chunk.mask, record.state
                 )
@@ -240,6 +245,12 @@ class SessionService:
         finally:
             locks.release(session_id)
         raise SessionConflict(session_id, self._max_attempts)
+
+    def _chunk(self, sig: ModelSignature, inputs: np.ndarray, mask: np.ndarray | None) -> Chunk:
+        """The step's checked arrays; refused (413) if its reply would be too large."""
+        chunk = check_chunk(sig, inputs, mask, self._max_timesteps)
+        self._limits.check_reply(sig, 1, chunk.timesteps)
+        return chunk
 
     def _replay(self, record: SessionRecord, model: LoadedModel, step_number: int) -> StepResult:
         """The kept result of the session's last step, if ``step_number`` is that step's."""
@@ -293,7 +304,7 @@ class SessionService:
             The errors of :meth:`create` and :meth:`step`.
         """
         model = self.registry.get(model_name)
-        chunk = check_chunk(model.signature, inputs, mask, self._max_timesteps)
+        chunk = self._chunk(model.signature, inputs, mask)
         if initial_state is not None and not start:
             raise InvalidInput("initial_state", "a sequence's state is set only by its start")
         if start and step_number not in (None, 0):

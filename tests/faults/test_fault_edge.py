@@ -1,0 +1,192 @@
+"""The edge against an attacker, on a real ``gruserve serve`` (issue 16's findings).
+
+- Work: a 4 MiB binary v2 body of a million one-step sequences asking for outputs and
+  both final states as JSON (a 590 MB reply, 2.8 GiB of RSS before the limits), and a
+  4 MiB JSON v1 predict of 699,000 sequences with ``return_state``, are refused with 413
+  naming the setting; the server keeps answering ``/healthz`` meanwhile, and its peak RSS
+  (``VmHWM``) grows by far less than such replies would take.
+
+Every test ends with the server alive, answering, and having answered no 5xx.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "deploy"))
+
+from deploy_helpers import free_port, server_env, start_server, stop, wait_ready
+
+pytestmark = pytest.mark.slow
+
+BODY_LIMIT = 4 * 1024 * 1024  # GRUSERVE_MAX_REQUEST_BYTES's default, as in the issue
+PEAK_GROWTH_MIB = 400
+"""Bound on the growth of the server's peak RSS over the oversized requests. Before the
+limits they took it from 122 MiB to 2,876 MiB; now the v2 body is refused from its shape
+(measured: +10 MiB) and the v1 one after orjson has parsed its 4 MiB into Python lists
+(measured: +150 MiB, bounded by the request byte limit, not by the work asked for)."""
+STALL_S = 3.0
+"""Bound on any one ``/healthz`` round trip while the oversized requests are handled
+(before: 6.3 s; measured now: 0.25 s, the v1 body's JSON parse)."""
+
+
+class Server:
+    """``gruserve serve`` on the demo model, its output drained by a thread."""
+
+    def __init__(self, tmp: Path, **env: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] = start_server(self.port, server_env(**env), tmp)
+        self.lines: list[str] = []
+        self._drain = threading.Thread(target=self._read, daemon=True)
+        self._drain.start()
+        wait_ready(self.proc, self.port)
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.decode(errors="replace"))
+
+    def memory_mib(self, field: str) -> float:
+        """``VmRSS`` (now) or ``VmHWM`` (peak) of the server process."""
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        match = re.search(rf"^{field}:\s+(\d+) kB", status, re.M)
+        assert match, status
+        return int(match.group(1)) / 1024
+
+    def assert_healthy(self) -> None:
+        assert self.proc.poll() is None, "".join(self.lines)
+        assert httpx.get(f"{self.url}/healthz", timeout=10).status_code == 200
+        metrics = httpx.get(f"{self.url}/metrics", timeout=10).text
+        server_errors = [
+            line
+            for line in metrics.splitlines()
+            if line.startswith("gruserve_http_requests_total{") and 'status="5' in line
+        ]
+        assert server_errors == []
+        logged = [line for line in self.lines if "ERROR" in line or "Traceback" in line]
+        assert not logged, "".join(self.lines)
+
+    def close(self) -> None:
+        stop(self.proc)
+        self._drain.join(timeout=5)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    running = Server(tmp_path_factory.mktemp("edge"))
+    try:
+        yield running
+    finally:
+        running.close()
+
+
+class Prober:
+    """Polls ``/healthz`` from a thread and keeps the slowest round trip."""
+
+    def __init__(self, url: str) -> None:
+        self.url, self.slowest, self.count = url, 0.0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=60) as client:
+            while not self._stop.is_set():
+                started = time.monotonic()
+                assert client.get(f"{self.url}/healthz").status_code == 200
+                self.slowest = max(self.slowest, time.monotonic() - started)
+                self.count += 1
+                self._stop.wait(0.02)
+
+    def __enter__(self) -> Prober:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=60)
+
+
+def _v2_million(batch: int = 1_048_400) -> tuple[bytes, str]:
+    """The issue's v2 body: ``batch`` one-step sequences as binary, every output as JSON."""
+    head = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "inputs",
+                    "shape": [batch, 1, 1],
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": 4 * batch},
+                }
+            ],
+            "outputs": [
+                {"name": "outputs", "parameters": {"binary_data": False}},
+                {"name": "final_state/gru", "parameters": {"binary_data": False}},
+                {"name": "final_state/gru_1", "parameters": {"binary_data": False}},
+            ],
+        }
+    ).encode()
+    return head + np.zeros(batch, np.float32).tobytes(), str(len(head))
+
+
+def test_oversized_work_is_refused_before_it_runs(server: Server) -> None:
+    v2_body, header_length = _v2_million()
+    v1_body = b'{"return_state": true, "inputs": [' + b",".join([b"[[0]]"] * 699_000) + b"]}"
+    assert len(v2_body) <= BODY_LIMIT and len(v1_body) <= BODY_LIMIT
+    peak = server.memory_mib("VmHWM")
+    with Prober(server.url) as prober, httpx.Client(base_url=server.url, timeout=60) as client:
+        for _ in range(3):
+            r = client.post(
+                "/v2/models/demo/infer",
+                content=v2_body,
+                headers={"Inference-Header-Content-Length": header_length},
+            )
+            assert r.status_code == 413, r.text[:300]
+            assert "GRUSERVE_MAX_BATCH_TIMESTEPS" in r.json()["error"]
+            r = client.post("/v1/models/demo/predict", content=v1_body)
+            assert r.status_code == 413, r.text[:300]
+            error = r.json()["error"]
+            assert error["type"] == "PayloadTooLarge"
+            assert "699000" in error["message"]
+            assert "GRUSERVE_MAX_BATCH_TIMESTEPS" in error["message"]
+    assert prober.count > 0 and prober.slowest < STALL_S, prober.slowest
+    assert server.memory_mib("VmHWM") - peak < PEAK_GROWTH_MIB
+    server.assert_healthy()
+
+
+def test_large_accepted_batches_answer_in_full(server: Server) -> None:
+    """Under both limits: 60,000 sequence-steps in 8 chunks, and a 20,000-sequence reply
+    with states (980,000 values), each equal row for row to the same sequences sent alone."""
+    rng = np.random.default_rng(16)
+    x = rng.normal(40, 30, size=(6_000, 10, 1)).round(3)
+    with httpx.Client(base_url=server.url, timeout=120) as client:
+        r = client.post("/v1/models/demo/predict", json={"inputs": x.tolist()})
+        assert r.status_code == 200, r.text[:300]
+        outputs = np.asarray(r.json()["outputs"])
+        for row in (0, 4_095, 5_999):  # first chunk, a chunk boundary, last chunk
+            alone = client.post("/v1/models/demo/predict", json={"inputs": [x[row].tolist()]})
+            np.testing.assert_allclose(outputs[row], alone.json()["outputs"][0], atol=1e-5)
+        one_step = {"inputs": x[:, :1].tolist() * 4, "return_state": True}  # 24,000
+        r = client.post("/v1/models/demo/predict", json=one_step)
+        assert r.status_code == 413 and "GRUSERVE_MAX_REPLY_VALUES" in r.text, r.text[:300]
+        one_step["inputs"] = one_step["inputs"][:20_000]
+        r = client.post("/v1/models/demo/predict", json=one_step)
+        assert r.status_code == 200, r.text[:300]
+        states = r.json()["states"]
+        assert [len(states["gru"]), len(states["gru"][0]), len(states["gru_1"][0])] == [
+            20_000,
+            32,
+            16,
+        ]
+    server.assert_healthy()
