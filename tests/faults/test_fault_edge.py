@@ -6,6 +6,8 @@
   naming the setting; the server keeps answering ``/healthz`` meanwhile, and its peak RSS
   (``VmHWM``) grows by far less than such replies would take.
 
+- Retries: a resent numbered step with other inputs answers 409 ``StepMismatch``.
+
 Every test ends with the server alive, answering, and having answered no 5xx.
 """
 
@@ -189,4 +191,22 @@ def test_large_accepted_batches_answer_in_full(server: Server) -> None:
             32,
             16,
         ]
+    server.assert_healthy()
+
+
+def test_a_resend_with_other_inputs_is_refused(server: Server) -> None:
+    """Finding 4: the same step number with other inputs gets 409, not the kept reply."""
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        sid = client.post("/v1/models/demo/sessions", json={}).json()["session_id"]
+        url = f"/v1/sessions/{sid}/step"
+        first = client.post(url, json={"inputs": [[5.0], [11.0]], "step": 0})
+        assert first.status_code == 200, first.text
+        resend = client.post(url, json={"inputs": [[5.0], [11.0]], "step": 0})
+        assert resend.content == first.content
+        other = client.post(url, json={"inputs": [[6.0], [11.0]], "step": 0})
+        assert other.status_code == 409, other.text
+        error = other.json()["error"]
+        assert (error["type"], error["field"], error["current_step"]) == ("StepMismatch", "step", 1)
+        assert "step=0" in error["message"]
+        assert client.get(f"/v1/sessions/{sid}").json()["step"] == 1
     server.assert_healthy()

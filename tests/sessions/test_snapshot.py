@@ -29,7 +29,9 @@ def _records() -> list[SessionRecord]:
             revision=4 * i,
             created_at=now - 100 + i,
             last_used_at=now - i / 3,
-            last_result=_result.pack(3 * i - 1, [np.full((2, 1), i, np.float32)]) if i else None,
+            last_result=_result.pack(3 * i - 1, [np.full((2, 1), i, np.float32)], bytes(16))
+            if i
+            else None,
         )
         for i in range(5)
     ]

@@ -11,7 +11,8 @@ state as ``initial_state`` and stores ``final_state``. Three guarantees:
   is ever lost or applied twice;
 - a step that carries the client's step number is applied exactly once even when
   the client resends it (after a lost reply, a timeout, a replica that died): the
-  record keeps that step's outputs, and a resend gets them back unchanged.
+  record keeps that step's outputs and a digest of its inputs, and a resend with the
+  same inputs gets them back unchanged (different ones: ``StepMismatch``).
 
 Transports (REST, NDJSON, WebSocket, later KServe v2) all call this class
 with numpy arrays; it knows nothing about HTTP.
@@ -38,6 +39,7 @@ from gruserve.errors import (
     SessionExists,
     SessionModelMismatch,
     SessionNotFound,
+    StepMismatch,
     StepOutOfOrder,
 )
 from gruserve.metrics import Metrics
@@ -214,26 +216,29 @@ class SessionService:
         Raises:
             SessionNotFound, InvalidInput, PayloadTooLarge, SessionConflict, StoreUnavailable.
             StepOutOfOrder: ``step_number`` is neither the next step nor the last one.
+            StepMismatch: ``step_number`` is the last step's, but the inputs or mask differ.
         """
         locks = self._locks
         if not locks.try_acquire(session_id):  # the `async with locks.hold()` of the other
             await locks.acquire(session_id)  # methods, without its two coroutine calls
         try:
-            chunk = None
+            chunk, applied = None, b""
             for _ in range(self._max_attempts):
                 record = await self.store.get(session_id)
                 model = self.model_of(record)
-                if step_number is not None and step_number != record.step:
-                    return self._replay(record, model, step_number)
                 if chunk is None:
                     chunk = self._chunk(model.signature, inputs, mask)
+                    if step_number is not None:
+                        applied = _result.digest(chunk.inputs, chunk.mask, chunk.single)
+                if step_number is not None and step_number != record.step:
+                    return self._replay(record, model, step_number, applied)
                 out = await self._batchers[model.name].submit(
                     chunk.inputs, chunk.mask, record.state
                 )
                 outputs = out.outputs
                 if chunk.single and model.signature.per_timestep:
                     outputs = [o[0] for o in outputs]
-                kept = None if step_number is None else _result.pack(step_number, outputs)
+                kept = None if step_number is None else _result.pack(step_number, outputs, applied)
                 updated = record.advanced(out.state, chunk.timesteps, self._clock(), kept)
                 if await self.store.compare_and_set(updated, record.revision):
                     return StepResult(
@@ -252,9 +257,15 @@ class SessionService:
         self._limits.check_reply(sig, 1, chunk.timesteps)
         return chunk
 
-    def _replay(self, record: SessionRecord, model: LoadedModel, step_number: int) -> StepResult:
-        """The kept result of the session's last step, if ``step_number`` is that step's."""
+    def _replay(
+        self, record: SessionRecord, model: LoadedModel, step_number: int, applied: bytes
+    ) -> StepResult:
+        """The kept result of the session's last step, if ``step_number`` is that step's and
+        ``applied`` (the resend's digest) is the one it was applied with."""
         if step_number == record.step - 1 and _result.base_of(record.last_result) == step_number:
+            stored = _result.digest_of(record.last_result)
+            if stored is not None and stored != applied:  # None: kept before digests were
+                raise StepMismatch(record.session_id, step_number, record.step)
             if self._metrics is not None:
                 self._metrics.step_replays.inc()
             outputs = _result.unpack(record.last_result or b"")
