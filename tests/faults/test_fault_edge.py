@@ -5,7 +5,6 @@
   4 MiB JSON v1 predict of 699,000 sequences with ``return_state``, are refused with 413
   naming the setting; the server keeps answering ``/healthz`` meanwhile, and its peak RSS
   (``VmHWM``) grows by far less than such replies would take.
-
 - Retries: a resent numbered step with other inputs answers 409 ``StepMismatch``.
 
 Every test ends with the server alive, answering, and having answered no 5xx.
@@ -209,4 +208,24 @@ def test_a_resend_with_other_inputs_is_refused(server: Server) -> None:
         assert (error["type"], error["field"], error["current_step"]) == ("StepMismatch", "step", 1)
         assert "step=0" in error["message"]
         assert client.get(f"/v1/sessions/{sid}").json()["step"] == 1
+    server.assert_healthy()
+
+
+def test_ids_with_a_trailing_newline_are_refused(server: Server) -> None:
+    """Finding 6: ``"trail\\n"`` is no session id (nor a cursor); a v2 sequence id with one
+    is kept apart from ``"trail"`` (hashed, as every id outside the readable alphabet)."""
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        r = client.post("/v1/models/demo/sessions", json={"session_id": "trail\n"})
+        assert r.status_code == 422 and r.json()["error"]["field"] == "session_id", r.text
+        assert client.get("/v1/sessions", params={"cursor": "trail\n"}).status_code == 422
+        ids = []
+        for sequence_id in ("trail", "trail\n"):
+            body = {
+                "inputs": [{"name": "inputs", "shape": [1, 1, 1], "datatype": "FP32", "data": [1]}],
+                "parameters": {"sequence_id": sequence_id, "sequence_start": True},
+            }
+            r = client.post("/v2/models/demo/infer", json=body)
+            assert r.status_code == 200, r.text
+            ids.append(r.json()["parameters"]["session_id"])
+        assert ids[0] == "v2:demo:s:trail" and ids[1].startswith("v2:demo:h:"), ids
     server.assert_healthy()

@@ -2,7 +2,9 @@
 
 With keys configured (``GRUSERVE_API_KEYS``, ``GRUSERVE_API_KEYS_FILE``), a request must
 carry one, as ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``, except on the
-liveness and readiness routes (and ``/metrics`` with ``GRUSERVE_METRICS_PUBLIC``):
+liveness and readiness routes (and ``/metrics`` with ``GRUSERVE_METRICS_PUBLIC``);
+``/readyz`` without a valid key says only ready or not ready, its details (model paths,
+load and store errors) need one (:data:`AUTHENTICATED`):
 
 - no key, an empty one, or an ``Authorization`` header of another scheme: 401
   ``MissingApiKey`` with ``WWW-Authenticate: Bearer``;
@@ -35,6 +37,11 @@ from gruserve.errors import ConfigError, GruServeError, InvalidApiKey, MissingAp
 from gruserve.metrics import Metrics
 
 PUBLIC = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})
+DETAILED = frozenset({"/readyz"})
+"""Public paths whose reply has details for key holders only."""
+AUTHENTICATED = "gruserve.authenticated"
+"""Scope key: on a :data:`DETAILED` path, whether the request presented a valid key (absent
+when the server has no keys: everyone may see the details then)."""
 METRICS = "/metrics"
 _BEARER = b"bearer "
 
@@ -140,7 +147,10 @@ class ApiKeyMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
-        if kind not in ("http", "websocket") or self._path(scope) in self.public:
+        path = self._path(scope) if kind in ("http", "websocket") else ""
+        if kind not in ("http", "websocket") or path in self.public:
+            if path in DETAILED:
+                scope[AUTHENTICATED] = self.keys.refusal(scope["headers"]) is None
             await self.app(scope, receive, send)
             return
         refusal = self.keys.refusal(scope["headers"])

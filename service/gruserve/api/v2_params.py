@@ -42,7 +42,7 @@ from gruserve.errors import InvalidInput
 
 UINT64_MAX = 2**64 - 1
 STEP = "sequence_step"
-_READABLE = re.compile(r"^[A-Za-z0-9._:-]+$")
+_READABLE = re.compile(r"[A-Za-z0-9._:-]+")  # fullmatch: "x\n" is not readable
 _MAX_SESSION_ID = 128
 
 
@@ -63,7 +63,7 @@ def session_id_for(model: str, sequence_id: int | str) -> str:
     if isinstance(sequence_id, int):
         return f"{prefix}{sequence_id}"
     readable = f"{prefix}s:{sequence_id}"
-    if _READABLE.match(sequence_id) and len(readable) <= _MAX_SESSION_ID:
+    if _READABLE.fullmatch(sequence_id) and len(readable) <= _MAX_SESSION_ID:
         return readable
     return f"{prefix}h:{hashlib.sha256(sequence_id.encode()).hexdigest()[:32]}"
 

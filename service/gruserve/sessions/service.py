@@ -53,7 +53,8 @@ from gruserve.sessions import _result
 from gruserve.sessions._locks import KeyedLocks
 from gruserve.sessions.store import MAX_PAGE, SessionPage, SessionRecord, SessionStore
 
-SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+SESSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+"""A valid session id, whole: always ``fullmatch`` (``$`` would let a final newline in)."""
 _SEQUENCE = "sequence\x00"  # lock-key prefix no session id can have (see sequence_step)
 
 
@@ -134,7 +135,7 @@ class SessionService:
         model = self.registry.get(model_name)
         if session_id is None:
             session_id = uuid.uuid4().hex
-        elif not isinstance(session_id, str) or not SESSION_ID.match(session_id):
+        elif not isinstance(session_id, str) or not SESSION_ID.fullmatch(session_id):
             # reprlib: a JSON value nested past the recursion limit has no full repr
             received = repr(session_id) if isinstance(session_id, str) else reprlib.repr(session_id)
             raise InvalidInput(
@@ -176,7 +177,7 @@ class SessionService:
         """
         if not 1 <= limit <= MAX_PAGE:
             raise InvalidInput("limit", f"expected 1 to {MAX_PAGE}. Received: limit={limit}")
-        if cursor is not None and not SESSION_ID.match(cursor):
+        if cursor is not None and not SESSION_ID.fullmatch(cursor):
             raise InvalidInput("cursor", f"not a cursor this server returned: {cursor!r}")
         return await self.store.page(cursor, limit, model)
 
@@ -187,7 +188,7 @@ class SessionService:
             model = self.model_of(record)
         except GruServeError:
             return False
-        return bool(SESSION_ID.match(record.session_id)) and record.state.shape == (
+        return bool(SESSION_ID.fullmatch(record.session_id)) and record.state.shape == (
             model.signature.total_units,
         )
 
