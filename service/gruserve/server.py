@@ -183,12 +183,17 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
         options["ws"] = GruServeWebSocketProtocol
     else:  # pragma: no cover - uvicorn releases before websockets-sansio
         options["ws"] = "auto"
-    try:  # one write per response, the step without ASGI (api/_http11.py); needs httptools
+    try:  # one write per response, the step without ASGI, edge limits (api/_http11.py)
         from gruserve.api._http11 import GruServeHttpProtocol
+        from gruserve.api._http_limits import HttpLimits
     except ImportError:  # pragma: no cover - uvicorn[standard] brings httptools
         pass
     else:
-        options["http"] = GruServeHttpProtocol
+        options["http"] = GruServeHttpProtocol.bound(
+            HttpLimits(
+                settings.max_header_bytes, settings.header_timeout_s, settings.max_connections
+            )
+        )
     return options
 
 

@@ -99,6 +99,19 @@ class Settings(BaseSettings):
     bounded by this and not by the request, and other requests get the inference threads
     in between."""
 
+    max_header_bytes: int = Field(65_536, ge=1024)
+    """``gruserve serve``: largest request line plus headers in bytes; more answers 431 and
+    the connection is closed (checked as the bytes arrive, before any route or key check)."""
+
+    header_timeout_s: float = Field(10.0, gt=0)
+    """``gruserve serve``: seconds a connection may take, from when it opens or its request
+    begins, to send a complete header block; then it is closed (slow-header clients)."""
+
+    max_connections: int = Field(1_000, ge=1)
+    """``gruserve serve``: most open connections (HTTP and WebSocket); one more is answered
+    503 at once and closed. Keep it under the process's open-file limit (``ulimit -n``)
+    less what the server itself holds, so that the limit, not the system, refuses."""
+
     ws_compression: bool = True
     """Accept WebSocket clients' offer of permessage-deflate (browsers always offer it).
     Compressing a few float32 values saves nothing, and a compressed connection's

@@ -6,14 +6,21 @@
   naming the setting; the server keeps answering ``/healthz`` meanwhile, and its peak RSS
   (``VmHWM``) grows by far less than such replies would take.
 - Retries: a resent numbered step with other inputs answers 409 ``StepMismatch``.
+- Ids: ``"trail\n"`` is no session id.
+- HTTP: a 100 MiB header stream is cut off with 431 while another client's steps stay
+  fast; connections with unfinished headers are closed after the header deadline; past
+  the connection cap, a new connection is answered 503 at once.
 
 Every test ends with the server alive, answering, and having answered no 5xx.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import select
+import socket
 import subprocess
 import sys
 import threading
@@ -229,3 +236,129 @@ def test_ids_with_a_trailing_newline_are_refused(server: Server) -> None:
             ids.append(r.json()["parameters"]["session_id"])
         assert ids[0] == "v2:demo:s:trail" and ids[1].startswith("v2:demo:h:"), ids
     server.assert_healthy()
+
+
+# -- HTTP: header blocks and connections --------------------------------------------------------
+HEADER_STREAM = 100 * 1024 * 1024
+"""What the issue streamed as one header (step latency went from 2.5 ms to 4.3 s)."""
+
+
+def _stream_header(port: int) -> tuple[bytes, int]:
+    """Stream one endless header value until the server answers; the reply and bytes sent."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    with sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: edge\r\nX-Junk: ")
+        chunk, sent = b"a" * 65536, 0
+        while sent < HEADER_STREAM:
+            try:
+                sock.sendall(chunk)
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            sent += len(chunk)
+            if select.select([sock], [], [], 0)[0]:
+                break
+        reply = b""
+        with contextlib.suppress(ConnectionResetError):
+            while data := sock.recv(65536):
+                reply += data
+        return reply, sent
+
+
+def _step_seconds(client: httpx.Client, url: str, rounds: int) -> list[float]:
+    took = []
+    for _ in range(rounds):
+        started = time.monotonic()
+        r = client.post(url, json={"inputs": [[1.0]]})
+        assert r.status_code == 200, r.text
+        took.append(time.monotonic() - started)
+    return took
+
+
+def test_a_header_stream_is_cut_off_with_431(server: Server) -> None:
+    """Finding 2: a 100 MiB header stream gets 431 after about 64 KiB (the default limit),
+    and another client's steps meanwhile stay fast."""
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        sid = client.post("/v1/models/demo/sessions", json={}).json()["session_id"]
+        url = f"/v1/sessions/{sid}/step"
+        streams = []
+        threads = [
+            threading.Thread(target=lambda: streams.append(_stream_header(server.port)))
+            for _ in range(4)
+        ]
+        for thread in threads:
+            thread.start()
+        during = _step_seconds(client, url, 40)
+        for thread in threads:
+            thread.join(timeout=60)
+    assert len(streams) == 4
+    for reply, sent in streams:
+        assert reply.startswith(b"HTTP/1.1 431 "), reply[:200]
+        assert b"GRUSERVE_MAX_HEADER_BYTES" in reply and b"connection: close" in reply
+        assert sent < 16 * 1024 * 1024, sent  # cut off early, not at the end of the stream
+    assert sorted(during)[len(during) // 2] < STALL_S, during
+    server.assert_healthy()
+
+
+@pytest.fixture(scope="module")
+def strict(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A server with a short header deadline and few connections allowed."""
+    running = Server(
+        tmp_path_factory.mktemp("strict"),
+        GRUSERVE_HEADER_TIMEOUT_S="1",
+        GRUSERVE_MAX_CONNECTIONS="120",
+    )
+    try:
+        yield running
+    finally:
+        running.close()
+
+
+def _unfinished(port: int, count: int) -> list[socket.socket]:
+    """``count`` connections that each start a request and never finish its headers."""
+    held = []
+    for _ in range(count):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: edge\r\nX-Slow: 1")
+        held.append(sock)
+    return held
+
+
+def test_unfinished_headers_are_closed_after_the_deadline(strict: Server) -> None:
+    """Finding 2: connections that never finish their headers (and one that sends nothing)
+    are closed once the header deadline (1 s here) passes; nothing is answered on them."""
+    held = _unfinished(strict.port, 100)
+    held.append(socket.create_connection(("127.0.0.1", strict.port), timeout=30))
+    try:
+        for sock in held:
+            assert sock.recv(1024) == b""  # closed by the server, well within the timeout
+    finally:
+        for sock in held:
+            sock.close()
+    strict.assert_healthy()
+
+
+def test_connections_past_the_cap_are_refused_at_once(strict: Server) -> None:
+    """Finding 2: with 120 connections open, the next is answered 503 at once, and once
+    they go, the server answers again."""
+    held = _unfinished(strict.port, 120)
+    try:
+        started = time.monotonic()
+        with socket.create_connection(("127.0.0.1", strict.port), timeout=30) as extra:
+            extra.sendall(b"GET /healthz HTTP/1.1\r\nHost: edge\r\n\r\n")
+            reply = extra.recv(65536)
+        assert time.monotonic() - started < STALL_S
+        assert reply.startswith(b"HTTP/1.1 503 "), reply[:200]
+        assert b"TooManyConnections" in reply and b"GRUSERVE_MAX_CONNECTIONS" in reply
+    finally:
+        for sock in held:
+            sock.close()
+    deadline = time.monotonic() + 10  # the server sees the closes as its loop gets to them
+    while True:
+        try:
+            if httpx.get(f"{strict.url}/healthz", timeout=10).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "the server did not answer after the cap freed"
+        time.sleep(0.1)
+    strict.assert_healthy()
