@@ -178,9 +178,9 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
     # the fastest of uvicorn's WebSocket stacks here (bench/README.md), where available, with
     # plain messages framed by the protocol itself (api/_websocket.py)
     if "websockets-sansio" in WS_PROTOCOLS:
-        from gruserve.api._websocket import GruServeWebSocketProtocol
+        from gruserve.api._websocket import GruServeWebSocketProtocol, WsLimits
 
-        options["ws"] = GruServeWebSocketProtocol
+        options["ws"] = GruServeWebSocketProtocol.bound(WsLimits(settings.ws_max_frames))
     else:  # pragma: no cover - uvicorn releases before websockets-sansio
         options["ws"] = "auto"
     try:  # one write per response, the step without ASGI, edge limits (api/_http11.py)

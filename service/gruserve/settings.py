@@ -112,6 +112,12 @@ class Settings(BaseSettings):
     503 at once and closed. Keep it under the process's open-file limit (``ulimit -n``)
     less what the server itself holds, so that the limit, not the system, refuses."""
 
+    ws_max_frames: int = Field(1024, ge=1)
+    """Most frames one WebSocket message may come in (a fragmented message: its first frame
+    and continuations); more closes the connection with 1008. The frames' headers count
+    with the payload against ``max_request_bytes`` (more closes with 1009), so a flood of
+    tiny or empty continuation frames is cut off early."""
+
     ws_compression: bool = True
     """Accept WebSocket clients' offer of permessage-deflate (browsers always offer it).
     Compressing a few float32 values saves nothing, and a compressed connection's

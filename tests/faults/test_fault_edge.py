@@ -10,6 +10,7 @@
 - HTTP: a 100 MiB header stream is cut off with 431 while another client's steps stay
   fast; connections with unfinished headers are closed after the header deadline; past
   the connection cap, a new connection is answered 503 at once.
+- WebSocket: a message in millions of tiny or empty continuation frames closes with 1008.
 
 Every test ends with the server alive, answering, and having answered no 5xx.
 """
@@ -362,3 +363,53 @@ def test_connections_past_the_cap_are_refused_at_once(strict: Server) -> None:
         assert time.monotonic() < deadline, "the server did not answer after the cap freed"
         time.sleep(0.1)
     strict.assert_healthy()
+
+
+# -- WebSocket: continuation floods ---------------------------------------------------------------
+def _websocket(port: int, path: str) -> socket.socket:
+    """A raw WebSocket connection, handshake done (no extensions: plain frames)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.sendall(
+        f"GET {path} HTTP/1.1\r\nHost: edge\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(1)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return sock
+
+
+def _close_code(sock: socket.socket) -> int:
+    """The close code of the first frame the server sends (it sends nothing else here)."""
+    frame = b""
+    while len(frame) < 4:
+        data = sock.recv(4096)
+        assert data, "the server closed without a close frame"
+        frame += data
+    assert frame[0] == 0x88, frame  # a final close frame
+    return int.from_bytes(frame[2:4], "big")
+
+
+@pytest.mark.parametrize("payload", [b"", b"y"], ids=["empty", "one byte"])
+def test_a_continuation_flood_is_cut_off(server: Server, payload: bytes) -> None:
+    """Finding 3: a message sent as millions of one-byte (or empty) continuation frames is
+    closed with 1008 after GRUSERVE_WS_MAX_FRAMES of them; the server stays fast and small."""
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        sid = client.post("/v1/models/demo/sessions", json={}).json()["session_id"]
+    rss = server.memory_mib("VmRSS")
+    key = b"\x11\x22\x33\x44"
+    masked = bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+    continuation = bytes((0x00, 0x80 | len(payload))) + key + masked
+    batch = continuation * 10_000
+    sent = 0
+    with _websocket(server.port, f"/v1/sessions/{sid}/ws") as sock:
+        sock.sendall(bytes((0x02, 0x80 | len(payload))) + key + masked)  # binary, not final
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            while sent < 4_000_000 and not select.select([sock], [], [], 0)[0]:
+                sock.sendall(batch)
+                sent += 10_000
+        assert _close_code(sock) == 1008
+    assert sent < 1_000_000, sent  # cut off early (the server reads its buffer at most)
+    assert server.memory_mib("VmRSS") - rss < 50
+    server.assert_healthy()
