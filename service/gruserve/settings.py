@@ -144,7 +144,8 @@ class Settings(BaseSettings):
     api_keys: SecretStr | None = None
     """Comma-separated API keys. When any key is set (here or in ``api_keys_file``), every
     route but liveness and readiness needs one: ``Authorization: Bearer <key>`` or
-    ``X-API-Key: <key>``."""
+    ``X-API-Key: <key>``. ``name:key`` names the key's tenant (sessions belong to the name
+    that created them and do not exist for other names); ``name:key:admin`` sees all."""
 
     api_keys_file: Path | None = None
     """A file of API keys, one per line (blank lines and ``#`` comments ignored); read at

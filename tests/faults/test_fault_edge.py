@@ -11,6 +11,8 @@
   fast; connections with unfinished headers are closed after the header deadline; past
   the connection cap, a new connection is answered 503 at once.
 - WebSocket: a message in millions of tiny or empty continuation frames closes with 1008.
+- Tenants: another tenant's session does not exist for a key (fast step path, WebSocket,
+  listing); ``/readyz`` without a key says only whether the server is ready.
 
 Every test ends with the server alive, answering, and having answered no 5xx.
 """
@@ -381,14 +383,23 @@ def _websocket(port: int, path: str) -> socket.socket:
 
 
 def _close_code(sock: socket.socket) -> int:
-    """The close code of the first frame the server sends (it sends nothing else here)."""
-    frame = b""
-    while len(frame) < 4:
-        data = sock.recv(4096)
-        assert data, "the server closed without a close frame"
-        frame += data
-    assert frame[0] == 0x88, frame  # a final close frame
-    return int.from_bytes(frame[2:4], "big")
+    """The code of the close frame the server sends, after any other frames it sends first."""
+    data = b""
+    while True:
+        received = sock.recv(65536)
+        assert received, "the server closed without a close frame"
+        data += received
+        while len(data) >= 2:
+            length, at = data[1] & 0x7F, 2
+            if length == 126:
+                length, at = int.from_bytes(data[2:4], "big"), 4
+            elif length == 127:
+                length, at = int.from_bytes(data[2:10], "big"), 10
+            if len(data) < at + length:
+                break
+            if data[0] == 0x88:  # a final close frame
+                return int.from_bytes(data[at : at + 2], "big")
+            data = data[at + length :]
 
 
 @pytest.mark.parametrize("payload", [b"", b"y"], ids=["empty", "one byte"])
@@ -413,3 +424,55 @@ def test_a_continuation_flood_is_cut_off(server: Server, payload: bytes) -> None
     assert sent < 1_000_000, sent  # cut off early (the server reads its buffer at most)
     assert server.memory_mib("VmRSS") - rss < 50
     server.assert_healthy()
+
+
+# -- tenants -----------------------------------------------------------------------------------
+ACME, BETA, OPS = "k-acme-5e1f", "k-beta-c40d", "k-ops-9b27"
+
+
+@pytest.fixture(scope="module")
+def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    running = Server(
+        tmp_path_factory.mktemp("keyed"),
+        GRUSERVE_API_KEYS=f"acme:{ACME},beta:{BETA},ops:{OPS}:admin",
+    )
+    try:
+        yield running
+    finally:
+        running.close()
+
+
+def test_a_tenant_cannot_see_or_drive_anothers_session(keyed: Server) -> None:
+    """Finding 5 (on the server's own fast step path and its WebSocket), and finding 6's
+    ``/readyz``: without a key it says ready and nothing else."""
+    assert httpx.get(f"{keyed.url}/readyz", timeout=10).json() == {"status": "ready"}
+    acme, beta, ops = ({"x-api-key": key} for key in (ACME, BETA, OPS))
+    with httpx.Client(base_url=keyed.url, timeout=30) as client:
+        r = client.post("/v1/models/demo/sessions", json={"session_id": "station-7"}, headers=acme)
+        assert r.status_code == 201, r.text
+        step = {"inputs": [[5.0]], "step": 0}
+        r = client.post("/v1/sessions/station-7/step", json=step, headers=beta)
+        assert r.status_code == 404 and r.json()["error"]["type"] == "SessionNotFound"
+        with _websocket_as(keyed.port, "/v1/sessions/station-7/ws", BETA) as sock:
+            assert _close_code(sock) == 4404
+        assert client.get("/v1/sessions", headers=beta).json()["sessions"] == []
+        r = client.post("/v1/sessions/station-7/step", json=step, headers=acme)
+        assert r.status_code == 200 and r.json()["step"] == 1
+        listed = client.get("/v1/sessions", headers=ops).json()["sessions"]
+        assert [s["session_id"] for s in listed] == ["station-7"]
+        assert "models" in client.get("/readyz", headers=ops).json()
+    keyed.assert_healthy()
+
+
+def _websocket_as(port: int, path: str, key: str) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.sendall(
+        f"GET {path} HTTP/1.1\r\nHost: edge\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+        f"X-API-Key: {key}\r\n\r\n".encode()
+    )
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(1)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return sock

@@ -15,6 +15,7 @@ from starlette.responses import Response
 
 from gruserve.api import decode, encode
 from gruserve.api import schemas as s
+from gruserve.api._auth import caller_of
 from gruserve.api._disconnect import unless_disconnected
 from gruserve.errors import InvalidInput
 from gruserve.services import Services
@@ -107,6 +108,7 @@ async def create_session(model: str, request: Request) -> Response:
         model,
         body.get("session_id"),
         None if initial is None else decode.states(initial, "initial_state"),
+        caller_of(request.scope),
     )
     return encode.json_response(_info(services, record), status=201)
 
@@ -127,7 +129,10 @@ async def step(session_id: str, request: Request) -> Response:
     """
     inputs, mask, number = decode.step_message(await request.body())
     result = await unless_disconnected(
-        request, _services(request).sessions.step(session_id, inputs, mask, number)
+        request,
+        _services(request).sessions.step(
+            session_id, inputs, mask, number, caller_of(request.scope)
+        ),
     )
     return encode.json_response(encode.step(result))
 
@@ -143,7 +148,7 @@ async def reset_session(session_id: str, request: Request) -> Response:
     body = decode.json_object(await request.body(), s.ResetRequest.model_fields)
     states = None if body.get("states") is None else decode.states(body["states"], "states")
     services = _services(request)
-    record = await services.sessions.reset(session_id, states)
+    record = await services.sessions.reset(session_id, states, caller_of(request.scope))
     return encode.json_response(_info(services, record))
 
 
@@ -163,7 +168,7 @@ async def list_sessions(
     created or deleted meanwhile never make a page repeat or skip the others.
     """
     services = _services(request)
-    found = await services.sessions.page(cursor, limit, model)
+    found = await services.sessions.page(cursor, limit, model, caller_of(request.scope))
     settings = services.settings
     return encode.json_response(
         encode.page(found, settings.session_ttl_s, settings.session_max_lifetime_s)
@@ -178,7 +183,7 @@ async def get_session(
 ) -> Response:
     """Model, step count, timestamps; the states with ``?include_state=true``."""
     services = _services(request)
-    record = await services.sessions.get(session_id)
+    record = await services.sessions.get(session_id, caller_of(request.scope))
     states = services.sessions.states_of(record) if include_state else None
     return encode.json_response(_info(services, record, states))
 
@@ -186,5 +191,5 @@ async def get_session(
 @router.delete("/sessions/{session_id}", status_code=204, tags=["sessions"])
 async def delete_session(session_id: str, request: Request) -> Response:
     """Forget a session and its state."""
-    await _services(request).sessions.delete(session_id)
+    await _services(request).sessions.delete(session_id, caller_of(request.scope))
     return Response(status_code=204)

@@ -194,6 +194,8 @@ def _fields(record: SessionRecord, writer: bytes) -> list[Any]:
         record.last_result or b"",
         "writer",
         writer,
+        "owner",
+        record.owner,
     ]
 
 
@@ -209,6 +211,7 @@ def _record(session_id: str, h: dict[bytes, bytes]) -> SessionRecord:
         created_at=float(h[b"created_at"]),
         last_used_at=float(h[b"last_used_at"]),
         last_result=h.get(b"result") or None,
+        owner=h.get(b"owner", b"").decode(),
     )
 
 

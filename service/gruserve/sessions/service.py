@@ -20,6 +20,7 @@ with numpy arrays; it knows nothing about HTTP.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import re
 import reprlib
@@ -51,6 +52,7 @@ from gruserve.runtime.signature import ModelSignature
 from gruserve.runtime.validation import Chunk, StateValue, check_chunk, flat_state
 from gruserve.sessions import _result
 from gruserve.sessions._locks import KeyedLocks
+from gruserve.sessions.owner import ANYONE, Caller
 from gruserve.sessions.store import MAX_PAGE, SessionPage, SessionRecord, SessionStore
 
 SESSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
@@ -117,8 +119,15 @@ class SessionService:
         """The record's state as ``{state key: (units,)}``."""
         return self.model_of(record).signature.split_state(record.state)
 
-    async def get(self, session_id: str) -> SessionRecord:
-        return await self.store.get(session_id)
+    async def get(self, session_id: str, caller: Caller = ANYONE) -> SessionRecord:
+        """The session, if ``caller`` may see it (else it does not exist for them)."""
+        return self._seen(await self.store.get(session_id), caller)
+
+    @staticmethod
+    def _seen(record: SessionRecord, caller: Caller) -> SessionRecord:
+        if caller is not ANYONE and not caller.sees(record.owner):
+            raise SessionNotFound(record.session_id)
+        return record
 
     # -- lifecycle -----------------------------------------------------------------------
     async def create(
@@ -126,8 +135,9 @@ class SessionService:
         model_name: str,
         session_id: str | None = None,
         initial_state: StateValue | None = None,
+        caller: Caller = ANYONE,
     ) -> SessionRecord:
-        """Start a session at zero state, or at ``initial_state``.
+        """Start a session at zero state, or at ``initial_state``, owned by ``caller``.
 
         Raises:
             ModelNotFound, ModelUnavailable, InvalidInput, SessionExists, TooManySessions.
@@ -146,20 +156,30 @@ class SessionService:
         state = flat_state(model.signature, initial_state, "initial_state")
         now = self._clock()
         record = SessionRecord(
-            session_id, model.name, model.version, state, created_at=now, last_used_at=now
+            session_id,
+            model.name,
+            model.version,
+            state,
+            created_at=now,
+            last_used_at=now,
+            owner=caller.name,
         )
         await self.store.create(record)
         return record
 
-    async def delete(self, session_id: str) -> None:
+    async def delete(self, session_id: str, caller: Caller = ANYONE) -> None:
         async with self._locks.hold(session_id):
+            if caller is not ANYONE:
+                await self.get(session_id, caller)
             await self.store.delete(session_id)
 
-    async def reset(self, session_id: str, states: StateValue | None = None) -> SessionRecord:
+    async def reset(
+        self, session_id: str, states: StateValue | None = None, caller: Caller = ANYONE
+    ) -> SessionRecord:
         """Zero the state, or set it to ``states`` (tf-keras ``reset_states(states=...)``)."""
         async with self._locks.hold(session_id):
             for _ in range(self._max_attempts):
-                record = await self.store.get(session_id)
+                record = self._seen(await self.store.get(session_id), caller)
                 state = flat_state(self.model_of(record).signature, states, "states")
                 updated = record.reset(state, self._clock())
                 if await self.store.compare_and_set(updated, record.revision):
@@ -168,9 +188,15 @@ class SessionService:
         raise SessionConflict(session_id, self._max_attempts)
 
     async def page(
-        self, cursor: str | None = None, limit: int = 100, model: str | None = None
+        self,
+        cursor: str | None = None,
+        limit: int = 100,
+        model: str | None = None,
+        caller: Caller = ANYONE,
     ) -> SessionPage:
-        """One page of every session, in id order (see :meth:`SessionStore.page`).
+        """One page of every session ``caller`` sees, in id order (see
+        :meth:`SessionStore.page`; a tenant's page may hold fewer than ``limit`` sessions,
+        even none, before the end).
 
         Raises:
             InvalidInput: ``limit`` outside 1..MAX_PAGE, or a cursor no session id can be.
@@ -179,7 +205,21 @@ class SessionService:
             raise InvalidInput("limit", f"expected 1 to {MAX_PAGE}. Received: limit={limit}")
         if cursor is not None and not SESSION_ID.fullmatch(cursor):
             raise InvalidInput("cursor", f"not a cursor this server returned: {cursor!r}")
-        return await self.store.page(cursor, limit, model)
+        found = await self.store.page(cursor, limit, model)
+        if caller.admin:
+            return found
+        records = await asyncio.gather(
+            *(self.store.get(s.session_id) for s in found.sessions), return_exceptions=True
+        )
+        for record in records:  # gone meanwhile, or the store failed: no owner to compare
+            if isinstance(record, BaseException) and not isinstance(record, SessionNotFound):
+                raise record
+        mine = [
+            summary
+            for summary, record in zip(found.sessions, records, strict=True)
+            if isinstance(record, SessionRecord) and caller.sees(record.owner)
+        ]
+        return SessionPage(mine, found.next_cursor)
 
     def servable(self, record: SessionRecord) -> bool:
         """Whether this server can continue ``record`` (a restored one): a valid id, its model
@@ -199,6 +239,7 @@ class SessionService:
         inputs: np.ndarray,
         mask: np.ndarray | None = None,
         step_number: int | None = None,
+        caller: Caller = ANYONE,
     ) -> StepResult:
         """Apply one chunk of timesteps to a session, at least once or exactly once.
 
@@ -226,6 +267,8 @@ class SessionService:
             chunk, applied = None, b""
             for _ in range(self._max_attempts):
                 record = await self.store.get(session_id)
+                if caller is not ANYONE and not caller.sees(record.owner):
+                    raise SessionNotFound(session_id)
                 model = self.model_of(record)
                 if chunk is None:
                     chunk = self._chunk(model.signature, inputs, mask)
@@ -291,6 +334,7 @@ class SessionService:
         end: bool,
         initial_state: StateValue | None = None,
         step_number: int | None = None,
+        caller: Caller = ANYONE,
     ) -> StepResult:
         """One request of a Triton-style sequence: a step framed by its start and end flags.
 
@@ -310,6 +354,8 @@ class SessionService:
             inputs, mask: as :meth:`step`.
             initial_state: only with ``start``.
             step_number: as :meth:`step`; 0 (or None) with ``start``.
+            caller: the tenant; a sequence another tenant owns is not started for it (the
+                API scopes sequence ids per tenant, so that takes an id made on purpose).
 
         Raises:
             SequenceNotStarted: no ``start`` and no such session on this model.
@@ -326,16 +372,16 @@ class SessionService:
             )
         async with self._locks.hold(_SEQUENCE + session_id):
             if start:
-                await self._restart(model, session_id, initial_state)
+                await self._restart(model, session_id, initial_state, caller)
             else:
                 try:
-                    record = await self.store.get(session_id)
+                    record = await self.get(session_id, caller)
                 except SessionNotFound:
                     raise SequenceNotStarted(session_id, model.name) from None
                 if record.model != model.name:
                     raise SequenceNotStarted(session_id, model.name)
             try:
-                result = await self.step(session_id, chunk.inputs, chunk.mask, step_number)
+                result = await self.step(session_id, chunk.inputs, chunk.mask, step_number, caller)
             except SessionNotFound:  # expired or deleted between the check and the step
                 raise SequenceNotStarted(session_id, model.name) from None
             if end:
@@ -348,18 +394,22 @@ class SessionService:
         model: LoadedModel,
         session_id: str,
         initial_state: StateValue | None,
+        caller: Caller,
     ) -> None:
-        """Create ``session_id``, or reset it in place (replace it if another model owns it)."""
+        """Create ``session_id``, or reset it in place (replace it if another model owns it;
+        refuse it, SessionExists, if another tenant does)."""
         state = flat_state(model.signature, initial_state, "initial_state")
         for _ in range(self._max_attempts):
             try:
                 record = await self.store.get(session_id)
             except SessionNotFound:
                 try:
-                    await self.create(model.name, session_id, initial_state)
+                    await self.create(model.name, session_id, initial_state, caller)
                     return
                 except SessionExists:  # another replica created it meanwhile: restart that
                     continue
+            if caller is not ANYONE and not caller.sees(record.owner):
+                raise SessionExists(session_id)
             if (record.model, record.version) != (model.name, model.version):
                 with suppress(SessionNotFound):
                     await self.store.delete(session_id)
