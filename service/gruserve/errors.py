@@ -245,6 +245,24 @@ class StepOutOfOrder(GruServeError):
         )
 
 
+class StepMismatch(GruServeError):
+    """A resent numbered step whose inputs or mask differ from those the session applied.
+
+    The kept result answers only a true resend; a different payload under the same number
+    is a client bug (or a mixed-up retry) and must not get another step's outputs.
+    """
+
+    field = "step"
+
+    def __init__(self, session_id: str, sent: int, current: int) -> None:
+        self.session_id, self.sent, self.current_step = session_id, sent, current
+        super().__init__(
+            f"session {session_id!r} already applied step={sent} with other inputs or mask "
+            f"than this request's; a resend must repeat the step exactly (send step={current} "
+            "for a new step)"
+        )
+
+
 class MissingApiKey(GruServeError):
     """A request without (or with a malformed) API key, where one is required."""
 

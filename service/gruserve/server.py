@@ -21,6 +21,7 @@ from gruserve.api.app import create_app as create_api
 from gruserve.errors import SnapshotError
 from gruserve.metrics import Metrics
 from gruserve.runtime.batcher import Batcher
+from gruserve.runtime.limits import WorkLimits
 from gruserve.runtime.predictor import Predictor
 from gruserve.runtime.provider import choose_providers
 from gruserve.runtime.registry import ModelRegistry
@@ -116,12 +117,20 @@ def build_services(settings: Settings, registry: CollectorRegistry | None = None
             metrics=metrics.for_model(model.name),
         )
     store = build_store(settings, SessionEvents(metrics))
+    limits = WorkLimits(
+        settings.max_batch_timesteps, settings.max_reply_values, settings.predict_chunk_timesteps
+    )
     sessions = SessionService(
-        models, batchers, store, max_timesteps=settings.max_timesteps, metrics=metrics
+        models,
+        batchers,
+        store,
+        max_timesteps=settings.max_timesteps,
+        metrics=metrics,
+        limits=limits,
     )
     if settings.snapshot_path is not None and isinstance(store, MemorySessionStore):
         restore_snapshot(settings.snapshot_path, store, sessions)
-    predictor = Predictor(models, executor, settings.max_timesteps, metrics)
+    predictor = Predictor(models, executor, settings.max_timesteps, metrics, limits)
     return Services(settings, models, batchers, predictor, sessions, store, metrics, executor)
 
 
@@ -169,17 +178,22 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
     # the fastest of uvicorn's WebSocket stacks here (bench/README.md), where available, with
     # plain messages framed by the protocol itself (api/_websocket.py)
     if "websockets-sansio" in WS_PROTOCOLS:
-        from gruserve.api._websocket import GruServeWebSocketProtocol
+        from gruserve.api._websocket import GruServeWebSocketProtocol, WsLimits
 
-        options["ws"] = GruServeWebSocketProtocol
+        options["ws"] = GruServeWebSocketProtocol.bound(WsLimits(settings.ws_max_frames))
     else:  # pragma: no cover - uvicorn releases before websockets-sansio
         options["ws"] = "auto"
-    try:  # one write per response, the step without ASGI (api/_http11.py); needs httptools
+    try:  # one write per response, the step without ASGI, edge limits (api/_http11.py)
         from gruserve.api._http11 import GruServeHttpProtocol
+        from gruserve.api._http_limits import HttpLimits
     except ImportError:  # pragma: no cover - uvicorn[standard] brings httptools
         pass
     else:
-        options["http"] = GruServeHttpProtocol
+        options["http"] = GruServeHttpProtocol.bound(
+            HttpLimits(
+                settings.max_header_bytes, settings.header_timeout_s, settings.max_connections
+            )
+        )
     return options
 
 

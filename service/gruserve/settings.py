@@ -82,6 +82,42 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(4 * 1024 * 1024, ge=64)
     """Largest request body, WebSocket message or NDJSON line in bytes; more answers 413."""
 
+    max_batch_timesteps: int = Field(65_536, ge=1)
+    """Most sequences x timesteps one stateless request (v1 ``predict``, v2 ``infer``) may
+    run; more answers 413 before anything runs. The request byte limit does not bound
+    this: 4 MiB of binary v2 input holds a million one-step sequences."""
+
+    max_reply_values: int = Field(1_048_576, ge=1)
+    """Most numbers one reply may hold: the requested outputs plus the requested final
+    states, over the whole batch (a session step: its outputs). More answers 413 before
+    anything runs. A float32 takes 4 bytes in a binary reply and up to about 16 in JSON,
+    so the default keeps a reply under about 16 MiB."""
+
+    predict_chunk_timesteps: int = Field(8_192, ge=1)
+    """A large stateless batch runs as several onnxruntime runs of at most this many
+    sequences x timesteps each (but one sequence at least), so that its working memory is
+    bounded by this and not by the request, and other requests get the inference threads
+    in between."""
+
+    max_header_bytes: int = Field(65_536, ge=1024)
+    """``gruserve serve``: largest request line plus headers in bytes; more answers 431 and
+    the connection is closed (checked as the bytes arrive, before any route or key check)."""
+
+    header_timeout_s: float = Field(10.0, gt=0)
+    """``gruserve serve``: seconds a connection may take, from when it opens or its request
+    begins, to send a complete header block; then it is closed (slow-header clients)."""
+
+    max_connections: int = Field(1_000, ge=1)
+    """``gruserve serve``: most open connections (HTTP and WebSocket); one more is answered
+    503 at once and closed. Keep it under the process's open-file limit (``ulimit -n``)
+    less what the server itself holds, so that the limit, not the system, refuses."""
+
+    ws_max_frames: int = Field(1024, ge=1)
+    """Most frames one WebSocket message may come in (a fragmented message: its first frame
+    and continuations); more closes the connection with 1008. The frames' headers count
+    with the payload against ``max_request_bytes`` (more closes with 1009), so a flood of
+    tiny or empty continuation frames is cut off early."""
+
     ws_compression: bool = True
     """Accept WebSocket clients' offer of permessage-deflate (browsers always offer it).
     Compressing a few float32 values saves nothing, and a compressed connection's
@@ -108,7 +144,8 @@ class Settings(BaseSettings):
     api_keys: SecretStr | None = None
     """Comma-separated API keys. When any key is set (here or in ``api_keys_file``), every
     route but liveness and readiness needs one: ``Authorization: Bearer <key>`` or
-    ``X-API-Key: <key>``."""
+    ``X-API-Key: <key>``. ``name:key`` names the key's tenant (sessions belong to the name
+    that created them and do not exist for other names); ``name:key:admin`` sees all."""
 
     api_keys_file: Path | None = None
     """A file of API keys, one per line (blank lines and ``#`` comments ignored); read at

@@ -165,6 +165,13 @@ async def test_health_needs_no_key_and_metrics_can_be_public(
 ) -> None:
     for path in HEALTH:
         assert (await guarded.client.get(path)).status_code == 200, path
+    # /readyz: without a valid key, ready or not and nothing else (no paths, no errors)
+    for headers in ({}, _key("bearer", "wrong-key")):
+        r = await guarded.client.get("/readyz", headers=headers)
+        assert r.json() == {"status": "ready"}, r.text
+    detailed = (await guarded.client.get("/readyz", headers=_key("x-api-key"))).json()
+    assert detailed["status"] == "ready" and {m["name"] for m in detailed["models"]} >= {"simple"}
+    assert detailed["store"]["kind"] == "memory"
     assert (await guarded.client.get("/metrics")).status_code == 401
     async for s in serve(models_dir, api_keys=KEY, metrics_public=True):
         assert (await s.client.get("/metrics")).status_code == 200

@@ -11,6 +11,7 @@ import pytest
 from conftest import Served, http_exchange, live_server
 from gruserve.api import _http11 as http11
 from gruserve.api._http11 import GruServeHttpProtocol, _HeadJoiner
+from gruserve.api._http_limits import HttpLimits
 from gruserve.server import uvicorn_options
 from gruserve.settings import Settings
 
@@ -68,8 +69,14 @@ async def test_close_sends_what_is_held_first() -> None:
     assert socket.calls == [b"head", "close"]  # the flush does not send it twice
 
 
-def test_serve_uses_it() -> None:
-    assert uvicorn_options(Settings(_env_file=None))["http"] is GruServeHttpProtocol
+def test_serve_uses_it_with_the_edge_limits() -> None:
+    settings = Settings(
+        _env_file=None, max_header_bytes=4096, header_timeout_s=3.5, max_connections=7
+    )
+    protocol = uvicorn_options(settings)["http"]
+    assert issubclass(protocol, GruServeHttpProtocol)
+    assert protocol.limits == HttpLimits(4096, 3.5, 7)
+    assert GruServeHttpProtocol.limits == HttpLimits()  # the base class keeps the defaults
 
 
 async def test_a_real_server_joins_its_writes(

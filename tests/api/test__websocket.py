@@ -33,7 +33,7 @@ from websockets.utils import apply_mask
 
 from conftest import live_server, serve
 from gruserve.api import _websocket
-from gruserve.api._websocket import PAUSE_AT, GruServeWebSocketProtocol, frame_header
+from gruserve.api._websocket import PAUSE_AT, GruServeWebSocketProtocol, WsLimits, frame_header
 from gruserve.server import uvicorn_options
 from gruserve.settings import Settings
 
@@ -489,7 +489,44 @@ def test_frame_header_lengths() -> None:
 
 
 def test_serve_uses_it() -> None:
-    assert uvicorn_options(Settings(_env_file=None))["ws"] is GruServeWebSocketProtocol
+    protocol = uvicorn_options(Settings(_env_file=None, ws_max_frames=9))["ws"]
+    assert issubclass(protocol, GruServeWebSocketProtocol)
+    assert protocol.limits == WsLimits(9) and GruServeWebSocketProtocol.limits == WsLimits()
+
+
+@pytest.mark.parametrize(
+    ("frames", "payload", "code"),
+    [
+        (WsLimits().max_frames + 1, b"", 1008),  # empty continuations: never reach the size
+        (WsLimits().max_frames + 1, b"x", 1008),
+        (900, bytes(110), 1009),  # 900 x (110 + 6 header bytes) > MAX_SIZE; payload alone not
+    ],
+)
+async def test_fragment_floods_are_cut_off(frames: int, payload: bytes, code: int) -> None:
+    """A message in too many frames closes with 1008, one whose frames' headers and payload
+    exceed the size limit with 1009; the frames before the limit, and a message in just
+    ``max_frames`` frames, are read as usual."""
+    assert len(payload) * frames <= MAX_SIZE
+    client = _client()
+    client.protocol.send_binary(b"ok")
+    client.flush()
+    client.protocol.send_binary(b"a", fin=False)
+    for _ in range(WsLimits().max_frames - 2):
+        client.protocol.send_continuation(b"", fin=False)
+    client.protocol.send_continuation(b"b", fin=True)  # max_frames frames: fine
+    client.flush()
+    client.protocol.send_binary(payload, fin=False)
+    for _ in range(frames - 1):
+        client.protocol.send_continuation(payload, fin=False)
+    client.flush()
+    client.raw(b"\x82\x82" + _mask(b"no"))  # nothing after the cut is read
+    run = await _serve(GruServeWebSocketProtocol, client)
+    replies = _replies(client, run.written)
+    assert run.closed and _echoed(replies) == [b"ok", b"ab"]
+    assert replies[-1].opcode is Opcode.CLOSE
+    assert int.from_bytes(replies[-1].data[:2], "big") == code
+    assert b"GRUSERVE_" in replies[-1].data
+    assert run.events[-1]["type"] == "websocket.disconnect"
 
 
 async def test_the_uvicorn_pieces_it_relies_on_are_there() -> None:

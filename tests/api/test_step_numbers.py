@@ -2,8 +2,10 @@
 WebSocket (JSON and the ``gruserve-step`` binary framing) and v2 sequences.
 
 Each transport: a numbered step applies once; resending its number answers the same
-reply without applying it again; any other number answers 409 ``StepOutOfOrder`` with
-the session's ``current_step``; numbers that are not integers >= 0 answer 422.
+reply without applying it again; resending it with other inputs or another mask answers
+409 ``StepMismatch`` (never the kept reply); any other number answers 409
+``StepOutOfOrder`` with the session's ``current_step``; numbers that are not integers
+>= 0 answer 422.
 """
 
 from __future__ import annotations
@@ -31,6 +33,13 @@ async def _create(client: httpx.AsyncClient, model: str = "stacked") -> str:
 
 async def _step_count(client: httpx.AsyncClient, sid: str) -> int:
     return int((await client.get(f"/v1/sessions/{sid}")).json()["step"])
+
+
+def _mismatch(body: dict[str, Any], sent: int, current: int) -> None:
+    error = body["error"]
+    assert error["type"] == "StepMismatch" and error["field"] == "step", body
+    assert error["current_step"] == current
+    assert f"already applied step={sent} with other inputs" in error["message"]
 
 
 def _out_of_order(body: dict[str, Any], current: int) -> None:
@@ -61,6 +70,19 @@ async def test_rest(
             r = await client.post(url, json={"inputs": x[0].tolist(), "step": sent})
             assert r.status_code == 409
             _out_of_order(r.json(), 3)
+        other = x[2].copy()
+        other[1, 2] += 1e-3  # one value off
+        for changed in (
+            {"inputs": other.tolist()},
+            {"inputs": x[2].tolist(), "mask": [True, False]},
+            {"inputs": x[2][:1].tolist()},
+        ):
+            r = await client.post(url, json={**changed, "step": 2})
+            assert r.status_code == 409, r.text
+            _mismatch(r.json(), 2, 3)
+        same = {"inputs": x[2].tolist(), "mask": [True, True], "step": 2}  # all true: no mask
+        r = await client.post(url, json=same)
+        assert r.status_code == 200 and r.content == replies[2].content
         for bad in BAD_NUMBERS:
             r = await client.post(url, json={"inputs": x[0].tolist(), "step": bad})
             assert r.status_code == 422 and r.json()["error"]["field"] == "step", (bad, r.text)
@@ -72,8 +94,9 @@ async def test_rest(
         np.testing.assert_allclose(got, expected[0][0], atol=ATOL)
     if root_path == "":
         text = (await served.client.get("/metrics")).text
-        assert "gruserve_step_replays_total 3.0" in text
+        assert "gruserve_step_replays_total 4.0" in text
         assert 'gruserve_errors_total{type="StepOutOfOrder"} 3.0' in text
+        assert 'gruserve_errors_total{type="StepMismatch"} 3.0' in text
 
 
 async def test_ndjson(client: httpx.AsyncClient, rng: np.random.Generator) -> None:
@@ -110,8 +133,12 @@ async def test_websocket_json(served: Served, ws_url: str, rng: np.random.Genera
         assert ws.subprotocol is None
         await ws.send(json.dumps({"inputs": x[0].tolist(), "step": 0}))
         first = await ws.recv()
-        await ws.send(json.dumps({"inputs": x[1].tolist(), "step": 0}))
+        await ws.send(json.dumps({"inputs": x[0].tolist(), "step": 0}))
         assert await ws.recv() == first  # the resend gets the same reply
+        await ws.send(json.dumps({"inputs": x[1].tolist(), "step": 0}))
+        error = json.loads(await ws.recv())  # the same number with other inputs does not
+        assert error["error"]["status"] == 409
+        _mismatch(error, 0, 1)
         await ws.send(json.dumps({"inputs": x[1].tolist(), "step": 2}))
         error = json.loads(await ws.recv())
         assert error["error"]["status"] == 409
@@ -138,6 +165,8 @@ async def test_websocket_binary_framing(
             outputs.append(np.frombuffer(reply[8:], "<f4"))
             await ws.send(frame.pack(n) + x[n].tobytes())
             assert await ws.recv() == reply
+            await ws.send(frame.pack(n) + (x[n] + 1).tobytes())  # same number, other values
+            _mismatch(json.loads(await ws.recv()), n, n + 1)
         await ws.send(frame.pack(2**64 - 1) + x[3].tobytes())  # no number: at-least-once
         reply = await ws.recv()
         assert frame.unpack_from(reply)[0] == 4
@@ -166,9 +195,12 @@ async def test_v2_sequence_step(served: Served, rng: np.random.Generator) -> Non
     first = await infer(0, sequence_start=True, sequence_step=0)
     assert first.json()["parameters"]["step"] == 1
     second = await infer(1, sequence_step=1)
-    again = await infer(2, sequence_step=1)  # other inputs on purpose: the kept reply comes back
+    again = await infer(1, sequence_step=1)  # a resend: the kept reply comes back
     assert again.content == second.content
     np.testing.assert_allclose(outputs_of(again)["outputs"], outputs_of(second)["outputs"], atol=0)
+    other = await infer(2, sequence_step=1)  # other inputs under the same number: refused
+    assert other.status_code == 409
+    assert "already applied step=1 with other inputs" in other.json()["error"]
     late = await infer(2, sequence_step=0)
     assert late.status_code == 409
     message = late.json()["error"]

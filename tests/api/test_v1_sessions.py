@@ -87,6 +87,11 @@ async def test_generated_ids_and_bad_ids(client: httpx.AsyncClient) -> None:
     assert len(ids) == 5
     r = await client.post("/v1/models/simple/sessions", json={"session_id": "../etc"})
     assert r.status_code == 422 and r.json()["error"]["field"] == "session_id"
+    for trailing in ("trail\n", "trail\r\n", "\ntrail"):  # `$` once let the first one in
+        r = await client.post("/v1/models/simple/sessions", json={"session_id": trailing})
+        assert r.status_code == 422 and r.json()["error"]["field"] == "session_id", trailing
+    r = await client.get("/v1/sessions", params={"cursor": "trail\n"})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "cursor"
     r = await client.post("/v1/models/nope/sessions", json={})
     assert r.status_code == 404 and r.json()["error"]["type"] == "ModelNotFound"
 

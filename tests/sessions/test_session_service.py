@@ -12,7 +12,13 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from gruserve.errors import InvalidInput, SequenceNotStarted, SessionNotFound, StepOutOfOrder
+from gruserve.errors import (
+    InvalidInput,
+    SequenceNotStarted,
+    SessionNotFound,
+    StepMismatch,
+    StepOutOfOrder,
+)
 from gruserve.metrics import Metrics
 from gruserve.runtime.batcher import Batcher
 from gruserve.runtime.registry import ModelRegistry
@@ -153,11 +159,17 @@ async def test_numbered_steps_apply_once_and_a_resend_gets_the_same_reply(
     batcher.submit = counted  # type: ignore[method-assign]
     first = await service.step("once", x[0], step_number=0)
     assert first.step == 1 and len(submitted) == 1
-    # the resend carries other inputs on purpose: nothing is recomputed, the kept reply returns
-    again = await service.step("once", x[3], step_number=0)
+    # a resend: nothing is recomputed, the kept reply returns
+    again = await service.step("once", x[0].copy(), step_number=0)
     assert again.step == 1 and len(submitted) == 1
     assert again.outputs["outputs"].tobytes() == first.outputs["outputs"].tobytes()
     assert _count(service, "step_replays") == 1
+    # other inputs, a mask or another layout under the same number: refused, not replayed
+    for inputs, mask in ((x[3], None), (x[0], np.array([False])), (x[0][None], None)):
+        with pytest.raises(StepMismatch, match="step=0 with other inputs") as refused:
+            await service.step("once", inputs, mask, step_number=0)
+        assert refused.value.current_step == 1 and refused.value.field == "step"
+    assert len(submitted) == 1 and _count(service, "step_replays") == 1
     second = await service.step("once", x[1], step_number=1)
     assert second.step == 2
     for sent, why in ((0, "behind"), (5, "ahead")):
@@ -263,8 +275,12 @@ async def test_sequence_steps_take_numbers_and_a_start_is_step_zero(
     step = await service.sequence_step(
         "stacked", "v2:stacked:9", x, start=False, end=False, step_number=1
     )
+    with pytest.raises(StepMismatch):
+        await service.sequence_step(
+            "stacked", "v2:stacked:9", 2 * x, start=False, end=False, step_number=1
+        )
     replay = await service.sequence_step(
-        "stacked", "v2:stacked:9", 2 * x, start=False, end=False, step_number=1
+        "stacked", "v2:stacked:9", x, start=False, end=False, step_number=1
     )
     assert step.step == replay.step == 2
     assert step.outputs["outputs"].tobytes() == replay.outputs["outputs"].tobytes()

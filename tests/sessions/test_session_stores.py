@@ -70,6 +70,19 @@ async def test_round_trip_and_compare_and_set(store: SessionStore) -> None:
     await store.ping()
 
 
+async def test_the_owner_is_kept_through_every_write(store: SessionStore) -> None:
+    """The tenant that created a session stays its owner after steps and resets."""
+    await store.create(dataclasses.replace(_record("owned"), owner="acme"))
+    await store.create(_record("unowned"))
+    got = await store.get("owned")
+    assert got.owner == "acme" and (await store.get("unowned")).owner == ""
+    advanced = got.advanced(got.state + 1, 1, time.time())
+    assert await store.compare_and_set(advanced, 0)
+    reset = (await store.get("owned")).reset(got.state, time.time())
+    assert await store.compare_and_set(reset, 1)
+    assert (await store.get("owned")).owner == "acme"
+
+
 async def test_expiry_counts_from_the_last_write(store_url: str) -> None:
     store = _make(store_url, ttl_s=0.4)
     try:

@@ -29,7 +29,10 @@ def _records() -> list[SessionRecord]:
             revision=4 * i,
             created_at=now - 100 + i,
             last_used_at=now - i / 3,
-            last_result=_result.pack(3 * i - 1, [np.full((2, 1), i, np.float32)]) if i else None,
+            last_result=_result.pack(3 * i - 1, [np.full((2, 1), i, np.float32)], bytes(16))
+            if i
+            else None,
+            owner="acme" if i % 3 else "",
         )
         for i in range(5)
     ]
@@ -45,7 +48,7 @@ def test_round_trip_is_exact(tmp_path: Path) -> None:
         assert got.state.dtype == np.float32 and got.state.tobytes() == want.state.tobytes()
         assert got.last_result == want.last_result
         for field in ("session_id", "model", "version", "step", "timesteps", "revision",
-                      "created_at", "last_used_at"):  # fmt: skip
+                      "created_at", "last_used_at", "owner"):  # fmt: skip
             assert getattr(got, field) == getattr(want, field), field
     assert stat.S_IMODE(path.stat().st_mode) == 0o600  # states may be sensitive
     assert [p.name for p in tmp_path.iterdir()] == ["sessions.snapshot"]  # no temporary left
@@ -102,6 +105,16 @@ def test_a_header_that_lies_is_refused_even_with_a_valid_checksum(tmp_path: Path
     body = snapshot.MAGIC + struct.pack("<Q", len(header)) + header
     path.write_bytes(body + hashlib.sha256(body).digest())
     with pytest.raises(SnapshotError, match="units=-4"):
+        snapshot.read(path)
+    # a snapshot written before tenants has no owner: read as "" (the unnamed tenant's)
+    header = header.replace(b'"units": -4', b'"units": 1')
+    body = snapshot.MAGIC + struct.pack("<Q", len(header)) + header + b"\0" * 4
+    path.write_bytes(body + hashlib.sha256(body).digest())
+    assert [r.owner for r in snapshot.read(path)] == [""]
+    header = header.replace(b'"units": 1', b'"units": 1, "owner": 7')
+    body = snapshot.MAGIC + struct.pack("<Q", len(header)) + header + b"\0" * 4
+    path.write_bytes(body + hashlib.sha256(body).digest())
+    with pytest.raises(SnapshotError, match="owner=7"):
         snapshot.read(path)
 
 

@@ -2,11 +2,19 @@
 
 With keys configured (``GRUSERVE_API_KEYS``, ``GRUSERVE_API_KEYS_FILE``), a request must
 carry one, as ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``, except on the
-liveness and readiness routes (and ``/metrics`` with ``GRUSERVE_METRICS_PUBLIC``):
+liveness and readiness routes (and ``/metrics`` with ``GRUSERVE_METRICS_PUBLIC``);
+``/readyz`` without a valid key says only ready or not ready, its details (model paths,
+load and store errors) need one (:data:`AUTHENTICATED`):
 
 - no key, an empty one, or an ``Authorization`` header of another scheme: 401
   ``MissingApiKey`` with ``WWW-Authenticate: Bearer``;
 - a key that is not one of the server's: 403 ``InvalidApiKey``.
+
+A key may carry a name and a role: ``name:key`` or ``name:key:admin`` (a bare ``key`` has
+no name). The name is the tenant the request acts for (:class:`~gruserve.sessions.owner.Caller`,
+put in the scope as :data:`CALLER`): a session belongs to the name that created it and
+other names' sessions do not exist for it; ``admin`` sees and manages every session.
+Without keys every request is :data:`~gruserve.sessions.owner.ANYONE`.
 
 A WebSocket handshake is checked the same way and refused before it is accepted, with
 that HTTP status (ASGI's WebSocket denial response; a server without it closes the
@@ -22,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -33,10 +42,49 @@ from gruserve.api._request_id import HEADER, REQUEST_ID
 from gruserve.api.errors import error_payload, shaped_for
 from gruserve.errors import ConfigError, GruServeError, InvalidApiKey, MissingApiKey
 from gruserve.metrics import Metrics
+from gruserve.sessions.owner import ANYONE, Caller
 
 PUBLIC = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})
+DETAILED = frozenset({"/readyz"})
+"""Public paths whose reply has details for key holders only."""
+AUTHENTICATED = "gruserve.authenticated"
+"""Scope key: on a :data:`DETAILED` path, whether the request presented a valid key (absent
+when the server has no keys: everyone may see the details then)."""
 METRICS = "/metrics"
 _BEARER = b"bearer "
+CALLER = "gruserve.caller"
+"""Scope key: the :class:`Caller` whose key the request presented."""
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def caller_of(scope: Scope) -> Caller:
+    """The request's tenant (:data:`ANYONE` on a server without keys)."""
+    caller: Caller = scope.get(CALLER, ANYONE)
+    return caller
+
+
+def parse_key(entry: str, number: int) -> tuple[str, Caller]:
+    """``key``, ``name:key`` or ``name:key:admin`` as the key and who presents it.
+
+    Raises:
+        ConfigError: a name outside letters, digits, ``.``, ``_``, ``-`` (64 at most), an
+            empty key, or a role other than ``admin`` (the key itself is never shown).
+    """
+    parts = entry.split(":")
+    if len(parts) == 1:
+        return entry, Caller("")
+    name, key, *role = parts
+    if not _NAME.fullmatch(name):
+        raise ConfigError(
+            "API keys",
+            f"key {number}: the name before ':' must be 1-64 letters, digits, '.', '_' or "
+            f"'-'. Received: {name!r}",
+        )
+    if not key or role not in ([], ["admin"]):
+        raise ConfigError(
+            "API keys", f"key {number} ({name!r}): expected name:key or name:key:admin"
+        )
+    return key, Caller(name, admin=bool(role))
 
 
 def load_keys(inline: SecretStr | None, file: Path | None) -> list[str]:
@@ -79,14 +127,19 @@ def load_keys(inline: SecretStr | None, file: Path | None) -> list[str]:
 
 
 class ApiKeys:
-    """A set of keys, checked in constant time.
+    """A set of keys, checked in constant time, each with the caller it stands for.
 
     Args:
-        keys: at least one non-empty key.
+        keys: at least one non-empty entry: ``key``, ``name:key`` or ``name:key:admin``.
+
+    Raises:
+        ConfigError: an entry :func:`parse_key` refuses.
     """
 
     def __init__(self, keys: Iterable[str]) -> None:
-        self._digests = [hashlib.sha256(k.encode()).digest() for k in keys]
+        parsed = [parse_key(k, n) for n, k in enumerate(keys, start=1)]
+        self._digests = [hashlib.sha256(k.encode()).digest() for k, _ in parsed]
+        self._callers = [caller for _, caller in parsed]
         if not self._digests:
             raise ValueError("ApiKeys needs at least one key")
 
@@ -94,21 +147,31 @@ class ApiKeys:
         return len(self._digests)
 
     def accepts(self, presented: bytes) -> bool:
-        given = hashlib.sha256(presented).digest()
-        matched = False
-        for digest in self._digests:  # every key, every time
-            matched |= hmac.compare_digest(given, digest)
-        return matched
+        return self.caller(presented) is not None
 
-    def refusal(self, headers: list[tuple[bytes, bytes]]) -> GruServeError | None:
-        """Why a request with ``headers`` is refused, or None if it presents a valid key."""
+    def caller(self, presented: bytes) -> Caller | None:
+        """Who ``presented`` stands for, or None if it is no key of this server."""
+        given = hashlib.sha256(presented).digest()
+        found = None
+        for digest, caller in zip(self._digests, self._callers, strict=True):
+            if hmac.compare_digest(given, digest):  # every key, every time
+                found = caller
+        return found
+
+    def identify(self, headers: list[tuple[bytes, bytes]]) -> Caller | GruServeError:
+        """The caller a request with ``headers`` acts as, or why it is refused."""
         presented = presented_keys(headers)
         if presented is None:
             return MissingApiKey()
-        accepted = False
+        found = None
         for key in presented:
-            accepted |= self.accepts(key)
-        return None if accepted else InvalidApiKey()
+            found = self.caller(key) or found
+        return InvalidApiKey() if found is None else found
+
+    def refusal(self, headers: list[tuple[bytes, bytes]]) -> GruServeError | None:
+        """Why a request with ``headers`` is refused, or None if it presents a valid key."""
+        found = self.identify(headers)
+        return found if isinstance(found, GruServeError) else None
 
 
 def presented_keys(headers: list[tuple[bytes, bytes]]) -> list[bytes] | None:
@@ -140,11 +203,15 @@ class ApiKeyMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
-        if kind not in ("http", "websocket") or self._path(scope) in self.public:
+        path = self._path(scope) if kind in ("http", "websocket") else ""
+        if kind not in ("http", "websocket") or path in self.public:
+            if path in DETAILED:
+                scope[AUTHENTICATED] = self.keys.refusal(scope["headers"]) is None
             await self.app(scope, receive, send)
             return
-        refusal = self.keys.refusal(scope["headers"])
-        if refusal is None:
+        refusal = self.keys.identify(scope["headers"])
+        if isinstance(refusal, Caller):
+            scope[CALLER] = refusal
             await self.app(scope, receive, send)
             return
         status, body = error_payload(refusal)

@@ -76,7 +76,7 @@ class EdgeMiddleware:
             await send(message)
 
         try:
-            if self.unbounded.match(scope["path"]):
+            if self.unbounded.fullmatch(scope["path"]):
                 pass
             elif length is not None and length > self.max_bytes:
                 error = PayloadTooLarge("the request body (bytes)", length, self.max_bytes, SETTING)

@@ -25,6 +25,11 @@ reading resumed). A lost connection cancels the app's work at once. Requests the
 does not match, and every request when the access log is on (it is written from
 uvicorn's cycles), take uvicorn's ASGI path unchanged.
 
+**Edge limits.** Each connection has a :class:`~gruserve.api._http_limits.HeadGuard`:
+a header block size limit (431), a deadline for the header block, and a cap on open
+connections (503 at accept); :meth:`GruServeHttpProtocol.bound` makes the protocol class
+with the server's :class:`~gruserve.api._http_limits.HttpLimits`.
+
 The protocol's own writes (a 400 for a malformed request, the WebSocket upgrade) go
 to the socket as before. This relies on pieces of uvicorn that are not public
 (``cycle``, ``cycle.transport``, ``pipeline``, ``_start_asgi_task``,
@@ -37,12 +42,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import httptools
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from gruserve.api._disconnect import Watch
+from gruserve.api._http_limits import HeadGuard, HttpLimits
 from gruserve.api.errors import ClientDisconnected
 
 Headers = list[tuple[bytes, bytes]]
@@ -218,10 +224,19 @@ _UVICORN_PIECES = ("cycle", "pipeline", "flow", "_start_asgi_task", "on_response
 
 
 class GruServeHttpProtocol(HttpToolsProtocol):
-    """uvicorn's ``httptools`` protocol; ASGI responses in one write, direct routes without ASGI."""
+    """uvicorn's ``httptools`` protocol; ASGI responses in one write, direct routes without
+    ASGI, and the edge limits of :attr:`limits`."""
+
+    limits: ClassVar[HttpLimits] = HttpLimits()
+
+    @classmethod
+    def bound(cls, limits: HttpLimits) -> type[GruServeHttpProtocol]:
+        """This protocol with ``limits`` (uvicorn builds protocols from a class alone)."""
+        return type(cls.__name__, (cls,), {"limits": limits})
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.guard = HeadGuard(self.limits, self.loop)
         routes = getattr(self.app, "direct_routes", None)
         usable = (
             not self.access_log
@@ -230,7 +245,30 @@ class GruServeHttpProtocol(HttpToolsProtocol):
         )
         self.direct: DirectRoutes | None = routes if usable else None
 
+    # -- edge limits ----------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.guard.opened(transport, len(self.connections))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.guard.disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        guard = self.guard
+        if guard.lingering:  # refused: drained, never parsed
+            return
+        mark = guard.mark()
+        super().data_received(data)
+        guard.fed(self.transport, len(data), mark)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.guard.message_begun(self.transport)
+
+    # -- requests ----------------------------------------------------------------------------
     def on_headers_complete(self) -> None:
+        self.guard.head_complete()
         if self.direct is not None and self._start_direct():
             return
         previous = getattr(self, "cycle", None)

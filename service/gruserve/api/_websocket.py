@@ -23,6 +23,12 @@ framed here and written in one call, after waiting for the transport to take wri
 as uvicorn does; other sends (accept, close, compressed replies) go to uvicorn's
 code.
 
+**Fragment floods.** ``websockets`` bounds a message's payload, not its frames: four
+million one-byte continuation frames (a 4 MB message) cost seconds of CPU, and empty ones
+never reach the size limit. Here a message may have at most :attr:`WsLimits.max_frames`
+frames (``GRUSERVE_WS_MAX_FRAMES``; more closes with 1008), and its frames' headers count
+with its payload against the message size limit (more closes with 1009).
+
 The app sees the same ASGI events either way. The protocol relies on uvicorn
 passing it the handshake request alone as its first data (true of its HTTP
 protocols), and on attributes of uvicorn's class that are not public (``conn``,
@@ -35,9 +41,11 @@ from __future__ import annotations
 import asyncio
 import struct
 from collections import deque
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.frames import CloseCode
 from websockets.protocol import State
 
 try:  # websockets' C helper; the pure-Python one where it was not built
@@ -79,6 +87,17 @@ class _Inbox:
         return self.events.popleft()
 
 
+@dataclass(frozen=True)
+class WsLimits:
+    """Per-message limits beyond ``websockets``' size limit (see the module).
+
+    Args:
+        max_frames: most frames (first and continuations) in one message.
+    """
+
+    max_frames: int = 1024
+
+
 def frame_header(opcode: int, length: int) -> bytes:
     """A final, unmasked frame's header (what a server sends)."""
     if length < 126:
@@ -89,10 +108,20 @@ def frame_header(opcode: int, length: int) -> bytes:
 
 
 class GruServeWebSocketProtocol(WebSocketsSansIOProtocol):
-    """uvicorn's ``websockets-sansio`` protocol; plain messages framed without ``websockets``."""
+    """uvicorn's ``websockets-sansio`` protocol; plain messages framed without ``websockets``,
+    and fragmented ones bounded by :attr:`limits`."""
+
+    limits: ClassVar[WsLimits] = WsLimits()
+
+    @classmethod
+    def bound(cls, limits: WsLimits) -> type[GruServeWebSocketProtocol]:
+        """This protocol with ``limits`` (uvicorn builds protocols from a class alone)."""
+        return type(cls.__name__, (cls,), {"limits": limits})
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._frames = 0  # frames of the fragmented message being read
+        self._message_bytes = 0  # its frames' headers and payloads so far
         self.queue = _Inbox()  # type: ignore[assignment]
         self._max_size: int | None = self.config.ws_max_size
         self._framing = False  # True once the handshake request is parsed: frames are read here
@@ -143,6 +172,8 @@ class GruServeWebSocketProtocol(WebSocketsSansIOProtocol):
                 self._needed = stop - at
                 break
             opcode = first & 0x0F
+            if (opcode == 0 or not first & 0x80) and not self._fragment(opcode, stop - at):
+                return
             plain = (
                 first & 0xF0 == 0x80  # final, no extension bits
                 and opcode in (_BINARY, _TEXT)
@@ -169,6 +200,26 @@ class GruServeWebSocketProtocol(WebSocketsSansIOProtocol):
         if len(inbox.events) >= PAUSE_AT and not self.read_paused:
             self.read_paused = True
             self.transport.pause_reading()
+
+    def _fragment(self, opcode: int, size: int) -> bool:
+        """Count a frame of a fragmented message (``size``: header and payload); False once
+        the message has too many frames or bytes, and the connection is failed."""
+        if opcode != 0:  # the first frame of a message
+            self._frames = self._message_bytes = 0
+        self._frames += 1
+        self._message_bytes += size
+        if self._frames > self.limits.max_frames:
+            code = CloseCode.POLICY_VIOLATION
+            reason = f"more than {self.limits.max_frames} frames (GRUSERVE_WS_MAX_FRAMES)"
+        elif self._max_size is not None and self._message_bytes > self._max_size:
+            code = CloseCode.MESSAGE_TOO_BIG
+            reason = f"frames over {self._max_size} bytes (GRUSERVE_MAX_REQUEST_BYTES)"
+        else:
+            return True
+        self.conn.fail(code, reason)
+        self._framing = False
+        self.handle_parser_exception()
+        return False
 
     def _to_websockets(self, frame: bytes) -> bool:
         """Have ``websockets`` handle one whole frame; False once it has failed the connection."""

@@ -140,6 +140,16 @@ def numbers(value: Any, field: str) -> np.ndarray:
     return np.array(value, np.float64)
 
 
+def leading_sizes(value: Any) -> tuple[int, int]:
+    """The lengths of a nested list's first two levels (batch and timesteps of a predict
+    batch), read without walking it; 0 where a level is missing. Only a cheap first look:
+    :func:`numbers` checks the whole value."""
+    if type(value) is not list:
+        return 0, 0
+    first = value[0] if value else None
+    return len(value), len(first) if type(first) is list else 0
+
+
 def booleans(value: Any, field: str) -> np.ndarray:
     """A (nested) list of JSON booleans."""
     _shape(value, field, (), (bool,), "true or false")

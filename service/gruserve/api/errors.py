@@ -4,12 +4,12 @@ Every error body, whatever raised it, is::
 
     {"error": {"type": "InvalidInput", "message": "inputs[2][1]: ...", "field": "inputs[2][1]"}}
 
-``field`` is null when no single field is at fault; a ``StepOutOfOrder`` error also
-has ``current_step``, the session's step count, so a client can resynchronise. WebSocket and NDJSON
-replies reuse :func:`error_payload` so a client parses errors one way. Routes
-under ``/v2`` speak the KServe v2 / Triton protocol, whose clients expect
-``{"error": "<message>"}``: they get the same message and the same status in
-that shape (:func:`shaped`), so the mapping below stays the only one. Our own
+``field`` is null when no single field is at fault; a ``StepOutOfOrder`` or
+``StepMismatch`` error also has ``current_step``, the session's step count, so a client
+can resynchronise. WebSocket and NDJSON replies reuse :func:`error_payload` so a client
+parses errors one way. Routes under ``/v2`` speak the KServe v2 / Triton protocol, whose
+clients expect ``{"error": "<message>"}``: they get the same message and the same status
+in that shape (:func:`shaped`), so the mapping below stays the only one. Our own
 exceptions carry messages written for people; anything else is a bug and
 answers 500 without leaking internals (the traceback goes to the log).
 """
@@ -41,6 +41,7 @@ STATUS: dict[type[e.GruServeError], int] = {
     e.SessionConflict: 409,
     e.SessionModelMismatch: 409,
     e.StepOutOfOrder: 409,
+    e.StepMismatch: 409,
     e.MissingApiKey: 401,
     e.InvalidApiKey: 403,
     e.TooManySessions: 429,
@@ -80,7 +81,7 @@ def error_payload(exc: BaseException) -> tuple[int, dict[str, Any]]:
             f"internal server error; the server log has the details (request {request_id})",
         )
     error: dict[str, Any] = {"type": kind, "message": message, "field": getattr(exc, "field", None)}
-    if isinstance(exc, e.StepOutOfOrder):
+    if isinstance(exc, e.StepOutOfOrder | e.StepMismatch):
         error["current_step"] = exc.current_step
     return status, {"error": error}
 

@@ -32,12 +32,13 @@ from functools import partial
 from starlette.types import Message, Receive, Scope, Send
 
 from gruserve.api import decode, encode
-from gruserve.api._auth import ApiKeys
+from gruserve.api._auth import ApiKeys, caller_of
 from gruserve.api._disconnect import DisconnectWatch, Watch
 from gruserve.api._edge import HttpMetrics, scan_headers
 from gruserve.api._request_id import HEADER, REQUEST_ID, chosen
 from gruserve.api.errors import ClientDisconnected, error_payload
 from gruserve.metrics import Metrics
+from gruserve.sessions.owner import ANYONE, Caller
 from gruserve.sessions.service import SessionService
 
 _JSON = b"application/json"
@@ -72,17 +73,19 @@ class StepEndpoint:
         else:
             session_id = scope["path_params"]["session_id"]
             status, content = await self.answer(
-                session_id, body, partial(self.disconnects.run, receive)
+                session_id, body, partial(self.disconnects.run, receive), caller_of(scope)
             )
         await send({"type": "http.response.start", "status": status, "headers": _headers(content)})
         await send({"type": "http.response.body", "body": content})
 
-    async def answer(self, session_id: str, body: bytes, watch: Watch) -> tuple[int, bytes]:
-        """``(status, JSON body)`` of one step; ``watch`` awaits the step, raising
-        :class:`~gruserve.api.errors.ClientDisconnected` if the client leaves first."""
+    async def answer(
+        self, session_id: str, body: bytes, watch: Watch, caller: Caller = ANYONE
+    ) -> tuple[int, bytes]:
+        """``(status, JSON body)`` of one step for ``caller``; ``watch`` awaits the step,
+        raising :class:`~gruserve.api.errors.ClientDisconnected` if the client leaves first."""
         try:
             inputs, mask, number = decode.step_message(body)
-            result = await watch(self.sessions.step(session_id, inputs, mask, number))
+            result = await watch(self.sessions.step(session_id, inputs, mask, number, caller))
             return 200, encode.dumps(encode.step(result))
         except Exception as exc:  # every error gets the one JSON shape, as in api/errors.py
             return self.failed(exc)
@@ -114,9 +117,9 @@ class DirectStep:
 
     def match(
         self, method: bytes, path: bytes, headers: list[tuple[bytes, bytes]]
-    ) -> tuple[str, bytes | None] | None:
-        """``(session id, X-Request-ID or None)`` if this is a step request the edge and the
-        key check would let by, else None."""
+    ) -> tuple[str, bytes | None, Caller] | None:
+        """``(session id, X-Request-ID or None, caller)`` if this is a step request the edge
+        and the key check would let by, else None."""
         if method != b"POST":
             return None
         found = _STEP.fullmatch(path)
@@ -125,20 +128,26 @@ class DirectStep:
         length, chunked, received_id = scan_headers(headers)
         if length is None or chunked or length > self.max_bytes:
             return None
-        if self.keys is not None and self.keys.refusal(headers) is not None:
-            return None
-        return found[1].decode("ascii"), received_id
+        caller = ANYONE
+        if self.keys is not None:
+            identified = self.keys.identify(headers)
+            if not isinstance(identified, Caller):
+                return None
+            caller = identified
+        return found[1].decode("ascii"), received_id, caller
 
-    async def answer(self, matched: tuple[str, bytes | None], body: bytes, watch: Watch) -> Reply:
+    async def answer(
+        self, matched: tuple[str, bytes | None, Caller], body: bytes, watch: Watch
+    ) -> Reply:
         """The reply to a matched request, with the request id the edge would give it."""
         self.taken += 1
         started = time.perf_counter()
-        session_id, received_id = matched
+        session_id, received_id, caller = matched
         request_id = chosen(received_id)
         token = REQUEST_ID.set(request_id.decode())
         status = 500
         try:
-            status, content = await self.endpoint.answer(session_id, body, watch)
+            status, content = await self.endpoint.answer(session_id, body, watch, caller)
         finally:
             REQUEST_ID.reset(token)
             self.http.count("POST", self.route, status, time.perf_counter() - started)

@@ -3,7 +3,9 @@
 ``/healthz`` answers as long as the event loop runs. ``/readyz`` answers 200
 only when at least one model is loaded and the session store answers a ping:
 a load balancer should send traffic only then. Failed models are listed but
-do not make the server unready while others serve.
+do not make the server unready while others serve. When the server has API keys, the
+list and the reasons (model paths, onnxruntime and store errors) go only to a request
+with a valid key; without one, ``/readyz`` says ready or not ready and nothing else.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import Response
 
 from gruserve.api import encode
+from gruserve.api._auth import AUTHENTICATED
 from gruserve.errors import GruServeError
 from gruserve.services import Services
 
@@ -29,7 +32,8 @@ async def healthz() -> Response:
 
 @router.get("/readyz")
 async def readyz(request: Request) -> Response:
-    """Models loaded and session store reachable (200), else 503 with the reasons."""
+    """Models loaded and session store reachable (200), else 503 with the reasons (the
+    reasons and models only for a valid key, when keys are set)."""
     services: Services = request.app.state.services
     statuses = services.registry.statuses()
     store: dict[str, object] = {"kind": services.store.name, "reachable": True}
@@ -39,6 +43,9 @@ async def readyz(request: Request) -> Response:
         store.update(reachable=False, error=str(exc))
     loaded = [st for st in statuses if st.ready]
     ready = bool(loaded) and bool(store["reachable"])
+    status = 200 if ready else 503
+    if not request.scope.get(AUTHENTICATED, True):
+        return encode.json_response({"status": "ready" if ready else "not ready"}, status=status)
     body = {
         "status": "ready" if ready else "not ready",
         "models": [encode.model_status(st) for st in statuses],
@@ -46,7 +53,7 @@ async def readyz(request: Request) -> Response:
     }
     if not loaded:
         body["reason"] = "no model loaded: check GRUSERVE_MODELS_DIR and the errors listed"
-    return encode.json_response(body, status=200 if ready else 503)
+    return encode.json_response(body, status=status)
 
 
 @router.get("/metrics")

@@ -25,8 +25,8 @@ from collections.abc import Callable
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Scope
 
-STEP = re.compile(r"^/v1/sessions/(?P<session_id>[^/]+)/step$")
-SOCKET = re.compile(r"^/v1/sessions/(?P<session_id>[^/]+)/ws$")
+STEP = re.compile(r"/v1/sessions/(?P<session_id>[^/]+)/step")  # always fullmatch
+SOCKET = re.compile(r"/v1/sessions/(?P<session_id>[^/]+)/ws")
 
 
 class HotPaths:
@@ -56,14 +56,14 @@ class HotPaths:
         if kind == "http":
             if scope["method"] != "POST":
                 return None
-            match = STEP.match(scope["path"])
+            match = STEP.fullmatch(scope["path"])
             if match is None:
                 return None
             scope["path_params"] = {"session_id": match["session_id"]}
             scope["route"] = self.step_route
             return self._guarded_step
         if kind == "websocket":
-            match = SOCKET.match(scope["path"])
+            match = SOCKET.fullmatch(scope["path"])
             if match is None:
                 return None
             scope["path_params"] = {"session_id": match["session_id"]}

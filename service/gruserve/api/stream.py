@@ -21,9 +21,11 @@ from starlette.types import Receive, Scope, Send
 
 from gruserve.api import decode, encode
 from gruserve.api import schemas as s
+from gruserve.api._auth import caller_of
 from gruserve.api._edge import SETTING
 from gruserve.api.errors import error_payload
 from gruserve.errors import GruServeError, PayloadTooLarge
+from gruserve.sessions.owner import ANYONE, Caller
 from gruserve.sessions.service import SessionService
 
 router = APIRouter(prefix="/v1", responses=s.ERRORS)
@@ -35,9 +37,16 @@ class StepStream(Response):
 
     media_type = MEDIA_TYPE
 
-    def __init__(self, sessions: SessionService, session_id: str, max_line_bytes: int) -> None:
+    def __init__(
+        self,
+        sessions: SessionService,
+        session_id: str,
+        max_line_bytes: int,
+        caller: Caller = ANYONE,
+    ) -> None:
         super().__init__(status_code=200, media_type=MEDIA_TYPE)
         self._sessions, self._session_id, self._limit = sessions, session_id, max_line_bytes
+        self._caller = caller
         self._line = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -74,7 +83,7 @@ class StepStream(Response):
             if len(line) > self._limit:
                 raise PayloadTooLarge("an NDJSON line (bytes)", len(line), self._limit, SETTING)
             inputs, mask, number = decode.step_message(line)
-            result = await self._sessions.step(self._session_id, inputs, mask, number)
+            result = await self._sessions.step(self._session_id, inputs, mask, number, self._caller)
         except GruServeError as exc:
             await self._send_error(exc, send)
             return False
@@ -115,5 +124,6 @@ class StepStream(Response):
 async def stream_steps(session_id: str, request: Request) -> Response:
     """Steps as NDJSON lines in, replies as NDJSON lines out, each flushed when computed."""
     services = request.app.state.services
-    await services.sessions.get(session_id)  # a 404 now, before the 200 stream starts
-    return StepStream(services.sessions, session_id, services.settings.max_request_bytes)
+    caller = caller_of(request.scope)
+    await services.sessions.get(session_id, caller)  # a 404 now, before the 200 stream starts
+    return StepStream(services.sessions, session_id, services.settings.max_request_bytes, caller)

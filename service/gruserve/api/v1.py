@@ -15,6 +15,7 @@ from starlette.responses import Response
 
 from gruserve.api import decode, encode
 from gruserve.api import schemas as s
+from gruserve.api._auth import caller_of
 from gruserve.api._disconnect import unless_disconnected
 from gruserve.errors import InvalidInput
 from gruserve.services import Services
@@ -63,6 +64,14 @@ async def predict(model: str, request: Request) -> Response:
         raise InvalidInput(
             "inputs", "required: [batch, timesteps, features] values or [batch, timesteps] ids"
         )
+    return_state = body.get("return_state", False)
+    if not isinstance(return_state, bool):
+        raise InvalidInput(
+            "return_state", f"expected true or false, got {decode.shown(return_state)}"
+        )
+    predictor, states = _services(request).predictor, None if return_state else ()
+    batch, timesteps = decode.leading_sizes(body["inputs"])
+    predictor.admit(model, batch, timesteps, states=states)  # before building any array
     inputs = decode.numbers(body["inputs"], "inputs")
     mask = None if body.get("mask") is None else decode.booleans(body["mask"], "mask")
     initial = (
@@ -70,12 +79,7 @@ async def predict(model: str, request: Request) -> Response:
         if body.get("initial_state") is None
         else decode.states(body["initial_state"], "initial_state")
     )
-    return_state = body.get("return_state", False)
-    if not isinstance(return_state, bool):
-        raise InvalidInput(
-            "return_state", f"expected true or false, got {decode.shown(return_state)}"
-        )
-    work = _services(request).predictor.predict(model, inputs, mask, initial)
+    work = predictor.predict(model, inputs, mask, initial, states=states)
     result = await unless_disconnected(request, work)
     reply = {
         "model": result.model,
@@ -104,6 +108,7 @@ async def create_session(model: str, request: Request) -> Response:
         model,
         body.get("session_id"),
         None if initial is None else decode.states(initial, "initial_state"),
+        caller_of(request.scope),
     )
     return encode.json_response(_info(services, record), status=201)
 
@@ -124,7 +129,10 @@ async def step(session_id: str, request: Request) -> Response:
     """
     inputs, mask, number = decode.step_message(await request.body())
     result = await unless_disconnected(
-        request, _services(request).sessions.step(session_id, inputs, mask, number)
+        request,
+        _services(request).sessions.step(
+            session_id, inputs, mask, number, caller_of(request.scope)
+        ),
     )
     return encode.json_response(encode.step(result))
 
@@ -140,7 +148,7 @@ async def reset_session(session_id: str, request: Request) -> Response:
     body = decode.json_object(await request.body(), s.ResetRequest.model_fields)
     states = None if body.get("states") is None else decode.states(body["states"], "states")
     services = _services(request)
-    record = await services.sessions.reset(session_id, states)
+    record = await services.sessions.reset(session_id, states, caller_of(request.scope))
     return encode.json_response(_info(services, record))
 
 
@@ -160,7 +168,7 @@ async def list_sessions(
     created or deleted meanwhile never make a page repeat or skip the others.
     """
     services = _services(request)
-    found = await services.sessions.page(cursor, limit, model)
+    found = await services.sessions.page(cursor, limit, model, caller_of(request.scope))
     settings = services.settings
     return encode.json_response(
         encode.page(found, settings.session_ttl_s, settings.session_max_lifetime_s)
@@ -175,7 +183,7 @@ async def get_session(
 ) -> Response:
     """Model, step count, timestamps; the states with ``?include_state=true``."""
     services = _services(request)
-    record = await services.sessions.get(session_id)
+    record = await services.sessions.get(session_id, caller_of(request.scope))
     states = services.sessions.states_of(record) if include_state else None
     return encode.json_response(_info(services, record, states))
 
@@ -183,5 +191,5 @@ async def get_session(
 @router.delete("/sessions/{session_id}", status_code=204, tags=["sessions"])
 async def delete_session(session_id: str, request: Request) -> Response:
     """Forget a session and its state."""
-    await _services(request).sessions.delete(session_id)
+    await _services(request).sessions.delete(session_id, caller_of(request.scope))
     return Response(status_code=204)

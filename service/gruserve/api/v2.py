@@ -18,6 +18,7 @@ from starlette.responses import Response
 from gruserve import __version__
 from gruserve.api import encode, v2_request, v2_tensors
 from gruserve.api import v2_schemas as s
+from gruserve.api._auth import caller_of
 from gruserve.api._disconnect import unless_disconnected
 from gruserve.api.triton_config import PLATFORM, model_config
 from gruserve.api.v2_model import bind, produced, sequence_outputs, wire_model
@@ -147,9 +148,13 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     )
     parsed = v2_request.parse(body, request.headers.get(v2_tensors.HEADER_LENGTH))
     call = bind(wire, parsed, flag(parsed.parameters, "binary_data_output"))
-    sequence = sequence_control(parsed.parameters, model.name)
+    caller = caller_of(request.scope)
+    sequence = sequence_control(parsed.parameters, model.name, caller.name)
     if sequence is None:
-        work = services.predictor.predict(model.name, call.inputs, call.mask, call.states)
+        names, keys = call.wanted(wire)
+        work = services.predictor.predict(
+            model.name, call.inputs, call.mask, call.states, outputs=names, states=keys
+        )
         result = await unless_disconnected(request, work)
         outputs = produced(wire, call, result.outputs, result.states)
         return v2_tensors.reply(model.name, model.version, parsed.id, outputs)
@@ -165,6 +170,7 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
             end=sequence.end,
             initial_state=one.states,
             step_number=sequence.step_number,
+            caller=caller,
         ),
     )
     about = {

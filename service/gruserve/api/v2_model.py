@@ -110,6 +110,14 @@ class Call:
     states: dict[str, np.ndarray] | None  # by state key
     outputs: list[tuple[str, bool]]  # (output name, binary)
 
+    def wanted(self, wire: WireModel) -> tuple[list[str], list[str]]:
+        """The requested graph outputs by name and final states by state key (what the
+        predictor keeps and counts against the reply limit)."""
+        chosen = {name for name, _ in self.outputs}
+        names = [o.name for o in wire.outputs if o.name in chosen]
+        keys = [s.key or s.name for s in wire.final_states if s.name in chosen]
+        return names, keys
+
     def one_sequence(self) -> Call:
         """The single sequence of a sequence request, batch axis dropped."""
         if self.inputs.shape[0] != 1:
@@ -188,10 +196,13 @@ def produced(
     outputs: Mapping[str, np.ndarray],
     states: Mapping[str, np.ndarray],
 ) -> Produced:
-    """The requested outputs, from model outputs by name and final states by state key."""
+    """The requested outputs, from model outputs by name and final states by state key
+    (``outputs`` and ``states`` need hold only the requested ones)."""
     by_name = dict(outputs)
     for spec in wire.final_states:
-        by_name[spec.name] = states[spec.key or spec.name]
+        key = spec.key or spec.name
+        if key in states:
+            by_name[spec.name] = states[key]
     return [(name, by_name[name], binary) for name, binary in call.outputs]
 
 

@@ -20,13 +20,17 @@ sequence already applied (the previous reply's ``parameters.step``; 0 with
 ``sequence_start``). It makes the step exactly-once, as ``"step"`` does on v1: resending
 a request with the same number returns the same outputs without applying it again.
 
+With named API keys, sequence ids are per tenant too: a tenant's sequences live under
+``v2:{model}:t.{tenant}:`` (``v2:{model}:t.acme:42``), so two tenants may use the same id
+without meeting; keys without a name keep the table's ids.
+
 Numbers are bare digits and strings always carry ``s:`` or ``h:``, so ``42``
 and ``"42"`` are different sequences. A string keeps its text when it uses only
 ``A-Z a-z 0-9 . _ : -`` and fits the 128-character session id; any other string
 is hashed. Replies carry the session id in ``parameters.session_id``.
 
->>> session_id_for("demo", 42), session_id_for("demo", "42")
-('v2:demo:42', 'v2:demo:s:42')
+>>> session_id_for("demo", 42), session_id_for("demo", "42"), session_id_for("demo", 42, "acme")
+('v2:demo:42', 'v2:demo:s:42', 'v2:demo:t.acme:42')
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from gruserve.errors import InvalidInput
 
 UINT64_MAX = 2**64 - 1
 STEP = "sequence_step"
-_READABLE = re.compile(r"^[A-Za-z0-9._:-]+$")
+_READABLE = re.compile(r"[A-Za-z0-9._:-]+")  # fullmatch: "x\n" is not readable
 _MAX_SESSION_ID = 128
 
 
@@ -57,13 +61,14 @@ class SequenceControl:
     step_number: int | None = None
 
 
-def session_id_for(model: str, sequence_id: int | str) -> str:
-    """The session that holds ``model``'s sequence ``sequence_id`` (see the module table)."""
-    prefix = f"v2:{model}:"
+def session_id_for(model: str, sequence_id: int | str, tenant: str = "") -> str:
+    """The session that holds ``model``'s sequence ``sequence_id`` of ``tenant`` (see the
+    module table)."""
+    prefix = f"v2:{model}:t.{tenant}:" if tenant else f"v2:{model}:"
     if isinstance(sequence_id, int):
         return f"{prefix}{sequence_id}"
     readable = f"{prefix}s:{sequence_id}"
-    if _READABLE.match(sequence_id) and len(readable) <= _MAX_SESSION_ID:
+    if _READABLE.fullmatch(sequence_id) and len(readable) <= _MAX_SESSION_ID:
         return readable
     return f"{prefix}h:{hashlib.sha256(sequence_id.encode()).hexdigest()[:32]}"
 
@@ -76,7 +81,9 @@ def flag(parameters: Mapping[str, Any], key: str) -> bool:
     return value
 
 
-def sequence_control(parameters: Mapping[str, Any], model: str) -> SequenceControl | None:
+def sequence_control(
+    parameters: Mapping[str, Any], model: str, tenant: str = ""
+) -> SequenceControl | None:
     """The request's sequence, or None for a stateless request (no id, 0 or "").
 
     Raises:
@@ -99,4 +106,5 @@ def sequence_control(parameters: Mapping[str, Any], model: str) -> SequenceContr
                 "mean a stateless request)",
             )
         return None
-    return SequenceControl(sequence_id, session_id_for(model, sequence_id), start, end, number)
+    session_id = session_id_for(model, sequence_id, tenant)
+    return SequenceControl(sequence_id, session_id, start, end, number)

@@ -26,11 +26,13 @@ call per JSON reply.
 from __future__ import annotations
 
 import struct
+from functools import partial
 from typing import Any
 
 from starlette.types import Receive, Scope, Send
 
 from gruserve.api import decode, encode
+from gruserve.api._auth import caller_of
 from gruserve.api._edge import SETTING
 from gruserve.api._request_id import HEADER, REQUEST_ID
 from gruserve.api.errors import error_payload
@@ -42,6 +44,7 @@ from gruserve.errors import (
     SessionNotFound,
 )
 from gruserve.services import Services
+from gruserve.sessions.owner import ANYONE
 
 CLOSE_NOT_FOUND = 4404
 SUBPROTOCOL = "gruserve-step"
@@ -67,6 +70,7 @@ class SessionSockets:
         if (await receive())["type"] != "websocket.connect":
             return
         session_id: str = scope["path_params"]["session_id"]
+        caller = caller_of(scope)
         sessions, limit = self.services.sessions, self.services.settings.max_request_bytes
         numbered = SUBPROTOCOL in scope.get("subprotocols", ())
         await send(
@@ -77,14 +81,15 @@ class SessionSockets:
             }
         )
         try:
-            features = sessions.model_of(await sessions.get(session_id)).signature.features
+            features = sessions.model_of(await sessions.get(session_id, caller)).signature.features
         except GruServeError as exc:
             await send(_error(exc))
             await send(
                 {"type": "websocket.close", "code": CLOSE_NOT_FOUND, "reason": "session not found"}
             )
             return
-        step, binary_count, text_count = sessions.step, self._binary, self._text
+        step = sessions.step if caller is ANYONE else partial(sessions.step, caller=caller)
+        binary_count, text_count = self._binary, self._text
         while True:
             message = await receive()
             if message["type"] != "websocket.receive":

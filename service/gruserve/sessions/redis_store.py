@@ -209,6 +209,7 @@ _FIELDS = (
     "created_at",
     "last_used_at",
     "result",
+    "owner",
 )
 """A session hash's fields in the order the scripts read and write them (and ``writer``)."""
 _WRITE_HEAD = 4  # a write's values before its fields: id, expected revision, writer, deadline
@@ -240,6 +241,7 @@ def _values(record: SessionRecord) -> list[Any]:
         repr(record.created_at),
         repr(record.last_used_at),
         record.last_result or b"",
+        record.owner,
     ]
 
 
@@ -253,7 +255,9 @@ def _fields(record: SessionRecord, writer: bytes) -> list[Any]:
 
 def _record(session_id: str, values: list[bytes | None]) -> SessionRecord:
     """The record of one session from its :data:`_FIELDS` values, as ``_READ`` answers them."""
-    model, version, state, step, timesteps, revision, created_at, last_used_at, result = values
+    model, version, state, step, timesteps, revision, created_at, last_used_at, result, owner = (
+        values
+    )
     return SessionRecord(
         session_id=session_id,
         model=model.decode(),  # type: ignore[union-attr]
@@ -265,6 +269,7 @@ def _record(session_id: str, values: list[bytes | None]) -> SessionRecord:
         created_at=float(created_at),  # type: ignore[arg-type]
         last_used_at=float(last_used_at),  # type: ignore[arg-type]
         last_result=result or None,
+        owner=(owner or b"").decode(),  # absent in records written before tenants
     )
 
 

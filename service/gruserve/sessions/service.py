@@ -11,7 +11,8 @@ state as ``initial_state`` and stores ``final_state``. Three guarantees:
   is ever lost or applied twice;
 - a step that carries the client's step number is applied exactly once even when
   the client resends it (after a lost reply, a timeout, a replica that died): the
-  record keeps that step's outputs, and a resend gets them back unchanged.
+  record keeps that step's outputs and a digest of its inputs, and a resend with the
+  same inputs gets them back unchanged (different ones: ``StepMismatch``).
 
 Transports (REST, NDJSON, WebSocket, later KServe v2) all call this class
 with numpy arrays; it knows nothing about HTTP.
@@ -19,6 +20,7 @@ with numpy arrays; it knows nothing about HTTP.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import re
 import reprlib
@@ -38,18 +40,23 @@ from gruserve.errors import (
     SessionExists,
     SessionModelMismatch,
     SessionNotFound,
+    StepMismatch,
     StepOutOfOrder,
 )
 from gruserve.metrics import Metrics
 from gruserve.runtime.batcher import Batcher
+from gruserve.runtime.limits import WorkLimits
 from gruserve.runtime.model import LoadedModel
 from gruserve.runtime.registry import ModelRegistry
-from gruserve.runtime.validation import StateValue, check_chunk, flat_state
+from gruserve.runtime.signature import ModelSignature
+from gruserve.runtime.validation import Chunk, StateValue, check_chunk, flat_state
 from gruserve.sessions import _result
 from gruserve.sessions._locks import KeyedLocks
+from gruserve.sessions.owner import ANYONE, Caller
 from gruserve.sessions.store import MAX_PAGE, SessionPage, SessionRecord, SessionStore
 
-SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+SESSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+"""A valid session id, whole: always ``fullmatch`` (``$`` would let a final newline in)."""
 _SEQUENCE = "sequence\x00"  # lock-key prefix no session id can have (see sequence_step)
 
 
@@ -74,6 +81,7 @@ class SessionService:
         max_attempts: compare-and-set attempts before giving up with SessionConflict.
         metrics: collectors, or None.
         clock: Unix-seconds clock.
+        limits: work per request: a step's reply is counted against ``max_reply_values``.
     """
 
     def __init__(
@@ -86,6 +94,7 @@ class SessionService:
         max_attempts: int = 16,
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
+        limits: WorkLimits | None = None,
     ) -> None:
         if max_attempts < 1:
             raise ValueError(f"SessionService needs max_attempts >= 1. Received: {max_attempts!r}")
@@ -94,6 +103,7 @@ class SessionService:
         self._max_timesteps, self._max_attempts = max_timesteps, max_attempts
         self._metrics, self._clock = metrics, clock
         self._locks = KeyedLocks()
+        self._limits = limits if limits is not None else WorkLimits()
 
     # -- lookups -------------------------------------------------------------------------
     def model_of(self, record: SessionRecord) -> LoadedModel:
@@ -109,8 +119,15 @@ class SessionService:
         """The record's state as ``{state key: (units,)}``."""
         return self.model_of(record).signature.split_state(record.state)
 
-    async def get(self, session_id: str) -> SessionRecord:
-        return await self.store.get(session_id)
+    async def get(self, session_id: str, caller: Caller = ANYONE) -> SessionRecord:
+        """The session, if ``caller`` may see it (else it does not exist for them)."""
+        return self._seen(await self.store.get(session_id), caller)
+
+    @staticmethod
+    def _seen(record: SessionRecord, caller: Caller) -> SessionRecord:
+        if caller is not ANYONE and not caller.sees(record.owner):
+            raise SessionNotFound(record.session_id)
+        return record
 
     # -- lifecycle -----------------------------------------------------------------------
     async def create(
@@ -118,8 +135,9 @@ class SessionService:
         model_name: str,
         session_id: str | None = None,
         initial_state: StateValue | None = None,
+        caller: Caller = ANYONE,
     ) -> SessionRecord:
-        """Start a session at zero state, or at ``initial_state``.
+        """Start a session at zero state, or at ``initial_state``, owned by ``caller``.
 
         Raises:
             ModelNotFound, ModelUnavailable, InvalidInput, SessionExists, TooManySessions.
@@ -127,7 +145,7 @@ class SessionService:
         model = self.registry.get(model_name)
         if session_id is None:
             session_id = uuid.uuid4().hex
-        elif not isinstance(session_id, str) or not SESSION_ID.match(session_id):
+        elif not isinstance(session_id, str) or not SESSION_ID.fullmatch(session_id):
             # reprlib: a JSON value nested past the recursion limit has no full repr
             received = repr(session_id) if isinstance(session_id, str) else reprlib.repr(session_id)
             raise InvalidInput(
@@ -138,20 +156,30 @@ class SessionService:
         state = flat_state(model.signature, initial_state, "initial_state")
         now = self._clock()
         record = SessionRecord(
-            session_id, model.name, model.version, state, created_at=now, last_used_at=now
+            session_id,
+            model.name,
+            model.version,
+            state,
+            created_at=now,
+            last_used_at=now,
+            owner=caller.name,
         )
         await self.store.create(record)
         return record
 
-    async def delete(self, session_id: str) -> None:
+    async def delete(self, session_id: str, caller: Caller = ANYONE) -> None:
         async with self._locks.hold(session_id):
+            if caller is not ANYONE:
+                await self.get(session_id, caller)
             await self.store.delete(session_id)
 
-    async def reset(self, session_id: str, states: StateValue | None = None) -> SessionRecord:
+    async def reset(
+        self, session_id: str, states: StateValue | None = None, caller: Caller = ANYONE
+    ) -> SessionRecord:
         """Zero the state, or set it to ``states`` (tf-keras ``reset_states(states=...)``)."""
         async with self._locks.hold(session_id):
             for _ in range(self._max_attempts):
-                record = await self.store.get(session_id)
+                record = self._seen(await self.store.get(session_id), caller)
                 state = flat_state(self.model_of(record).signature, states, "states")
                 updated = record.reset(state, self._clock())
                 if await self.store.compare_and_set(updated, record.revision):
@@ -160,18 +188,38 @@ class SessionService:
         raise SessionConflict(session_id, self._max_attempts)
 
     async def page(
-        self, cursor: str | None = None, limit: int = 100, model: str | None = None
+        self,
+        cursor: str | None = None,
+        limit: int = 100,
+        model: str | None = None,
+        caller: Caller = ANYONE,
     ) -> SessionPage:
-        """One page of every session, in id order (see :meth:`SessionStore.page`).
+        """One page of every session ``caller`` sees, in id order (see
+        :meth:`SessionStore.page`; a tenant's page may hold fewer than ``limit`` sessions,
+        even none, before the end).
 
         Raises:
             InvalidInput: ``limit`` outside 1..MAX_PAGE, or a cursor no session id can be.
         """
         if not 1 <= limit <= MAX_PAGE:
             raise InvalidInput("limit", f"expected 1 to {MAX_PAGE}. Received: limit={limit}")
-        if cursor is not None and not SESSION_ID.match(cursor):
+        if cursor is not None and not SESSION_ID.fullmatch(cursor):
             raise InvalidInput("cursor", f"not a cursor this server returned: {cursor!r}")
-        return await self.store.page(cursor, limit, model)
+        found = await self.store.page(cursor, limit, model)
+        if caller.admin:
+            return found
+        records = await asyncio.gather(
+            *(self.store.get(s.session_id) for s in found.sessions), return_exceptions=True
+        )
+        for record in records:  # gone meanwhile, or the store failed: no owner to compare
+            if isinstance(record, BaseException) and not isinstance(record, SessionNotFound):
+                raise record
+        mine = [
+            summary
+            for summary, record in zip(found.sessions, records, strict=True)
+            if isinstance(record, SessionRecord) and caller.sees(record.owner)
+        ]
+        return SessionPage(mine, found.next_cursor)
 
     def servable(self, record: SessionRecord) -> bool:
         """Whether this server can continue ``record`` (a restored one): a valid id, its model
@@ -180,7 +228,7 @@ class SessionService:
             model = self.model_of(record)
         except GruServeError:
             return False
-        return bool(SESSION_ID.match(record.session_id)) and record.state.shape == (
+        return bool(SESSION_ID.fullmatch(record.session_id)) and record.state.shape == (
             model.signature.total_units,
         )
 
@@ -191,6 +239,7 @@ class SessionService:
         inputs: np.ndarray,
         mask: np.ndarray | None = None,
         step_number: int | None = None,
+        caller: Caller = ANYONE,
     ) -> StepResult:
         """Apply one chunk of timesteps to a session, at least once or exactly once.
 
@@ -209,26 +258,31 @@ class SessionService:
         Raises:
             SessionNotFound, InvalidInput, PayloadTooLarge, SessionConflict, StoreUnavailable.
             StepOutOfOrder: ``step_number`` is neither the next step nor the last one.
+            StepMismatch: ``step_number`` is the last step's, but the inputs or mask differ.
         """
         locks = self._locks
         if not locks.try_acquire(session_id):  # the `async with locks.hold()` of the other
             await locks.acquire(session_id)  # methods, without its two coroutine calls
         try:
-            chunk = None
+            chunk, applied = None, b""
             for _ in range(self._max_attempts):
                 record = await self.store.get(session_id)
+                if caller is not ANYONE and not caller.sees(record.owner):
+                    raise SessionNotFound(session_id)
                 model = self.model_of(record)
-                if step_number is not None and step_number != record.step:
-                    return self._replay(record, model, step_number)
                 if chunk is None:
-                    chunk = check_chunk(model.signature, inputs, mask, self._max_timesteps)
+                    chunk = self._chunk(model.signature, inputs, mask)
+                    if step_number is not None:
+                        applied = _result.digest(chunk.inputs, chunk.mask, chunk.single)
+                if step_number is not None and step_number != record.step:
+                    return self._replay(record, model, step_number, applied)
                 out = await self._batchers[model.name].submit(
                     chunk.inputs, chunk.mask, record.state
                 )
                 outputs = out.outputs
                 if chunk.single and model.signature.per_timestep:
                     outputs = [o[0] for o in outputs]
-                kept = None if step_number is None else _result.pack(step_number, outputs)
+                kept = None if step_number is None else _result.pack(step_number, outputs, applied)
                 updated = record.advanced(out.state, chunk.timesteps, self._clock(), kept)
                 if await self.store.compare_and_set(updated, record.revision):
                     return StepResult(
@@ -241,9 +295,21 @@ class SessionService:
             locks.release(session_id)
         raise SessionConflict(session_id, self._max_attempts)
 
-    def _replay(self, record: SessionRecord, model: LoadedModel, step_number: int) -> StepResult:
-        """The kept result of the session's last step, if ``step_number`` is that step's."""
+    def _chunk(self, sig: ModelSignature, inputs: np.ndarray, mask: np.ndarray | None) -> Chunk:
+        """The step's checked arrays; refused (413) if its reply would be too large."""
+        chunk = check_chunk(sig, inputs, mask, self._max_timesteps)
+        self._limits.check_reply(sig, 1, chunk.timesteps)
+        return chunk
+
+    def _replay(
+        self, record: SessionRecord, model: LoadedModel, step_number: int, applied: bytes
+    ) -> StepResult:
+        """The kept result of the session's last step, if ``step_number`` is that step's and
+        ``applied`` (the resend's digest) is the one it was applied with."""
         if step_number == record.step - 1 and _result.base_of(record.last_result) == step_number:
+            stored = _result.digest_of(record.last_result)
+            if stored is not None and stored != applied:  # None: kept before digests were
+                raise StepMismatch(record.session_id, step_number, record.step)
             if self._metrics is not None:
                 self._metrics.step_replays.inc()
             outputs = _result.unpack(record.last_result or b"")
@@ -268,6 +334,7 @@ class SessionService:
         end: bool,
         initial_state: StateValue | None = None,
         step_number: int | None = None,
+        caller: Caller = ANYONE,
     ) -> StepResult:
         """One request of a Triton-style sequence: a step framed by its start and end flags.
 
@@ -287,13 +354,15 @@ class SessionService:
             inputs, mask: as :meth:`step`.
             initial_state: only with ``start``.
             step_number: as :meth:`step`; 0 (or None) with ``start``.
+            caller: the tenant; a sequence another tenant owns is not started for it (the
+                API scopes sequence ids per tenant, so that takes an id made on purpose).
 
         Raises:
             SequenceNotStarted: no ``start`` and no such session on this model.
             The errors of :meth:`create` and :meth:`step`.
         """
         model = self.registry.get(model_name)
-        chunk = check_chunk(model.signature, inputs, mask, self._max_timesteps)
+        chunk = self._chunk(model.signature, inputs, mask)
         if initial_state is not None and not start:
             raise InvalidInput("initial_state", "a sequence's state is set only by its start")
         if start and step_number not in (None, 0):
@@ -303,16 +372,16 @@ class SessionService:
             )
         async with self._locks.hold(_SEQUENCE + session_id):
             if start:
-                await self._restart(model, session_id, initial_state)
+                await self._restart(model, session_id, initial_state, caller)
             else:
                 try:
-                    record = await self.store.get(session_id)
+                    record = await self.get(session_id, caller)
                 except SessionNotFound:
                     raise SequenceNotStarted(session_id, model.name) from None
                 if record.model != model.name:
                     raise SequenceNotStarted(session_id, model.name)
             try:
-                result = await self.step(session_id, chunk.inputs, chunk.mask, step_number)
+                result = await self.step(session_id, chunk.inputs, chunk.mask, step_number, caller)
             except SessionNotFound:  # expired or deleted between the check and the step
                 raise SequenceNotStarted(session_id, model.name) from None
             if end:
@@ -325,18 +394,22 @@ class SessionService:
         model: LoadedModel,
         session_id: str,
         initial_state: StateValue | None,
+        caller: Caller,
     ) -> None:
-        """Create ``session_id``, or reset it in place (replace it if another model owns it)."""
+        """Create ``session_id``, or reset it in place (replace it if another model owns it;
+        refuse it, SessionExists, if another tenant does)."""
         state = flat_state(model.signature, initial_state, "initial_state")
         for _ in range(self._max_attempts):
             try:
                 record = await self.store.get(session_id)
             except SessionNotFound:
                 try:
-                    await self.create(model.name, session_id, initial_state)
+                    await self.create(model.name, session_id, initial_state, caller)
                     return
                 except SessionExists:  # another replica created it meanwhile: restart that
                     continue
+            if caller is not ANYONE and not caller.sees(record.owner):
+                raise SessionExists(session_id)
             if (record.model, record.version) != (model.name, model.version):
                 with suppress(SessionNotFound):
                     await self.store.delete(session_id)

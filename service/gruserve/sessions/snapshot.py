@@ -49,6 +49,8 @@ _FIELDS = {
     "units": int,
     "result_bytes": int,
 }
+_OPTIONAL = {"owner": str}
+"""Fields a snapshot written before them lacks (read as their default)."""
 
 
 def write(path: Path, records: Sequence[SessionRecord]) -> None:
@@ -72,6 +74,7 @@ def write(path: Path, records: Sequence[SessionRecord]) -> None:
                 "last_used_at": r.last_used_at,
                 "units": int(r.state.size),
                 "result_bytes": len(r.last_result or b""),
+                "owner": r.owner,
             }
             for r in records
         ],
@@ -150,6 +153,7 @@ def read(path: Path) -> list[SessionRecord]:
                 float(entry["created_at"]),
                 float(entry["last_used_at"]),
                 body[state_end:result_end] or None,
+                str(entry.get("owner", "")),  # snapshots from before tenants have none
             )
         )
         offset = result_end
@@ -159,9 +163,11 @@ def read(path: Path) -> list[SessionRecord]:
 
 
 def _check(path: Path, index: int, entry: Any) -> None:
-    if not isinstance(entry, dict) or set(entry) != set(_FIELDS):
+    if not isinstance(entry, dict) or not set(_FIELDS) <= set(entry) <= {*_FIELDS, *_OPTIONAL}:
         raise SnapshotError(path, f"session {index}: expected the fields {sorted(_FIELDS)}")
-    for name, kind in _FIELDS.items():
+    for name, kind in [*_FIELDS.items(), *_OPTIONAL.items()]:
+        if name not in entry:
+            continue
         value = entry[name]
         ok = type(value) in (int, float) if kind is float else type(value) is kind
         if not ok or (kind is int and value < 0):

@@ -33,6 +33,7 @@ class SessionRecord:
         revision: write counter for compare-and-set; 0 when created.
         created_at, last_used_at: Unix seconds; idle expiry counts from ``last_used_at``.
         last_result: the last step's encoded reply, or None (kept for exactly-once retries).
+        owner: the name of the API key (tenant) that created it; "" without names.
     """
 
     session_id: str
@@ -45,6 +46,7 @@ class SessionRecord:
     created_at: float = 0.0
     last_used_at: float = 0.0
     last_result: bytes | None = None
+    owner: str = ""
 
     def advanced(
         self, state: np.ndarray, timesteps: int, now: float, result: bytes | None = None
@@ -61,6 +63,7 @@ class SessionRecord:
             self.created_at,
             now,
             result,
+            self.owner,
         )
 
     def reset(self, state: np.ndarray, now: float) -> SessionRecord:
