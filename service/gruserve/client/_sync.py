@@ -193,7 +193,9 @@ class Client:
         return self._layouts[model]
 
     def _connect(self, session_id: str) -> ClientConnection:
-        return connect(
+        # Entered as a context manager would be (websockets >= 17.1 warns otherwise); the
+        # stream closes it itself, as it reconnects at will.
+        connection = connect(
             w.ws_url(self.url, session_id),
             subprotocols=[w.SUBPROTOCOL],  # type: ignore[list-item]
             additional_headers=w.auth_headers(self.api_key),
@@ -202,6 +204,7 @@ class Client:
             close_timeout=self.timeout,
             max_size=None,
         )
+        return connection.__enter__()
 
 
 class Session:

@@ -179,6 +179,11 @@ class OutputLayout:
                 f"a step is [timesteps, features] or [features] (token ids: [timesteps] or "
                 f"one id). Received: shape {list(array.shape)}"
             )
+        if self.features is not None and (array.ndim == 0 or array.shape[-1] != self.features):
+            raise ValueError(
+                f"the model takes {self.features} features per timestep. "
+                f"Received: shape {list(array.shape)}"
+            )
         timesteps = None if array.ndim < full else int(array.shape[0])
         wire = "<i8" if self.features is None else "<f4"
         return NUMBER.pack(number) + array.astype(wire, copy=False).tobytes(), timesteps
