@@ -342,11 +342,13 @@ def _sample(text: str, name: str) -> float:
 async def test_idle_sessions_expire(
     models_dir: Path, tiny_models: dict[str, Any], store_url: str
 ) -> None:
-    async for s in serve(models_dir, store_url, session_ttl_s=0.6):
+    # Sleeps only ever last longer, so "idle" is always past its TTL at the end; "busy"
+    # stays alive unless the machine stalls the test for 0.9 s between two steps.
+    async for s in serve(models_dir, store_url, session_ttl_s=1.0):
         idle = (await create(s.client, "simple"))["session_id"]
         busy = (await create(s.client, "simple"))["session_id"]
-        for _ in range(3):
-            await asyncio.sleep(0.3)
+        for _ in range(12):
+            await asyncio.sleep(0.1)
             await step(s.client, busy, [0.0, 0.0, 0.0])
         r = await s.client.get(f"/v1/sessions/{idle}")
         assert r.status_code == 404 and "expired" in r.json()["error"]["message"]
