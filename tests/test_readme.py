@@ -227,6 +227,9 @@ def test_the_readme_has_blocks_and_says_why_it_skips_some() -> None:
 
 @pytest.mark.slow
 def test_the_serving_blocks_run_and_answer_as_documented(make_serve: tuple[int, Path]) -> None:
+    missing = [tool for tool in ("curl", "jq") if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"the README's examples use {', '.join(missing)} (Debian: apt-get install)")
     port, workdir = make_serve
     ran = 0
     for block in BLOCKS:
