@@ -9,6 +9,7 @@ past the client's timeout, and a replica on Redis killed with ``kill -9`` mid-st
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import closing
@@ -121,6 +122,18 @@ def _assert_applied_once(
 
 
 # -- the API ---------------------------------------------------------------------------------
+def test_the_client_needs_only_the_base_install() -> None:
+    """Importing it loads no training stack and not the server: a client machine needs
+    neither."""
+    probe = (
+        "import sys, gruserve.client; "
+        "print(sorted(m for m in ('torch', 'keras', 'onnx', 'fastapi', 'uvicorn') "
+        "if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
 def test_a_session_steps_streams_resets_and_deletes(server: str) -> None:
     rng = np.random.default_rng(1)
     chunks = _chunks(rng, 12)
