@@ -269,7 +269,7 @@ def test_100_steps_through_a_proxy_losing_every_5th_reply_apply_once(
     chunks = _chunks(np.random.default_rng(4), 100 if not hold else 25)
     replays_before = _replays(server)
     with closing(ReplyDropper(int(server.rsplit(":", 1)[1]), every=5, hold=hold)) as proxy:
-        with Client(proxy.url, api_key=KEY, timeout=1.0 if hold else 5.0, retries=5) as c:
+        with Client(proxy.url, api_key=KEY, timeout=1.5 if hold else 5.0, retries=8) as c:
             s = c.create_session("demo", session_id=f"dropped-{hold}")
             outputs = [s.step(x) for x in chunks]
         assert s.step_number == len(chunks)
