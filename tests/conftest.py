@@ -121,10 +121,32 @@ async def serve(models_dir: Path, store: str = "memory", **overrides: Any) -> As
     from gruserve.server import create_app
 
     app = create_app(serving_settings(models_dir, store, **overrides))
+    before = asyncio.all_tasks()
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app)
         async with httpx.AsyncClient(transport=transport, base_url="http://gruserve") as client:
             yield Served(app, client)
+        await _settle(before)
+
+
+async def _settle(before: set[asyncio.Task[Any]], timeout: float = 10.0) -> None:
+    """Let the tasks started since ``before`` (a handler still unwinding after its client
+    left, say) end before the lifespan closes the session store under them.
+
+    redis-py loses a connection that a call in flight opens while its client is being
+    closed: the socket stays open, and its StreamWriter is garbage-collected in some later
+    test, after this test's loop is closed, as a "loop is closed" ResourceWarning (an
+    error there). Awaiting the calls first leaves nothing open. On a quiet machine there
+    is nothing to wait for; on a busy one a handler may still be in a Redis call here.
+    """
+    current = asyncio.current_task()
+    started = [t for t in asyncio.all_tasks() - before if t is not current and not t.done()]
+    if not started:
+        return
+    _, pending = await asyncio.wait(started, timeout=timeout)
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
 
 
 @pytest.fixture

@@ -122,16 +122,20 @@ async def test_window_waits_for_company_while_busy(
     models_dir: Path, tiny_models: dict[str, Any], executor: Any
 ) -> None:
     model = _model(models_dir, "simple")
-    batcher = Batcher(model, executor, max_batch_size=3, max_delay_s=0.2, max_concurrent=2)
+    window_s = 1.0  # checked 0.1 s in: a machine would have to stall 0.9 s to fail it
+    batcher = Batcher(model, executor, max_batch_size=3, max_delay_s=window_s, max_concurrent=2)
     x, s = np.zeros((1, 3), np.float32), np.zeros(4, np.float32)
     model.gate.clear()
     first = asyncio.ensure_future(batcher.submit(x, None, s))  # idle model: runs at once (held)
     await asyncio.sleep(0.02)
+    submitted = time.monotonic()
     second = asyncio.ensure_future(batcher.submit(x, None, s))  # busy: waits for company...
     await asyncio.sleep(0.1)
     assert model.entered == 1
-    await asyncio.sleep(0.2)  # ...until its window expires, then runs beside the first
-    assert model.entered == 2
+    while model.entered < 2:  # ...until its window expires, then runs beside the first
+        assert time.monotonic() - submitted < 30, "the window never expired"
+        await asyncio.sleep(0.01)
+    assert time.monotonic() - submitted >= window_s  # not before (sleeps only last longer)
     model.gate.set()
     await asyncio.gather(first, second)
     full = [asyncio.ensure_future(batcher.submit(x, None, s)) for _ in range(4)]

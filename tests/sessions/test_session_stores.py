@@ -84,19 +84,21 @@ async def test_the_owner_is_kept_through_every_write(store: SessionStore) -> Non
 
 
 async def test_expiry_counts_from_the_last_write(store_url: str) -> None:
-    store = _make(store_url, ttl_s=0.4)
+    # "idle" is past its TTL at the end whatever the load (sleeps only last longer); "busy"
+    # is written every 0.1 s, 0.9 s within its TTL.
+    store = _make(store_url, ttl_s=1.0)
     try:
         await store.create(_record("idle"))
         await store.create(_record("busy"))
-        for _ in range(3):
-            await asyncio.sleep(0.2)
+        for _ in range(12):
+            await asyncio.sleep(0.1)
             busy = await store.get("busy")
             assert await store.compare_and_set(
                 busy.advanced(busy.state, 1, time.time()), busy.revision
             )
         with pytest.raises(SessionNotFound):
             await store.get("idle")
-        assert (await store.get("busy")).step == 3
+        assert (await store.get("busy")).step == 12
         assert await store.count() == 1
     finally:
         await store.close()
@@ -166,7 +168,9 @@ def _lifecycle(url: str, events: SessionEvents, **kwargs: Any) -> Any:
 
 async def test_a_busy_session_still_ends_at_its_lifetime(store_url: str) -> None:
     events = Reported()
-    store = _lifecycle(store_url, events, ttl_s=5.0, max_lifetime_s=0.5)
+    # Sleeps only last longer: what must have expired has, whatever the load; what must
+    # live is checked 0.4 s before its end.
+    store = _lifecycle(store_url, events, ttl_s=5.0, max_lifetime_s=1.0)
     try:
         await store.create(_record("busy"))
         await store.create(_record("also"))
@@ -176,7 +180,7 @@ async def test_a_busy_session_still_ends_at_its_lifetime(store_url: str) -> None
             assert await store.compare_and_set(
                 busy.advanced(busy.state, 1, time.time()), busy.revision
             )
-        await asyncio.sleep(0.35)
+        await asyncio.sleep(0.8)
         with pytest.raises(SessionNotFound):
             await store.get("busy")
         assert await store.count() == 0  # the sweep finds the other one
@@ -184,11 +188,11 @@ async def test_a_busy_session_still_ends_at_its_lifetime(store_url: str) -> None
         assert events.expired_ids["idle"] == []
         # a restart (v2 sequence_start) gives a session a new lifetime
         await store.create(_record("restarted"))
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.6)
         current = await store.get("restarted")
         fresh = dataclasses.replace(current, revision=current.revision + 1, created_at=time.time())
         assert await store.compare_and_set(fresh, current.revision)
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.6)  # 1.2 s after its creation, 0.6 s after its restart
         assert (await store.get("restarted")).revision == 1
     finally:
         await store.close()

@@ -7,17 +7,21 @@ and its message starts with the dotted field to change.
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
 from gruserve.cli import app
 from gruserve.errors import ConfigError
 from gruserve.train.command import run_training
-from gruserve.train.config import load_config, parse_config
+from gruserve.train.config import available_cpus, load_config, parse_config
 from gruserve.train.model_config import inference_spec
 from gruserve.train.optimizers import Adam
 from keras_helpers import keras
@@ -206,6 +210,7 @@ BAD = {
     ),
     "scaling": ({"data.scaling": "robust"}, "data.scaling: unknown value 'robust'"),
     "export name": ({"export.name": "../x"}, "export.name: invalid model name '../x'"),
+    "threads": ({"training.threads": 0}, "training.threads: must be >= 1, got 0"),
 }
 
 
@@ -265,3 +270,38 @@ def test_the_cli_prints_the_field_and_exits_1(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["train", str(path), "--models-dir", str(tmp_path / "m")])
     assert result.exit_code == 1
     assert "training.optimizer: unknown optimizer 'adamw2'" in result.output
+
+
+def test_threads_default_to_half_the_cpus_this_process_may_use(tmp_path: Path) -> None:
+    assert available_cpus() == len(os.sched_getaffinity(0))
+    config = parse_config(_config(tmp_path), tmp_path)
+    assert config.training.threads == max(1, available_cpus() // 2)
+    pinned = parse_config(_config(tmp_path, **{"training.threads": 3}), tmp_path)
+    assert pinned.training.threads == 3
+    # a process confined to one CPU (taskset, a container's cpuset) counts one
+    one_cpu = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+            "from gruserve.train.config import available_cpus, default_threads; "
+            "print(available_cpus(), default_threads())",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert one_cpu.stdout.split() == ["1", "1"]
+
+
+def test_training_runs_on_the_configured_threads(tmp_path: Path) -> None:
+    before = torch.get_num_threads()
+    wanted = 2 if before != 2 else 3
+    try:
+        path = _write(
+            tmp_path, _config(tmp_path, **{"training.threads": wanted, "export.enabled": False})
+        )
+        run_training(path, models_dir=tmp_path / "models")
+        assert torch.get_num_threads() == wanted
+    finally:
+        torch.set_num_threads(before)

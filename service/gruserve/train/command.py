@@ -65,6 +65,7 @@ def run_training(
     )
     _check_version_is_free(config, Path(models_dir))
     seed = t.seed if t.seed is not None else int(np.random.default_rng().integers(2**31))
+    torch.set_num_threads(t.threads)
     torch.manual_seed(seed)
     model = Sequential.from_spec(config.model)
     model.initialize_weights(np.random.default_rng(seed))
@@ -212,7 +213,8 @@ def _describe(
         f"[bold]{config.model.name}[/]: {parameters} weights; {config.data.file.name}: "
         f"{data.size('train')} training / {data.size('validation')} validation / "
         f"{data.size('test')} test steps; {'stateful ' if t.stateful else ''}{steps} batches "
-        f"per epoch; {t.optimizer.name}, {t.loss.name}, seed {seed}",
+        f"per epoch; {t.optimizer.name}, {t.loss.name}, seed {seed}, "
+        f"{t.threads} torch thread{'s' if t.threads > 1 else ''}",
         highlight=False,
     )
 

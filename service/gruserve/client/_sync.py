@@ -1,0 +1,348 @@
+"""The blocking client: :class:`Client` and its :class:`Session`."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import numpy as np
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.sync.client import ClientConnection, connect
+
+from gruserve.client import _wire as w
+from gruserve.client.errors import SessionNotFound, api_error
+
+
+class Client:
+    """A gruserve server (or a load balancer in front of replicas) over HTTP and WebSocket.
+
+    Every request is retried, with exponential backoff, after a timeout, a refused or
+    dropped connection, or a 502/503/504 answer; steps carry their number so that a
+    resent step is applied once (see :meth:`Session.step`).
+
+    Args:
+        url: the server's base URL, e.g. ``"http://127.0.0.1:8000"``.
+        api_key: sent as ``Authorization: Bearer <key>``; None when the server has no keys.
+        timeout: seconds an attempt may take (connect, send, wait for the reply).
+        retries: resends after the first attempt before giving up (0: none).
+
+    Example:
+
+    >>> with Client("http://127.0.0.1:8000") as c:  # doctest: +SKIP
+    ...     s = c.create_session("demo")
+    ...     s.step([[40.5], [60.1]])
+    array([[37.45446 ], [60.108566]], dtype=float32)
+    """
+
+    def __init__(
+        self,
+        url: str,
+        api_key: str | None = None,
+        timeout: float = 5.0,
+        retries: int = 5,
+    ) -> None:
+        w.Backoff("", retries)  # validates retries
+        self.url, self.api_key, self.timeout, self.retries = (
+            url.rstrip("/"),
+            api_key,
+            timeout,
+            retries,
+        )
+        self._http = httpx.Client(
+            base_url=self.url, timeout=timeout, headers=w.auth_headers(api_key)
+        )
+        self._layouts: dict[str, w.OutputLayout] = {}
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the pooled HTTP connections."""
+        self._http.close()
+
+    # -- sessions and predict --------------------------------------------------------------
+    def create_session(
+        self,
+        model: str,
+        session_id: str | None = None,
+        initial_state: Mapping[str, Any] | Sequence[Any] | None = None,
+    ) -> Session:
+        """Create a session of ``model`` and return it, at step 0.
+
+        Args:
+            model: the model's name.
+            session_id: the id to give it; None makes a random one here (not on the server),
+                so that a create resent after a lost reply cannot make a second session.
+            initial_state: ``{key: [units]}``, a list in manifest order, or, for a one-state
+                model, its values; zeros when None.
+
+        Raises:
+            SessionExists: the id is taken (by another client: a resend of this call that
+                finds the session its lost first attempt created returns that session).
+            ModelNotFound, InvalidInput, TooManySessions, ConnectionLost.
+        """
+        session_id = w.new_session_id() if session_id is None else session_id
+        body: dict[str, Any] = {"session_id": session_id}
+        if initial_state is not None:
+            body["initial_state"] = w.states(initial_state)
+        response, resent = self._send(
+            "POST",
+            f"/v1/models/{quote(model, safe='')}/sessions",
+            f"create session {session_id!r}",
+            w.dumps(body),
+        )
+        if response.status_code == 409 and resent:
+            error = api_error(409, response.content)
+            if error.type == "SessionExists":
+                return self.session(session_id)
+        return Session(self, w.reply(response.status_code, response.content, ok=201))
+
+    def session(self, session_id: str) -> Session:
+        """Attach to an existing session: its next step is numbered from its step count.
+
+        Raises:
+            SessionNotFound, ConnectionLost.
+        """
+        return Session(self, self._json("GET", w.session_path(session_id), "get session"))
+
+    def predict(
+        self,
+        model: str,
+        X: Any,
+        initial_state: Mapping[str, Any] | None = None,
+        return_state: bool = False,
+        mask: Any = None,
+    ) -> w.Outputs | tuple[w.Outputs, dict[str, np.ndarray]]:
+        """Run whole sequences, statelessly.
+
+        Args:
+            model: the model's name.
+            X: [batch, timesteps, features] values (token ids: [batch, timesteps]).
+            initial_state: ``{key: [batch, units]}``; zeros when None.
+            return_state: also return the final states.
+            mask: [batch, timesteps] booleans; False skips a timestep.
+
+        Returns:
+            The outputs, [batch, timesteps, D] (or [batch, D]), float32; a dict for a model
+            with several outputs. With ``return_state``: ``(outputs, {key: [batch, units]})``.
+        """
+        body: dict[str, Any] = {"inputs": w.values(X), "return_state": return_state}
+        if initial_state is not None:
+            body["initial_state"] = w.states(initial_state)
+        if mask is not None:
+            body["mask"] = np.asarray(mask, dtype=bool)
+        answer = self._json(
+            "POST", f"/v1/models/{quote(model, safe='')}/predict", "predict", w.dumps(body)
+        )
+        out = w.outputs(answer["outputs"])
+        if not return_state:
+            return out
+        return out, {k: np.asarray(v, dtype=np.float32) for k, v in answer["states"].items()}
+
+    # -- transport ---------------------------------------------------------------------------
+    def _send(
+        self,
+        method: str,
+        path: str,
+        what: str,
+        content: bytes | None = None,
+        params: dict[str, str] | None = None,
+    ) -> tuple[httpx.Response, bool]:
+        """One request, resent after transport failures and 502/503/504.
+
+        Returns:
+            The last response, and whether the request was sent more than once.
+        """
+        backoff = w.Backoff(what, self.retries)
+        headers = None if content is None else w.JSON_HEADERS
+        while True:
+            try:
+                response = self._http.request(
+                    method, path, content=content, params=params, headers=headers
+                )
+            except httpx.UnsupportedProtocol:
+                raise
+            except httpx.TransportError as exc:
+                time.sleep(backoff.next_delay(exc))
+                continue
+            if response.status_code not in w.RETRYABLE_STATUS or backoff.spent:
+                return response, backoff.attempts > 0
+            time.sleep(backoff.next_delay(f"HTTP {response.status_code}"))
+
+    def _json(
+        self,
+        method: str,
+        path: str,
+        what: str,
+        content: bytes | None = None,
+        params: dict[str, str] | None = None,
+    ) -> Any:
+        response, _ = self._send(method, path, what, content, params)
+        return w.reply(response.status_code, response.content)
+
+    def _layout(self, model: str) -> w.OutputLayout:
+        if model not in self._layouts:
+            description = self._json("GET", f"/v1/models/{quote(model, safe='')}", "describe")
+            self._layouts[model] = w.OutputLayout.of(description)
+        return self._layouts[model]
+
+    def _connect(self, session_id: str) -> ClientConnection:
+        # Entered as a context manager would be (websockets >= 17.1 warns otherwise); the
+        # stream closes it itself, as it reconnects at will.
+        connection = connect(
+            w.ws_url(self.url, session_id),
+            subprotocols=[w.SUBPROTOCOL],  # type: ignore[list-item]
+            additional_headers=w.auth_headers(self.api_key),
+            compression=None,  # the server's fast path; deflate saves nothing on float32
+            open_timeout=self.timeout,
+            close_timeout=self.timeout,
+            max_size=None,
+        )
+        return connection.__enter__()
+
+
+class Session:
+    """One server-side session: its state stays on the server between steps.
+
+    Attributes:
+        session_id, model, version: as the server reported them.
+    """
+
+    def __init__(self, client: Client, description: dict[str, Any]) -> None:
+        self._client = client
+        self.session_id: str = description["session_id"]
+        self.model: str = description["model"]
+        self.version: int = description["version"]
+        self._step = int(description["step"])
+
+    def __repr__(self) -> str:
+        return f"Session({self.session_id!r}, model={self.model!r}, step={self._step})"
+
+    @property
+    def step_number(self) -> int:
+        """Steps the session has applied, as of this client's last answer from it."""
+        return self._step
+
+    def step(self, x: Any, mask: Any = None) -> w.Outputs:
+        """Apply one chunk of timesteps and return its outputs.
+
+        The request carries ``"step": step_number``; after a timeout, a dropped connection
+        or a 502/503/504 the very same request is resent (with backoff, up to the client's
+        ``retries``), and the server applies it only if it has not already: it answers a
+        resend of its last step with the outputs it kept. So a step is applied exactly once
+        whatever the network loses.
+
+        Args:
+            x: [timesteps, features] or [features] (one timestep; token ids: [timesteps] or
+                one id).
+            mask: [timesteps] booleans; False leaves the state unchanged for that timestep.
+
+        Returns:
+            [timesteps, D] float32 ([D] for a [features] step or a one-output-per-sequence
+            model); a dict of them for a model with several outputs.
+
+        Raises:
+            SessionNotFound, InvalidInput, PayloadTooLarge, StepOutOfOrder (another client
+            stepped this session meanwhile), ConnectionLost.
+        """
+        number = self._step
+        answer = self._client._json(
+            "POST",
+            w.session_path(self.session_id, "/step"),
+            f"step {number} of session {self.session_id!r}",
+            w.step_body(x, mask, number),
+        )
+        self._step = int(answer["step"])
+        return w.outputs(answer["outputs"])
+
+    def stream(self, xs: Iterable[Any]) -> Iterator[w.Outputs]:
+        """Step through ``xs`` over one WebSocket (binary frames), yielding each step's outputs.
+
+        Each message carries its step number (the ``gruserve-step`` subprotocol). When the
+        connection drops, is closed by a restarting server, or a reply takes longer than the
+        client's ``timeout``, the stream reconnects (with backoff, up to ``retries`` times
+        per step) and resends the step it was waiting for: it resumes exactly where it was,
+        on whichever replica the new connection reaches.
+
+        Args:
+            xs: the steps, each as :meth:`step` takes it.
+
+        Raises:
+            as :meth:`step`.
+        """
+        client = self._client
+        layout = client._layout(self.model)
+        socket: ClientConnection | None = None
+        try:
+            for x in xs:
+                number = self._step
+                frame, timesteps = layout.frame(number, x)
+                backoff = w.Backoff(
+                    f"step {number} of session {self.session_id!r} (WebSocket)", client.retries
+                )
+                while True:
+                    try:
+                        if socket is None:
+                            socket = client._connect(self.session_id)
+                        socket.send(frame)
+                        message = socket.recv(timeout=client.timeout)
+                        break
+                    except InvalidStatus as exc:
+                        status = exc.response.status_code
+                        if status not in w.RETRYABLE_STATUS:
+                            raise api_error(status, exc.response.body or b"") from None
+                        failure: BaseException = exc
+                    except ConnectionClosed as exc:
+                        if exc.rcvd is not None and exc.rcvd.code == 4404:
+                            raise SessionNotFound(
+                                404, "SessionNotFound", exc.rcvd.reason, None, None
+                            ) from None
+                        failure = exc
+                    except (OSError, TimeoutError, InvalidHandshake) as exc:
+                        failure = exc
+                    if socket is not None:
+                        socket.close()
+                        socket = None
+                    time.sleep(backoff.next_delay(failure))
+                if isinstance(message, str):
+                    raise w.ws_error(message)
+                self._step, outputs = layout.outputs(message, timesteps)
+                yield outputs
+        finally:
+            if socket is not None:
+                socket.close()
+
+    def reset(self, states: Mapping[str, Any] | Sequence[Any] | None = None) -> dict[str, Any]:
+        """Set the state to zeros, or to ``states``; the step count starts again at 0.
+
+        Returns:
+            The session's description after the reset.
+        """
+        body = {} if states is None else {"states": w.states(states)}
+        answer = self._client._json(
+            "POST", w.session_path(self.session_id, "/reset"), "reset", w.dumps(body)
+        )
+        self._step = int(answer["step"])
+        return w.info(answer)
+
+    def info(self, include_state: bool = False) -> dict[str, Any]:
+        """The session's description (step, timesteps, times; ``states`` when asked)."""
+        params = {"include_state": "true"} if include_state else None
+        return w.info(
+            self._client._json("GET", w.session_path(self.session_id), "get session", None, params)
+        )
+
+    def delete(self) -> None:
+        """Delete the session (a resend that finds it gone after a lost reply is fine)."""
+        response, resent = self._client._send(
+            "DELETE", w.session_path(self.session_id), "delete session"
+        )
+        if response.status_code == 404 and resent:
+            return
+        w.reply(response.status_code, response.content, ok=204)
