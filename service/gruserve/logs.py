@@ -44,15 +44,27 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(line, default=str).decode()
 
 
+class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The stderr handler :func:`configure` installs (told apart from anyone else's)."""
+
+
 def configure(level: str, fmt: str) -> None:
     """Send every record at ``level`` or above to stderr in ``fmt`` (``text`` or ``json``).
 
-    Replaces the root logger's handlers, so calling it twice (two apps in one process)
-    does not print each record twice.
+    Like :func:`logging.basicConfig`, leaves a root logger that someone else has given
+    handlers (a host application, pytest) alone; a second call (two apps in one process)
+    replaces the handler of the first instead of printing each record twice.
     """
-    handler = logging.StreamHandler()
+    root = logging.getLogger()
+    ours = [h for h in root.handlers if isinstance(h, _Handler)]
+    if len(ours) != len(root.handlers):
+        return
+    for handler in ours:
+        root.removeHandler(handler)
+    handler = _Handler()
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
-    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
 
 
 def uvicorn_log_config(level: str, fmt: str) -> dict[str, Any] | None:

@@ -12,6 +12,9 @@ themselves (:func:`finish_schema`):
 
 - ``{version}`` path parameters are integers (the routes take a string so that a
   bad one is answered 400 naming ``version``, as on every gruserve route);
+- a body schema written from a pydantic model (``schemas.request_body``) keeps its
+  nested models under ``$defs``, which references in an OpenAPI document cannot reach
+  (ReDoc stops at them): they move to ``components/schemas``;
 - with keys set, the two ways to send one are declared (Swagger UI's
   *Authorize* button) and every operation needs one but the probes.
 """
@@ -125,7 +128,26 @@ def finish_schema(schema: dict[str, Any], keys: bool, public: frozenset[str]) ->
                     }
             if keys and path in public:
                 operation["security"] = []  # no key needed: overrides the global requirement
+    _hoist_defs(
+        schema.get("paths", {}), schema.setdefault("components", {}).setdefault("schemas", {})
+    )
     if keys:
-        schema.setdefault("components", {})["securitySchemes"] = SECURITY_SCHEMES
+        schema["components"]["securitySchemes"] = SECURITY_SCHEMES
         schema["security"] = [{"bearer": []}, {"apiKey": []}]
     return schema
+
+
+def _hoist_defs(node: Any, components: dict[str, Any]) -> None:
+    """Move every nested ``$defs`` into ``components`` and point ``#/$defs/`` refs there."""
+    if isinstance(node, dict):
+        for name, definition in node.pop("$defs", {}).items():
+            if components.setdefault(name, definition) != definition:
+                raise ValueError(f"two different schemas are both called {name!r}")
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#/$defs/"):
+            node["$ref"] = "#/components/schemas/" + ref.removeprefix("#/$defs/")
+        for value in node.values():
+            _hoist_defs(value, components)
+    elif isinstance(node, list):
+        for value in node:
+            _hoist_defs(value, components)
