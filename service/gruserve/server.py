@@ -36,6 +36,7 @@ from gruserve.sessions.redis_store import RedisSessionStore
 from gruserve.sessions.service import SessionService
 from gruserve.sessions.store import SessionStore
 from gruserve.settings import Settings
+from gruserve.tracing import from_environment as tracing_from_environment
 
 log = logging.getLogger("gruserve")
 SWITCH_INTERVAL_S = 0.0001
@@ -89,8 +90,14 @@ def restore_snapshot(path: Path, store: MemorySessionStore, sessions: SessionSer
     )
 
 
-def build_services(settings: Settings, registry: CollectorRegistry | None = None) -> Services:
-    """Load the models and build batchers, store and services (blocking: call before serving)."""
+def build_services(
+    settings: Settings, registry: CollectorRegistry | None = None, tracing: Any = None
+) -> Services:
+    """Load the models and build batchers, store and services (blocking: call before serving).
+
+    ``tracing`` (a :class:`gruserve._otel.Tracing`, or None: off) instruments the batchers
+    and the store.
+    """
     metrics = Metrics(registry if registry is not None else CollectorRegistry())
     models = ModelRegistry.load(
         settings.models_dir,
@@ -120,13 +127,17 @@ def build_services(settings: Settings, registry: CollectorRegistry | None = None
             metrics=metrics.for_model(model.name),
         )
     store = build_store(settings, SessionEvents(metrics))
+    if tracing is not None:
+        tracing.instrument(batchers.values(), store)
     sessions = SessionService(
         models, batchers, store, max_timesteps=settings.max_timesteps, metrics=metrics
     )
     if settings.snapshot_path is not None and isinstance(store, MemorySessionStore):
         restore_snapshot(settings.snapshot_path, store, sessions)
     predictor = Predictor(models, executor, settings.max_timesteps, metrics)
-    return Services(settings, models, batchers, predictor, sessions, store, metrics, executor)
+    return Services(
+        settings, models, batchers, predictor, sessions, store, metrics, executor, tracing
+    )
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -135,21 +146,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     As uvicorn's factory, a bad setting prints one line per bad variable and exits with
     status 2, as ``gruserve serve`` does, instead of a traceback.
     """
-    if settings is None:
-        try:
-            settings = load_settings()
-        except SettingsError as exc:
-            for problem in exc.problems:
-                print(f"error: {problem}", file=sys.stderr)
-            raise SystemExit(2) from None
-    return _build_app(settings, address=None)
+    try:
+        return _build_app(settings if settings is not None else load_settings(), address=None)
+    except SettingsError as exc:
+        for problem in exc.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _build_app(settings: Settings, address: str | None) -> FastAPI:
     logs.configure(settings.log_level, settings.log_format)
     for warning in unknown_variables(os.environ, _env_file()):
         log.warning(warning)
-    services = build_services(settings)
+    tracing = tracing_from_environment(os.environ)
+    services = build_services(settings, tracing=tracing)
     log_summary(settings, services, address)
     return create_api(settings, services)
 
@@ -172,6 +182,8 @@ def log_summary(settings: Settings, services: Services, address: str | None) -> 
         "on" if keys_enabled(settings) else "off",
         f"; listening on http://{address}" if address else "",
     )
+    if services.tracing is not None:
+        log.info("OpenTelemetry tracing on (OTEL_TRACES_EXPORTER=%s)", _exporter())
     for st in statuses:
         if not st.ready:
             log.warning("model %s failed to load: %s", st.name, st.error)
@@ -181,6 +193,10 @@ def log_summary(settings: Settings, services: Services, address: str | None) -> 
             "(check GRUSERVE_MODELS_DIR: NAME/VERSION/model.onnx + model.json)",
             settings.models_dir.resolve(),
         )
+
+
+def _exporter() -> str:
+    return os.environ.get("OTEL_TRACES_EXPORTER", "")
 
 
 def _store_label(url: str) -> str:

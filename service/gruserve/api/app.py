@@ -130,6 +130,10 @@ def create_app(settings: Settings, services: Services) -> GruServeAPI:
                 public_prefix=docs.PUBLIC_PREFIX,
             )
         )
+    if services.tracing is not None:  # outermost: its span times the whole answer
+        from gruserve.api._tracing import TracingMiddleware
+
+        guard.insert(0, Middleware(TracingMiddleware, tracing=services.tracing))
     for layer in reversed(guard):
         app.add_middleware(layer.cls, *layer.args, **layer.kwargs)
 
@@ -141,7 +145,8 @@ def create_app(settings: Settings, services: Services) -> GruServeAPI:
     step_route = next(r for r in v1.router.routes if getattr(r, "endpoint", None) is v1.step)
     step = StepEndpoint(services.sessions, services.metrics)
     app.hot_paths = HotPaths(step, SessionSockets(services), step_route, guarded)
-    app.direct_routes = DirectStep(step, step_route.path, settings.max_request_bytes, accepted)
+    if services.tracing is None:  # the HTTP protocol's answers pass no middleware: untraced
+        app.direct_routes = DirectStep(step, step_route.path, settings.max_request_bytes, accepted)
     return app
 
 
