@@ -98,28 +98,48 @@ def test_json_lines_name_the_requests(
     assert "client closed 1000" in sockets[1]["message"]
 
 
-def test_an_empty_repository_is_warned_about_at_start_up(tmp_path: Path) -> None:
+def _start_up_lines(env: dict[str, str], cwd: Path) -> list[str]:
+    """What ``gruserve serve`` logs until uvicorn listens (then it is stopped)."""
     port = free_port()
-    (tmp_path / "empty").mkdir()
     proc = subprocess.Popen(
         [str(BIN / "gruserve"), "serve", "--port", str(port)],
-        env=_env(tmp_path / "empty"),
-        cwd=tmp_path,
+        env=env,
+        cwd=cwd,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
     assert proc.stdout is not None
-    before = []
-    for raw in proc.stdout:  # the summary comes before uvicorn listens
-        before.append(raw.decode())
-        if "Uvicorn running on" in before[-1]:
+    lines = []
+    for raw in proc.stdout:
+        lines.append(raw.decode())
+        if "Uvicorn running on" in lines[-1]:
             break
     assert httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=10).status_code == 503
     _stopped_output(proc)
+    return lines
+
+
+def test_an_empty_repository_is_warned_about_at_start_up(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    lines = _start_up_lines(_env(tmp_path / "empty"), tmp_path)
     assert any(
-        line.startswith("INFO gruserve: gruserve ") and "models none" in line for line in before
+        line.startswith("INFO gruserve: gruserve ") and "models none" in line for line in lines
     )
-    assert any(line.startswith("WARNING gruserve: no model loaded from") for line in before)
+    assert any(line.startswith("WARNING gruserve: no model loaded from") for line in lines)
+
+
+def test_an_unreachable_store_is_warned_about_at_start_up(
+    models_dir: Path, tiny_models: dict[str, Any], tmp_path: Path
+) -> None:
+    nobody = f"redis://:secret@127.0.0.1:{free_port()}/0"  # nothing listens there
+    env = _env(models_dir, GRUSERVE_SESSION_STORE=nobody, GRUSERVE_STORE_TIMEOUT_S="0.5")
+    lines = _start_up_lines(env, tmp_path)
+    summary = next(line for line in lines if line.startswith("INFO gruserve: gruserve "))
+    assert "store redis://***@127.0.0.1:" in summary and "secret" not in "".join(lines)
+    assert any(
+        line.startswith("WARNING gruserve: the session store (redis) does not answer")
+        for line in lines
+    )
 
 
 def test_the_json_formatter_keeps_the_request_id_and_the_traceback() -> None:

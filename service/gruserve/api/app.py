@@ -7,6 +7,7 @@ composition root (:mod:`gruserve.server`) makes the :class:`~gruserve.services.S
 from __future__ import annotations
 
 import inspect
+import logging
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -23,9 +24,11 @@ from gruserve.api._edge import EdgeMiddleware
 from gruserve.api.fast_step import DirectStep, StepEndpoint
 from gruserve.api.hot_paths import HotPaths
 from gruserve.api.ws import SessionSockets
+from gruserve.errors import GruServeError
 from gruserve.services import Services
 from gruserve.settings import Settings
 
+log = logging.getLogger("gruserve")
 STREAM_PATHS = re.compile(r"^/v1/sessions/[^/]+/stream$")
 
 DESCRIPTION = """Serve Keras GRU models exported to ONNX, statelessly (`predict`) or as sessions
@@ -85,6 +88,7 @@ def create_app(settings: Settings, services: Services) -> GruServeAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         try:
+            await _check_store(services)
             yield
         finally:
             await services.aclose()
@@ -148,6 +152,19 @@ def create_app(settings: Settings, services: Services) -> GruServeAPI:
     if services.tracing is None:  # the HTTP protocol's answers pass no middleware: untraced
         app.direct_routes = DirectStep(step, step_route.path, settings.max_request_bytes, accepted)
     return app
+
+
+async def _check_store(services: Services) -> None:
+    """Say at start-up when the session store does not answer (the server starts anyway)."""
+    try:
+        await services.store.ping()
+    except GruServeError as exc:
+        log.warning(
+            "the session store (%s) does not answer at start-up: %s; /readyz answers 503 and "
+            "session requests 503 until it does",
+            services.store.name,
+            exc,
+        )
 
 
 def keys_enabled(settings: Settings) -> bool:
