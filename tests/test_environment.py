@@ -178,3 +178,9 @@ def test_version_and_help_show_defaults() -> None:
     assert "[default: GRUSERVE_PORT, else 8000]" in text
     assert "[default: GRUSERVE_HOST, else 127.0.0.1]" in text
     assert "[default: GRUSERVE_MODELS_DIR, else models]" in text
+
+
+def test_every_setting_is_in_the_readme() -> None:
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    missing = [name for name in known_variables() if f"`{name}`" not in readme]
+    assert missing == []
