@@ -170,7 +170,8 @@ def _env_file() -> Path | None:
 
 
 def log_summary(settings: Settings, services: Services, address: str | None) -> None:
-    """What this server serves, in a few info lines (and a warning when nothing loaded)."""
+    """What this server serves, in one info line (the registry logged each model's load, a
+    failure as an error), and a warning when no model loaded."""
     statuses = services.registry.statuses()
     served = [f"{st.name} v{st.version} ({st.provider})" for st in statuses if st.ready]
     log.info(
@@ -183,20 +184,14 @@ def log_summary(settings: Settings, services: Services, address: str | None) -> 
         f"; listening on http://{address}" if address else "",
     )
     if services.tracing is not None:
-        log.info("OpenTelemetry tracing on (OTEL_TRACES_EXPORTER=%s)", _exporter())
-    for st in statuses:
-        if not st.ready:
-            log.warning("model %s failed to load: %s", st.name, st.error)
+        exporter = os.environ.get("OTEL_TRACES_EXPORTER")
+        log.info("OpenTelemetry tracing on (OTEL_TRACES_EXPORTER=%s)", exporter)
     if not served:
         log.warning(
             "no model loaded from %s: every request but the probes will fail "
             "(check GRUSERVE_MODELS_DIR: NAME/VERSION/model.onnx + model.json)",
             settings.models_dir.resolve(),
         )
-
-
-def _exporter() -> str:
-    return os.environ.get("OTEL_TRACES_EXPORTER", "")
 
 
 def _store_label(url: str) -> str:
