@@ -1,8 +1,8 @@
 """The ``gruserve`` command line: import Keras models, inspect the repository, serve, train.
 
 Every command turns a :class:`~gruserve.errors.GruServeError` into a one-line
-message on stderr and exit code 1; anything else is a bug and keeps its
-traceback.
+message on stderr and exit code 1 (2 for a bad ``GRUSERVE_*`` setting, a usage
+error like a bad option); anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -18,14 +18,18 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from gruserve.errors import GruServeError, MissingDependency
+from gruserve import __version__
+from gruserve.errors import GruServeError, MissingDependency, SettingsError
 from gruserve.export.tolerance import ATOL, RTOL
+from gruserve.settings import Settings
 
 app = typer.Typer(
     name="gruserve",
     help="Serve Keras GRU models with per-session state.",
     no_args_is_help=True,
     add_completion=False,
+    # "[default: ...]" after every option's help
+    context_settings={"show_default": True},
 )
 console = Console()
 errors = Console(stderr=True)
@@ -37,11 +41,45 @@ ModelsDir = Annotated[
 ]
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        console.print(f"gruserve {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            help="Print gruserve's version and exit.",
+            callback=_print_version,
+            is_eager=True,
+            show_default=False,
+        ),
+    ] = False,
+) -> None:
+    """Serve Keras GRU models with per-session state."""
+
+
+def _falls_back(help_text: str, field: str) -> str:
+    """``help_text`` and the default of an option that falls back to a setting."""
+    default = Settings.model_fields[field].default
+    return escape(f"{help_text} [default: {f'GRUSERVE_{field}'.upper()}, else {default}]")
+
+
 def _reports_errors(func: F) -> F:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
+        except SettingsError as exc:
+            for problem in exc.problems:
+                errors.print(
+                    f"[bold red]error:[/] {escape(problem)}", highlight=False, soft_wrap=True
+                )
+            raise typer.Exit(2) from None
         except GruServeError as exc:
             errors.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
@@ -239,12 +277,26 @@ def _summary(chosen: Any, available: list[int]) -> Table:
 @_reports_errors
 def serve(
     models_dir: Annotated[
-        Path | None, typer.Option("--models-dir", help="Model repository folder.")
+        Path | None,
+        typer.Option(
+            "--models-dir",
+            help=_falls_back("Model repository folder.", "models_dir"),
+            show_default=False,
+        ),
     ] = None,
-    host: Annotated[str | None, typer.Option(help="Bind address.")] = None,
-    port: Annotated[int | None, typer.Option(help="Port.")] = None,
+    host: Annotated[
+        str | None,
+        typer.Option(help=_falls_back("Bind address.", "host"), show_default=False),
+    ] = None,
+    port: Annotated[
+        int | None, typer.Option(help=_falls_back("Port.", "port"), show_default=False)
+    ] = None,
 ) -> None:
-    """Serve every model in the repository over HTTP (settings from GRUSERVE_* / .env)."""
+    """Serve every model in the repository over HTTP.
+
+    Every other setting comes from GRUSERVE_* variables or a .env file (README,
+    "Settings"); an unknown GRUSERVE_* name is warned about, a bad value exits with 2.
+    """
     from gruserve.server import run_server
 
     run_server(models_dir=models_dir, host=host, port=port)

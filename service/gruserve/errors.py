@@ -27,6 +27,20 @@ class ConfigError(GruServeError, ValueError):
         super().__init__(f"{where}: {message}")
 
 
+class SettingsError(GruServeError):
+    """``GRUSERVE_*`` settings have values the server cannot accept.
+
+    Args:
+        problems: one line per bad variable, naming it and what it accepts.
+
+    The CLI prints each line and exits with status 2 (a usage error, like a bad option).
+    """
+
+    def __init__(self, problems: Iterable[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
 class InvalidArgument(ConfigError):
     """One argument has a value outside what Keras accepts."""
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -39,6 +39,9 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        # process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, ...
+        # (read from /proc at each scrape; nothing on systems without it)
+        self.process = ProcessCollector(registry=registry)
         self.batch_size = Histogram(
             "gruserve_batch_size",
             "Steps coalesced into one onnxruntime run.",

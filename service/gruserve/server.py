@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,8 +18,11 @@ from typing import Any
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
+from gruserve import __version__, logs
 from gruserve.api.app import create_app as create_api
-from gruserve.errors import SnapshotError
+from gruserve.api.app import keys_enabled
+from gruserve.environment import load_settings, unknown_variables
+from gruserve.errors import SettingsError, SnapshotError
 from gruserve.metrics import Metrics
 from gruserve.runtime.batcher import Batcher
 from gruserve.runtime.limits import WorkLimits
@@ -33,6 +37,7 @@ from gruserve.sessions.redis_store import RedisSessionStore
 from gruserve.sessions.service import SessionService
 from gruserve.sessions.store import SessionStore
 from gruserve.settings import Settings
+from gruserve.tracing import from_environment as tracing_from_environment
 
 log = logging.getLogger("gruserve")
 SWITCH_INTERVAL_S = 0.0001
@@ -86,8 +91,14 @@ def restore_snapshot(path: Path, store: MemorySessionStore, sessions: SessionSer
     )
 
 
-def build_services(settings: Settings, registry: CollectorRegistry | None = None) -> Services:
-    """Load the models and build batchers, store and services (blocking: call before serving)."""
+def build_services(
+    settings: Settings, registry: CollectorRegistry | None = None, tracing: Any = None
+) -> Services:
+    """Load the models and build batchers, store and services (blocking: call before serving).
+
+    ``tracing`` (a :class:`gruserve._otel.Tracing`, or None: off) instruments the batchers
+    and the store.
+    """
     metrics = Metrics(registry if registry is not None else CollectorRegistry())
     models = ModelRegistry.load(
         settings.models_dir,
@@ -120,6 +131,8 @@ def build_services(settings: Settings, registry: CollectorRegistry | None = None
     limits = WorkLimits(
         settings.max_batch_timesteps, settings.max_reply_values, settings.predict_chunk_timesteps
     )
+    if tracing is not None:
+        tracing.instrument(batchers.values(), store)
     sessions = SessionService(
         models,
         batchers,
@@ -131,16 +144,71 @@ def build_services(settings: Settings, registry: CollectorRegistry | None = None
     if settings.snapshot_path is not None and isinstance(store, MemorySessionStore):
         restore_snapshot(settings.snapshot_path, store, sessions)
     predictor = Predictor(models, executor, settings.max_timesteps, metrics, limits)
-    return Services(settings, models, batchers, predictor, sessions, store, metrics, executor)
+    return Services(
+        settings, models, batchers, predictor, sessions, store, metrics, executor, tracing
+    )
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    """The production app; settings from ``GRUSERVE_*`` / ``.env`` when not given."""
-    settings = settings if settings is not None else Settings()
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
+    """The production app; settings from ``GRUSERVE_*`` / ``.env`` when not given.
+
+    As uvicorn's factory, a bad setting prints one line per bad variable and exits with
+    status 2, as ``gruserve serve`` does, instead of a traceback.
+    """
+    try:
+        return _build_app(settings if settings is not None else load_settings(), address=None)
+    except SettingsError as exc:
+        for problem in exc.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _build_app(settings: Settings, address: str | None) -> FastAPI:
+    logs.configure(settings.log_level, settings.log_format)
+    for warning in unknown_variables(os.environ, _env_file()):
+        log.warning(warning)
+    tracing = tracing_from_environment(os.environ)
+    services = build_services(settings, tracing=tracing)
+    log_summary(settings, services, address)
+    return create_api(settings, services)
+
+
+def _env_file() -> Path | None:
+    env_file = Settings.model_config.get("env_file")
+    return Path(env_file) if isinstance(env_file, str) else None
+
+
+def log_summary(settings: Settings, services: Services, address: str | None) -> None:
+    """What this server serves, in one info line (the registry logged each model's load, a
+    failure as an error), and a warning when no model loaded."""
+    statuses = services.registry.statuses()
+    served = [f"{st.name} v{st.version} ({st.provider})" for st in statuses if st.ready]
+    log.info(
+        "gruserve %s: models %s from %s; store %s; API keys %s%s",
+        __version__,
+        ", ".join(served) or "none",
+        settings.models_dir,
+        _store_label(settings.session_store),
+        "on" if keys_enabled(settings) else "off",
+        f"; listening on http://{address}" if address else "",
     )
-    return create_api(settings, build_services(settings))
+    if services.tracing is not None:
+        exporter = os.environ.get("OTEL_TRACES_EXPORTER")
+        log.info("OpenTelemetry tracing on (OTEL_TRACES_EXPORTER=%s)", exporter)
+    if not served:
+        log.warning(
+            "no model loaded from %s: every request but the probes will fail "
+            "(check GRUSERVE_MODELS_DIR: NAME/VERSION/model.onnx + model.json)",
+            settings.models_dir.resolve(),
+        )
+
+
+def _store_label(url: str) -> str:
+    """The store without a password (``redis://:secret@host`` -> ``redis://***@host``)."""
+    scheme, sep, rest = url.partition("://")
+    if "@" in rest:
+        rest = "***@" + rest.split("@", 1)[1]
+    return f"{scheme}{sep}{rest}"
 
 
 def settle_heap() -> None:
@@ -175,6 +243,9 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
         "timeout_graceful_shutdown": settings.shutdown_grace_s,
         "timeout_keep_alive": settings.keepalive_s,
     }
+    log_config = logs.uvicorn_log_config(settings.log_level, settings.log_format)
+    if log_config is not None:
+        options["log_config"] = log_config
     # the fastest of uvicorn's WebSocket stacks here (bench/README.md), where available, with
     # plain messages framed by the protocol itself (api/_websocket.py)
     if "websockets-sansio" in WS_PROTOCOLS:
@@ -211,7 +282,7 @@ def run_server(
     # for the loop thread to let go. A shorter interval measured +15% steps/s (bench/README.md).
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     given = {"models_dir": models_dir, "host": host, "port": port, **overrides}
-    settings = Settings(**{k: v for k, v in given.items() if v is not None})
-    app = create_app(settings)
+    settings = load_settings(**{k: v for k, v in given.items() if v is not None})
+    app = _build_app(settings, address=f"{settings.host}:{settings.port}")
     settle_heap()
     uvicorn.run(app, host=settings.host, port=settings.port, **uvicorn_options(settings))

@@ -10,6 +10,7 @@ import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 from gruserve.errors import SnapshotError
 from gruserve.metrics import Metrics
@@ -35,6 +36,8 @@ class Services:
     store: SessionStore
     metrics: Metrics
     executor: ThreadPoolExecutor
+    tracing: Any = None
+    """A :class:`gruserve.tracing.Tracing` when OpenTelemetry tracing is on, else None."""
 
     async def aclose(self) -> None:
         """Finish running batches, write the snapshot (if configured), then release the store
@@ -43,6 +46,8 @@ class Services:
         self.write_snapshot()
         await self.store.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
+        if self.tracing is not None:
+            self.tracing.shutdown()  # exports the spans still buffered
 
     def write_snapshot(self) -> None:
         """Write every live session to ``settings.snapshot_path`` (memory store only).

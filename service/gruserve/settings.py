@@ -166,13 +166,18 @@ class Settings(BaseSettings):
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     """Log level of gruserve and uvicorn."""
 
+    log_format: Literal["text", "json"] = "text"
+    """``text``: one readable line per record. ``json``: one JSON object per line (``time``,
+    ``level``, ``logger``, ``message``, and ``request_id`` where a request is being answered),
+    for log shippers; uvicorn's own records take the same format."""
+
     host: str = "127.0.0.1"
     """Bind address for ``gruserve serve``."""
 
     port: int = Field(8000, ge=0, le=65535)
     """Port for ``gruserve serve``."""
 
-    @field_validator("log_level", mode="before")
+    @field_validator("log_level", "log_format", mode="before")
     @classmethod
     def _lower(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value

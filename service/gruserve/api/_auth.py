@@ -18,7 +18,8 @@ Without keys every request is :data:`~gruserve.sessions.owner.ANYONE`.
 
 A WebSocket handshake is checked the same way and refused before it is accepted, with
 that HTTP status (ASGI's WebSocket denial response; a server without it closes the
-handshake, which clients see as 403). The OpenAPI schema and ``/docs`` need a key too.
+handshake, which clients see as 403). The docs pages, their assets and the OpenAPI
+schema need no key (api/docs.py).
 
 Keys are compared as SHA-256 digests with :func:`hmac.compare_digest`, against every
 configured key whatever the outcome, so the time taken says nothing about which key,
@@ -194,17 +195,28 @@ class ApiKeyMiddleware:
         keys: the accepted keys.
         metrics: refusals are counted in ``gruserve_errors_total`` by type.
         public: paths that need no key.
+        public_prefix: paths starting with it need no key either (the docs' assets).
     """
 
     def __init__(
-        self, app: ASGIApp, keys: ApiKeys, metrics: Metrics, public: frozenset[str] = PUBLIC
+        self,
+        app: ASGIApp,
+        keys: ApiKeys,
+        metrics: Metrics,
+        public: frozenset[str] = PUBLIC,
+        public_prefix: str | None = None,
     ) -> None:
         self.app, self.keys, self.metrics, self.public = app, keys, metrics, public
+        self.public_prefix = (public_prefix,) if public_prefix else ()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         path = self._path(scope) if kind in ("http", "websocket") else ""
-        if kind not in ("http", "websocket") or path in self.public:
+        if (
+            kind not in ("http", "websocket")
+            or path in self.public
+            or (kind == "http" and path.startswith(self.public_prefix))
+        ):
             if path in DETAILED:
                 scope[AUTHENTICATED] = self.keys.refusal(scope["headers"]) is None
             await self.app(scope, receive, send)

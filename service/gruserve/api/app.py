@@ -7,6 +7,7 @@ composition root (:mod:`gruserve.server`) makes the :class:`~gruserve.services.S
 from __future__ import annotations
 
 import inspect
+import logging
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -17,21 +18,41 @@ from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gruserve import __version__
-from gruserve.api import errors, health, stream, v1, v2
+from gruserve.api import docs, errors, health, stream, v1, v2
 from gruserve.api._auth import METRICS, PUBLIC, ApiKeyMiddleware, ApiKeys, load_keys
 from gruserve.api._edge import EdgeMiddleware
 from gruserve.api.fast_step import DirectStep, StepEndpoint
 from gruserve.api.hot_paths import HotPaths
 from gruserve.api.ws import SessionSockets
+from gruserve.errors import GruServeError
 from gruserve.services import Services
 from gruserve.settings import Settings
 
+log = logging.getLogger("gruserve")
 STREAM_PATHS = re.compile(r"^/v1/sessions/[^/]+/stream$")
 
 DESCRIPTION = """Serve Keras GRU models exported to ONNX, statelessly (`predict`) or as sessions
 whose state carries over between calls exactly like a Keras `stateful=True` layer.
 Steps of different sessions are batched into one onnxruntime run. Every error body is
-`{"error": {"type", "message", "field"}}`; every response carries an `X-Request-ID`."""
+`{"error": {"type", "message", "field"}}`; every response carries an `X-Request-ID`.
+
+### WebSocket: `/v1/sessions/{session_id}/ws`
+
+OpenAPI cannot list WebSocket routes, so this one is described here. Open
+`ws://HOST:PORT/v1/sessions/{session_id}/ws` (with keys set, send one in the handshake's
+`Authorization: Bearer` or `X-API-Key` header); every message is one step of that session,
+answered in the order sent:
+
+- **text**: a JSON step body as for `POST /v1/sessions/{session_id}/step`
+  (`{"inputs": ..., "mask": ..., "step": n}`), answered with `{"outputs": ..., "step": n}`;
+- **binary**: raw little-endian float32 values, (timesteps x features) row-major (int64
+  ids for a token model), answered with the outputs' raw float32 bytes. With the
+  `gruserve-step` subprotocol, each binary message and reply starts with the step number
+  as a little-endian u64 (as `"step"` in JSON).
+
+A bad message is answered with the usual error object (plus `"status"`) and the connection
+stays open; a session that disappears closes it with code 4404; a server shutting down
+closes it with 1012."""
 
 
 # Metrics are Prometheus (/metrics). FastAPI's native OpenTelemetry hooks (FastAPI versions that
@@ -67,6 +88,7 @@ def create_app(settings: Settings, services: Services) -> GruServeAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         try:
+            await _check_store(services)
             yield
         finally:
             await services.aclose()
@@ -76,6 +98,8 @@ def create_app(settings: Settings, services: Services) -> GruServeAPI:
         version=__version__,
         description=DESCRIPTION,
         lifespan=lifespan,
+        docs_url=None,  # served from local assets by api/docs.py
+        redoc_url=None,
         **_NO_TELEMETRY,
     )
     app.state.services = services
@@ -90,6 +114,8 @@ def create_app(settings: Settings, services: Services) -> GruServeAPI:
     # routes get the same two classes around their handlers, outside the framework.
     keys = load_keys(settings.api_keys, settings.api_keys_file)
     accepted = ApiKeys(keys) if keys else None
+    public = PUBLIC | docs.PUBLIC_PATHS | ({METRICS} if settings.metrics_public else set())
+    docs.install(app, keys_required=accepted is not None, public=public)
     guard = [
         Middleware(
             EdgeMiddleware,
@@ -99,11 +125,19 @@ def create_app(settings: Settings, services: Services) -> GruServeAPI:
         )
     ]
     if accepted is not None:
-        public = PUBLIC | {METRICS} if settings.metrics_public else PUBLIC
         guard.append(
-            Middleware(ApiKeyMiddleware, keys=accepted, metrics=services.metrics, public=public)
+            Middleware(
+                ApiKeyMiddleware,
+                keys=accepted,
+                metrics=services.metrics,
+                public=public,
+                public_prefix=docs.PUBLIC_PREFIX,
+            )
         )
-        _document_keys(app)
+    if services.tracing is not None:  # outermost: its span times the whole answer
+        from gruserve.api._tracing import TracingMiddleware
+
+        guard.insert(0, Middleware(TracingMiddleware, tracing=services.tracing))
     for layer in reversed(guard):
         app.add_middleware(layer.cls, *layer.args, **layer.kwargs)
 
@@ -115,22 +149,24 @@ def create_app(settings: Settings, services: Services) -> GruServeAPI:
     step_route = next(r for r in v1.router.routes if getattr(r, "endpoint", None) is v1.step)
     step = StepEndpoint(services.sessions, services.metrics)
     app.hot_paths = HotPaths(step, SessionSockets(services), step_route, guarded)
-    app.direct_routes = DirectStep(step, step_route.path, settings.max_request_bytes, accepted)
+    if services.tracing is None:  # the HTTP protocol's answers pass no middleware: untraced
+        app.direct_routes = DirectStep(step, step_route.path, settings.max_request_bytes, accepted)
     return app
 
 
-def _document_keys(app: FastAPI) -> None:
-    """Declare the two ways to send a key in the OpenAPI schema (only when keys are set)."""
-    generate = app.openapi
+async def _check_store(services: Services) -> None:
+    """Say at start-up when the session store does not answer (the server starts anyway)."""
+    try:
+        await services.store.ping()
+    except GruServeError as exc:
+        log.warning(
+            "the session store (%s) does not answer at start-up: %s; /readyz answers 503 and "
+            "session requests 503 until it does",
+            services.store.name,
+            exc,
+        )
 
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            schema = generate()
-            schema.setdefault("components", {})["securitySchemes"] = {
-                "bearer": {"type": "http", "scheme": "bearer"},
-                "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
-            }
-            schema["security"] = [{"bearer": []}, {"apiKey": []}]
-        return app.openapi_schema or {}
 
-    app.openapi = openapi  # type: ignore[method-assign]
+def keys_enabled(settings: Settings) -> bool:
+    """Whether the server needs API keys (for the start-up summary)."""
+    return bool(load_keys(settings.api_keys, settings.api_keys_file))

@@ -12,6 +12,10 @@ clients expect ``{"error": "<message>"}``: they get the same message and the sam
 in that shape (:func:`shaped`), so the mapping below stays the only one. Our own
 exceptions carry messages written for people; anything else is a bug and
 answers 500 without leaking internals (the traceback goes to the log).
+
+Every error answered is logged at info (a 5xx at warning, a bug at error with its
+traceback) with the request id, so a client's report ("request 3f2a... got 409") can be
+found in the log: ``answered 409 StepOutOfOrder (request 3f2a...): session ...``.
 """
 
 from __future__ import annotations
@@ -68,13 +72,34 @@ def status_of(exc: BaseException) -> int:
     return 500
 
 
+def log_answer(status: int, kind: str, message: str) -> None:
+    """Log one error answered (see the module docstring), with the request id."""
+    request_id = REQUEST_ID.get()
+    log.log(
+        logging.WARNING if status >= 500 else logging.INFO,
+        "answered %d %s (request %s): %s",
+        status,
+        kind,
+        request_id,
+        message,
+        extra={"request_id": request_id},
+    )
+
+
 def error_payload(exc: BaseException) -> tuple[int, dict[str, Any]]:
-    """``(status, body)`` for any exception; unexpected ones are logged and hidden."""
+    """``(status, body)`` for any exception; unexpected ones are logged and hidden, the
+    others logged as :func:`log_answer` says."""
     if isinstance(exc, e.GruServeError):
         status, kind, message = status_of(exc), type(exc).__name__, str(exc)
+        log_answer(status, kind, message)
     else:
         request_id = REQUEST_ID.get()
-        log.error("unexpected error (request %s)", request_id, exc_info=exc)
+        log.error(
+            "unexpected error (request %s)",
+            request_id,
+            exc_info=exc,
+            extra={"request_id": request_id},
+        )
         status, kind, message = (
             500,
             "InternalError",
@@ -135,6 +160,7 @@ def install(app: FastAPI, metrics: Metrics | None = None) -> None:
         first = exc.errors()[0] if exc.errors() else {"loc": ("body",), "msg": "invalid request"}
         field = _loc(tuple(first.get("loc", ())))
         count("InvalidInput")
+        log_answer(422, "InvalidInput", f"{field}: {first.get('msg')}")
         return json_error(
             422,
             shaped(
@@ -158,6 +184,7 @@ def install(app: FastAPI, metrics: Metrics | None = None) -> None:
             else str(exc.detail)
         )
         count(kind)
+        log_answer(exc.status_code, kind, message)
         return json_error(
             exc.status_code,
             shaped(request, {"error": {"type": kind, "message": message, "field": None}}),

@@ -173,10 +173,14 @@ class ErrorResponse(_Strict):
 
 
 def request_body(model: type[BaseModel], media_type: str = "application/json") -> dict[str, Any]:
-    """``openapi_extra`` documenting a body that the route decodes itself."""
+    """``openapi_extra`` documenting a body that the route decodes itself.
+
+    The body is marked required only when ``model`` has a required field: a route whose
+    fields are all optional accepts no body at all (``json_object`` reads it as ``{}``).
+    """
     return {
         "requestBody": {
-            "required": True,
+            "required": any(field.is_required() for field in model.model_fields.values()),
             "content": {media_type: {"schema": model.model_json_schema()}},
         }
     }

@@ -121,7 +121,9 @@ class InferResponse(_Wire):
     outputs: list[ResponseOutput]
 
 
-class ErrorResponse(_Wire):
+class V2ErrorResponse(_Wire):
+    """The KServe v2 error body: one message string (the v1 body is an object)."""
+
     error: str
 
 
@@ -149,7 +151,7 @@ INFER_BODY: dict[str, Any] = {
 }
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse, "description": text}
+    code: {"model": V2ErrorResponse, "description": text}
     for code, text in {
         401: "API key required (the server has keys).",
         403: "The API key is not valid.",

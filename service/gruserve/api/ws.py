@@ -12,6 +12,9 @@ starts with 8 bytes, the step number as a little-endian u64 (2**64 - 1: none, ap
 at least once), and every binary reply starts with 8 bytes too, the steps applied
 after it (the ``"step"`` of a JSON reply). Text messages are the same either way.
 
+Each connection is logged at info when it opens and when it closes (with the session,
+the request id, how it ended and how long it lasted).
+
 Messages are applied in the order they arrive. A bad message is answered with
 the usual error object (as text, plus ``"status"``; a ``StepOutOfOrder`` error has
 ``"current_step"``) and the connection stays open; a session that disappears closes
@@ -25,8 +28,10 @@ call per JSON reply.
 
 from __future__ import annotations
 
+import logging
 import struct
 from functools import partial
+import time
 from typing import Any
 
 from starlette.types import Receive, Scope, Send
@@ -46,6 +51,7 @@ from gruserve.errors import (
 from gruserve.services import Services
 from gruserve.sessions.owner import ANYONE
 
+log = logging.getLogger(__name__)
 CLOSE_NOT_FOUND = 4404
 SUBPROTOCOL = "gruserve-step"
 NUMBER = struct.Struct("<Q")
@@ -70,6 +76,28 @@ class SessionSockets:
         if (await receive())["type"] != "websocket.connect":
             return
         session_id: str = scope["path_params"]["session_id"]
+        request_id, opened = REQUEST_ID.get(), time.monotonic()
+        log.info(
+            "WebSocket open: session %s (request %s)",
+            session_id,
+            request_id,
+            extra={"request_id": request_id},
+        )
+        ended = "the server stopped it"
+        try:
+            ended = await self._serve(scope, receive, send, session_id)
+        finally:
+            log.info(
+                "WebSocket closed: session %s (request %s), %s, after %.1f s",
+                session_id,
+                request_id,
+                ended,
+                time.monotonic() - opened,
+                extra={"request_id": request_id},
+            )
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send, session_id: str) -> str:
+        """Answer the connection's messages; returns how it ended, for the log."""
         caller = caller_of(scope)
         sessions, limit = self.services.sessions, self.services.settings.max_request_bytes
         numbered = SUBPROTOCOL in scope.get("subprotocols", ())
@@ -87,13 +115,13 @@ class SessionSockets:
             await send(
                 {"type": "websocket.close", "code": CLOSE_NOT_FOUND, "reason": "session not found"}
             )
-            return
+            return f"closed {CLOSE_NOT_FOUND} (no such session)"
         step = sessions.step if caller is ANYONE else partial(sessions.step, caller=caller)
         binary_count, text_count = self._binary, self._text
         while True:
             message = await receive()
             if message["type"] != "websocket.receive":
-                return
+                return f"client closed {message.get('code', 1005)}"
             data = message.get("bytes")
             try:
                 if data is not None:
@@ -135,7 +163,7 @@ class SessionSockets:
                         "reason": "session not found",
                     }
                 )
-                return
+                return f"closed {CLOSE_NOT_FOUND} ({type(exc).__name__})"
             except GruServeError as exc:
                 await send(_error(exc))
 

@@ -43,7 +43,7 @@ from collections import deque
 from collections.abc import Awaitable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
@@ -114,6 +114,16 @@ class _Item:
     arrived: float
 
 
+class BatchTracer(Protocol):
+    """What the batcher tells a tracer (:mod:`gruserve.tracing`), once per batch."""
+
+    def batch_ran(
+        self, model: str, batch: Sequence[_Item], started: float | None, error: Exception | None
+    ) -> None:
+        """``batch`` ran (``started``: the loop time it was launched; None if it failed
+        before) and its callers have their answers, or ``error``."""
+
+
 def _cells(batch: Sequence[_Item]) -> int:
     """Rows x timesteps of ``batch`` once padded to its longest step."""
     return len(batch) * max(item.inputs.shape[0] for item in batch)
@@ -173,6 +183,7 @@ class Batcher:
         self._timer: asyncio.TimerHandle | None = None
         self._running: set[asyncio.Task[None]] = set()
         self._deferred: asyncio.Handle | None = None  # a pass of the loop before choosing
+        self.tracer: BatchTracer | None = None  # set by gruserve.tracing when tracing is on
 
     @property
     def waiting(self) -> int:
@@ -344,6 +355,8 @@ class Batcher:
         if self._metrics is not None:
             self._metrics.batch_failures.inc()
         log.error("batch of %d steps on model %s failed", len(batch), self.model.name, exc_info=exc)
+        if self.tracer is not None:
+            self.tracer.batch_ran(self.model.name, batch, None, exc)
         for item in batch:
             if not item.future.done():
                 item.future.set_exception(exc)
@@ -366,6 +379,8 @@ class Batcher:
             m.queue_seconds.observe(started - batch[0].arrived)
             m.steps.inc(len(batch))
             m.timesteps.inc(int(sum(lengths)))
+        if self.tracer is not None:
+            self.tracer.batch_ran(self.model.name, batch, started, None)
 
     def _stack(
         self, batch: Sequence[_Item]
