@@ -38,6 +38,7 @@ from gruserve.errors import (
     SessionExists,
     SessionModelMismatch,
     SessionNotFound,
+    SessionNotOnModel,
     StepOutOfOrder,
 )
 from gruserve.metrics import Metrics
@@ -191,6 +192,8 @@ class SessionService:
         inputs: np.ndarray,
         mask: np.ndarray | None = None,
         step_number: int | None = None,
+        *,
+        model_name: str | None = None,
     ) -> StepResult:
         """Apply one chunk of timesteps to a session, at least once or exactly once.
 
@@ -205,9 +208,12 @@ class SessionService:
             inputs: (T, F) or (F,) values, or (T,) / scalar token ids.
             mask: (T,) bool; a masked timestep leaves the state unchanged.
             step_number: steps the client knows were applied before this one (>= 0).
+            model_name: when given, the session must be on this model (bulk steps name
+                the model in their URL).
 
         Raises:
             SessionNotFound, InvalidInput, PayloadTooLarge, SessionConflict, StoreUnavailable.
+            SessionNotOnModel: the session is on another model than ``model_name``.
             StepOutOfOrder: ``step_number`` is neither the next step nor the last one.
         """
         locks = self._locks
@@ -217,6 +223,8 @@ class SessionService:
             chunk = None
             for _ in range(self._max_attempts):
                 record = await self.store.get(session_id)
+                if model_name is not None and record.model != model_name:
+                    raise SessionNotOnModel(session_id, record.model, model_name)
                 model = self.model_of(record)
                 if step_number is not None and step_number != record.step:
                     return self._replay(record, model, step_number)
