@@ -172,11 +172,15 @@ def serve(
     ] = None,
     host: Annotated[str | None, typer.Option(help="Bind address.")] = None,
     port: Annotated[int | None, typer.Option(help="Port.")] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(min=1, help="Worker processes sharing the port (needs a Redis store)."),
+    ] = None,
 ) -> None:
     """Serve every model in the repository over HTTP (settings from GRUSERVE_* / .env)."""
     from gruserve.server import run_server
 
-    run_server(models_dir=models_dir, host=host, port=port)
+    run_server(models_dir=models_dir, host=host, port=port, workers=workers)
 
 
 @app.command()

@@ -140,7 +140,7 @@ async def test_bad_steps_fail_alone(
             error = result["error"]
             assert (error["type"], error["status"], error["field"]) == (kind, status, field)
             assert field is None or error["message"].startswith(f"{field}: "), error
-    assert f"belongs to model 'simple', not 'stacked'" in results[4]["error"]["message"]
+    assert "belongs to model 'simple', not 'stacked'" in results[4]["error"]["message"]
     for i, sid in enumerate([a, b]):
         outs, _ = tiny_models["stacked"].reference(x[i : i + 1])
         index = 0 if i == 0 else 10
@@ -292,6 +292,7 @@ async def test_binary_token_ids(client: httpx.AsyncClient, tiny_models: dict[str
     body = U32.pack(len(header)) + header + ids.astype("<i8").tobytes()
     r = await client.post("/v1/models/tokens/steps", content=body, headers={"content-type": MEDIA})
     results, got = _binary_reply(r.content)
+    assert [r["step"] for r in results] == [1, 1]
     outs, _ = tiny_models["tokens"].reference(ids)
     for i in range(2):
         assert got[i] is not None
