@@ -111,15 +111,29 @@ def json_request(data: bytes | str, limit: int) -> BulkRequest:
     return BulkRequest([_id_of(item) for item in steps], decoded)
 
 
-def _timesteps(item: Any, where: str) -> int:
+def _timesteps(item: Any, i: int) -> int:
     """A binary step's timestep count: it places every later step's values, so a bad one
     fails the request."""
-    value = item.get("timesteps") if isinstance(item, dict) else None
+    value = item.get("timesteps") if type(item) is dict else None
     if type(value) is not int or value < 1:
         raise InvalidInput(
-            f"{where}.timesteps", f"expected an integer >= 1, got {decode.shown(value)}"
+            f"steps[{i}].timesteps", f"expected an integer >= 1, got {decode.shown(value)}"
         )
     return value
+
+
+def _binary_step(item: dict[str, Any], inputs: np.ndarray, i: int) -> BulkStep:
+    session_id, number = item.get("session_id"), item.get("step")
+    if type(session_id) is str and number is None and len(item) <= 2:  # the usual entry
+        return BulkStep(session_id, inputs)
+    where = f"steps[{i}]"
+    fields = _fields(item, where, BINARY_STEP_FIELDS)
+    return BulkStep(
+        _session_id(fields, where),
+        inputs,
+        None,
+        decode.step_number(fields.get("step"), f"{where}.step"),
+    )
 
 
 def binary_request(data: bytes, features: int | None, limit: int) -> BulkRequest:
@@ -135,9 +149,9 @@ def binary_request(data: bytes, features: int | None, limit: int) -> BulkRequest
             "body", f"header length {size} runs past the end of the {len(data)}-byte body"
         )
     steps = _steps(decode.json_object(bytes(data[HEADER.size : start]), FIELDS), limit)
-    counts = [_timesteps(item, f"steps[{i}]") for i, item in enumerate(steps)]
-    dtype, per_step = (np.dtype("<i8"), 1) if features is None else (np.dtype("<f4"), features)
-    width = dtype.itemsize * per_step
+    counts = [_timesteps(item, i) for i, item in enumerate(steps)]
+    dtype = np.dtype("<i8") if features is None else np.dtype("<f4")
+    width = dtype.itemsize * (features or 1)
     expected = sum(counts) * width
     if len(data) - start != expected:
         raise InvalidInput(
@@ -145,25 +159,17 @@ def binary_request(data: bytes, features: int | None, limit: int) -> BulkRequest
             f"{len(data) - start} bytes of values after the header, but its timesteps need "
             f"{expected} ({width} bytes per timestep)",
         )
+    rows = np.frombuffer(data, dtype, offset=start)  # one view; each step a slice of it
+    if features is not None:
+        rows = rows.reshape(-1, features)
     decoded: list[BulkStep | BaseException] = []
-    offset = start
+    row = 0
     for i, (item, count) in enumerate(zip(steps, counts, strict=True)):
-        where = f"steps[{i}]"
-        values = np.frombuffer(data, dtype, count * per_step, offset)
-        offset += count * width
         try:
-            fields = _fields(item, where, BINARY_STEP_FIELDS)
-            inputs = values if features is None else values.reshape(count, features)
-            decoded.append(
-                BulkStep(
-                    _session_id(fields, where),
-                    inputs,
-                    None,
-                    decode.step_number(fields.get("step"), f"{where}.step"),
-                )
-            )
+            decoded.append(_binary_step(item, rows[row : row + count], i))
         except InvalidInput as exc:
             decoded.append(exc)
+        row += count
     return BulkRequest([_id_of(item) for item in steps], decoded)
 
 
