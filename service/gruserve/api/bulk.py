@@ -70,6 +70,8 @@ async def bulk_steps(model: str, request: Request) -> Response:
     exactly-once numbers included); a failing step is that step's ``error`` and the
     others still apply. Steps of one session apply in request order. JSON, or the
     binary form with ``Content-Type: application/x-gruserve-steps`` (answered in kind).
+    The same requests go as messages over the WebSocket ``/v1/models/{model}/ws`` (text:
+    JSON, binary: the binary form), answered one by one in arrival order.
     """
     services: Services = request.app.state.services
     media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
