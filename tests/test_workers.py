@@ -24,7 +24,8 @@ from conftest import free_port
 
 BIN = Path(sys.executable).parent
 ATOL = 1e-5
-MOST_STEPS = 400
+MOST_STEPS = 3000
+WAIT_S = 120
 
 
 def _env(store: str, models_dir: Path, **extra: str) -> dict[str, str]:
@@ -104,11 +105,18 @@ def test_two_workers_continue_each_others_sessions(
     )
     try:
         _wait_ready(proc, base)
+        deadline = time.monotonic() + WAIT_S
+        while len(list(folder.glob("counter_*.db"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)  # the second worker is still building its app
         r = httpx.post(f"{base}/v1/models/stacked/sessions", json={"session_id": "shared"})
         assert r.status_code == 201, r.text
         x = np.random.default_rng(7).normal(size=(1, MOST_STEPS, 3)).astype(np.float32)
         outputs, counts, n = [], {}, 0
-        while n < MOST_STEPS and (n < 20 or sum(c > 0 for c in counts.values()) < 2):
+        while n < 20 or (
+            sum(c > 0 for c in counts.values()) < 2
+            and n < MOST_STEPS
+            and time.monotonic() < deadline
+        ):
             body = {"inputs": x[0, n : n + 1].tolist(), "step": n}
             r = httpx.post(f"{base}/v1/sessions/shared/step", json=body, timeout=30)
             assert r.status_code == 200 and r.json()["step"] == n + 1, r.text
