@@ -347,3 +347,31 @@ async def test_openapi_documents_both_forms(client: httpx.AsyncClient) -> None:
     route = (await client.get("/openapi.json")).json()["paths"]["/v1/models/{model}/steps"]["post"]
     assert set(route["requestBody"]["content"]) == {"application/json", MEDIA}
     assert set(route["responses"]["200"]["content"]) == {"application/json", MEDIA}
+
+
+async def test_masks_and_several_outputs(
+    client: httpx.AsyncClient, tiny_models: dict[str, Any], rng: np.random.Generator
+) -> None:
+    """A masked entry equals the masked sequence; a two-output model's binary values are
+    every output in order."""
+    x = rng.normal(size=(1, 4, 3)).astype(np.float32)
+    mask = np.array([[True, False, True, True]])
+    sid = await _create(client)
+    (result,) = await _bulk(
+        client, [{"session_id": sid, "inputs": x[0].tolist(), "mask": mask[0].tolist()}]
+    )
+    outs, _ = tiny_models["stacked"].reference(x, mask=mask)
+    np.testing.assert_allclose(result["outputs"], outs[0][0], atol=ATOL)
+
+    sid = await _create(client, "bidi")
+    header = {"steps": [{"session_id": sid, "timesteps": 4}]}
+    r = await client.post(
+        "/v1/models/bidi/steps",
+        content=_binary_body(header, [x[0]]),
+        headers={"content-type": MEDIA},
+    )
+    (result,), (got,) = _binary_reply(r.content)
+    outs, _ = tiny_models["bidi"].reference(x)
+    expected = np.concatenate([o[0].ravel() for o in outs])
+    assert result["values"] == expected.size and got is not None
+    np.testing.assert_allclose(got, expected, atol=ATOL)
