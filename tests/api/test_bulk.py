@@ -14,7 +14,7 @@ import httpx
 import numpy as np
 import pytest
 from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from conftest import Served, live_server, serve
 from gruserve.api.schemas import BulkStepsResponse
@@ -375,3 +375,22 @@ async def test_masks_and_several_outputs(
     expected = np.concatenate([o[0].ravel() for o in outs])
     assert result["values"] == expected.size and got is not None
     np.testing.assert_allclose(got, expected, atol=ATOL)
+
+
+async def test_api_keys_guard_both_routes(models_dir: Any, tiny_models: dict[str, Any]) -> None:
+    key = {"authorization": "Bearer bulk-key"}
+    async for s in serve(models_dir, api_keys="bulk-key"):
+        r = await s.client.post("/v1/models/simple/sessions", json={}, headers=key)
+        body = {"steps": [{"session_id": r.json()["session_id"], "inputs": [1.0, 2.0, 3.0]}]}
+        refused = await s.client.post("/v1/models/simple/steps", json=body)
+        assert refused.status_code == 401
+        allowed = await s.client.post("/v1/models/simple/steps", json=body, headers=key)
+        assert allowed.json()["results"][0]["step"] == 1
+        async for address in live_server(s.app):
+            with pytest.raises(InvalidStatus) as denied:
+                async with connect(f"ws://{address}/v1/models/simple/ws"):
+                    pass
+            assert denied.value.response.status_code == 401
+            async with connect(f"ws://{address}/v1/models/simple/ws", additional_headers=key) as ws:
+                await ws.send(json.dumps(body))
+                assert json.loads(await ws.recv())["results"][0]["step"] == 2
