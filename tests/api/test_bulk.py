@@ -334,13 +334,19 @@ async def test_websocket(
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 4404
 
 
-async def test_step_limit_is_a_setting(models_dir: Any, tiny_models: dict[str, Any]) -> None:
+async def test_step_and_byte_limits(models_dir: Any, tiny_models: dict[str, Any]) -> None:
     async for s in serve(models_dir, max_bulk_steps=2):
         sid = await _create(s.client)
         steps = [{"session_id": sid, "inputs": [0.0, 0.0, 0.0]}] * 3
         r = await s.client.post("/v1/models/stacked/steps", json={"steps": steps})
         assert r.status_code == 413 and "GRUSERVE_MAX_BULK_STEPS" in r.json()["error"]["message"]
         assert len(await _bulk(s.client, steps[:2])) == 2
+    async for s in serve(models_dir, max_request_bytes=256):
+        sid = await _create(s.client)
+        steps = [{"session_id": sid, "inputs": [0.0, 0.0, 0.0]}] * 8
+        r = await s.client.post("/v1/models/stacked/steps", json={"steps": steps})
+        assert r.status_code == 413 and "GRUSERVE_MAX_REQUEST_BYTES" in r.json()["error"]["message"]
+        assert await _count(s.client, sid) == 0
 
 
 async def test_openapi_documents_both_forms(client: httpx.AsyncClient) -> None:
