@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request, WebSocket
+from fastapi import APIRouter, Request, WebSocket, WebSocketDisconnect
 from starlette.responses import Response
 
 from gruserve.api import bulk_codec, encode
@@ -117,7 +117,10 @@ async def bulk_socket(websocket: WebSocket, model: str) -> None:
         except GruServeError as exc:
             await websocket.send_text(_error_text(exc))
             continue
-        if binary:
-            await websocket.send_bytes(bulk_codec.binary_reply(decoded.ids, outcomes))
-        else:
-            await websocket.send_text(bulk_codec.json_reply(decoded.ids, outcomes).decode())
+        try:
+            if binary:
+                await websocket.send_bytes(bulk_codec.binary_reply(decoded.ids, outcomes))
+            else:
+                await websocket.send_text(bulk_codec.json_reply(decoded.ids, outcomes).decode())
+        except WebSocketDisconnect:  # the client left before its reply: nobody to answer
+            return
