@@ -291,6 +291,14 @@ def serve(
     port: Annotated[
         int | None, typer.Option(help=_falls_back("Port.", "port"), show_default=False)
     ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            help=_falls_back("Worker processes sharing the port (needs a Redis store).", "workers"),
+            min=1,
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Serve every model in the repository over HTTP.
 
@@ -299,7 +307,7 @@ def serve(
     """
     from gruserve.server import run_server
 
-    run_server(models_dir=models_dir, host=host, port=port)
+    run_server(models_dir=models_dir, host=host, port=port, workers=workers)
 
 
 @app.command()

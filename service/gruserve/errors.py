@@ -190,6 +190,17 @@ class SequenceNotStarted(GruServeError):
         )
 
 
+class SessionNotOnModel(GruServeError):
+    """A bulk step names a session of another model than the one in its URL."""
+
+    def __init__(self, session_id: str, model: str, expected: str) -> None:
+        self.session_id, self.model = session_id, model
+        super().__init__(
+            f"session {session_id!r} belongs to model {model!r}, not {expected!r}: send its "
+            f"steps to /v1/models/{model}/steps"
+        )
+
+
 class SessionExists(GruServeError):
     """A client-chosen session id is already taken."""
 

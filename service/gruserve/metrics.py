@@ -9,11 +9,24 @@ per event.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.multiprocess import MultiProcessCollector
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"
+"""prometheus-client's multiprocess mode: set (``gruserve serve --workers N`` sets it), every
+process writes its samples to files in this folder and a scrape of any one of them sums
+all of them."""
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
@@ -108,6 +121,7 @@ class Metrics:
             "gruserve_sessions",
             "Sessions in the store (updated on every scrape).",
             registry=registry,
+            multiprocess_mode="mostrecent",  # several workers count the same shared store
         )
         self.sessions_expired = Counter(
             "gruserve_sessions_expired",
@@ -137,7 +151,17 @@ class Metrics:
             "1 for each served model, 0 for one that failed to load.",
             ["model", "version", "provider"],
             registry=registry,
+            multiprocess_mode="max",  # every worker loads the same models
         )
+
+    def exposition(self) -> bytes:
+        """What ``/metrics`` answers: this registry's samples or, in multiprocess mode (several
+        workers, :data:`MULTIPROCESS_DIR`), every worker's, counters and histograms summed."""
+        if os.environ.get(MULTIPROCESS_DIR):
+            merged = CollectorRegistry()
+            MultiProcessCollector(merged)
+            return generate_latest(merged)
+        return generate_latest(self.registry)
 
     def for_model(self, model: str) -> ModelMetrics:
         return ModelMetrics(

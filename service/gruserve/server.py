@@ -282,7 +282,13 @@ def run_server(
     # for the loop thread to let go. A shorter interval measured +15% steps/s (bench/README.md).
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     given = {"models_dir": models_dir, "host": host, "port": port, **overrides}
-    settings = load_settings(**{k: v for k, v in given.items() if v is not None})
+    given = {k: v for k, v in given.items() if v is not None}
+    settings = load_settings(**given)
+    if settings.workers > 1:
+        from gruserve import workers
+
+        workers.serve(settings, given)
+        return
     app = _build_app(settings, address=f"{settings.host}:{settings.port}")
     settle_heap()
     uvicorn.run(app, host=settings.host, port=settings.port, **uvicorn_options(settings))

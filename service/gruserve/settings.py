@@ -79,6 +79,11 @@ class Settings(BaseSettings):
     max_timesteps: int = Field(4096, ge=1)
     """Most timesteps in one request (per sequence); more answers 413."""
 
+    max_bulk_steps: int = Field(1024, ge=1)
+    """Most steps in one bulk request (``POST /v1/models/{model}/steps`` or one message on
+    ``/v1/models/{model}/ws``); more answers 413. Each step is also held to
+    ``max_timesteps`` and the whole request to ``max_request_bytes``."""
+
     max_request_bytes: int = Field(4 * 1024 * 1024, ge=64)
     """Largest request body, WebSocket message or NDJSON line in bytes; more answers 413."""
 
@@ -176,6 +181,11 @@ class Settings(BaseSettings):
 
     port: int = Field(8000, ge=0, le=65535)
     """Port for ``gruserve serve``."""
+
+    workers: int = Field(1, ge=1)
+    """Processes ``gruserve serve`` runs, all accepting on the one port. More than one needs
+    a shared session store (Redis): with ``memory`` each process would hold its own sessions,
+    so ``serve`` refuses to start."""
 
     @field_validator("log_level", "log_format", mode="before")
     @classmethod

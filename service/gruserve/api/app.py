@@ -18,7 +18,7 @@ from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gruserve import __version__
-from gruserve.api import docs, errors, health, stream, v1, v2
+from gruserve.api import bulk, docs, errors, health, stream, v1, v2
 from gruserve.api._auth import METRICS, PUBLIC, ApiKeyMiddleware, ApiKeys, load_keys
 from gruserve.api._edge import EdgeMiddleware
 from gruserve.api.fast_step import DirectStep, StepEndpoint
@@ -106,6 +106,7 @@ def create_app(settings: Settings, services: Services) -> GruServeAPI:
     app.state.settings = settings
     app.include_router(health.router)
     app.include_router(v1.router)
+    app.include_router(bulk.router)
     app.include_router(stream.router)
     app.include_router(v2.router)
     errors.install(app, services.metrics)

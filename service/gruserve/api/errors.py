@@ -41,6 +41,7 @@ STATUS: dict[type[e.GruServeError], int] = {
     e.ModelNotFound: 404,
     e.SessionNotFound: 404,
     e.SequenceNotStarted: 404,
+    e.SessionNotOnModel: 404,
     e.SessionExists: 409,
     e.SessionConflict: 409,
     e.SessionModelMismatch: 409,

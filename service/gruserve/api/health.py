@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 
 from fastapi import APIRouter, Request
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import Response
 
 from gruserve.api import encode
@@ -62,4 +62,4 @@ async def metrics(request: Request) -> Response:
     services: Services = request.app.state.services
     with contextlib.suppress(GruServeError):  # the scrape reports the rest; /readyz the store
         services.metrics.sessions.set(await services.store.count())
-    return Response(generate_latest(services.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(services.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

@@ -172,6 +172,37 @@ class ErrorResponse(_Strict):
     error: ErrorDetail
 
 
+class BulkStep(_Strict):
+    session_id: str = Field(description="A session of the model in the URL.")
+    inputs: StepInputs = Field(description="As `inputs` of a single step.")
+    mask: list[bool] | None = Field(None, description="As `mask` of a single step.")
+    step: int | None = Field(
+        None, ge=0, lt=2**63, description="As `step` of a single step (exactly-once)."
+    )
+
+
+class BulkStepsRequest(_Strict):
+    steps: list[BulkStep] = Field(
+        description="Steps of any sessions of this model (at most GRUSERVE_MAX_BULK_STEPS); "
+        "steps of one session apply in this order."
+    )
+
+
+class BulkError(ErrorDetail):
+    status: int = Field(description="The status a single step would have answered.")
+
+
+class BulkResult(_Strict):
+    session_id: str | None = Field(description="As sent (null if it was not a string).")
+    outputs: Outputs | None = Field(None, description="As a single step's reply.")
+    step: int | None = Field(None, description="Steps applied so far, this one included.")
+    error: BulkError | None = Field(None, description="Instead of outputs: why this step failed.")
+
+
+class BulkStepsResponse(_Strict):
+    results: list[BulkResult] = Field(description="One per step, in request order.")
+
+
 def request_body(model: type[BaseModel], media_type: str = "application/json") -> dict[str, Any]:
     """``openapi_extra`` documenting a body that the route decodes itself.
 

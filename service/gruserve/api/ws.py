@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import logging
 import struct
-from functools import partial
 import time
+from functools import partial
 from typing import Any
 
 from starlette.types import Receive, Scope, Send

@@ -40,6 +40,7 @@ from gruserve.errors import (
     SessionExists,
     SessionModelMismatch,
     SessionNotFound,
+    SessionNotOnModel,
     StepMismatch,
     StepOutOfOrder,
 )
@@ -240,6 +241,8 @@ class SessionService:
         mask: np.ndarray | None = None,
         step_number: int | None = None,
         caller: Caller = ANYONE,
+        *,
+        model_name: str | None = None,
     ) -> StepResult:
         """Apply one chunk of timesteps to a session, at least once or exactly once.
 
@@ -254,9 +257,12 @@ class SessionService:
             inputs: (T, F) or (F,) values, or (T,) / scalar token ids.
             mask: (T,) bool; a masked timestep leaves the state unchanged.
             step_number: steps the client knows were applied before this one (>= 0).
+            model_name: when given, the session must be on this model (bulk steps name
+                the model in their URL).
 
         Raises:
             SessionNotFound, InvalidInput, PayloadTooLarge, SessionConflict, StoreUnavailable.
+            SessionNotOnModel: the session is on another model than ``model_name``.
             StepOutOfOrder: ``step_number`` is neither the next step nor the last one.
             StepMismatch: ``step_number`` is the last step's, but the inputs or mask differ.
         """
@@ -269,6 +275,8 @@ class SessionService:
                 record = await self.store.get(session_id)
                 if caller is not ANYONE and not caller.sees(record.owner):
                     raise SessionNotFound(session_id)
+                if model_name is not None and record.model != model_name:
+                    raise SessionNotOnModel(session_id, record.model, model_name)
                 model = self.model_of(record)
                 if chunk is None:
                     chunk = self._chunk(model.signature, inputs, mask)

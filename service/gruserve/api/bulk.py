@@ -1,0 +1,126 @@
+"""Bulk steps: many sessions of one model stepped by one request or one WebSocket message.
+
+``POST /v1/models/{model}/steps`` takes JSON or, with ``Content-Type:
+application/x-gruserve-steps``, the binary form (both in :mod:`gruserve.api.bulk_codec`),
+and answers 200 with one result per step in request order, in the form it was sent.
+``/v1/models/{model}/ws`` takes the same requests as messages (text: JSON, binary: the
+binary form) and answers each with a message of the same kind; a message that fails as a
+whole is answered with the usual error object (text, with ``"status"``) and the
+connection stays open. An unknown model answers 404 (the WebSocket: the error, then
+close code 4404).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request, WebSocket, WebSocketDisconnect
+from starlette.responses import Response
+
+from gruserve.api import bulk_codec, encode
+from gruserve.api import schemas as s
+from gruserve.api._disconnect import unless_disconnected
+from gruserve.api._edge import SETTING
+from gruserve.api._request_id import HEADER, REQUEST_ID
+from gruserve.api.errors import error_payload
+from gruserve.api.ws import CLOSE_NOT_FOUND
+from gruserve.errors import GruServeError, PayloadTooLarge
+from gruserve.services import Services
+from gruserve.sessions.bulk import step_all
+
+router = APIRouter(prefix="/v1", responses=s.ERRORS)
+
+_BINARY_SCHEMA = {"type": "string", "format": "binary", "description": bulk_codec.__doc__}
+_OPENAPI: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": s.BulkStepsRequest.model_json_schema()},
+            bulk_codec.MEDIA_TYPE: {"schema": _BINARY_SCHEMA},
+        },
+    },
+    "responses": {"200": {"content": {bulk_codec.MEDIA_TYPE: {"schema": _BINARY_SCHEMA}}}},
+}
+
+
+async def _run(
+    services: Services, model: str, data: bytes | str, binary: bool
+) -> tuple[bulk_codec.BulkRequest, list[Any]]:
+    """Decode a bulk request, apply its steps; whole-request faults raise."""
+    features = services.registry.get(model).signature.features
+    limit = services.settings.max_bulk_steps
+    decoded = (
+        bulk_codec.binary_request(data, features, limit)  # type: ignore[arg-type]
+        if binary
+        else bulk_codec.json_request(data, limit)
+    )
+    return decoded, await step_all(services.sessions, model, decoded.steps)
+
+
+@router.post(
+    "/models/{model}/steps",
+    response_model=s.BulkStepsResponse,
+    tags=["sessions"],
+    openapi_extra=_OPENAPI,
+)
+async def bulk_steps(model: str, request: Request) -> Response:
+    """Step many sessions of ``model`` at once; one result per step, in request order.
+
+    Each step is what ``POST /v1/sessions/{id}/step`` would do with it (limits and
+    exactly-once numbers included); a failing step is that step's ``error`` and the
+    others still apply. Steps of one session apply in request order. JSON, or the
+    binary form with ``Content-Type: application/x-gruserve-steps`` (answered in kind).
+    The same requests go as messages over the WebSocket ``/v1/models/{model}/ws`` (text:
+    JSON, binary: the binary form), answered one by one in arrival order.
+    """
+    services: Services = request.app.state.services
+    media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    binary = media == bulk_codec.MEDIA_TYPE
+    decoded, outcomes = await unless_disconnected(
+        request, _run(services, model, await request.body(), binary)
+    )
+    if binary:
+        reply = bulk_codec.binary_reply(decoded.ids, outcomes)
+        return Response(reply, media_type=bulk_codec.MEDIA_TYPE)
+    return Response(bulk_codec.json_reply(decoded.ids, outcomes), media_type="application/json")
+
+
+def _error_text(exc: GruServeError) -> str:
+    status, body = error_payload(exc)
+    body["error"]["status"] = status
+    return encode.dumps(body).decode()
+
+
+@router.websocket("/models/{model}/ws")
+async def bulk_socket(websocket: WebSocket, model: str) -> None:
+    """Bulk steps as WebSocket messages, answered one by one in arrival order."""
+    services: Services = websocket.app.state.services
+    limit = services.settings.max_request_bytes
+    await websocket.accept(headers=[(HEADER, REQUEST_ID.get().encode())])
+    try:
+        services.registry.get(model)
+    except GruServeError as exc:
+        await websocket.send_text(_error_text(exc))
+        await websocket.close(CLOSE_NOT_FOUND, "model not found")
+        return
+    while True:
+        message = await websocket.receive()
+        if message["type"] != "websocket.receive":
+            return
+        data = message.get("bytes")
+        binary = data is not None
+        payload = data if binary else (message.get("text") or "")
+        try:
+            if len(payload) > limit:
+                raise PayloadTooLarge("a WebSocket message (bytes)", len(payload), limit, SETTING)
+            decoded, outcomes = await _run(services, model, payload, binary)
+        except GruServeError as exc:
+            await websocket.send_text(_error_text(exc))
+            continue
+        try:
+            if binary:
+                await websocket.send_bytes(bulk_codec.binary_reply(decoded.ids, outcomes))
+            else:
+                await websocket.send_text(bulk_codec.json_reply(decoded.ids, outcomes).decode())
+        except WebSocketDisconnect:  # the client left before its reply: nobody to answer
+            return

@@ -1,0 +1,148 @@
+"""``gruserve serve --workers N``: real processes on one port, sharing a real Redis.
+
+Which worker answered a step is read from the multiprocess metrics folder, where each
+worker writes its own samples (``counter_<pid>.db``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from prometheus_client import CollectorRegistry
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from conftest import free_port
+
+BIN = Path(sys.executable).parent
+ATOL = 1e-5
+MOST_STEPS = 3000
+WAIT_S = 120
+
+
+def _env(store: str, models_dir: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GRUSERVE_")}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    env.update(
+        GRUSERVE_MODELS_DIR=str(models_dir),
+        GRUSERVE_PROVIDER="cpu",
+        GRUSERVE_SESSION_STORE=store,
+        GRUSERVE_LOG_LEVEL="warning",
+        **extra,
+    )
+    return env
+
+
+def _steps_by_worker(folder: Path) -> dict[int, float]:
+    """Steps each worker process has run, from its own counter file."""
+    counts: dict[int, float] = {}
+    for file in folder.glob("counter_*.db"):
+        pid = int(file.stem.split("_")[1])
+        one = folder.parent / f"one-{pid}"
+        one.mkdir(exist_ok=True)
+        shutil.copy(file, one / file.name)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=str(one))
+        counts[pid] = registry.get_sample_value("gruserve_steps_total", {"model": "stacked"}) or 0
+    return counts
+
+
+def _parent_of(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat.rpartition(")")[2].split()[1])
+
+
+def _wait_ready(proc: subprocess.Popen[bytes], base: str) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"gruserve exited with {proc.returncode}")
+        try:
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError("gruserve did not become ready")
+
+
+def test_memory_store_refuses_several_workers(models_dir: Path, tmp_path: Path) -> None:
+    for args, extra in [(["--workers", "2"], {}), ([], {"GRUSERVE_WORKERS": "3"})]:
+        done = subprocess.run(
+            [str(BIN / "gruserve"), "serve", "--port", str(free_port()), *args],
+            env=_env("memory", models_dir, **extra),
+            cwd=tmp_path,
+            capture_output=True,
+            timeout=120,
+        )
+        assert done.returncode == 1, done
+        message = " ".join(done.stderr.decode().split())
+        assert "needs a shared session store" in message, message
+        assert "would be unknown to the others" in message
+
+
+def test_two_workers_continue_each_others_sessions(
+    models_dir: Path, tiny_models: dict[str, Any], redis_url: str, tmp_path: Path
+) -> None:
+    """Steps over fresh connections land on both workers; the session equals one sequence;
+    SIGTERM to the supervisor stops both workers and it exits 0."""
+    folder = tmp_path / "metrics"
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = _env(redis_url, models_dir, PROMETHEUS_MULTIPROC_DIR=str(folder))
+    proc = subprocess.Popen(
+        [str(BIN / "gruserve"), "serve", "--port", str(port), "--workers", "2"],
+        env=env,
+        cwd=tmp_path,
+    )
+    try:
+        _wait_ready(proc, base)
+        deadline = time.monotonic() + WAIT_S
+        while len(list(folder.glob("counter_*.db"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)  # the second worker is still building its app
+        r = httpx.post(f"{base}/v1/models/stacked/sessions", json={"session_id": "shared"})
+        assert r.status_code == 201, r.text
+        x = np.random.default_rng(7).normal(size=(1, MOST_STEPS, 3)).astype(np.float32)
+        outputs, counts, n = [], {}, 0
+        while n < 20 or (
+            sum(c > 0 for c in counts.values()) < 2
+            and n < MOST_STEPS
+            and time.monotonic() < deadline
+        ):
+            body = {"inputs": x[0, n : n + 1].tolist(), "step": n}
+            r = httpx.post(f"{base}/v1/sessions/shared/step", json=body, timeout=30)
+            assert r.status_code == 200 and r.json()["step"] == n + 1, r.text
+            outputs.append(r.json()["outputs"])
+            n += 1
+            if n % 10 == 0:
+                counts = _steps_by_worker(folder)
+        counts = _steps_by_worker(folder)
+        workers = [pid for pid, c in counts.items() if c > 0]
+        assert len(workers) == 2 and sum(counts.values()) == n, counts
+        assert all(_parent_of(pid) == proc.pid for pid in workers)
+
+        expected, states = tiny_models["stacked"].reference(x[:, :n])
+        np.testing.assert_allclose(np.concatenate(outputs), expected[0][0], atol=ATOL)
+        got = httpx.get(f"{base}/v1/sessions/shared", params={"include_state": "true"}).json()
+        assert got["step"] == n
+        for key, value in got["states"].items():
+            np.testing.assert_allclose(value, states[key][0], atol=ATOL)
+        scraped = httpx.get(f"{base}/metrics").text  # any worker's scrape sums both
+        assert f'gruserve_steps_total{{model="stacked"}} {float(n)}' in scraped
+
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        for pid in workers:
+            assert not Path(f"/proc/{pid}").exists(), f"worker {pid} outlived the supervisor"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
