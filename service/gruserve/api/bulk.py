@@ -19,6 +19,7 @@ from starlette.responses import Response
 
 from gruserve.api import bulk_codec, encode
 from gruserve.api import schemas as s
+from gruserve.api._auth import caller_of
 from gruserve.api._disconnect import unless_disconnected
 from gruserve.api._edge import SETTING
 from gruserve.api._request_id import HEADER, REQUEST_ID
@@ -27,6 +28,7 @@ from gruserve.api.ws import CLOSE_NOT_FOUND
 from gruserve.errors import GruServeError, PayloadTooLarge
 from gruserve.services import Services
 from gruserve.sessions.bulk import step_all
+from gruserve.sessions.owner import Caller
 
 router = APIRouter(prefix="/v1", responses=s.ERRORS)
 
@@ -44,7 +46,7 @@ _OPENAPI: dict[str, Any] = {
 
 
 async def _run(
-    services: Services, model: str, data: bytes | str, binary: bool
+    services: Services, model: str, data: bytes | str, binary: bool, caller: Caller
 ) -> tuple[bulk_codec.BulkRequest, list[Any]]:
     """Decode a bulk request, apply its steps; whole-request faults raise."""
     features = services.registry.get(model).signature.features
@@ -54,7 +56,7 @@ async def _run(
         if binary
         else bulk_codec.json_request(data, limit)
     )
-    return decoded, await step_all(services.sessions, model, decoded.steps)
+    return decoded, await step_all(services.sessions, model, decoded.steps, caller)
 
 
 @router.post(
@@ -77,7 +79,7 @@ async def bulk_steps(model: str, request: Request) -> Response:
     media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
     binary = media == bulk_codec.MEDIA_TYPE
     decoded, outcomes = await unless_disconnected(
-        request, _run(services, model, await request.body(), binary)
+        request, _run(services, model, await request.body(), binary, caller_of(request.scope))
     )
     if binary:
         reply = bulk_codec.binary_reply(decoded.ids, outcomes)
@@ -113,7 +115,9 @@ async def bulk_socket(websocket: WebSocket, model: str) -> None:
         try:
             if len(payload) > limit:
                 raise PayloadTooLarge("a WebSocket message (bytes)", len(payload), limit, SETTING)
-            decoded, outcomes = await _run(services, model, payload, binary)
+            decoded, outcomes = await _run(
+                services, model, payload, binary, caller_of(websocket.scope)
+            )
         except GruServeError as exc:
             await websocket.send_text(_error_text(exc))
             continue

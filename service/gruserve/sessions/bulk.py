@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from gruserve.sessions.owner import ANYONE, Caller
 from gruserve.sessions.service import SessionService, StepResult
 
 
@@ -34,7 +35,10 @@ Outcome = StepResult | BaseException
 
 
 async def step_all(
-    sessions: SessionService, model: str, steps: Sequence[BulkStep | BaseException]
+    sessions: SessionService,
+    model: str,
+    steps: Sequence[BulkStep | BaseException],
+    caller: Caller = ANYONE,
 ) -> list[Outcome]:
     """Apply ``steps`` to sessions of ``model``; results in request order.
 
@@ -47,6 +51,7 @@ async def step_all(
         sessions: the session service.
         model: the model every session must be on (others: ``SessionNotOnModel``).
         steps: decoded steps, or the error each undecodable one raised.
+        caller: the tenant asking: another tenant's session is ``SessionNotFound``.
 
     Returns:
         One outcome per entry of ``steps``: a :class:`StepResult` or an exception.
@@ -65,6 +70,7 @@ async def step_all(
                     item.inputs,
                     item.mask,
                     item.step_number,
+                    caller,
                     model_name=model,
                 )
             except Exception as exc:  # one step's failure is its own result
