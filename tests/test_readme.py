@@ -60,7 +60,11 @@ class Block:
 
     @property
     def writes_models(self) -> bool:
-        return "gruserve train" in self.code or "gruserve import-keras" in self.code
+        """Writes or reads the models the import blocks make (run with those, not the server)."""
+        return any(
+            command in self.code
+            for command in ("gruserve train", "gruserve import-keras", "gruserve export-keras")
+        )
 
     @property
     def starts_server(self) -> bool:
@@ -248,10 +252,12 @@ def test_the_import_and_training_blocks_run(tmp_path: Path) -> None:
     model = keras.Sequential([keras.Input((None, 2)), keras.layers.GRU(4), keras.layers.Dense(1)])
     model.save(workdir / "my_model.keras")
     model.save(workdir / "legacy.h5")
+    model.save(workdir / "my_model_dir", zipped=False)
     blocks = [b for b in BLOCKS if b.skip is None and b.writes_models]
     assert blocks
     for block in blocks:
         run_block(block, workdir, free_port(), timeout=600)
     assert (workdir / "models" / "my_model" / "1" / "model.onnx").is_file()
     assert (workdir / "models" / "legacy" / "3" / "model.onnx").is_file()
+    assert (workdir / "out.keras").is_file()
     assert (workdir / "models" / "demo" / "2" / "model.json").is_file()  # the repo ships 1

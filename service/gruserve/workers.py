@@ -34,6 +34,13 @@ from gruserve.metrics import MULTIPROCESS_DIR
 from gruserve.settings import ENV_PREFIX, Settings
 
 APP = "gruserve.workers:worker_app"
+_PROTOCOLS = {
+    "http": "gruserve.workers:WorkerHttpProtocol",
+    "ws": "gruserve.workers:WorkerWebSocketProtocol",
+}
+"""The protocol classes by import string: the ones ``uvicorn_options`` builds carry the edge
+limits as class attributes of classes made at run time, which cannot be pickled to a spawned
+worker; each worker builds its own from its settings instead (:func:`__getattr__`)."""
 
 
 class SharedStoreRequired(GruServeError):
@@ -95,7 +102,7 @@ def serve(settings: Settings, given: dict[str, Any]) -> None:
             host=settings.host,
             port=settings.port,
             workers=settings.workers,
-            **uvicorn_options(settings),
+            **{**uvicorn_options(settings), **_PROTOCOLS},
         )
     finally:
         if made:
@@ -111,3 +118,16 @@ def worker_app() -> FastAPI:
     app = create_app(Settings())
     settle_heap()
     return app
+
+
+def __getattr__(name: str) -> Any:
+    """``WorkerHttpProtocol`` / ``WorkerWebSocketProtocol``: the protocol classes
+    ``uvicorn_options`` makes, built in the worker from its ``GRUSERVE_*`` settings."""
+    if name not in ("WorkerHttpProtocol", "WorkerWebSocketProtocol"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from gruserve.server import uvicorn_options
+
+    options = uvicorn_options(Settings())
+    built = options["http" if name == "WorkerHttpProtocol" else "ws"]
+    globals()[name] = built
+    return built
