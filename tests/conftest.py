@@ -228,7 +228,7 @@ def stuck_step(served: Served, monkeypatch: pytest.MonkeyPatch) -> StuckStep:
 @pytest.fixture
 def watchers(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     """Disconnect watchers started (one per request that outlived the grace period)."""
-    from gruserve.api import _disconnect
+    from gruserve.api.protocols import _disconnect
 
     started: list[Any] = []
     original = _disconnect._disconnected

@@ -92,7 +92,7 @@ def test_json_lines_name_the_requests(
     assert by_request["req-missing"]["message"].startswith("answered 404 SessionNotFound")
     assert by_request["req-order"]["message"].startswith("answered 409 StepOutOfOrder")
     assert {by_request[k]["level"] for k in ("req-no-key", "req-missing", "req-order")} == {"info"}
-    sockets = [r for r in records if r["logger"] == "gruserve.api.ws"]
+    sockets = [r for r in records if r["logger"] == "gruserve.api.v1.ws"]
     assert [r["message"].split(":")[0] for r in sockets] == ["WebSocket open", "WebSocket closed"]
     assert all(r["request_id"] == "req-ws" for r in sockets)
     assert "client closed 1000" in sockets[1]["message"]

@@ -224,7 +224,7 @@ def test_serve_passes_its_settings_to_uvicorn(
     assert result.returncode == 0, result.stderr
     kwargs = json.loads(result.stdout.splitlines()[-1])
     assert kwargs["timeout_graceful_shutdown"] == 3.5 and kwargs["timeout_keep_alive"] == 7
-    # one write per response (api/_http11.py), no server header, X-Forwarded-* only for the
+    # one write per response (api/protocols/_http11.py), no server header, X-Forwarded-* only for the
     # access log, which is off below debug level
     assert kwargs["http"] == "GruServeHttpProtocol" and kwargs["server_header"] is False
     assert kwargs["access_log"] is False and kwargs["proxy_headers"] is False

@@ -247,16 +247,16 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
     if log_config is not None:
         options["log_config"] = log_config
     # the fastest of uvicorn's WebSocket stacks here (bench/README.md), where available, with
-    # plain messages framed by the protocol itself (api/_websocket.py)
+    # plain messages framed by the protocol itself (api/protocols/_websocket.py)
     if "websockets-sansio" in WS_PROTOCOLS:
-        from gruserve.api._websocket import GruServeWebSocketProtocol, WsLimits
+        from gruserve.api.protocols._websocket import GruServeWebSocketProtocol, WsLimits
 
         options["ws"] = GruServeWebSocketProtocol.bound(WsLimits(settings.ws_max_frames))
     else:  # pragma: no cover - uvicorn releases before websockets-sansio
         options["ws"] = "auto"
-    try:  # one write per response, the step without ASGI, edge limits (api/_http11.py)
-        from gruserve.api._http11 import GruServeHttpProtocol
-        from gruserve.api._http_limits import HttpLimits
+    try:  # one write per response, the step without ASGI, edge limits (api/protocols/_http11.py)
+        from gruserve.api.protocols._http11 import GruServeHttpProtocol
+        from gruserve.api.protocols._http_limits import HttpLimits
     except ImportError:  # pragma: no cover - uvicorn[standard] brings httptools
         pass
     else:

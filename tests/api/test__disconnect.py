@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 from starlette.requests import Request
 
-from gruserve.api._disconnect import DisconnectWatch, unless_disconnected
 from gruserve.api.errors import ClientDisconnected
+from gruserve.api.protocols._disconnect import DisconnectWatch, unless_disconnected
 
 
 def _receive(disconnect_after: float | None) -> Any:

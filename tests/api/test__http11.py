@@ -1,4 +1,4 @@
-"""One write per response (api/_http11.py): the joiner's rules, and a real uvicorn using it."""
+"""One write per response (api/protocols/_http11.py): the joiner's rules, and a real uvicorn using it."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 
 from conftest import Served, http_exchange, live_server
-from gruserve.api import _http11 as http11
-from gruserve.api._http11 import GruServeHttpProtocol, _HeadJoiner
-from gruserve.api._http_limits import HttpLimits
+from gruserve.api.protocols import _http11 as http11
+from gruserve.api.protocols._http11 import GruServeHttpProtocol, _HeadJoiner
+from gruserve.api.protocols._http_limits import HttpLimits
 from gruserve.server import uvicorn_options
 from gruserve.settings import Settings
 

@@ -1,4 +1,4 @@
-"""Frames read and written in the protocol (api/_websocket.py), against uvicorn's own protocol.
+"""Frames read and written in the protocol (api/protocols/_websocket.py), against uvicorn's own protocol.
 
 Every scenario feeds the same client bytes (made by ``websockets``' sans-I/O client:
 real masks, fragments, pings, compression) to both protocol classes serving one echo
@@ -32,8 +32,13 @@ from websockets.uri import parse_uri
 from websockets.utils import apply_mask
 
 from conftest import live_server, serve
-from gruserve.api import _websocket
-from gruserve.api._websocket import PAUSE_AT, GruServeWebSocketProtocol, WsLimits, frame_header
+from gruserve.api.protocols import _websocket
+from gruserve.api.protocols._websocket import (
+    PAUSE_AT,
+    GruServeWebSocketProtocol,
+    WsLimits,
+    frame_header,
+)
 from gruserve.server import uvicorn_options
 from gruserve.settings import Settings
 

@@ -17,7 +17,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from conftest import Served, live_server, serve
-from gruserve.api.schemas import BulkStepsResponse
+from gruserve.api.v1.schemas import BulkStepsResponse
 
 ATOL = 1e-5
 MEDIA = "application/x-gruserve-steps"

@@ -1,4 +1,4 @@
-"""The step route answered by the HTTP protocol itself (fast_step.DirectStep, api/_http11.py).
+"""The step route answered by the HTTP protocol itself (fast_step.DirectStep, api/protocols/_http11.py).
 
 Under ``gruserve serve``'s options a step request that the edge and the key check would
 let through is answered without ASGI. These tests run a real uvicorn configured that way
@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from conftest import Served, StuckStep, free_port, http_exchange, live_server, serve
-from gruserve.api.fast_step import DirectStep, StepEndpoint
+from gruserve.api.v1.fast_step import DirectStep, StepEndpoint
 
 ATOL = 1e-5
 STEP_ROUTE = 'route="/v1/sessions/{session_id}/step"'

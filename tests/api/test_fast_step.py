@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 
 from conftest import Served, StuckStep, serve
-from gruserve.api import v1
-from gruserve.api.fast_step import StepEndpoint
+from gruserve.api.v1 import routes as v1
+from gruserve.api.v1.fast_step import StepEndpoint
 
 ATOL = 1e-5
 STEP_ROUTE = 'route="/v1/sessions/{session_id}/step"'

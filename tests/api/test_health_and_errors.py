@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from conftest import free_port, serve
-from gruserve.api.schemas import ErrorResponse
+from gruserve.api.v1.schemas import ErrorResponse
 
 
 async def test_health_ready_metrics(

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from gruserve.api.triton_config import model_config
-from gruserve.api.v2_model import wire_model
+from gruserve.api.v2.model import wire_model
+from gruserve.api.v2.triton_config import model_config
 from gruserve.runtime.registry import ModelRegistry
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import serve
-from gruserve.api.schemas import ModelDescription, ModelList, PredictResponse
+from gruserve.api.v1.schemas import ModelDescription, ModelList, PredictResponse
 
 ATOL = 1e-5
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import serve
-from gruserve.api.schemas import SessionInfo, SessionList, StepResponse
+from gruserve.api.v1.schemas import SessionInfo, SessionList, StepResponse
 
 ATOL = 1e-5
 

@@ -13,7 +13,7 @@ import httpx
 import numpy as np
 import orjson
 
-from gruserve.api.v2_schemas import InferResponse, ModelMetadata, ServerMetadata
+from gruserve.api.v2.schemas import InferResponse, ModelMetadata, ServerMetadata
 
 ATOL = 1e-5
 HEADER = "Inference-Header-Content-Length"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gruserve.api.v2_params import UINT64_MAX, flag, sequence_control, session_id_for
+from gruserve.api.v2.params import UINT64_MAX, flag, sequence_control, session_id_for
 from gruserve.errors import InvalidInput
 from gruserve.sessions.service import SESSION_ID
 

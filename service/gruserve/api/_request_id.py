@@ -1,6 +1,6 @@
 """Request ids: the client's ``X-Request-ID`` (or a new one), echoed on every response.
 
-:class:`~gruserve.api._edge.EdgeMiddleware` picks the id of each HTTP request and
+:class:`~gruserve.api.protocols._edge.EdgeMiddleware` picks the id of each HTTP request and
 WebSocket handshake, puts it in :data:`REQUEST_ID` for the task answering it (so error
 logs can name it) and adds it to the response headers. A received id is kept if it is
 1-200 printable ASCII characters without spaces; anything else (or none) is replaced by

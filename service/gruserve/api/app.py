@@ -18,12 +18,15 @@ from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gruserve import __version__
-from gruserve.api import bulk, docs, errors, health, stream, v1, v2
+from gruserve.api import docs, errors, health
 from gruserve.api._auth import METRICS, PUBLIC, ApiKeyMiddleware, ApiKeys, load_keys
-from gruserve.api._edge import EdgeMiddleware
-from gruserve.api.fast_step import DirectStep, StepEndpoint
-from gruserve.api.hot_paths import HotPaths
-from gruserve.api.ws import SessionSockets
+from gruserve.api.protocols._edge import EdgeMiddleware
+from gruserve.api.v1 import bulk, stream
+from gruserve.api.v1 import routes as v1
+from gruserve.api.v1.fast_step import DirectStep, StepEndpoint
+from gruserve.api.v1.hot_paths import HotPaths
+from gruserve.api.v1.ws import SessionSockets
+from gruserve.api.v2 import routes as v2
 from gruserve.errors import GruServeError
 from gruserve.services import Services
 from gruserve.settings import Settings
@@ -65,10 +68,10 @@ _NO_TELEMETRY: dict[str, Any] = (
 
 
 class GruServeAPI(FastAPI):
-    """FastAPI, with the per-step routes (:mod:`gruserve.api.hot_paths`) answered first.
+    """FastAPI, with the per-step routes (:mod:`gruserve.api.v1.hot_paths`) answered first.
 
     ``direct_routes`` is what ``gruserve serve``'s HTTP protocol answers without ASGI
-    (:mod:`gruserve.api._http11`); other servers never look at it.
+    (:mod:`gruserve.api.protocols._http11`); other servers never look at it.
     """
 
     hot_paths: HotPaths | None = None

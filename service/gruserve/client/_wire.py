@@ -2,7 +2,7 @@
 
 Nothing here does I/O, so :mod:`gruserve.client._sync` and :mod:`gruserve.client._async`
 differ only in how they send and wait; the wire formats are written once (those of
-``api/decode.py``, ``api/encode.py`` and ``api/ws.py`` on the server).
+``api/decode.py``, ``api/encode.py`` and ``api/v1/ws.py`` on the server).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Bulk steps: many sessions of one model stepped by one request or one WebSocket message.
 
 ``POST /v1/models/{model}/steps`` takes JSON or, with ``Content-Type:
-application/x-gruserve-steps``, the binary form (both in :mod:`gruserve.api.bulk_codec`),
+application/x-gruserve-steps``, the binary form (both in :mod:`gruserve.api.v1.bulk_codec`),
 and answers 200 with one result per step in request order, in the form it was sent.
 ``/v1/models/{model}/ws`` takes the same requests as messages (text: JSON, binary: the
 binary form) and answers each with a message of the same kind; a message that fails as a
@@ -17,14 +17,15 @@ from typing import Any
 from fastapi import APIRouter, Request, WebSocket, WebSocketDisconnect
 from starlette.responses import Response
 
-from gruserve.api import bulk_codec, encode
-from gruserve.api import schemas as s
+from gruserve.api import encode
 from gruserve.api._auth import caller_of
-from gruserve.api._disconnect import unless_disconnected
-from gruserve.api._edge import SETTING
 from gruserve.api._request_id import HEADER, REQUEST_ID
 from gruserve.api.errors import error_payload
-from gruserve.api.ws import CLOSE_NOT_FOUND
+from gruserve.api.protocols._disconnect import unless_disconnected
+from gruserve.api.protocols._edge import SETTING
+from gruserve.api.v1 import bulk_codec
+from gruserve.api.v1 import schemas as s
+from gruserve.api.v1.ws import CLOSE_NOT_FOUND
 from gruserve.errors import GruServeError, PayloadTooLarge
 from gruserve.services import Services
 from gruserve.sessions.bulk import step_all

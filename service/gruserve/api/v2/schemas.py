@@ -1,6 +1,6 @@
 """Wire models of the v2 (KServe / Triton) routes, for the OpenAPI schema and the tests.
 
-The routes decode bodies themselves (:mod:`gruserve.api.v2_tensors`), because an
+The routes decode bodies themselves (:mod:`gruserve.api.v2.tensors`), because an
 inference request may be a JSON header followed by raw tensor bytes; these
 models describe the JSON parts. Nothing below ``api/`` imports this module.
 """
@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from gruserve.api.v2_tensors import HEADER_LENGTH
+from gruserve.api.v2.tensors import HEADER_LENGTH
 
 
 class _Wire(BaseModel):

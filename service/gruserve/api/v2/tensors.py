@@ -10,8 +10,8 @@ class, in requests and in replies.
 This module knows nothing about models: it checks that a tensor is well-formed
 (a known datatype, a shape of non-negative integers, exactly as many elements or
 bytes as the shape needs) and leaves "does it fit this model" to
-:mod:`gruserve.api.v2_model`. The request around the tensors is
-:mod:`gruserve.api.v2_request`. Each fault raises
+:mod:`gruserve.api.v2.model`. The request around the tensors is
+:mod:`gruserve.api.v2.request`. Each fault raises
 :class:`~gruserve.errors.InvalidInput` naming the field, e.g. ``inputs[1].shape``.
 """
 

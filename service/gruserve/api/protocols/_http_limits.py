@@ -4,7 +4,8 @@ uvicorn's httptools protocol reads a header block for as long as it comes and as
 it grows (httptools buffers a header value until it ends), keeps a connection that sends
 nothing open forever, and accepts connections until the process runs out of file
 descriptors. All of this happens before any route, and before the API-key check. A
-:class:`HeadGuard` per connection, driven by :class:`~gruserve.api._http11.GruServeHttpProtocol`,
+:class:`HeadGuard` per connection, driven by
+:class:`~gruserve.api.protocols._http11.GruServeHttpProtocol`,
 bounds it (:class:`HttpLimits`, from ``GRUSERVE_MAX_HEADER_BYTES``,
 ``GRUSERVE_HEADER_TIMEOUT_S`` and ``GRUSERVE_MAX_CONNECTIONS``):
 

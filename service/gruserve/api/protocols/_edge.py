@@ -2,12 +2,12 @@
 
 Outermost of gruserve's middleware on both ways in (:mod:`gruserve.api.app`): around
 FastAPI's routes, and around the per-step REST and WebSocket handlers that
-:mod:`gruserve.api.hot_paths` dispatches before the framework, with the API-key check
+:mod:`gruserve.api.v1.hot_paths` dispatches before the framework, with the API-key check
 inside it in both. So every request is covered:
 
 - request ids (:mod:`gruserve.api._request_id`): every HTTP response carries the
   request's ``X-Request-ID``; a WebSocket handshake gets one from
-  :class:`~gruserve.api.ws.SessionSockets`, which reads it from
+  :class:`~gruserve.api.v1.ws.SessionSockets`, which reads it from
   :data:`~gruserve.api._request_id.REQUEST_ID`, set here for both;
 - the byte limit is enforced while the body is being received, before anything
   parses it: a ``Content-Length`` above the limit is answered 413 at once, and a
@@ -23,7 +23,7 @@ their messages pay for no wrapper. This runs on every request, so the labelled m
 children are looked up once per (method, route, status) and kept (:class:`HttpMetrics`),
 instead of calling ``labels()`` each time.
 
-The step route answered by the HTTP protocol itself (:class:`gruserve.api.fast_step.DirectStep`)
+The step route answered by the HTTP protocol itself (:class:`gruserve.api.v1.fast_step.DirectStep`)
 takes only requests this layer would pass through unchanged (a ``Content-Length`` within
 the limit), and uses the same pieces: :func:`scan_headers`, the request id and
 :class:`HttpMetrics`.

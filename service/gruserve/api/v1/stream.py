@@ -20,10 +20,10 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from gruserve.api import decode, encode
-from gruserve.api import schemas as s
 from gruserve.api._auth import caller_of
-from gruserve.api._edge import SETTING
 from gruserve.api.errors import error_payload
+from gruserve.api.protocols._edge import SETTING
+from gruserve.api.v1 import schemas as s
 from gruserve.errors import GruServeError, PayloadTooLarge
 from gruserve.sessions.owner import ANYONE, Caller
 from gruserve.sessions.service import SessionService

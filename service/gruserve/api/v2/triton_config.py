@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gruserve.api.v2_model import TensorSpec, WireModel
+from gruserve.api.v2.model import TensorSpec, WireModel
 
 PLATFORM = "onnxruntime_onnx"
 BACKEND = "onnxruntime"

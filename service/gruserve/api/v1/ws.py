@@ -21,7 +21,7 @@ the usual error object (as text, plus ``"status"``; a ``StepOutOfOrder`` error h
 it with code 4404.
 
 This is the leanest path in the server, so it is a plain ASGI app that
-:class:`~gruserve.api.hot_paths.HotPaths` hands WebSocket connections to before the
+:class:`~gruserve.api.v1.hot_paths.HotPaths` hands WebSocket connections to before the
 framework's layers: no pydantic, numpy views over the received bytes, one orjson
 call per JSON reply.
 """
@@ -38,9 +38,9 @@ from starlette.types import Receive, Scope, Send
 
 from gruserve.api import decode, encode
 from gruserve.api._auth import caller_of
-from gruserve.api._edge import SETTING
 from gruserve.api._request_id import HEADER, REQUEST_ID
 from gruserve.api.errors import error_payload
+from gruserve.api.protocols._edge import SETTING
 from gruserve.errors import (
     GruServeError,
     InvalidInput,

@@ -5,7 +5,7 @@ followed by the binary inputs' bytes; the ``Inference-Header-Content-Length``
 HTTP header then gives the JSON part's length. tritonclient may also gzip or
 deflate the whole body (``Content-Encoding``). :func:`parse` undoes the framing,
 checks the request object (``id``, ``parameters``, ``inputs``, ``outputs``) and
-has :mod:`gruserve.api.v2_tensors` decode each input, so that every body byte is
+has :mod:`gruserve.api.v2.tensors` decode each input, so that every body byte is
 accounted for: a byte count that does not add up is an error, never a guess.
 """
 
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gruserve.api import decode
-from gruserve.api.v2_tensors import HEADER_LENGTH, Tensor, decode_input, json_object, show
+from gruserve.api.v2.tensors import HEADER_LENGTH, Tensor, decode_input, json_object, show
 from gruserve.errors import InvalidInput, PayloadTooLarge
 
 REQUEST_KEYS = frozenset({"id", "parameters", "inputs", "outputs"})

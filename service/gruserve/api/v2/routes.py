@@ -4,7 +4,7 @@ Existing Triton and KServe clients (``tritonclient.http`` included) work
 unchanged: server and model metadata, health, a Triton-style model config, and
 ``infer`` with JSON or binary tensors. A request without a sequence id is a
 stateless predict; one with ``sequence_id`` is one step of a sequence, kept as
-an ordinary session (:mod:`gruserve.api.v2_params` gives the id mapping), so
+an ordinary session (:mod:`gruserve.api.v2.params` gives the id mapping), so
 v2 shares v1's models, sessions, batching and stores and none of the math is
 repeated here. Each route parses, makes one call into the core, and encodes;
 errors are raised, and ``api/errors.py`` answers them as ``{"error": "..."}``.
@@ -16,13 +16,15 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from gruserve import __version__
-from gruserve.api import encode, v2_request, v2_tensors
-from gruserve.api import v2_schemas as s
+from gruserve.api import encode
 from gruserve.api._auth import caller_of
-from gruserve.api._disconnect import unless_disconnected
-from gruserve.api.triton_config import PLATFORM, model_config
-from gruserve.api.v2_model import bind, produced, sequence_outputs, wire_model
-from gruserve.api.v2_params import flag, sequence_control
+from gruserve.api.protocols._disconnect import unless_disconnected
+from gruserve.api.v2 import request as v2_request
+from gruserve.api.v2 import schemas as s
+from gruserve.api.v2 import tensors as v2_tensors
+from gruserve.api.v2.model import bind, produced, sequence_outputs, wire_model
+from gruserve.api.v2.params import flag, sequence_control
+from gruserve.api.v2.triton_config import PLATFORM, model_config
 from gruserve.errors import GruServeError, InvalidInput, ModelNotFound
 from gruserve.runtime.model import LoadedModel
 from gruserve.services import Services

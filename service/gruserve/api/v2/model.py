@@ -25,7 +25,7 @@ from weakref import WeakKeyDictionary
 
 import numpy as np
 
-from gruserve.api.v2_request import InferRequest
+from gruserve.api.v2.request import InferRequest
 from gruserve.errors import InvalidInput
 from gruserve.runtime.model import LoadedModel
 from gruserve.runtime.signature import ModelSignature

@@ -1,18 +1,18 @@
 """``POST /v1/sessions/{id}/step`` without the framework: the hot REST route, in two forms.
 
-The FastAPI route in :mod:`gruserve.api.v1` stays declared, so OpenAPI documents
+The FastAPI route in :mod:`gruserve.api.v1.routes` stays declared, so OpenAPI documents
 it, but a step request is answered by one of these first:
 
 - :class:`DirectStep`, under ``gruserve serve``: the HTTP protocol
-  (:mod:`gruserve.api._http11`) hands it the parsed request and writes the reply
+  (:mod:`gruserve.api.protocols._http11`) hands it the parsed request and writes the reply
   it returns, with no ASGI cycle, task-per-message ``receive``/``send`` or middleware
   in between. It takes only requests the edge and the API-key check would pass
   through unchanged (a ``Content-Length`` within the byte limit, a valid key if keys
   are set); anything else (a chunked body, an oversized or missing key...) goes the
   ASGI way below, where those layers answer it.
 - :class:`StepEndpoint`, as plain ASGI, for every other server
-  (``uvicorn --factory``, the ASGI test transport): :class:`~gruserve.api.hot_paths.HotPaths`
-  sends matching requests to it inside :class:`~gruserve.api._edge.EdgeMiddleware` and
+  (``uvicorn --factory``, the ASGI test transport): :class:`~gruserve.api.v1.hot_paths.HotPaths`
+  sends matching requests to it inside :class:`~gruserve.api.protocols._edge.EdgeMiddleware` and
   the API-key check.
 
 Both answer with :meth:`StepEndpoint.answer`: :func:`gruserve.api.decode.step_message`
@@ -33,10 +33,10 @@ from starlette.types import Message, Receive, Scope, Send
 
 from gruserve.api import decode, encode
 from gruserve.api._auth import ApiKeys, caller_of
-from gruserve.api._disconnect import DisconnectWatch, Watch
-from gruserve.api._edge import HttpMetrics, scan_headers
 from gruserve.api._request_id import HEADER, REQUEST_ID, chosen
 from gruserve.api.errors import ClientDisconnected, error_payload
+from gruserve.api.protocols._disconnect import DisconnectWatch, Watch
+from gruserve.api.protocols._edge import HttpMetrics, scan_headers
 from gruserve.metrics import Metrics
 from gruserve.sessions.owner import ANYONE, Caller
 from gruserve.sessions.service import SessionService
@@ -98,7 +98,7 @@ class StepEndpoint:
 
 class DirectStep:
     """The step route, answered by the HTTP protocol (``app.direct_routes``, see
-    :class:`~gruserve.api._http11.DirectRoutes`).
+    :class:`~gruserve.api.protocols._http11.DirectRoutes`).
 
     Args:
         endpoint: the ASGI form, whose :meth:`~StepEndpoint.answer` this shares.

@@ -3,7 +3,7 @@
 Each route reads and decodes its body, makes one call into the core, and
 encodes the reply; errors are raised and turned into responses by
 ``api/errors.py``. Bodies with arrays are decoded by :mod:`gruserve.api.decode`
-(documented in OpenAPI by the models in :mod:`gruserve.api.schemas`).
+(documented in OpenAPI by the models in :mod:`gruserve.api.v1.schemas`).
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from fastapi import APIRouter, Query, Request
 from starlette.responses import Response
 
 from gruserve.api import decode, encode
-from gruserve.api import schemas as s
 from gruserve.api._auth import caller_of
-from gruserve.api._disconnect import unless_disconnected
+from gruserve.api.protocols._disconnect import unless_disconnected
+from gruserve.api.v1 import schemas as s
 from gruserve.errors import InvalidInput
 from gruserve.services import Services
 from gruserve.sessions.store import MAX_PAGE, SessionRecord

@@ -14,7 +14,7 @@ Writes are never reordered or dropped.
 
 **Direct routes.** An app may name, as its ``direct_routes`` attribute, requests that it
 answers without ASGI (:class:`DirectRoutes`; gruserve's is the session step,
-:class:`gruserve.api.fast_step.DirectStep`). For those the protocol builds no ASGI
+:class:`gruserve.api.v1.fast_step.DirectStep`). For those the protocol builds no ASGI
 scope, cycle, event or ``receive``/``send`` pair: a :class:`_DirectCycle` collects the
 body, awaits the app's ``(status, headers, body)`` and writes it in one call. uvicorn's
 own connection handling is kept: the cycle stands in ``self.cycle`` and in the pipeline
@@ -25,10 +25,10 @@ reading resumed). A lost connection cancels the app's work at once. Requests the
 does not match, and every request when the access log is on (it is written from
 uvicorn's cycles), take uvicorn's ASGI path unchanged.
 
-**Edge limits.** Each connection has a :class:`~gruserve.api._http_limits.HeadGuard`:
+**Edge limits.** Each connection has a :class:`~gruserve.api.protocols._http_limits.HeadGuard`:
 a header block size limit (431), a deadline for the header block, and a cap on open
 connections (503 at accept); :meth:`GruServeHttpProtocol.bound` makes the protocol class
-with the server's :class:`~gruserve.api._http_limits.HttpLimits`.
+with the server's :class:`~gruserve.api.protocols._http_limits.HttpLimits`.
 
 The protocol's own writes (a 400 for a malformed request, the WebSocket upgrade) go
 to the socket as before. This relies on pieces of uvicorn that are not public
@@ -47,9 +47,9 @@ from typing import Any, ClassVar, Protocol
 import httptools
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from gruserve.api._disconnect import Watch
-from gruserve.api._http_limits import HeadGuard, HttpLimits
 from gruserve.api.errors import ClientDisconnected
+from gruserve.api.protocols._disconnect import Watch
+from gruserve.api.protocols._http_limits import HeadGuard, HttpLimits
 
 Headers = list[tuple[bytes, bytes]]
 
