@@ -182,6 +182,7 @@ def main() -> None:
                     "GRUSERVE_MODELS_DIR": str(models_dir),
                     "GRUSERVE_PROVIDER": "cpu",
                     "GRUSERVE_LOG_LEVEL": "warning",
+                    "GRUSERVE_GRPC_PORT": "0",
                     "GRUSERVE_PORT": str(port),
                     "GRUSERVE_SESSION_STORE": store,
                 }

@@ -137,6 +137,7 @@ def main() -> None:
             "GRUSERVE_MODELS_DIR": str(models_dir),
             "GRUSERVE_PROVIDER": "cpu",
             "GRUSERVE_LOG_LEVEL": "warning",
+            "GRUSERVE_GRPC_PORT": "0",
             "GRUSERVE_PORT": "8311",
         }
         server = Server([str(BIN / "gruserve"), "serve"], env, 8311, "/readyz")

@@ -546,6 +546,7 @@ def main(argv: list[str] | None = None) -> None:
         "GRUSERVE_MODELS_DIR": str(args.models_dir),
         "GRUSERVE_PROVIDER": "cpu",
         "GRUSERVE_LOG_LEVEL": "warning",
+        "GRUSERVE_GRPC_PORT": "0",
         "GRUSERVE_SESSION_STORE": args.store,
         "GRUSERVE_SESSION_TTL_S": str(args.ttl),
         "GRUSERVE_PORT": str(args.port),

@@ -78,6 +78,7 @@ def main() -> None:
             "GRUSERVE_MODELS_DIR": str(models_dir),
             "GRUSERVE_PROVIDER": "cpu",
             "GRUSERVE_LOG_LEVEL": "warning",
+            "GRUSERVE_GRPC_PORT": "0",
         }
         redis_env = {"GRUSERVE_SESSION_STORE": f"redis://127.0.0.1:{redis_port}/0"}
         configs = [("memory", BIN, {}), ("redis", BIN, redis_env)]

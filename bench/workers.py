@@ -83,6 +83,7 @@ def main() -> None:
                     "GRUSERVE_MODELS_DIR": str(models_dir),
                     "GRUSERVE_PROVIDER": "cpu",
                     "GRUSERVE_LOG_LEVEL": "warning",
+                    "GRUSERVE_GRPC_PORT": "0",
                     "GRUSERVE_PORT": str(port),
                     "GRUSERVE_SESSION_STORE": f"redis://127.0.0.1:{redis_port}/0",
                     "GRUSERVE_WORKERS": str(workers),

@@ -102,6 +102,7 @@ def store_url(request: pytest.FixtureRequest) -> str:
 def serving_settings(models_dir: Path, store: str = "memory", **overrides: Any) -> Any:
     from gruserve.settings import Settings
 
+    overrides.setdefault("grpc_port", 0)  # no gRPC unless a test asks (8001 is one port)
     return Settings(_env_file=None, models_dir=models_dir, provider="cpu", session_store=store,
                     **overrides)
 

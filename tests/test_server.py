@@ -31,7 +31,8 @@ def _env(models_dir: Path, store: str = "memory", **extra: str) -> dict[str, str
         GRUSERVE_PROVIDER="cpu",
         GRUSERVE_SESSION_STORE=store,
         GRUSERVE_LOG_LEVEL="warning",
-        **extra,
+        # no gRPC unless a test asks: test servers run side by side; 8001 is one port
+        **{"GRUSERVE_GRPC_PORT": "0", **extra},
     )
     return env
 
@@ -224,7 +225,7 @@ def test_serve_passes_its_settings_to_uvicorn(
     assert result.returncode == 0, result.stderr
     kwargs = json.loads(result.stdout.splitlines()[-1])
     assert kwargs["timeout_graceful_shutdown"] == 3.5 and kwargs["timeout_keep_alive"] == 7
-    # one write per response (api/protocols/_http11.py), no server header, X-Forwarded-* only for the
+    # one write per response (protocols/_http11.py), no server header, X-Forwarded-* only for the
     # access log, which is off below debug level
     assert kwargs["http"] == "GruServeHttpProtocol" and kwargs["server_header"] is False
     assert kwargs["access_log"] is False and kwargs["proxy_headers"] is False

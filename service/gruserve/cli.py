@@ -291,6 +291,13 @@ def serve(
     port: Annotated[
         int | None, typer.Option(help=_falls_back("Port.", "port"), show_default=False)
     ] = None,
+    grpc_port: Annotated[
+        int | None,
+        typer.Option(
+            help=_falls_back("gRPC port (KServe v2 / Triton); 0: no gRPC.", "grpc_port"),
+            show_default=False,
+        ),
+    ] = None,
     workers: Annotated[
         int | None,
         typer.Option(
@@ -300,14 +307,16 @@ def serve(
         ),
     ] = None,
 ) -> None:
-    """Serve every model in the repository over HTTP.
+    """Serve every model in the repository over HTTP and gRPC.
 
     Every other setting comes from GRUSERVE_* variables or a .env file (README,
     "Settings"); an unknown GRUSERVE_* name is warned about, a bad value exits with 2.
     """
     from gruserve.server import run_server
 
-    run_server(models_dir=models_dir, host=host, port=port, workers=workers)
+    run_server(
+        models_dir=models_dir, host=host, port=port, grpc_port=grpc_port, workers=workers
+    )
 
 
 @app.command()

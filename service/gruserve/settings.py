@@ -182,6 +182,12 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     """Port for ``gruserve serve``."""
 
+    grpc_port: int = Field(8001, ge=0, le=65535)
+    """Port of the KServe v2 / Triton gRPC server (``GRPCInferenceService``, health,
+    reflection), served in the same process and event loop as HTTP; 0 turns it off. Needs
+    the ``gruserve[grpc]`` extra: without it the server logs a warning and serves HTTP only.
+    Binds ``host``, as HTTP does."""
+
     workers: int = Field(1, ge=1)
     """Processes ``gruserve serve`` runs, all accepting on the one port. More than one needs
     a shared session store (Redis): with ``memory`` each process would hold its own sessions,

@@ -1,4 +1,4 @@
-"""One write per response (api/protocols/_http11.py): the joiner's rules, and a real uvicorn using it."""
+"""One write per response (_http11.py): the joiner's rules, and a real uvicorn using it."""
 
 from __future__ import annotations
 

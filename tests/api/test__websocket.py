@@ -1,4 +1,4 @@
-"""Frames read and written in the protocol (api/protocols/_websocket.py), against uvicorn's own protocol.
+"""Frames read and written in the protocol (_websocket.py), against uvicorn's own protocol.
 
 Every scenario feeds the same client bytes (made by ``websockets``' sans-I/O client:
 real masks, fragments, pings, compression) to both protocol classes serving one echo

@@ -1,4 +1,4 @@
-"""The step route answered by the HTTP protocol itself (fast_step.DirectStep, api/protocols/_http11.py).
+"""The step route answered by the HTTP protocol itself (fast_step.DirectStep, protocols/_http11.py).
 
 Under ``gruserve serve``'s options a step request that the edge and the key check would
 let through is answered without ASGI. These tests run a real uvicorn configured that way

@@ -205,7 +205,8 @@ def server_env(store: str = "memory", **extra: str) -> dict[str, str]:
         GRUSERVE_PROVIDER="cpu",
         GRUSERVE_SESSION_STORE=store,
         GRUSERVE_LOG_LEVEL="warning",
-        **extra,
+        # no gRPC unless a test asks: test servers run side by side; 8001 is one port
+        **{"GRUSERVE_GRPC_PORT": "0", **extra},
     )
     return env
 

@@ -181,6 +181,7 @@ def test_cmd_serves_with_the_image_settings_and_healthcheck_sees_it(tmp_path: Pa
     env.update(
         GRUSERVE_HOST="127.0.0.1",
         GRUSERVE_PORT=str(port),
+        GRUSERVE_GRPC_PORT=str(free_port()),  # the image's 8001 may be taken by a test beside
         GRUSERVE_MODELS_DIR=str(REPO / "models"),
         HOME=str(tmp_path),
         PATH=f"{BIN}:{env['PATH']}",

@@ -231,6 +231,7 @@ def test_serves_on_a_read_only_root_with_a_writable_tmp(tmp_path: Path) -> None:
         "GRUSERVE_MODELS_DIR": str(REPO / "models"),
         "GRUSERVE_PROVIDER": "cpu",
         "GRUSERVE_PORT": str(port),
+        "GRUSERVE_GRPC_PORT": "0",
         "GRUSERVE_HOST": "127.0.0.1",
         "REPO": str(REPO),
     }

@@ -90,10 +90,14 @@ def create_app(settings: Settings, services: Services) -> GruServeAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        grpc_server = None
         try:
             await _check_store(services)
+            grpc_server = await _start_grpc(settings, services, accepted)
             yield
         finally:
+            if grpc_server is not None:
+                await grpc_server.stop(settings.shutdown_grace_s)
             await services.aclose()
 
     app = GruServeAPI(
@@ -174,3 +178,21 @@ async def _check_store(services: Services) -> None:
 def keys_enabled(settings: Settings) -> bool:
     """Whether the server needs API keys (for the start-up summary)."""
     return bool(load_keys(settings.api_keys, settings.api_keys_file))
+
+
+async def _start_grpc(settings: Settings, services: Services, keys: ApiKeys | None) -> Any:
+    """The gRPC server (:mod:`gruserve.api.v2.grpc_server`) when ``grpc_port`` is set and the
+    ``grpc`` extra is installed; without the extra, a warning and HTTP only."""
+    if settings.grpc_port == 0:
+        return None
+    try:
+        from gruserve.api.v2 import grpc_server
+    except ImportError as exc:
+        log.warning(
+            "GRUSERVE_GRPC_PORT=%d but gRPC is not installed (%s): serving HTTP only. Install "
+            "'gruserve[grpc]', or set GRUSERVE_GRPC_PORT=0 to turn gRPC off",
+            settings.grpc_port,
+            exc,
+        )
+        return None
+    return await grpc_server.start(settings, services, keys)

@@ -12,6 +12,8 @@ errors are raised, and ``api/errors.py`` answers them as ``{"error": "..."}``.
 
 from __future__ import annotations
 
+from functools import partial
+
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
@@ -19,13 +21,12 @@ from gruserve import __version__
 from gruserve.api import encode
 from gruserve.api._auth import caller_of
 from gruserve.api.protocols._disconnect import unless_disconnected
+from gruserve.api.v2 import infer as v2_infer
 from gruserve.api.v2 import request as v2_request
 from gruserve.api.v2 import schemas as s
 from gruserve.api.v2 import tensors as v2_tensors
-from gruserve.api.v2.model import bind, produced, sequence_outputs, wire_model
-from gruserve.api.v2.params import flag, sequence_control
-from gruserve.api.v2.triton_config import PLATFORM, model_config
-from gruserve.errors import GruServeError, InvalidInput, ModelNotFound
+from gruserve.api.v2.model import wire_model
+from gruserve.api.v2.triton_config import PLATFORM
 from gruserve.runtime.model import LoadedModel
 from gruserve.services import Services
 
@@ -40,14 +41,7 @@ def _services(request: Request) -> Services:
 
 def _model(request: Request, name: str, version: str | None) -> LoadedModel:
     """The served model, checked against the version in the path if there is one."""
-    model = _services(request).registry.get(name)
-    if version is None:
-        return model
-    if not (version.isascii() and version.isdigit()):
-        raise InvalidInput("version", f"expected a version number, got {version!r}")
-    if int(version) != model.version:
-        raise ModelNotFound(name, int(version), [f"{name} version {model.version}"])
-    return model
+    return v2_infer.find_model(_services(request), name, version)
 
 
 # -- server --------------------------------------------------------------------------------
@@ -68,12 +62,7 @@ async def live() -> Response:
 @router.get("/health/ready", response_model=s.Ready, responses={503: {"model": s.Ready}})
 async def ready(request: Request) -> Response:
     """200 when a model is loaded and the session store answers (as ``/readyz``), else 503."""
-    services = _services(request)
-    ok = any(st.ready for st in services.registry.statuses())
-    try:
-        await services.store.ping()
-    except GruServeError:
-        ok = False
+    ok = await v2_infer.server_ready(_services(request))
     return encode.json_response({"ready": ok}, status=200 if ok else 503)
 
 
@@ -111,19 +100,8 @@ async def model_version_ready(model: str, version: str, request: Request) -> Res
 
 
 def _config(request: Request, name: str, version: str | None) -> Response:
-    services = _services(request)
     model = _model(request, name, version)
-    batcher = services.batchers[model.name]
-    return encode.json_response(
-        model_config(
-            wire_model(model),
-            max_batch_size=batcher.max_batch_size,
-            max_delay_s=batcher.max_delay_s,
-            session_ttl_s=services.settings.session_ttl_s,
-            max_sessions=services.settings.max_sessions,
-            provider=model.provider,
-        )
-    )
+    return encode.json_response(v2_infer.config_of(_services(request), model))
 
 
 @router.get("/models/{model}/config", response_model=s.ModelConfig)
@@ -142,46 +120,16 @@ async def version_config(model: str, version: str, request: Request) -> Response
 async def _infer(request: Request, name: str, version: str | None) -> Response:
     services = _services(request)
     model = _model(request, name, version)
-    wire = wire_model(model)
     body = v2_request.decompress(
         await request.body(),
         request.headers.get("content-encoding"),
         services.settings.max_request_bytes,
     )
     parsed = v2_request.parse(body, request.headers.get(v2_tensors.HEADER_LENGTH))
-    call = bind(wire, parsed, flag(parsed.parameters, "binary_data_output"))
-    caller = caller_of(request.scope)
-    sequence = sequence_control(parsed.parameters, model.name, caller.name)
-    if sequence is None:
-        names, keys = call.wanted(wire)
-        work = services.predictor.predict(
-            model.name, call.inputs, call.mask, call.states, outputs=names, states=keys
-        )
-        result = await unless_disconnected(request, work)
-        outputs = produced(wire, call, result.outputs, result.states)
-        return v2_tensors.reply(model.name, model.version, parsed.id, outputs)
-    one = call.one_sequence()
-    step = await unless_disconnected(
-        request,
-        services.sessions.sequence_step(
-            model.name,
-            sequence.session_id,
-            one.inputs,
-            one.mask,
-            start=sequence.start,
-            end=sequence.end,
-            initial_state=one.states,
-            step_number=sequence.step_number,
-            caller=caller,
-        ),
+    done = await v2_infer.infer(
+        services, model, parsed, caller_of(request.scope), partial(unless_disconnected, request)
     )
-    about = {
-        "sequence_id": sequence.sequence_id,
-        "session_id": sequence.session_id,
-        "step": step.step,
-    }
-    outputs = sequence_outputs(wire, call, step, model.signature)
-    return v2_tensors.reply(model.name, model.version, parsed.id, outputs, about)
+    return v2_tensors.reply(model.name, model.version, parsed.id, done.outputs, done.parameters)
 
 
 @router.post(

@@ -1,0 +1,172 @@
+"""The v2 gRPC messages to and from the shared request and reply forms.
+
+A ``ModelInferRequest`` carries each input's elements either typed (``contents``, one
+repeated field per datatype family) or as raw little-endian bytes in
+``raw_input_contents`` (what ``tritonclient.grpc`` sends), one entry per input. Both are
+turned into the entries :func:`gruserve.api.v2.tensors.decode_input` checks for HTTP,
+so a tensor is validated by the same code whatever carried it, and the result is the
+same :class:`~gruserve.api.v2.request.InferRequest`. Replies always carry
+``raw_output_contents``, as Triton's do. Parameters (``InferParameter``, a oneof) become
+plain Python values, so :mod:`gruserve.api.v2.params` reads ``sequence_id``,
+``sequence_start`` and ``sequence_end`` as it does from JSON.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from tritonclient.grpc import service_pb2 as pb
+
+from gruserve.api.v2.request import InferRequest, RequestedOutput
+from gruserve.api.v2.tensors import DATATYPES, Tensor, datatype_of, decode_input
+from gruserve.errors import InvalidInput
+
+# The typed ``contents`` field each datatype's elements travel in (FP16, BF16: raw only).
+CONTENTS = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+_INT64_MAX = 2**63 - 1
+
+
+def value_of(parameter: pb.InferParameter) -> Any:
+    """A parameter's value (bool, int, str or float), None when none is set."""
+    kind = parameter.WhichOneof("parameter_choice")
+    return None if kind is None else getattr(parameter, kind)
+
+
+def parameters_of(parameters: Mapping[str, pb.InferParameter]) -> dict[str, Any]:
+    return {key: value_of(p) for key, p in parameters.items() if value_of(p) is not None}
+
+
+def set_parameter(parameter: pb.InferParameter, value: Any) -> None:
+    """Store ``value`` in the oneof field of its type (a uint64 past int64 as uint64)."""
+    if isinstance(value, bool):
+        parameter.bool_param = value
+    elif isinstance(value, int):
+        if value > _INT64_MAX:
+            parameter.uint64_param = value
+        else:
+            parameter.int64_param = value
+    elif isinstance(value, float):
+        parameter.double_param = value
+    else:
+        parameter.string_param = str(value)
+
+
+def parse(request: pb.ModelInferRequest) -> InferRequest:
+    """The request's tensors decoded and checked as :mod:`~gruserve.api.v2.tensors` checks
+    HTTP's.
+
+    Raises:
+        InvalidInput: naming the field, e.g. ``inputs[0].shape`` or ``raw_input_contents[1]``.
+    """
+    if not request.inputs:
+        raise InvalidInput("inputs", "required: a non-empty list of input tensors")
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidInput(
+            "raw_input_contents",
+            f"{len(raw)} entries for {len(request.inputs)} inputs: raw contents go with every "
+            "input or none",
+        )
+    tensors: list[Tensor] = []
+    for i, tensor in enumerate(request.inputs):
+        decoded = _input(i, tensor, raw[i] if raw else None)
+        if any(t.name == decoded.name for t in tensors):
+            raise InvalidInput(f"inputs[{i}].name", f"input {decoded.name!r} is given twice")
+        tensors.append(decoded)
+    outputs = None
+    if request.outputs:
+        outputs = []
+        for i, wanted in enumerate(request.outputs):
+            if not wanted.name:
+                raise InvalidInput(f"outputs[{i}].name", "expected an output name, got none")
+            if any(
+                k.startswith("shared_memory") or k == "classification" for k in wanted.parameters
+            ):
+                raise InvalidInput(
+                    f"outputs[{i}].parameters", "classification and shared memory are not supported"
+                )
+            if any(o.name == wanted.name for o in outputs):
+                raise InvalidInput(
+                    f"outputs[{i}].name", f"output {wanted.name!r} is requested twice"
+                )
+            outputs.append(RequestedOutput(wanted.name, None))
+    return InferRequest(request.id or None, tensors, outputs, parameters_of(request.parameters))
+
+
+def _input(i: int, tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None) -> Tensor:
+    field = f"inputs[{i}]"
+    entry: dict[str, Any] = {
+        "name": tensor.name,
+        "datatype": tensor.datatype,
+        "shape": list(tensor.shape),
+        "parameters": parameters_of(tensor.parameters),
+    }
+    given = [f.name for f, _ in tensor.contents.ListFields()]
+    if raw is not None:
+        if given:
+            raise InvalidInput(
+                f"{field}.contents", f"input {tensor.name!r} has both contents and raw contents"
+            )
+        entry["parameters"]["binary_data_size"] = len(raw)
+        try:
+            decoded, _ = decode_input(field, entry, raw, 0)
+        except InvalidInput as exc:
+            if exc.field != f"{field}.parameters.binary_data_size":
+                raise
+            dtype = DATATYPES[tensor.datatype]
+            need = math.prod(tensor.shape) * (dtype.itemsize if dtype is not None else 0)
+            raise InvalidInput(
+                f"raw_input_contents[{i}]",
+                f"input {tensor.name!r}: shape {list(tensor.shape)} of {tensor.datatype} takes "
+                f"{need} bytes, got {len(raw)}",
+            ) from None
+        return decoded
+    expected = CONTENTS.get(tensor.datatype)
+    if given and given != [expected]:
+        raise InvalidInput(
+            f"{field}.contents",
+            f"input {tensor.name!r} is {tensor.datatype}: its elements go in "
+            f"{expected or 'raw_input_contents'}, got {', '.join(given)}",
+        )
+    if expected is not None:  # none given: an empty list, which only a 0-element shape fits
+        entry["data"] = list(getattr(tensor.contents, expected))
+    decoded, _ = decode_input(field, entry, b"", 0)
+    return decoded
+
+
+def reply(
+    model: str,
+    version: int,
+    request_id: str | None,
+    outputs: Sequence[tuple[str, np.ndarray, bool]],
+    parameters: Mapping[str, Any] | None = None,
+) -> pb.ModelInferResponse:
+    """The inference response: each output's raw little-endian bytes."""
+    response = pb.ModelInferResponse(model_name=model, model_version=str(version))
+    if request_id:
+        response.id = request_id
+    for key, value in (parameters or {}).items():
+        set_parameter(response.parameters[key], value)
+    for name, array, _binary in outputs:
+        flat = np.ascontiguousarray(array)
+        response.outputs.add(name=name, datatype=datatype_of(flat.dtype), shape=flat.shape)
+        response.raw_output_contents.append(
+            flat.astype(flat.dtype.newbyteorder("<"), copy=False).tobytes()
+        )
+    return response

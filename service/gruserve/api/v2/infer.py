@@ -1,0 +1,124 @@
+"""What v2 answers, whatever carried it: readiness, model lookup and config, inference.
+
+The HTTP routes (:mod:`gruserve.api.v2.routes`) and the gRPC service
+(:mod:`gruserve.api.v2.grpc_service`) decode their own framing into the same
+:class:`~gruserve.api.v2.request.InferRequest` and hand it here, so both transports
+share the model lookup, the tensor binding, the sequence id -> session mapping
+(:mod:`gruserve.api.v2.params`) and the call into the session service or predictor.
+Each transport only encodes the :class:`Inferred` it gets back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from gruserve.api.v2.model import Produced, bind, produced, sequence_outputs, wire_model
+from gruserve.api.v2.params import flag, sequence_control
+from gruserve.api.v2.request import InferRequest
+from gruserve.api.v2.triton_config import model_config
+from gruserve.errors import GruServeError, InvalidInput, ModelNotFound
+from gruserve.runtime.model import LoadedModel
+from gruserve.services import Services
+from gruserve.sessions.owner import Caller
+
+T = TypeVar("T")
+Wait = Callable[[Awaitable[Any]], Awaitable[Any]]
+"""How a transport awaits the core call (HTTP: cancelled when the client disconnects)."""
+
+
+async def _plain(work: Awaitable[T]) -> T:
+    return await work
+
+
+@dataclass(frozen=True)
+class Inferred:
+    """What one inference produced: the requested outputs, and the sequence's parameters
+    (``sequence_id``, ``session_id``, ``step``) for a step of a sequence, else None."""
+
+    model: LoadedModel
+    outputs: Produced
+    parameters: dict[str, Any] | None
+
+
+def find_model(services: Services, name: str, version: str | None) -> LoadedModel:
+    """The served model, checked against the requested version if there is one ("" is
+    none, as gRPC's default ``model_version``)."""
+    model = services.registry.get(name)
+    if not version:
+        return model
+    if not (version.isascii() and version.isdigit()):
+        raise InvalidInput("version", f"expected a version number, got {version!r}")
+    if int(version) != model.version:
+        raise ModelNotFound(name, int(version), [f"{name} version {model.version}"])
+    return model
+
+
+async def server_ready(services: Services) -> bool:
+    """Ready when a model is loaded and the session store answers (as ``/readyz``)."""
+    if not any(st.ready for st in services.registry.statuses()):
+        return False
+    try:
+        await services.store.ping()
+    except GruServeError:
+        return False
+    return True
+
+
+def config_of(services: Services, model: LoadedModel) -> dict[str, Any]:
+    """The model's Triton-style config (``model_config`` in its JSON form)."""
+    batcher = services.batchers[model.name]
+    return model_config(
+        wire_model(model),
+        max_batch_size=batcher.max_batch_size,
+        max_delay_s=batcher.max_delay_s,
+        session_ttl_s=services.settings.session_ttl_s,
+        max_sessions=services.settings.max_sessions,
+        provider=model.provider,
+    )
+
+
+async def infer(
+    services: Services,
+    model: LoadedModel,
+    parsed: InferRequest,
+    caller: Caller,
+    wait: Wait = _plain,
+) -> Inferred:
+    """Run ``parsed`` on ``model``: a stateless predict, or one step of its sequence.
+
+    Raises:
+        InvalidInput: tensors that do not fit the model, bad sequence parameters.
+        GruServeError: whatever the session service or predictor raises.
+    """
+    wire = wire_model(model)
+    call = bind(wire, parsed, flag(parsed.parameters, "binary_data_output"))
+    sequence = sequence_control(parsed.parameters, model.name, caller.name)
+    if sequence is None:
+        names, keys = call.wanted(wire)
+        work = services.predictor.predict(
+            model.name, call.inputs, call.mask, call.states, outputs=names, states=keys
+        )
+        result = await wait(work)
+        return Inferred(model, produced(wire, call, result.outputs, result.states), None)
+    one = call.one_sequence()
+    step = await wait(
+        services.sessions.sequence_step(
+            model.name,
+            sequence.session_id,
+            one.inputs,
+            one.mask,
+            start=sequence.start,
+            end=sequence.end,
+            initial_state=one.states,
+            step_number=sequence.step_number,
+            caller=caller,
+        )
+    )
+    about = {
+        "sequence_id": sequence.sequence_id,
+        "session_id": sequence.session_id,
+        "step": step.step,
+    }
+    return Inferred(model, sequence_outputs(wire, call, step, model.signature), about)
