@@ -28,15 +28,16 @@ COPY pyproject.toml README.md ./
 COPY service ./service
 # hadolint ignore=DL3013
 RUN python3 -m venv /opt/venv && pip install --upgrade pip
+# The grpc extra: the KServe v2 / Triton gRPC port (GRUSERVE_GRPC_PORT), no training stack.
 # onnxruntime-gpu and the CPU onnxruntime the base install pulls in are one Python package
 # (`onnxruntime`) in two wheels; the GPU image keeps only the GPU build.
 # hadolint ignore=DL3013
 RUN if [ "$VARIANT" = gpu ]; then \
-        pip install '.[gpu]' \
+        pip install '.[gpu,grpc]' \
         && pip uninstall -y onnxruntime onnxruntime-gpu \
         && pip install --no-deps onnxruntime-gpu; \
     else \
-        pip install .; \
+        pip install '.[grpc]'; \
     fi
 
 # -- runtime: the venv, the demo model and an unprivileged user --
@@ -48,6 +49,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     HOME=/tmp \
     GRUSERVE_HOST=0.0.0.0 \
     GRUSERVE_PORT=8000 \
+    GRUSERVE_GRPC_PORT=8001 \
     GRUSERVE_MODELS_DIR=/models
 # HOME=/tmp: the only writable place under a read-only root (onnxruntime keeps a cache in ~).
 RUN useradd --system --uid 10001 --user-group --home-dir /tmp --shell /usr/sbin/nologin gruserve
@@ -56,7 +58,8 @@ COPY --from=build /opt/venv /opt/venv
 COPY models /models
 WORKDIR /srv/gruserve
 USER 10001:10001
-EXPOSE 8000
+# HTTP (GRUSERVE_PORT) and KServe v2 gRPC (GRUSERVE_GRPC_PORT)
+EXPOSE 8000 8001
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
     CMD ["python3", "-c", "import os, urllib.request as u; u.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('GRUSERVE_PORT', '8000'), timeout=2)"]
 # SIGTERM: stop accepting, finish in-flight requests (up to 10 s), then exit.

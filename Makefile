@@ -22,7 +22,7 @@ bench: $(VENV)/.test
 $(VENV)/.serve: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e .
+	$(BIN)/pip install --quiet -e '.[grpc]'
 	touch $@
 
 $(VENV)/.test: pyproject.toml

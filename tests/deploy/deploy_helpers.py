@@ -123,12 +123,15 @@ def find_nginx() -> str:
 
 
 @contextlib.contextmanager
-def nginx(upstream_ports: list[int], workdir: Path) -> Iterator[tuple[str, Path]]:
+def nginx(
+    upstream_ports: list[int], workdir: Path, grpc: tuple[int, list[int]] | None = None
+) -> Iterator[tuple[str, Path]]:
     """A private, unprivileged nginx on a free port serving deploy/nginx/gruserve.conf.
 
     Its upstream file (the environment's part) lists ``upstream_ports`` on 127.0.0.1. The
     access log (``$uri $upstream_addr $status`` per line) shows which replica served what.
-    Yields the ``host:port`` nginx listens on and the access log's path.
+    Yields the ``host:port`` nginx listens on and the access log's path. With ``grpc``
+    (``(listen port, upstream gRPC ports)``) it serves deploy/nginx/gruserve-grpc.conf too.
     """
     binary = find_nginx()
     port = free_port()
@@ -143,7 +146,24 @@ def nginx(upstream_ports: list[int], workdir: Path) -> Iterator[tuple[str, Path]
     upstream, count = re.subn(r"(?m)^\s*server\s+[^;]*;\n", "", upstream)
     assert count >= 1, upstream
     upstream = upstream.replace("upstream gruserve {\n", "upstream gruserve {\n" + servers)
+    if grpc is None:  # an upstream without servers is an error to nginx
+        upstream = re.sub(r"(?ms)^upstream gruserve_grpc \{.*?^\}\n", "", upstream)
     (workdir / "upstream.conf").write_text(upstream)
+    includes = f"    include {workdir}/upstream.conf;\n    include {workdir}/gruserve.conf;\n"
+    if grpc is not None:
+        listen, grpc_ports = grpc
+        block = (NGINX_DIR / "gruserve-grpc.conf").read_text()
+        block, count = re.subn(
+            r"(?m)^(\s*)listen\s+8081\s+http2;", rf"\1listen 127.0.0.1:{listen} http2;", block
+        )
+        assert count == 1, "deploy/nginx/gruserve-grpc.conf should have one `listen 8081 http2;`"
+        (workdir / "gruserve-grpc.conf").write_text(block)
+        grpc_servers = "".join(f"    server 127.0.0.1:{p};\n" for p in grpc_ports)
+        upstream = upstream.replace(
+            "upstream gruserve_grpc {\n", "upstream gruserve_grpc {\n" + grpc_servers
+        )
+        (workdir / "upstream.conf").write_text(upstream)
+        includes += f"    include {workdir}/gruserve-grpc.conf;\n"
     access_log = workdir / "access.log"
     user = "user root root;\n" if os.geteuid() == 0 else ""  # workers can read the temp dirs
     (workdir / "nginx.conf").write_text(
@@ -157,8 +177,7 @@ def nginx(upstream_ports: list[int], workdir: Path) -> Iterator[tuple[str, Path]
         f"    scgi_temp_path {workdir}/scgi;\n"
         "    log_format upstreams '$uri $upstream_addr $status';\n"
         f"    access_log {access_log} upstreams;\n"
-        f"    include {workdir}/upstream.conf;\n"
-        f"    include {workdir}/gruserve.conf;\n"
+        f"{includes}"
         "}\n"
     )
     command = [

@@ -23,6 +23,7 @@ COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())
 SERVICES: dict[str, Any] = COMPOSE["services"]
 NGINX = (NGINX_DIR / "gruserve.conf").read_text()
 UPSTREAM = (NGINX_DIR / "upstream-compose.conf").read_text()
+GRPC = (NGINX_DIR / "gruserve-grpc.conf").read_text()
 
 
 def _compose_command() -> list[str]:
@@ -121,16 +122,20 @@ def test_nginx_serves_the_repository_configuration() -> None:
         mounts[Path(source).name] = target
     assert mounts == {
         "gruserve.conf": "/etc/nginx/conf.d/default.conf",
+        "gruserve-grpc.conf": "/etc/nginx/conf.d/grpc.conf",
         "upstream-compose.conf": "/etc/nginx/conf.d/upstream.conf",
     }
     listen = directive(NGINX, "listen")
-    assert listen == ["8080"] and nginx["ports"] == ["8080:8080"]
+    assert listen == ["8080"] and directive(GRPC, "listen") == ["8081 http2"]
+    assert nginx["ports"] == ["8080:8080", "8081:8081"]
     for name in ("gruserve", "gruserve-gpu"):
         assert nginx["depends_on"][name]["condition"] == "service_healthy"
-    # the upstream is the replicas' service name on the image's port
-    port = stage("runtime").values("EXPOSE")[0]
-    assert directive(UPSTREAM, "server") == [f"gruserve:{port}"]
+    # the upstreams are the replicas' service name on the image's ports (HTTP, gRPC)
+    http, grpc = stage("runtime").values("EXPOSE")[0].split()
+    assert directive(UPSTREAM, "server") == [f"gruserve:{http}", f"gruserve:{grpc}"]
     assert re.search(r"upstream\s+gruserve\s*\{", UPSTREAM)
+    assert re.search(r"upstream\s+gruserve_grpc\s*\{", UPSTREAM)
+    assert "grpc_pass grpc://gruserve_grpc;" in location(GRPC, "/")
 
 
 def test_nginx_matches_the_server_limits_and_streams() -> None:
@@ -150,3 +155,6 @@ def test_nginx_matches_the_server_limits_and_streams() -> None:
     assert timeout and int(timeout[0].removesuffix("s")) < keepalive
     # gruserve echoes X-Request-ID: nginx hides the upstream's and adds its own, once
     assert "X-Request-ID" in directive(NGINX, "proxy_hide_header")
+    # gRPC: the same body limit; streams may idle as long as a WebSocket
+    assert nginx_size(directive(GRPC, "client_max_body_size")[0]) == limit
+    assert directive(GRPC, "grpc_read_timeout") == ["1h"]

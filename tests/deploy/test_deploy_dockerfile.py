@@ -14,6 +14,7 @@ import tomllib
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
+import grpc
 import pytest
 from deploy_helpers import (
     BIN,
@@ -26,6 +27,7 @@ from deploy_helpers import (
     stop,
     wait_ready,
 )
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
@@ -87,17 +89,18 @@ def test_install_steps_are_the_ones_make_runs() -> None:
 
     makefile = (REPO / "Makefile").read_text()
     make = [c for c in _pip_commands(makefile.replace("$(BIN)/", "")) if c[0] == "install"]
-    # pip itself, then the project: `make serve` installs `-e .`, CI `-e .[test]` (a superset)
+    # pip itself, then the project: `make serve` installs `-e .[grpc]`, CI `-e .[test]` (a
+    # superset)
     assert ["install", "--upgrade", "pip"] in make
-    assert ["install", "."] in make and ["install", ".[test]"] in make
+    assert ["install", ".[grpc]"] in make and ["install", ".[test]"] in make
     assert _pip_commands(runs)[0] == ["install", "--upgrade", "pip"]
-    assert _pip_commands(cpu_branch) == [["install", "."]]
+    assert _pip_commands(cpu_branch) == [["install", ".[grpc]"]]
     assert _pip_commands(gpu_branch) == [
-        ["install", ".[gpu]"],
+        ["install", ".[gpu,grpc]"],
         ["uninstall", "-y", "onnxruntime", "onnxruntime-gpu"],
         ["install", "--no-deps", "onnxruntime-gpu"],
     ]
-    # no training or test extras, no torch: only the base install and the gpu extra
+    # no training or test extras, no torch: only the base install and the gpu and grpc extras
     _, stages = dockerfile()
     steps = " ".join(v for s in stages for i, v in s.instructions if i in ("RUN", "COPY"))
     assert not re.search(r"\[(train|test|convert)\]|torch|keras", steps)
@@ -133,6 +136,8 @@ def test_the_serving_install_pulls_in_no_training_stack() -> None:
     serving = _closure(PYPROJECT["project"]["dependencies"])
     assert "onnxruntime" in serving and "uvicorn" in serving
     assert not serving & TRAINING_STACK, sorted(serving & TRAINING_STACK)
+    grpc = _closure(PYPROJECT["project"]["optional-dependencies"]["grpc"])  # the image's extra
+    assert "grpcio" in grpc and not grpc & TRAINING_STACK, sorted(grpc & TRAINING_STACK)
     # ...while the test install has them, so the check above can see them at all
     assert {"torch", "keras"} <= _closure(["gruserve[test]"])
 
@@ -152,7 +157,7 @@ def test_runtime_stage_user_settings_and_signals() -> None:
     fields = {k.removeprefix("GRUSERVE_").lower(): v for k, v in gruserve_env.items()}
     assert fields.keys() <= Settings.model_fields.keys()
     settings = Settings(_env_file=None, **fields)  # type: ignore[arg-type,call-arg]
-    assert runtime.values("EXPOSE") == [str(settings.port)]
+    assert runtime.values("EXPOSE") == [f"{settings.port} {settings.grpc_port}"]
     assert "models /models" in runtime.values("COPY")
     assert (REPO / "models" / "demo" / "1" / "model.onnx").is_file()
 
@@ -174,14 +179,14 @@ def _healthcheck_argv() -> list[str]:
 def test_cmd_serves_with_the_image_settings_and_healthcheck_sees_it(tmp_path: Path) -> None:
     """The image's CMD under the image's ENV (models: the repository's, host: loopback)."""
     runtime = stage("runtime")
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     env = server_env()
     env.pop("GRUSERVE_LOG_LEVEL")
     env.update(runtime.env())
     env.update(
         GRUSERVE_HOST="127.0.0.1",
         GRUSERVE_PORT=str(port),
-        GRUSERVE_GRPC_PORT=str(free_port()),  # the image's 8001 may be taken by a test beside
+        GRUSERVE_GRPC_PORT=str(grpc_port),  # the image's 8001 may be taken by a test beside
         GRUSERVE_MODELS_DIR=str(REPO / "models"),
         HOME=str(tmp_path),
         PATH=f"{BIN}:{env['PATH']}",
@@ -194,6 +199,10 @@ def test_cmd_serves_with_the_image_settings_and_healthcheck_sees_it(tmp_path: Pa
         wait_ready(proc, port)
         check = subprocess.run(_healthcheck_argv(), env=env, capture_output=True, timeout=10)
         assert check.returncode == 0, check.stderr
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:  # and gRPC answers
+            health = health_pb2_grpc.HealthStub(channel)
+            answer = health.Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING
     finally:
         stop(proc)
     down = subprocess.run(_healthcheck_argv(), env=env, capture_output=True, timeout=10)

@@ -106,16 +106,25 @@ def test_probes_ports_and_labels_fit_together() -> None:
     docs = render("base")
     pod = find(docs, "Deployment", "gruserve")["spec"]["template"]
     c = container(docs)
-    port = int(stage("runtime").values("EXPOSE")[0])
-    assert c["ports"] == [{"name": "http", "containerPort": port}]
-    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    port, grpc_port = map(int, stage("runtime").values("EXPOSE")[0].split())
+    assert c["ports"] == [
+        {"name": "http", "containerPort": port},
+        {"name": "grpc", "containerPort": grpc_port},
+    ]
+    config = find(docs, "ConfigMap", "gruserve-config")["data"]
+    assert int(config["GRUSERVE_GRPC_PORT"]) == grpc_port
+    # gRPC health answers as /readyz does; a gRPC probe takes a number, not a port name
+    assert c["readinessProbe"]["grpc"] == {"port": grpc_port}
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
     assert c["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
 
     assert POD_LABELS.items() <= pod["metadata"]["labels"].items()
     service = find(docs, "Service", "gruserve")
     assert service["spec"]["selector"] == POD_LABELS
-    assert service["spec"]["ports"][0]["targetPort"] == "http"
+    assert [(p["name"], p["port"], p["targetPort"]) for p in service["spec"]["ports"]] == [
+        ("http", port, "http"),
+        ("grpc", grpc_port, "grpc"),
+    ]
     assert find(docs, "PodDisruptionBudget", "gruserve")["spec"] == {
         "minAvailable": 1,
         "selector": {"matchLabels": POD_LABELS},
