@@ -75,11 +75,15 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
     def __init__(self, services: Services, keys: ApiKeys | None) -> None:
         self.services = services
         self._keys = keys
-        self._stopping = asyncio.Event()
+        self._stopping = False
+        self._idle: set[asyncio.Task[Any]] = set()  # streams waiting for their next request
 
     def end_streams(self) -> None:
-        """Have every stream end after the request it is running (shutdown)."""
-        self._stopping.set()
+        """Have every stream end after the request it is running (shutdown): one waiting for
+        its next request ends now (its wait is cancelled), one stepping once it answers."""
+        self._stopping = True
+        for stream in list(self._idle):
+            stream.cancel()
 
     def _caller(self, context: grpc.aio.ServicerContext) -> Caller:
         if self._keys is None:
@@ -169,22 +173,24 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         except GruServeError as exc:
             grpc_status.count(self.services.metrics, exc)
             await context.abort(*grpc_status.status_of(exc))
-        stopping = asyncio.ensure_future(self._stopping.wait())
-        try:
-            while True:
-                read = asyncio.ensure_future(context.read())
-                await asyncio.wait((read, stopping), return_when=asyncio.FIRST_COMPLETED)
-                if not read.done():  # shutting down, and this stream is between requests
-                    read.cancel()
-                    context.set_code(grpc.StatusCode.UNAVAILABLE)
-                    context.set_details(SHUTTING_DOWN)
-                    return
-                request = read.result()
-                if request is grpc.aio.EOF:
-                    return
-                yield await self._stream_answer(request, caller)
-        finally:
-            stopping.cancel()
+        stream = asyncio.current_task()
+        while not self._stopping:
+            if stream is not None:
+                self._idle.add(stream)
+            try:
+                request = await context.read()
+            except asyncio.CancelledError:
+                if not self._stopping or stream is None:
+                    raise  # the client went away: gRPC cancels the call
+                stream.uncancel()  # end_streams cancelled this wait: end the stream here
+                break
+            finally:
+                self._idle.discard(stream)  # type: ignore[arg-type]
+            if request is grpc.aio.EOF:
+                return
+            yield await self._stream_answer(request, caller)
+        context.set_code(grpc.StatusCode.UNAVAILABLE)
+        context.set_details(SHUTTING_DOWN)
 
     async def _stream_answer(
         self, request: pb.ModelInferRequest, caller: Caller
