@@ -9,7 +9,8 @@ install and test commands themselves). Within a block:
 - a server command (``gruserve serve``, ``uvicorn --factory``) runs in the background, in
   the foreground or not, until the block ends; the next line runs once it is ready;
 - ``localhost:8000`` / ``127.0.0.1:8000`` are a free port: the one of the block's own
-  server, or of the server the README's reader started with ``make serve``;
+  server, or of the server the README's reader started with ``make serve``; so is the gRPC
+  port ``localhost:8001`` (that server's ``GRUSERVE_GRPC_PORT``);
 - comment lines right under a command (or a ``print``) are its documented output: each must
   appear in the real output, in order (``...`` matches anything; text after three spaces
   and ``(`` or ``<-`` is a remark). ``<!-- readme-test: output unchecked: REASON -->``
@@ -43,6 +44,7 @@ MARKER = re.compile(r"<!-- readme-test: (skip|output unchecked): (.+) -->")
 INSTALL = re.compile(r"^(make\s|pip\s|\.venv/bin/pip\s)")
 SERVER = re.compile(r"\bgruserve serve\b|\buvicorn --factory\b")
 DOCUMENTED_PORT = "8000"
+DOCUMENTED_GRPC_PORT = "8001"
 REMARK = re.compile(r"\s{3,}(?:\(|<-).*$")
 
 
@@ -164,18 +166,20 @@ def bash_script(block: Block, port: int) -> str:
     return "\n".join(out) + "\n"
 
 
-def _with_port(text: str, port: int) -> str:
+def _with_port(text: str, port: int, grpc_port: int) -> str:
     for host in ("localhost", "127.0.0.1"):
         text = text.replace(f"{host}:{DOCUMENTED_PORT}", f"{host}:{port}")
+        text = text.replace(f"{host}:{DOCUMENTED_GRPC_PORT}", f"{host}:{grpc_port}")
     return text.replace(f"--port {DOCUMENTED_PORT}", f"--port {port}")
 
 
-def run_block(block: Block, workdir: Path, port: int, timeout: float = 300) -> str:
+def run_block(block: Block, workdir: Path, port: int, grpc_port: int, timeout: float = 300) -> str:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GRUSERVE_")}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     env["GRUSERVE_PORT"] = str(port)  # what a server the block starts listens on
+    env["GRUSERVE_GRPC_PORT"] = str(grpc_port)  # never the shared 8001
     env["GRUSERVE_PROVIDER"] = "cpu"
-    code = _with_port(block.code, port)
+    code = _with_port(block.code, port, grpc_port)
     if block.language == "bash":
         argv = ["bash", "-c", bash_script(Block(block.line, "bash", code), port)]
     else:
@@ -205,15 +209,19 @@ BLOCKS = readme_blocks()
 
 
 @pytest.fixture(scope="module")
-def make_serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Path]]:
-    """What ``make serve`` leaves running: ``gruserve serve --models-dir models``."""
+def make_serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, int, Path]]:
+    """What ``make serve`` leaves running: ``gruserve serve --models-dir models`` (HTTP port,
+    gRPC port, the clone)."""
     workdir = _clone(tmp_path_factory.mktemp("clone"))
-    port = free_port()
-    env = {**server_env(), "GRUSERVE_MODELS_DIR": str(workdir / "models")}
+    port, grpc_port = free_port(), free_port()
+    env = {
+        **server_env(GRUSERVE_GRPC_PORT=str(grpc_port)),
+        "GRUSERVE_MODELS_DIR": str(workdir / "models"),
+    }
     proc = start_server(port, env, workdir)
     try:
         wait_ready(proc, port)
-        yield port, workdir
+        yield port, grpc_port, workdir
     finally:
         output = stop(proc)
     assert "Traceback" not in output, output
@@ -230,16 +238,21 @@ def test_the_readme_has_blocks_and_says_why_it_skips_some() -> None:
 
 
 @pytest.mark.slow
-def test_the_serving_blocks_run_and_answer_as_documented(make_serve: tuple[int, Path]) -> None:
+def test_the_serving_blocks_run_and_answer_as_documented(
+    make_serve: tuple[int, int, Path],
+) -> None:
     missing = [tool for tool in ("curl", "jq") if shutil.which(tool) is None]
     if missing:
         pytest.skip(f"the README's examples use {', '.join(missing)} (Debian: apt-get install)")
-    port, workdir = make_serve
+    port, grpc_port, workdir = make_serve
     ran = 0
     for block in BLOCKS:
         if block.skip is not None or block.writes_models:
             continue
-        run_block(block, workdir, free_port() if block.starts_server else port)
+        if block.starts_server:
+            run_block(block, workdir, free_port(), free_port())
+        else:
+            run_block(block, workdir, port, grpc_port)
         ran += 1
     assert ran >= 15
 
@@ -256,7 +269,7 @@ def test_the_import_and_training_blocks_run(tmp_path: Path) -> None:
     blocks = [b for b in BLOCKS if b.skip is None and b.writes_models]
     assert blocks
     for block in blocks:
-        run_block(block, workdir, free_port(), timeout=600)
+        run_block(block, workdir, free_port(), free_port(), timeout=600)
     assert (workdir / "models" / "my_model" / "1" / "model.onnx").is_file()
     assert (workdir / "models" / "legacy" / "3" / "model.onnx").is_file()
     assert (workdir / "out.keras").is_file()
