@@ -3,8 +3,8 @@
 A real ``gruserve serve`` process (one per module) serves HTTP and gRPC on the same
 models, one of them imported from a real Keras model. Every number is checked against
 the v1 API of that server (a v1 session stepped alike, a full-sequence predict) and,
-for the Keras model, against ``keras`` itself, to 1e-5. Each error class is provoked
-for real and must come back with its status code.
+for the Keras model, against ``keras`` itself, to 1e-5. Each error class a client can
+provoke is provoked for real and must come back with its status code.
 """
 
 from __future__ import annotations
@@ -370,6 +370,15 @@ def test_each_error_class_has_its_status_code(
     with pytest.raises(InferenceServerException) as info:
         triton.infer("simple", [tensor("inputs", big)])
     assert code_of(info) == "StatusCode.RESOURCE_EXHAUSTED", info.value
+
+
+def test_every_error_http_maps_has_a_grpc_code() -> None:
+    """A core error given an HTTP status must get a gRPC code too (not INTERNAL)."""
+    from gruserve.api import errors
+    from gruserve.api.v2 import grpc_status
+
+    assert set(errors.STATUS) <= set(grpc_status.STATUS)
+    assert grpc.StatusCode.INTERNAL not in grpc_status.STATUS.values()
 
 
 def test_malformed_messages_name_the_field(server: Server) -> None:

@@ -49,7 +49,13 @@ def value_of(parameter: pb.InferParameter) -> Any:
 
 
 def parameters_of(parameters: Mapping[str, pb.InferParameter]) -> dict[str, Any]:
-    return {key: value_of(p) for key, p in parameters.items() if value_of(p) is not None}
+    """The parameters that have a value, as plain values."""
+    found = {}
+    for key, parameter in parameters.items():
+        value = value_of(parameter)
+        if value is not None:
+            found[key] = value
+    return found
 
 
 def set_parameter(parameter: pb.InferParameter, value: Any) -> None:
