@@ -84,8 +84,10 @@ class StepEndpoint:
         """``(status, JSON body)`` of one step for ``caller``; ``watch`` awaits the step,
         raising :class:`~gruserve.api.errors.ClientDisconnected` if the client leaves first."""
         try:
-            inputs, mask, number = decode.step_message(body)
-            result = await watch(self.sessions.step(session_id, inputs, mask, number, caller))
+            inputs, mask, number, life = decode.step_message(body)
+            result = await watch(
+                self.sessions.step(session_id, inputs, mask, number, caller, lifecycle=life)
+            )
             return 200, encode.dumps(encode.step(result))
         except Exception as exc:  # every error gets the one JSON shape, as in api/errors.py
             return self.failed(exc)

@@ -98,6 +98,23 @@ class StepRequest(_Strict):
         "another value answers 409 StepOutOfOrder. Omit for at-least-once.",
         examples=[0],
     )
+    create: StepCreate | None = Field(
+        None,
+        description="Create the session first if it does not exist (its own session on this "
+        "model: an ordinary step; a taken id: 409 SessionExists).",
+    )
+    end: bool | StepEnd | None = Field(
+        None, description="Delete the session after this step (the reply still has its outputs)."
+    )
+
+
+class StepCreate(_Strict):
+    model: str = Field(description="The model the session is created on.", examples=["demo"])
+    initial_state: States | None = Field(None, description="Per state [units]; zeros when omitted.")
+
+
+class StepEnd(_Strict):
+    return_state: bool = Field(False, description="Return the state the session ended in.")
 
 
 class StepResponse(_Strict):
@@ -106,6 +123,9 @@ class StepResponse(_Strict):
         "axis, or a model with one output per sequence)."
     )
     step: int = Field(description="Steps applied so far, this one included.")
+    states: dict[str, list[float]] | None = Field(
+        None, description='Per state [units]: the state an `"end"` step ended in, if asked.'
+    )
 
 
 class SessionSummary(_Strict):

@@ -82,8 +82,10 @@ class StepStream(Response):
         try:
             if len(line) > self._limit:
                 raise PayloadTooLarge("an NDJSON line (bytes)", len(line), self._limit, SETTING)
-            inputs, mask, number = decode.step_message(line)
-            result = await self._sessions.step(self._session_id, inputs, mask, number, self._caller)
+            inputs, mask, number, life = decode.step_message(line)
+            result = await self._sessions.step(
+                self._session_id, inputs, mask, number, self._caller, lifecycle=life
+            )
         except GruServeError as exc:
             await self._send_error(exc, send)
             return False

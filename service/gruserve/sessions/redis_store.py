@@ -11,15 +11,19 @@ listing by id with ``ZRANGEBYLEX``). The sets make the session count, the
 
 Writes are Lua scripts, atomic on the server:
 
-- create: sweep expired ids (reporting them), refuse an existing id, refuse a full
-  store or evict its least recently used sessions, then write hash, expiry and sets;
+- create: refuse an existing id; when the store looks full, sweep expired ids first
+  (reporting them), then refuse or evict its least recently used sessions; then write
+  hash, expiry and sets. Expired ids are otherwise swept in the background
+  (:meth:`RedisSessionStore.sweep`), so a create does no work per expired session;
 - compare-and-set: write only if the stored ``revision`` is the one the writer
   read. Two replicas that read revision 7 both try to write revision 8; exactly
   one wins, the other re-reads and recomputes. Each write also stores a random
   ``writer`` token, so a write retried after a lost reply recognises itself
   instead of being reported as a conflict (which would apply the step twice).
   State, counters and the stored result are one ``HSET``: a session is never seen
-  half written.
+  half written. A write may also create its session if absent (expected revision -1,
+  counted against the limit as a create is) or end it (remove hash and index entries
+  instead of storing): a step that starts or ends its session costs no extra round trip.
 
 Reads and compare-and-sets travel per batch, not per step: the reads issued in one pass
 of the event loop go out as one ``_READ`` call, and so do the writes (one ``_CAS`` call
@@ -80,6 +84,29 @@ local function sweep(now, prefix)
     forget(idle, prefix)
     return {idle, lifetime}
 end
+-- room for one more session: sweep while the index is full and sweeping finds expired ids,
+-- then evict least recently used sessions (lru == '1') or answer false. ended and evicted
+-- collect what went, for the caller to report.
+local function make_room(max, lru, now, prefix, evicted, ended)
+    local sweeping = true
+    while redis.call('ZCARD', KEYS[1]) >= max do
+        local removed = 0
+        if sweeping then
+            local gone = sweep(now, prefix)
+            for _, id in ipairs(gone[1]) do ended[1][#ended[1] + 1] = id end
+            for _, id in ipairs(gone[2]) do ended[2][#ended[2] + 1] = id end
+            removed = #gone[1] + #gone[2]
+            sweeping = removed > 0
+        end
+        if removed == 0 then
+            if lru ~= '1' then return false end
+            local victim = redis.call('ZRANGE', KEYS[1], 0, 0)
+            forget(victim, prefix)
+            evicted[#evicted + 1] = victim[1]
+        end
+    end
+    return true
+end
 local function expire(key, id, now, ttl, deadline)
     local idle_at = now + ttl
     local expire_at = idle_at
@@ -98,14 +125,10 @@ _CREATE = (
     _FORGET
     + _NOW_MS
     + """
-local ended = sweep(now, ARGV[6])
-if redis.call('EXISTS', KEYS[4]) == 1 then return {0, {}, ended[1], ended[2]} end
-local evicted = {}
-while redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) do
-    if ARGV[4] ~= '1' then return {-2, {}, ended[1], ended[2]} end
-    local victim = redis.call('ZRANGE', KEYS[1], 0, 0)
-    forget(victim, ARGV[6])
-    evicted[#evicted + 1] = victim[1]
+local ended, evicted = {{}, {}}, {}
+if redis.call('EXISTS', KEYS[4]) == 1 then return {0, evicted, ended[1], ended[2]} end
+if not make_room(tonumber(ARGV[1]), ARGV[4], now, ARGV[6], evicted, ended) then
+    return {-2, evicted, ended[1], ended[2]}
 end
 redis.call('HSET', KEYS[4], unpack(ARGV, 7))
 expire(KEYS[4], ARGV[3], now, tonumber(ARGV[2]), tonumber(ARGV[5]))
@@ -114,33 +137,50 @@ return {1, evicted, ended[1], ended[2]}
 """
 )
 
-# KEYS[4..] the sessions' hashes, one per write. ARGV[1] ttl_ms, then
-# per write WRITE_ARGS values: id, expected revision, writer token, lifetime deadline_ms (0: none),
-# and the record's fields in _FIELDS order (revision among them). Answers per write: 1 written
-# (or already written by this writer: a retry after a lost reply), 0 lost the race, -1 gone.
+# KEYS[4..] the sessions' hashes, one per write. ARGV[1] ttl_ms, ARGV[2] max_sessions, ARGV[3]
+# lru (1/0), ARGV[4] hash key prefix, then per write WRITE_ARGS values: id, expected revision
+# (-1: create if absent), writer token, lifetime deadline_ms (0: none), end (1: remove the
+# session instead of storing it), and the record's fields in _FIELDS order (revision among
+# them). Answers {per write: 1 written (or already written by this writer: a retry after a
+# lost reply), 0 lost the race, -1 gone, -2 no room to create; evicted, idle, lifetime ids}.
 _CAS = (
     _FORGET
     + _NOW_MS
     + """
 local ttl, out = tonumber(ARGV[1]), {}
+local ended, evicted = {{}, {}}, {}
 for i = 4, #KEYS do
-    local key, a = KEYS[i], 2 + (i - 4) * WRITE_ARGS
+    local key, a = KEYS[i], 5 + (i - 4) * WRITE_ARGS
     local cur = redis.call('HMGET', key, 'revision', 'writer')
     if not cur[1] then
-        out[#out + 1] = -1
+        if ARGV[a + 1] ~= '-1' then
+            out[#out + 1] = -1
+        elseif ARGV[a + 4] == '1' then  -- created and ended at once: nothing to keep
+            out[#out + 1] = 1
+        elseif make_room(tonumber(ARGV[2]), ARGV[3], now, ARGV[4], evicted, ended) then
+            redis.call('HSET', key, FIELDS)
+            expire(key, ARGV[a], now, ttl, tonumber(ARGV[a + 3]))
+            redis.call('ZADD', KEYS[3], 0, ARGV[a])
+            out[#out + 1] = 1
+        else
+            out[#out + 1] = -2
+        end
     elseif cur[1] ~= ARGV[a + 1] then
         if cur[1] == ARGV[a + REVISION] and cur[2] == ARGV[a + 2] then
             out[#out + 1] = 1
         else
             out[#out + 1] = 0
         end
+    elseif ARGV[a + 4] == '1' then
+        forget({ARGV[a]}, ARGV[4])
+        out[#out + 1] = 1
     else
         redis.call('HSET', key, FIELDS)
         expire(key, ARGV[a], now, ttl, tonumber(ARGV[a + 3]))
         out[#out + 1] = 1
     end
 end
-return out
+return {out, evicted, ended[1], ended[2]}
 """
 )
 
@@ -212,7 +252,7 @@ _FIELDS = (
     "owner",
 )
 """A session hash's fields in the order the scripts read and write them (and ``writer``)."""
-_WRITE_HEAD = 4  # a write's values before its fields: id, expected revision, writer, deadline
+_WRITE_HEAD = 5  # a write's values before its fields: id, expected revision, writer, deadline, end
 _CAS = (
     _CAS.replace("WRITE_ARGS", str(_WRITE_HEAD + len(_FIELDS)))
     .replace("REVISION", str(_WRITE_HEAD + _FIELDS.index("revision")))
@@ -276,6 +316,7 @@ def _record(session_id: str, values: list[bytes | None]) -> SessionRecord:
 class _Write(NamedTuple):
     record: SessionRecord
     expected_revision: int
+    end: bool = False
 
 
 class RedisSessionStore:
@@ -387,8 +428,10 @@ class RedisSessionStore:
     async def get(self, session_id: str) -> SessionRecord:
         return await self._reads(session_id)
 
-    async def compare_and_set(self, record: SessionRecord, expected_revision: int) -> bool:
-        return await self._writes(_Write(record, expected_revision))
+    async def compare_and_set(
+        self, record: SessionRecord, expected_revision: int, end: bool = False
+    ) -> bool:
+        return await self._writes(_Write(record, expected_revision, end))
 
     async def _read_many(self, session_ids: Sequence[str]) -> list[SessionRecord | Exception]:
         """One ``_READ`` call for the reads of one wave."""
@@ -402,21 +445,34 @@ class RedisSessionStore:
     async def _write_many(self, writes: Sequence[_Write]) -> list[bool | Exception]:
         """One ``_CAS`` call for the compare-and-sets of one wave (every write decided on its
         own: a lost race fails only that session's)."""
-        keys, args = list(self._keys), [self._ttl_ms]
-        for record, expected in writes:
+        keys = list(self._keys)
+        args: list[Any] = [self._ttl_ms, self.max_sessions, self._lru, self._prefix]
+        for record, expected, end in writes:
             keys.append(self._key(record.session_id))
             args += (
                 record.session_id,
                 expected,
                 os.urandom(8).hex(),
                 self._deadline_ms(record),
+                int(end),
                 *_values(record),
             )
-        outcomes = await self._call(lambda: self._cas(keys=keys, args=args))
+        outcomes, evicted, idle, lifetime = await self._call(
+            lambda: self._cas(keys=keys, args=args)
+        )
+        if evicted or idle or lifetime:
+            self._ended(idle, lifetime)
+            self._events.evicted([i.decode() for i in evicted])
         return [
-            SessionNotFound(write.record.session_id) if outcome == -1 else outcome == 1
-            for write, outcome in zip(writes, outcomes, strict=True)
+            self._outcome(write, outcome) for write, outcome in zip(writes, outcomes, strict=True)
         ]
+
+    def _outcome(self, write: _Write, outcome: int) -> bool | Exception:
+        if outcome == -1:
+            return SessionNotFound(write.record.session_id)
+        if outcome == -2:
+            return TooManySessions(self.max_sessions)
+        return outcome == 1
 
     async def delete(self, session_id: str) -> None:
         keys = [*self._keys, self._key(session_id)]
@@ -425,6 +481,9 @@ class RedisSessionStore:
         )
         if not existed:
             raise SessionNotFound(session_id)
+
+    async def sweep(self) -> int:
+        return await self.count()  # the count script sweeps (up to 1000 ids of each kind)
 
     async def count(self) -> int:
         count, idle, lifetime = await self._call(
