@@ -121,8 +121,8 @@ async def serve(models_dir: Path, store: str = "memory", **overrides: Any) -> As
     from gruserve.server import create_app
 
     app = create_app(serving_settings(models_dir, store, **overrides))
-    before = asyncio.all_tasks()
     async with app.router.lifespan_context(app):
+        before = asyncio.all_tasks()  # the app's own background tasks (the sweeper) included
         transport = httpx.ASGITransport(app)
         async with httpx.AsyncClient(transport=transport, base_url="http://gruserve") as client:
             yield Served(app, client)

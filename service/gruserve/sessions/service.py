@@ -295,7 +295,7 @@ class SessionService:
                 except SessionNotFound:
                     if fresh is None:
                         raise
-                    record, expected = self._new(*fresh, session_id, caller), CREATE
+                    record, expected = self._new(fresh[0], session_id, fresh[1], caller), CREATE
                 else:
                     expected = record.revision
                     if caller is not ANYONE and not caller.sees(record.owner):
