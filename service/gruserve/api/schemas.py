@@ -109,7 +109,11 @@ class StepRequest(_Strict):
 
 
 class StepCreate(_Strict):
-    model: str = Field(description="The model the session is created on.", examples=["demo"])
+    model: str | None = Field(
+        None,
+        description="The model the session is created on (bulk steps: the URL's).",
+        examples=["demo"],
+    )
     initial_state: States | None = Field(None, description="Per state [units]; zeros when omitted.")
 
 
@@ -199,6 +203,12 @@ class BulkStep(_Strict):
     step: int | None = Field(
         None, ge=0, lt=2**63, description="As `step` of a single step (exactly-once)."
     )
+    create: bool | StepCreate | None = Field(
+        None,
+        description="Create the session on the URL's model if it does not exist: `true`, or "
+        '`{"initial_state": ...}`.',
+    )
+    end: bool | StepEnd | None = Field(None, description="As `end` of a single step.")
 
 
 class BulkStepsRequest(_Strict):
@@ -217,6 +227,9 @@ class BulkResult(_Strict):
     outputs: Outputs | None = Field(None, description="As a single step's reply.")
     step: int | None = Field(None, description="Steps applied so far, this one included.")
     error: BulkError | None = Field(None, description="Instead of outputs: why this step failed.")
+    states: dict[str, list[float]] | None = Field(
+        None, description='As `states` of a single step (an `"end"` step that asked for it).'
+    )
 
 
 class BulkStepsResponse(_Strict):

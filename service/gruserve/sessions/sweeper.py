@@ -42,7 +42,9 @@ class Sweeper:
     def start(self) -> None:
         """Start sweeping (in the running event loop); a second call does nothing."""
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="gruserve-sweeper")
+            self._task = asyncio.get_running_loop().create_task(
+                self._run(), name="gruserve-sweeper"
+            )
 
     async def _run(self) -> None:
         while True:
