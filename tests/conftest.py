@@ -213,7 +213,7 @@ def stuck_step(served: Served, monkeypatch: pytest.MonkeyPatch) -> StuckStep:
     """``served``'s session steps wait (10 s) until cancelled, recording start and cancel."""
     events = StuckStep()
 
-    async def step(*args: Any) -> Any:
+    async def step(*args: Any, **kwargs: Any) -> Any:
         events.started.set()
         try:
             await asyncio.sleep(10)

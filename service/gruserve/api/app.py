@@ -15,6 +15,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from starlette.middleware import Middleware
+from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gruserve import __version__
@@ -149,8 +150,9 @@ def create_app(settings: Settings, services: Services) -> GruServeAPI:
         return handler
 
     step_route = next(r for r in v1.router.routes if getattr(r, "endpoint", None) is v1.step)
-    step = StepEndpoint(services.sessions, services.metrics)
-    app.hot_paths = HotPaths(step, SessionSockets(services), step_route, guarded)
+    step = StepEndpoint(services.sessions, services.metrics, settings)
+    lifecycle = (_route(v1.create_session), _route(v1.delete_session))
+    app.hot_paths = HotPaths(step, SessionSockets(services), step_route, guarded, lifecycle)
     if services.tracing is None:  # the HTTP protocol's answers pass no middleware: untraced
         app.direct_routes = DirectStep(step, step_route.path, settings.max_request_bytes, accepted)
     return app
@@ -172,3 +174,8 @@ async def _check_store(services: Services) -> None:
 def keys_enabled(settings: Settings) -> bool:
     """Whether the server needs API keys (for the start-up summary)."""
     return bool(load_keys(settings.api_keys, settings.api_keys_file))
+
+
+def _route(endpoint: object) -> BaseRoute:
+    """The declared v1 route whose handler is ``endpoint``."""
+    return next(r for r in v1.router.routes if getattr(r, "endpoint", None) is endpoint)

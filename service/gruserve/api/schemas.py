@@ -98,27 +98,18 @@ class StepRequest(_Strict):
         "another value answers 409 StepOutOfOrder. Omit for at-least-once.",
         examples=[0],
     )
-    create: StepCreate | None = Field(
+    create: dict[str, Any] | None = Field(
         None,
-        description="Create the session first if it does not exist (its own session on this "
-        "model: an ordinary step; a taken id: 409 SessionExists).",
+        description='`{"model": name, "initial_state"?: states}`: create the session first if '
+        "it does not exist (your session on this model: an ordinary step; a taken id: 409 "
+        "SessionExists).",
+        examples=[{"model": "demo"}],
     )
-    end: bool | StepEnd | None = Field(
-        None, description="Delete the session after this step (the reply still has its outputs)."
-    )
-
-
-class StepCreate(_Strict):
-    model: str | None = Field(
+    end: bool | dict[str, bool] | None = Field(
         None,
-        description="The model the session is created on (bulk steps: the URL's).",
-        examples=["demo"],
+        description='`true`, or `{"return_state": true}` to get its final `states`: delete '
+        "the session after this step (the reply still has its outputs).",
     )
-    initial_state: States | None = Field(None, description="Per state [units]; zeros when omitted.")
-
-
-class StepEnd(_Strict):
-    return_state: bool = Field(False, description="Return the state the session ended in.")
 
 
 class StepResponse(_Strict):
@@ -203,12 +194,12 @@ class BulkStep(_Strict):
     step: int | None = Field(
         None, ge=0, lt=2**63, description="As `step` of a single step (exactly-once)."
     )
-    create: bool | StepCreate | None = Field(
+    create: bool | dict[str, Any] | None = Field(
         None,
         description="Create the session on the URL's model if it does not exist: `true`, or "
         '`{"initial_state": ...}`.',
     )
-    end: bool | StepEnd | None = Field(None, description="As `end` of a single step.")
+    end: bool | dict[str, bool] | None = Field(None, description="As `end` of a single step.")
 
 
 class BulkStepsRequest(_Strict):
