@@ -11,25 +11,27 @@ listing by id with ``ZRANGEBYLEX``). The sets make the session count, the
 
 Writes are Lua scripts, atomic on the server:
 
-- create: refuse an existing id; when the store looks full, sweep expired ids first
-  (reporting them), then refuse or evict its least recently used sessions; then write
-  hash, expiry and sets. Expired ids are otherwise swept in the background
-  (:meth:`RedisSessionStore.sweep`), so a create does no work per expired session;
-- compare-and-set: write only if the stored ``revision`` is the one the writer
-  read. Two replicas that read revision 7 both try to write revision 8; exactly
+- compare-and-set, which also creates: a write with expected revision -1 creates its
+  session if the id is free (a taken id loses, as a race does), and when the store looks
+  full it sweeps expired ids first (reporting them), then refuses or evicts the least
+  recently used sessions. Expired ids are otherwise swept in the background
+  (:meth:`RedisSessionStore.sweep`), so a create does no work per expired session.
+  Otherwise a write is made only if the stored ``revision`` is the one the writer read. Two replicas that read revision 7 both try to write revision 8; exactly
   one wins, the other re-reads and recomputes. Each write also stores a random
   ``writer`` token, so a write retried after a lost reply recognises itself
   instead of being reported as a conflict (which would apply the step twice).
   State, counters and the stored result are one ``HSET``: a session is never seen
-  half written. A write may also create its session if absent (expected revision -1,
-  counted against the limit as a create is) or end it (remove hash and index entries
-  instead of storing): a step that starts or ends its session costs no extra round trip.
+  half written. A write may also end its session (remove hash and index entries instead
+  of storing it): a step that starts or ends its session costs no extra round trip;
+- delete: remove hashes and index entries, for every delete of one pass at once.
 
 Reads and compare-and-sets travel per batch, not per step: the reads issued in one pass
 of the event loop go out as one ``_READ`` call, and so do the writes (one ``_CAS`` call
 deciding each session's write on its own, so a lost race fails only that session's).
 The batcher wakes a batch's steps in one pass, so a batch of 64 steps costs two round
 trips instead of 128 (:mod:`gruserve.sessions._coalesce`; figures in bench/README.md).
+Creates travel with the writes (a creating compare-and-set) and deletes with each other
+(one ``_DELETE`` call per wave), so short-lived sessions are batched as steps are.
 
 Idle times come from Redis's own clock (``TIME``), so replicas with skewed clocks
 agree; the lifetime counts from the record's ``created_at``, the creating replica's
@@ -53,7 +55,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from gruserve.errors import SessionExists, SessionNotFound, StoreUnavailable, TooManySessions
 from gruserve.sessions._coalesce import Coalescer
 from gruserve.sessions.events import IDLE, LIFETIME, SessionEvents
-from gruserve.sessions.store import SessionPage, SessionRecord, SessionSummary
+from gruserve.sessions.store import CREATE, SessionPage, SessionRecord, SessionSummary
 
 T = TypeVar("T")
 SCAN_PER_PAGE_REDIS = 2_000
@@ -119,24 +121,6 @@ local function expire(key, id, now, ttl, deadline)
 end
 """
 
-# KEYS[4] the hash. ARGV: max_sessions, ttl_ms, id, lru (1/0), lifetime deadline_ms (0: none),
-# hash key prefix, fields...
-_CREATE = (
-    _FORGET
-    + _NOW_MS
-    + """
-local ended, evicted = {{}, {}}, {}
-if redis.call('EXISTS', KEYS[4]) == 1 then return {0, evicted, ended[1], ended[2]} end
-if not make_room(tonumber(ARGV[1]), ARGV[4], now, ARGV[6], evicted, ended) then
-    return {-2, evicted, ended[1], ended[2]}
-end
-redis.call('HSET', KEYS[4], unpack(ARGV, 7))
-expire(KEYS[4], ARGV[3], now, tonumber(ARGV[2]), tonumber(ARGV[5]))
-redis.call('ZADD', KEYS[3], 0, ARGV[3])
-return {1, evicted, ended[1], ended[2]}
-"""
-)
-
 # KEYS[4..] the sessions' hashes, one per write. ARGV[1] ttl_ms, ARGV[2] max_sessions, ARGV[3]
 # lru (1/0), ARGV[4] hash key prefix, then per write WRITE_ARGS values: id, expected revision
 # (-1: create if absent), writer token, lifetime deadline_ms (0: none), end (1: remove the
@@ -193,11 +177,17 @@ end
 return out
 """
 
+# KEYS[4..] the sessions' hashes; ARGV[1] hash key prefix, ARGV[2..] their ids. Answers
+# per session 1 (it existed) or 0.
 _DELETE = (
     _FORGET
     + """
-local existed = redis.call('EXISTS', KEYS[4])
-forget({ARGV[1]}, ARGV[2])
+local existed, ids = {}, {}
+for i = 4, #KEYS do
+    existed[#existed + 1] = redis.call('EXISTS', KEYS[i])
+    ids[#ids + 1] = ARGV[i - 2]
+end
+forget(ids, ARGV[1])
 return existed
 """
 )
@@ -374,12 +364,12 @@ class RedisSessionStore:
             retry=Retry(NoBackoff(), 1),
             health_check_interval=30,
         )
-        self._create = self._redis.register_script(_CREATE)
         self._cas = self._redis.register_script(_CAS)
         self._read = self._redis.register_script(_READ)
         self._reads: Coalescer[str, SessionRecord] = Coalescer(self._read_many, batch_limit)
         self._writes: Coalescer[_Write, bool] = Coalescer(self._write_many, batch_limit)
         self._delete = self._redis.register_script(_DELETE)
+        self._deletes: Coalescer[str, None] = Coalescer(self._delete_many, batch_limit)
         self._count = self._redis.register_script(_COUNT)
         self._page = self._redis.register_script(_PAGE)
 
@@ -405,25 +395,9 @@ class RedisSessionStore:
         self._events.expired(IDLE, [i.decode() for i in idle])
 
     async def create(self, record: SessionRecord) -> None:
-        keys = [*self._keys, self._key(record.session_id)]
-        args = [
-            self.max_sessions,
-            self._ttl_ms,
-            record.session_id,
-            self._lru,
-            self._deadline_ms(record),
-            self._prefix,
-            *_fields(record, b""),
-        ]
-        outcome, evicted, idle, lifetime = await self._call(
-            lambda: self._create(keys=keys, args=args)
-        )
-        self._ended(idle, lifetime)
-        self._events.evicted([i.decode() for i in evicted])
-        if outcome == 0:
+        # a creating write, batched with the other writes of its pass of the event loop
+        if not await self._writes(_Write(record, CREATE)):
             raise SessionExists(record.session_id)
-        if outcome == -2:
-            raise TooManySessions(self.max_sessions)
 
     async def get(self, session_id: str) -> SessionRecord:
         return await self._reads(session_id)
@@ -475,12 +449,17 @@ class RedisSessionStore:
         return outcome == 1
 
     async def delete(self, session_id: str) -> None:
-        keys = [*self._keys, self._key(session_id)]
-        existed = await self._call(
-            lambda: self._delete(keys=keys, args=[session_id, self._prefix])
-        )
-        if not existed:
-            raise SessionNotFound(session_id)
+        await self._deletes(session_id)
+
+    async def _delete_many(self, session_ids: Sequence[str]) -> list[Exception | None]:
+        """One ``_DELETE`` call for the deletes of one wave."""
+        keys = [*self._keys, *(self._key(session_id) for session_id in session_ids)]
+        args = [self._prefix, *session_ids]
+        existed = await self._call(lambda: self._delete(keys=keys, args=args))
+        return [
+            None if found else SessionNotFound(session_id)
+            for session_id, found in zip(session_ids, existed, strict=True)
+        ]
 
     async def sweep(self) -> int:
         return await self.count()  # the count script sweeps (up to 1000 ids of each kind)
@@ -518,4 +497,5 @@ class RedisSessionStore:
     async def close(self) -> None:
         await self._reads.close()
         await self._writes.close()
+        await self._deletes.close()
         await self._redis.aclose()
