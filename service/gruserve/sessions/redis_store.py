@@ -16,8 +16,9 @@ Writes are Lua scripts, atomic on the server:
   full it sweeps expired ids first (reporting them), then refuses or evicts the least
   recently used sessions. Expired ids are otherwise swept in the background
   (:meth:`RedisSessionStore.sweep`), so a create does no work per expired session.
-  Otherwise a write is made only if the stored ``revision`` is the one the writer read. Two replicas that read revision 7 both try to write revision 8; exactly
-  one wins, the other re-reads and recomputes. Each write also stores a random
+  Otherwise a write is made only if the stored ``revision`` is the one the writer read.
+  Two replicas that read revision 7 both try to write revision 8; exactly one wins, the
+  other re-reads and recomputes. Each write also stores a random
   ``writer`` token, so a write retried after a lost reply recognises itself
   instead of being reported as a conflict (which would apply the step twice).
   State, counters and the stored result are one ``HSET``: a session is never seen
