@@ -90,6 +90,11 @@ def create_app(weights_file: Path) -> FastAPI:
         out = y[0, 0].tolist() if single else y[0].tolist()
         return StepResponse(outputs=out, step=n + 1)
 
+    @app.delete("/v1/sessions/{session_id}", status_code=204)
+    async def delete(session_id: str) -> None:
+        if sessions.pop(session_id, None) is None:
+            raise HTTPException(404, "unknown session")
+
     return app
 
 

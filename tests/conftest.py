@@ -122,8 +122,8 @@ async def serve(models_dir: Path, store: str = "memory", **overrides: Any) -> As
     from gruserve.server import create_app
 
     app = create_app(serving_settings(models_dir, store, **overrides))
-    before = asyncio.all_tasks()
     async with app.router.lifespan_context(app):
+        before = asyncio.all_tasks()  # the app's own background tasks (the sweeper) included
         transport = httpx.ASGITransport(app)
         async with httpx.AsyncClient(transport=transport, base_url="http://gruserve") as client:
             yield Served(app, client)
@@ -214,7 +214,7 @@ def stuck_step(served: Served, monkeypatch: pytest.MonkeyPatch) -> StuckStep:
     """``served``'s session steps wait (10 s) until cancelled, recording start and cancel."""
     events = StuckStep()
 
-    async def step(*args: Any) -> Any:
+    async def step(*args: Any, **kwargs: Any) -> Any:
         events.started.set()
         try:
             await asyncio.sleep(10)

@@ -36,6 +36,7 @@ from gruserve.sessions.memory import MemorySessionStore
 from gruserve.sessions.redis_store import RedisSessionStore
 from gruserve.sessions.service import SessionService
 from gruserve.sessions.store import SessionStore
+from gruserve.sessions.sweeper import Sweeper
 from gruserve.settings import Settings
 from gruserve.tracing import from_environment as tracing_from_environment
 
@@ -145,7 +146,16 @@ def build_services(
         restore_snapshot(settings.snapshot_path, store, sessions)
     predictor = Predictor(models, executor, settings.max_timesteps, metrics, limits)
     return Services(
-        settings, models, batchers, predictor, sessions, store, metrics, executor, tracing
+        settings,
+        models,
+        batchers,
+        predictor,
+        sessions,
+        store,
+        metrics,
+        executor,
+        tracing,
+        Sweeper(store, settings.session_sweep_interval_s),
     )
 
 

@@ -21,6 +21,7 @@ from gruserve.sessions import snapshot
 from gruserve.sessions.memory import MemorySessionStore
 from gruserve.sessions.service import SessionService
 from gruserve.sessions.store import SessionStore
+from gruserve.sessions.sweeper import Sweeper
 from gruserve.settings import Settings
 
 log = logging.getLogger("gruserve")
@@ -38,10 +39,19 @@ class Services:
     executor: ThreadPoolExecutor
     tracing: Any = None
     """A :class:`gruserve.tracing.Tracing` when OpenTelemetry tracing is on, else None."""
+    sweeper: Sweeper | None = None
+    """Forgets expired sessions in the background while serving (:meth:`start`)."""
+
+    def start(self) -> None:
+        """Start the background work of a serving process (in its event loop)."""
+        if self.sweeper is not None:
+            self.sweeper.start()
 
     async def aclose(self) -> None:
         """Finish running batches, write the snapshot (if configured), then release the store
         and the threads."""
+        if self.sweeper is not None:
+            await self.sweeper.stop()
         await asyncio.gather(*(b.close() for b in self.batchers.values()))
         self.write_snapshot()
         await self.store.close()

@@ -62,6 +62,10 @@ class Settings(BaseSettings):
     max_sessions: int = Field(100_000, ge=1)
     """Most sessions the store holds at once (across replicas with Redis)."""
 
+    session_sweep_interval_s: float = Field(1.0, gt=0)
+    """Seconds between background sweeps that forget expired sessions (creates never sweep,
+    except in a store that looks full, so ``max_sessions`` counts live sessions only)."""
+
     session_eviction: Literal["reject", "lru"] = "reject"
     """What creating a session does when ``max_sessions`` are held: ``reject`` answers 429;
     ``lru`` evicts the least recently used session (the one unused for longest) to make room."""

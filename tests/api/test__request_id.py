@@ -79,7 +79,7 @@ async def test_a_bug_is_logged_with_the_request_id(
     assert 'gruserve_http_requests_total{method="GET",route="/v1/models",status="500"} 1.0' in text
 
     # the fast path names it too
-    async def broken_step(*args: Any) -> Any:
+    async def broken_step(*args: Any, **kwargs: Any) -> Any:
         raise TypeError("more internals")
 
     monkeypatch.setattr(served.services.sessions, "step", broken_step)

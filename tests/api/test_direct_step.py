@@ -132,7 +132,7 @@ async def test_a_bug_is_a_500_that_hides_it(
 ) -> None:
     sid = await session(served)
 
-    async def broken(*args: Any) -> Any:
+    async def broken(*args: Any, **kwargs: Any) -> Any:
         raise TypeError("secret internals")
 
     monkeypatch.setattr(served.services.sessions, "step", broken)
@@ -272,10 +272,10 @@ async def test_shutdown_waits_for_a_step_in_flight(
     sid = await session(served)
     original, started = served.services.sessions.step, asyncio.Event()
 
-    async def slow_step(*args: Any) -> Any:
+    async def slow_step(*args: Any, **kwargs: Any) -> Any:
         started.set()
         await asyncio.sleep(0.3)
-        return await original(*args)
+        return await original(*args, **kwargs)
 
     monkeypatch.setattr(served.services.sessions, "step", slow_step)
     port = free_port()

@@ -117,7 +117,7 @@ async def test_a_bug_answers_500_without_leaking_it(
 ) -> None:
     sid = await _session(served.client)
 
-    async def broken(*args: Any) -> Any:
+    async def broken(*args: Any, **kwargs: Any) -> Any:
         raise TypeError("secret internals")
 
     monkeypatch.setattr(served.services.sessions, "step", broken)

@@ -15,6 +15,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from starlette.middleware import Middleware
+from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gruserve import __version__
@@ -93,6 +94,7 @@ def create_app(settings: Settings, services: Services) -> GruServeAPI:
         grpc_server = None
         try:
             await _check_store(services)
+            services.start()
             grpc_server = await _start_grpc(settings, services, accepted)
             yield
         finally:
@@ -155,8 +157,9 @@ def create_app(settings: Settings, services: Services) -> GruServeAPI:
         return handler
 
     step_route = next(r for r in v1.router.routes if getattr(r, "endpoint", None) is v1.step)
-    step = StepEndpoint(services.sessions, services.metrics)
-    app.hot_paths = HotPaths(step, SessionSockets(services), step_route, guarded)
+    step = StepEndpoint(services.sessions, services.metrics, settings)
+    lifecycle = (_route(v1.create_session), _route(v1.delete_session))
+    app.hot_paths = HotPaths(step, SessionSockets(services), step_route, guarded, lifecycle)
     if services.tracing is None:  # the HTTP protocol's answers pass no middleware: untraced
         app.direct_routes = DirectStep(step, step_route.path, settings.max_request_bytes, accepted)
     return app
@@ -196,3 +199,8 @@ async def _start_grpc(settings: Settings, services: Services, keys: ApiKeys | No
         )
         return None
     return await grpc_server.start(settings, services, keys)
+
+
+def _route(endpoint: object) -> BaseRoute:
+    """The declared v1 route whose handler is ``endpoint``."""
+    return next(r for r in v1.router.routes if getattr(r, "endpoint", None) is endpoint)

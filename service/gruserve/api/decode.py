@@ -19,8 +19,11 @@ import numpy as np
 import orjson
 
 from gruserve.errors import InvalidInput
+from gruserve.sessions.lifecycle import STEP_ONLY, Create, Lifecycle
 
-STEP_FIELDS = frozenset({"inputs", "mask", "step"})
+STEP_FIELDS = frozenset({"inputs", "mask", "step", "create", "end"})
+CREATE_FIELDS = frozenset({"model", "initial_state"})
+END_FIELDS = frozenset({"return_state"})
 MAX_DEPTH = 8
 """Deepest nesting of an array field (a step is at most 2-D, a predict batch 3-D)."""
 STEP_NUMBER_LIMIT = 2**63
@@ -180,22 +183,75 @@ def step_number(value: Any, field: str = "step") -> int | None:
     return value
 
 
-def step_body(body: dict[str, Any]) -> tuple[np.ndarray, np.ndarray | None, int | None]:
-    """A step body ``{"inputs": TxF, F or token ids, "mask"?: T, "step"?: n}`` as unchecked
-    arrays and the step number (None: at-least-once)."""
+StepMessage = tuple[np.ndarray, np.ndarray | None, int | None, Lifecycle]
+"""A decoded step: inputs, mask, step number (None: at-least-once), lifecycle."""
+
+
+def step_body(body: dict[str, Any], model: str | None = None, where: str = "") -> StepMessage:
+    """A step body ``{"inputs": TxF, F or token ids, "mask"?: T, "step"?: n, "create"?: {...},
+    "end"?: ...}`` as unchecked arrays, the step number and what the step does to its
+    session's life (:func:`lifecycle`; ``model``: the model a URL names, for ``create``)."""
     if "inputs" not in body:
-        raise InvalidInput("inputs", "required: the timesteps of this step")
+        raise InvalidInput(f"{where}inputs", "required: the timesteps of this step")
     mask = body.get("mask")
     return (
-        numbers(body["inputs"], "inputs"),
-        None if mask is None else booleans(mask, "mask"),
-        step_number(body.get("step")),
+        numbers(body["inputs"], f"{where}inputs"),
+        None if mask is None else booleans(mask, f"{where}mask"),
+        step_number(body.get("step"), f"{where}step"),
+        lifecycle(body.get("create"), body.get("end"), model, where),
     )
 
 
-def step_message(data: bytes | str) -> tuple[np.ndarray, np.ndarray | None, int | None]:
+def step_message(data: bytes | str) -> StepMessage:
     """A JSON step (REST body, NDJSON line, WebSocket text message)."""
     return step_body(json_object(data, STEP_FIELDS))
+
+
+def lifecycle(create: Any, end: Any, model: str | None = None, where: str = "") -> Lifecycle:
+    """A step's ``create`` and ``end`` fields.
+
+    ``create``: ``{"model": name, "initial_state"?: states}`` creates the session if it does
+    not exist; where the URL names the model (bulk steps: ``model``), ``true`` or
+    ``{"initial_state"?: ...}``. ``end``: ``true`` deletes the session after the step,
+    ``{"return_state": true}`` also returns the state it ended in.
+    """
+    if create is None and end is None:
+        return STEP_ONLY
+    made = None
+    if create is not None and create is not False:
+        made = _create(create, model, f"{where}create")
+    if end is None or end is False:
+        return Lifecycle(made)
+    if end is True:
+        return Lifecycle(made, end=True)
+    if not isinstance(end, dict) or set(end) - END_FIELDS:
+        raise InvalidInput(
+            f"{where}end", f'expected true, false or {{"return_state": true}}, got {shown(end)}'
+        )
+    returned = end.get("return_state", False)
+    if type(returned) is not bool:
+        raise InvalidInput(
+            f"{where}end.return_state", f"expected true or false, got {shown(returned)}"
+        )
+    return Lifecycle(made, end=True, final_state=returned)
+
+
+def _create(value: Any, model: str | None, field: str) -> Create:
+    if value is True and model is not None:
+        return Create(model)
+    if not isinstance(value, dict):
+        expected = '{"model": name}' if model is None else 'true or {"initial_state": ...}'
+        raise InvalidInput(field, f"expected {expected}, got {shown(value)}")
+    unknown = sorted(set(value) - CREATE_FIELDS)
+    if unknown:
+        raise InvalidInput(
+            f"{field}.{unknown[0]}", f"unknown field; expected some of {sorted(CREATE_FIELDS)}"
+        )
+    name = value.get("model", model)
+    if type(name) is not str or not name:
+        raise InvalidInput(f"{field}.model", f"expected a model name, got {shown(name)}")
+    initial = value.get("initial_state")
+    return Create(name, None if initial is None else states(initial, f"{field}.initial_state"))
 
 
 def float32_bytes(data: bytes, features: int | None) -> np.ndarray:

@@ -40,6 +40,12 @@ def outputs(named: dict[str, np.ndarray]) -> Any:
 
 
 def step(result: StepResult) -> dict[str, Any]:
+    if result.states is not None:  # the state a session ended in, asked for with "end"
+        return {
+            "outputs": outputs(result.outputs),
+            "step": result.step,
+            "states": result.states,
+        }
     return {"outputs": outputs(result.outputs), "step": result.step}
 
 

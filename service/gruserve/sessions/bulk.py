@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from gruserve.sessions.lifecycle import STEP_ONLY, Lifecycle
 from gruserve.sessions.owner import ANYONE, Caller
 from gruserve.sessions.service import SessionService, StepResult
 
@@ -28,6 +29,7 @@ class BulkStep:
     inputs: np.ndarray
     mask: np.ndarray | None = None
     step_number: int | None = None
+    lifecycle: Lifecycle = STEP_ONLY
 
 
 Outcome = StepResult | BaseException
@@ -72,6 +74,7 @@ async def step_all(
                     item.step_number,
                     caller,
                     model_name=model,
+                    lifecycle=item.lifecycle,
                 )
             except Exception as exc:  # one step's failure is its own result
                 outcomes[i] = exc

@@ -20,7 +20,13 @@ from typing import Literal
 
 from gruserve.errors import SessionExists, SessionNotFound, TooManySessions
 from gruserve.sessions.events import IDLE, LIFETIME, SessionEvents
-from gruserve.sessions.store import SCAN_PER_PAGE, SessionPage, SessionRecord, SessionSummary
+from gruserve.sessions.store import (
+    CREATE,
+    SCAN_PER_PAGE,
+    SessionPage,
+    SessionRecord,
+    SessionSummary,
+)
 
 
 class MemorySessionStore:
@@ -117,11 +123,22 @@ class MemorySessionStore:
             raise SessionNotFound(session_id)
         return record
 
-    # -- the protocol ----------------------------------------------------------------------
-    async def create(self, record: SessionRecord) -> None:
-        self._sweep()
-        if record.session_id in self._records:
-            raise SessionExists(record.session_id)
+    def _held(self, session_id: str) -> bool:
+        """Whether a live session has this id (an expired one is removed on the way)."""
+        if session_id not in self._records:
+            return False
+        try:
+            self._live(session_id)
+        except SessionNotFound:
+            return False
+        return True
+
+    def _admit(self, record: SessionRecord) -> None:
+        """Insert a new session, making room first: expired sessions are swept only when
+        the store looks full (the background sweep keeps it small otherwise), so the limit
+        counts live sessions and a create does no work per expired one."""
+        if len(self._records) >= self.max_sessions:
+            self._sweep()
         if len(self._records) >= self.max_sessions:
             if self.eviction != "lru":
                 raise TooManySessions(self.max_sessions)
@@ -133,13 +150,30 @@ class MemorySessionStore:
             self._events.evicted(evicted)
         self._insert(record)
 
+    # -- the protocol ----------------------------------------------------------------------
+    async def create(self, record: SessionRecord) -> None:
+        if self._held(record.session_id):
+            raise SessionExists(record.session_id)
+        self._admit(record)
+
     async def get(self, session_id: str) -> SessionRecord:
         return self._live(session_id)
 
-    async def compare_and_set(self, record: SessionRecord, expected_revision: int) -> bool:
+    async def compare_and_set(
+        self, record: SessionRecord, expected_revision: int, end: bool = False
+    ) -> bool:
+        if expected_revision == CREATE:
+            if self._held(record.session_id):
+                return False
+            if not end:
+                self._admit(record)
+            return True
         current = self._live(record.session_id)
         if current.revision != expected_revision:
             return False
+        if end:
+            self._remove(record.session_id)
+            return True
         self._records[record.session_id] = record
         self._records.move_to_end(record.session_id)
         if self.max_lifetime_s and record.created_at != current.created_at:  # a v2 restart
@@ -170,6 +204,10 @@ class MemorySessionStore:
                 found.append(SessionSummary.of(record))
             i += 1
         return SessionPage(found, ids[i - 1] if i < len(ids) and i > start else None)
+
+    async def sweep(self) -> int:
+        self._sweep()
+        return len(self._records)
 
     async def ping(self) -> None:
         return None

@@ -11,21 +11,28 @@ listing by id with ``ZRANGEBYLEX``). The sets make the session count, the
 
 Writes are Lua scripts, atomic on the server:
 
-- create: sweep expired ids (reporting them), refuse an existing id, refuse a full
-  store or evict its least recently used sessions, then write hash, expiry and sets;
-- compare-and-set: write only if the stored ``revision`` is the one the writer
-  read. Two replicas that read revision 7 both try to write revision 8; exactly
-  one wins, the other re-reads and recomputes. Each write also stores a random
+- compare-and-set, which also creates: a write with expected revision -1 creates its
+  session if the id is free (a taken id loses, as a race does), and when the store looks
+  full it sweeps expired ids first (reporting them), then refuses or evicts the least
+  recently used sessions. Expired ids are otherwise swept in the background
+  (:meth:`RedisSessionStore.sweep`), so a create does no work per expired session.
+  Otherwise a write is made only if the stored ``revision`` is the one the writer read.
+  Two replicas that read revision 7 both try to write revision 8; exactly one wins, the
+  other re-reads and recomputes. Each write also stores a random
   ``writer`` token, so a write retried after a lost reply recognises itself
   instead of being reported as a conflict (which would apply the step twice).
   State, counters and the stored result are one ``HSET``: a session is never seen
-  half written.
+  half written. A write may also end its session (remove hash and index entries instead
+  of storing it): a step that starts or ends its session costs no extra round trip;
+- delete: remove hashes and index entries, for every delete of one pass at once.
 
 Reads and compare-and-sets travel per batch, not per step: the reads issued in one pass
 of the event loop go out as one ``_READ`` call, and so do the writes (one ``_CAS`` call
 deciding each session's write on its own, so a lost race fails only that session's).
 The batcher wakes a batch's steps in one pass, so a batch of 64 steps costs two round
 trips instead of 128 (:mod:`gruserve.sessions._coalesce`; figures in bench/README.md).
+Creates travel with the writes (a creating compare-and-set) and deletes with each other
+(one ``_DELETE`` call per wave), so short-lived sessions are batched as steps are.
 
 Idle times come from Redis's own clock (``TIME``), so replicas with skewed clocks
 agree; the lifetime counts from the record's ``created_at``, the creating replica's
@@ -49,7 +56,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from gruserve.errors import SessionExists, SessionNotFound, StoreUnavailable, TooManySessions
 from gruserve.sessions._coalesce import Coalescer
 from gruserve.sessions.events import IDLE, LIFETIME, SessionEvents
-from gruserve.sessions.store import SessionPage, SessionRecord, SessionSummary
+from gruserve.sessions.store import CREATE, SessionPage, SessionRecord, SessionSummary
 
 T = TypeVar("T")
 SCAN_PER_PAGE_REDIS = 2_000
@@ -80,6 +87,29 @@ local function sweep(now, prefix)
     forget(idle, prefix)
     return {idle, lifetime}
 end
+-- room for one more session: sweep while the index is full and sweeping finds expired ids,
+-- then evict least recently used sessions (lru == '1') or answer false. ended and evicted
+-- collect what went, for the caller to report.
+local function make_room(max, lru, now, prefix, evicted, ended)
+    local sweeping = true
+    while redis.call('ZCARD', KEYS[1]) >= max do
+        local removed = 0
+        if sweeping then
+            local gone = sweep(now, prefix)
+            for _, id in ipairs(gone[1]) do ended[1][#ended[1] + 1] = id end
+            for _, id in ipairs(gone[2]) do ended[2][#ended[2] + 1] = id end
+            removed = #gone[1] + #gone[2]
+            sweeping = removed > 0
+        end
+        if removed == 0 then
+            if lru ~= '1' then return false end
+            local victim = redis.call('ZRANGE', KEYS[1], 0, 0)
+            forget(victim, prefix)
+            evicted[#evicted + 1] = victim[1]
+        end
+    end
+    return true
+end
 local function expire(key, id, now, ttl, deadline)
     local idle_at = now + ttl
     local expire_at = idle_at
@@ -92,55 +122,50 @@ local function expire(key, id, now, ttl, deadline)
 end
 """
 
-# KEYS[4] the hash. ARGV: max_sessions, ttl_ms, id, lru (1/0), lifetime deadline_ms (0: none),
-# hash key prefix, fields...
-_CREATE = (
-    _FORGET
-    + _NOW_MS
-    + """
-local ended = sweep(now, ARGV[6])
-if redis.call('EXISTS', KEYS[4]) == 1 then return {0, {}, ended[1], ended[2]} end
-local evicted = {}
-while redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) do
-    if ARGV[4] ~= '1' then return {-2, {}, ended[1], ended[2]} end
-    local victim = redis.call('ZRANGE', KEYS[1], 0, 0)
-    forget(victim, ARGV[6])
-    evicted[#evicted + 1] = victim[1]
-end
-redis.call('HSET', KEYS[4], unpack(ARGV, 7))
-expire(KEYS[4], ARGV[3], now, tonumber(ARGV[2]), tonumber(ARGV[5]))
-redis.call('ZADD', KEYS[3], 0, ARGV[3])
-return {1, evicted, ended[1], ended[2]}
-"""
-)
-
-# KEYS[4..] the sessions' hashes, one per write. ARGV[1] ttl_ms, then
-# per write WRITE_ARGS values: id, expected revision, writer token, lifetime deadline_ms (0: none),
-# and the record's fields in _FIELDS order (revision among them). Answers per write: 1 written
-# (or already written by this writer: a retry after a lost reply), 0 lost the race, -1 gone.
+# KEYS[4..] the sessions' hashes, one per write. ARGV[1] ttl_ms, ARGV[2] max_sessions, ARGV[3]
+# lru (1/0), ARGV[4] hash key prefix, then per write WRITE_ARGS values: id, expected revision
+# (-1: create if absent), writer token, lifetime deadline_ms (0: none), end (1: remove the
+# session instead of storing it), and the record's fields in _FIELDS order (revision among
+# them). Answers {per write: 1 written (or already written by this writer: a retry after a
+# lost reply), 0 lost the race, -1 gone, -2 no room to create; evicted, idle, lifetime ids}.
 _CAS = (
     _FORGET
     + _NOW_MS
     + """
 local ttl, out = tonumber(ARGV[1]), {}
+local ended, evicted = {{}, {}}, {}
 for i = 4, #KEYS do
-    local key, a = KEYS[i], 2 + (i - 4) * WRITE_ARGS
+    local key, a = KEYS[i], 5 + (i - 4) * WRITE_ARGS
     local cur = redis.call('HMGET', key, 'revision', 'writer')
     if not cur[1] then
-        out[#out + 1] = -1
+        if ARGV[a + 1] ~= '-1' then
+            out[#out + 1] = -1
+        elseif ARGV[a + 4] == '1' then  -- created and ended at once: nothing to keep
+            out[#out + 1] = 1
+        elseif make_room(tonumber(ARGV[2]), ARGV[3], now, ARGV[4], evicted, ended) then
+            redis.call('HSET', key, FIELDS)
+            expire(key, ARGV[a], now, ttl, tonumber(ARGV[a + 3]))
+            redis.call('ZADD', KEYS[3], 0, ARGV[a])
+            out[#out + 1] = 1
+        else
+            out[#out + 1] = -2
+        end
     elseif cur[1] ~= ARGV[a + 1] then
         if cur[1] == ARGV[a + REVISION] and cur[2] == ARGV[a + 2] then
             out[#out + 1] = 1
         else
             out[#out + 1] = 0
         end
+    elseif ARGV[a + 4] == '1' then
+        forget({ARGV[a]}, ARGV[4])
+        out[#out + 1] = 1
     else
         redis.call('HSET', key, FIELDS)
         expire(key, ARGV[a], now, ttl, tonumber(ARGV[a + 3]))
         out[#out + 1] = 1
     end
 end
-return out
+return {out, evicted, ended[1], ended[2]}
 """
 )
 
@@ -153,11 +178,17 @@ end
 return out
 """
 
+# KEYS[4..] the sessions' hashes; ARGV[1] hash key prefix, ARGV[2..] their ids. Answers
+# per session 1 (it existed) or 0.
 _DELETE = (
     _FORGET
     + """
-local existed = redis.call('EXISTS', KEYS[4])
-forget({ARGV[1]}, ARGV[2])
+local existed, ids = {}, {}
+for i = 4, #KEYS do
+    existed[#existed + 1] = redis.call('EXISTS', KEYS[i])
+    ids[#ids + 1] = ARGV[i - 2]
+end
+forget(ids, ARGV[1])
 return existed
 """
 )
@@ -212,7 +243,7 @@ _FIELDS = (
     "owner",
 )
 """A session hash's fields in the order the scripts read and write them (and ``writer``)."""
-_WRITE_HEAD = 4  # a write's values before its fields: id, expected revision, writer, deadline
+_WRITE_HEAD = 5  # a write's values before its fields: id, expected revision, writer, deadline, end
 _CAS = (
     _CAS.replace("WRITE_ARGS", str(_WRITE_HEAD + len(_FIELDS)))
     .replace("REVISION", str(_WRITE_HEAD + _FIELDS.index("revision")))
@@ -276,6 +307,7 @@ def _record(session_id: str, values: list[bytes | None]) -> SessionRecord:
 class _Write(NamedTuple):
     record: SessionRecord
     expected_revision: int
+    end: bool = False
 
 
 class RedisSessionStore:
@@ -333,12 +365,12 @@ class RedisSessionStore:
             retry=Retry(NoBackoff(), 1),
             health_check_interval=30,
         )
-        self._create = self._redis.register_script(_CREATE)
         self._cas = self._redis.register_script(_CAS)
         self._read = self._redis.register_script(_READ)
         self._reads: Coalescer[str, SessionRecord] = Coalescer(self._read_many, batch_limit)
         self._writes: Coalescer[_Write, bool] = Coalescer(self._write_many, batch_limit)
         self._delete = self._redis.register_script(_DELETE)
+        self._deletes: Coalescer[str, None] = Coalescer(self._delete_many, batch_limit)
         self._count = self._redis.register_script(_COUNT)
         self._page = self._redis.register_script(_PAGE)
 
@@ -364,31 +396,17 @@ class RedisSessionStore:
         self._events.expired(IDLE, [i.decode() for i in idle])
 
     async def create(self, record: SessionRecord) -> None:
-        keys = [*self._keys, self._key(record.session_id)]
-        args = [
-            self.max_sessions,
-            self._ttl_ms,
-            record.session_id,
-            self._lru,
-            self._deadline_ms(record),
-            self._prefix,
-            *_fields(record, b""),
-        ]
-        outcome, evicted, idle, lifetime = await self._call(
-            lambda: self._create(keys=keys, args=args)
-        )
-        self._ended(idle, lifetime)
-        self._events.evicted([i.decode() for i in evicted])
-        if outcome == 0:
+        # a creating write, batched with the other writes of its pass of the event loop
+        if not await self._writes(_Write(record, CREATE)):
             raise SessionExists(record.session_id)
-        if outcome == -2:
-            raise TooManySessions(self.max_sessions)
 
     async def get(self, session_id: str) -> SessionRecord:
         return await self._reads(session_id)
 
-    async def compare_and_set(self, record: SessionRecord, expected_revision: int) -> bool:
-        return await self._writes(_Write(record, expected_revision))
+    async def compare_and_set(
+        self, record: SessionRecord, expected_revision: int, end: bool = False
+    ) -> bool:
+        return await self._writes(_Write(record, expected_revision, end))
 
     async def _read_many(self, session_ids: Sequence[str]) -> list[SessionRecord | Exception]:
         """One ``_READ`` call for the reads of one wave."""
@@ -402,29 +420,50 @@ class RedisSessionStore:
     async def _write_many(self, writes: Sequence[_Write]) -> list[bool | Exception]:
         """One ``_CAS`` call for the compare-and-sets of one wave (every write decided on its
         own: a lost race fails only that session's)."""
-        keys, args = list(self._keys), [self._ttl_ms]
-        for record, expected in writes:
+        keys = list(self._keys)
+        args: list[Any] = [self._ttl_ms, self.max_sessions, self._lru, self._prefix]
+        for record, expected, end in writes:
             keys.append(self._key(record.session_id))
             args += (
                 record.session_id,
                 expected,
                 os.urandom(8).hex(),
                 self._deadline_ms(record),
+                int(end),
                 *_values(record),
             )
-        outcomes = await self._call(lambda: self._cas(keys=keys, args=args))
+        outcomes, evicted, idle, lifetime = await self._call(
+            lambda: self._cas(keys=keys, args=args)
+        )
+        if evicted or idle or lifetime:
+            self._ended(idle, lifetime)
+            self._events.evicted([i.decode() for i in evicted])
         return [
-            SessionNotFound(write.record.session_id) if outcome == -1 else outcome == 1
-            for write, outcome in zip(writes, outcomes, strict=True)
+            self._outcome(write, outcome) for write, outcome in zip(writes, outcomes, strict=True)
         ]
 
+    def _outcome(self, write: _Write, outcome: int) -> bool | Exception:
+        if outcome == -1:
+            return SessionNotFound(write.record.session_id)
+        if outcome == -2:
+            return TooManySessions(self.max_sessions)
+        return outcome == 1
+
     async def delete(self, session_id: str) -> None:
-        keys = [*self._keys, self._key(session_id)]
-        existed = await self._call(
-            lambda: self._delete(keys=keys, args=[session_id, self._prefix])
-        )
-        if not existed:
-            raise SessionNotFound(session_id)
+        await self._deletes(session_id)
+
+    async def _delete_many(self, session_ids: Sequence[str]) -> list[Exception | None]:
+        """One ``_DELETE`` call for the deletes of one wave."""
+        keys = [*self._keys, *(self._key(session_id) for session_id in session_ids)]
+        args = [self._prefix, *session_ids]
+        existed = await self._call(lambda: self._delete(keys=keys, args=args))
+        return [
+            None if found else SessionNotFound(session_id)
+            for session_id, found in zip(session_ids, existed, strict=True)
+        ]
+
+    async def sweep(self) -> int:
+        return await self.count()  # the count script sweeps (up to 1000 ids of each kind)
 
     async def count(self) -> int:
         count, idle, lifetime = await self._call(
@@ -459,4 +498,5 @@ class RedisSessionStore:
     async def close(self) -> None:
         await self._reads.close()
         await self._writes.close()
+        await self._deletes.close()
         await self._redis.aclose()

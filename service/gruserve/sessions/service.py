@@ -53,8 +53,9 @@ from gruserve.runtime.signature import ModelSignature
 from gruserve.runtime.validation import Chunk, StateValue, check_chunk, flat_state
 from gruserve.sessions import _result
 from gruserve.sessions._locks import KeyedLocks
+from gruserve.sessions.lifecycle import STEP_ONLY, Lifecycle
 from gruserve.sessions.owner import ANYONE, Caller
-from gruserve.sessions.store import MAX_PAGE, SessionPage, SessionRecord, SessionStore
+from gruserve.sessions.store import CREATE, MAX_PAGE, SessionPage, SessionRecord, SessionStore
 
 SESSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 """A valid session id, whole: always ``fullmatch`` (``$`` would let a final newline in)."""
@@ -64,11 +65,14 @@ _SEQUENCE = "sequence\x00"  # lock-key prefix no session id can have (see sequen
 @dataclass(frozen=True, slots=True)
 class StepResult:
     """One applied step: ``outputs`` by output name, (T, D), or (D,) for a single
-    timestep sent without a time axis or a model that returns one output per sequence."""
+    timestep sent without a time axis or a model that returns one output per sequence;
+    ``states`` (by state key, (units,)) only for a step that ended its session and asked
+    for the state it ended in."""
 
     outputs: dict[str, np.ndarray]
     step: int
     record: SessionRecord
+    states: dict[str, np.ndarray] | None = None
 
 
 class SessionService:
@@ -146,17 +150,18 @@ class SessionService:
         model = self.registry.get(model_name)
         if session_id is None:
             session_id = uuid.uuid4().hex
-        elif not isinstance(session_id, str) or not SESSION_ID.fullmatch(session_id):
-            # reprlib: a JSON value nested past the recursion limit has no full repr
-            received = repr(session_id) if isinstance(session_id, str) else reprlib.repr(session_id)
-            raise InvalidInput(
-                "session_id",
-                f"use 1-128 letters, digits, '.', '_', ':' or '-' starting with a letter "
-                f"or digit. Received: {received}",
-            )
+        else:
+            _check_id(session_id)
         state = flat_state(model.signature, initial_state, "initial_state")
+        record = self._new(model, session_id, state, caller)
+        await self.store.create(record)
+        return record
+
+    def _new(
+        self, model: LoadedModel, session_id: str, state: np.ndarray, caller: Caller
+    ) -> SessionRecord:
         now = self._clock()
-        record = SessionRecord(
+        return SessionRecord(
             session_id,
             model.name,
             model.version,
@@ -165,8 +170,6 @@ class SessionService:
             last_used_at=now,
             owner=caller.name,
         )
-        await self.store.create(record)
-        return record
 
     async def delete(self, session_id: str, caller: Caller = ANYONE) -> None:
         async with self._locks.hold(session_id):
@@ -243,6 +246,7 @@ class SessionService:
         caller: Caller = ANYONE,
         *,
         model_name: str | None = None,
+        lifecycle: Lifecycle = STEP_ONLY,
     ) -> StepResult:
         """Apply one chunk of timesteps to a session, at least once or exactly once.
 
@@ -259,22 +263,47 @@ class SessionService:
             step_number: steps the client knows were applied before this one (>= 0).
             model_name: when given, the session must be on this model (bulk steps name
                 the model in their URL).
+            lifecycle: create the session if absent and/or end it after the step, in the
+                step's own store write (:mod:`gruserve.sessions.lifecycle`).
 
         Raises:
             SessionNotFound, InvalidInput, PayloadTooLarge, SessionConflict, StoreUnavailable.
+            SessionExists: a create names an id held on another model or by another tenant.
+            TooManySessions: a create found the store full.
             SessionNotOnModel: the session is on another model than ``model_name``.
             StepOutOfOrder: ``step_number`` is neither the next step nor the last one.
             StepMismatch: ``step_number`` is the last step's, but the inputs or mask differ.
         """
+        create, fresh = lifecycle.create, None
+        if create is not None:
+            _check_id(session_id)
+            made = self.registry.get(create.model)
+            if model_name is not None and made.name != model_name:
+                raise InvalidInput(
+                    "create.model", f"steps sent to model {model_name!r} create sessions of it"
+                )
+            state = flat_state(made.signature, create.initial_state, "create.initial_state")
+            fresh = (made, state)
         locks = self._locks
         if not locks.try_acquire(session_id):  # the `async with locks.hold()` of the other
             await locks.acquire(session_id)  # methods, without its two coroutine calls
         try:
             chunk, applied = None, b""
             for _ in range(self._max_attempts):
-                record = await self.store.get(session_id)
-                if caller is not ANYONE and not caller.sees(record.owner):
-                    raise SessionNotFound(session_id)
+                try:
+                    record = await self.store.get(session_id)
+                except SessionNotFound:
+                    if fresh is None:
+                        raise
+                    record, expected = self._new(fresh[0], session_id, fresh[1], caller), CREATE
+                else:
+                    expected = record.revision
+                    if caller is not ANYONE and not caller.sees(record.owner):
+                        if fresh is not None:  # taken: the answer an explicit create gets
+                            raise SessionExists(session_id) from None
+                        raise SessionNotFound(session_id)
+                    if fresh is not None and record.model != fresh[0].name:
+                        raise SessionExists(session_id)
                 if model_name is not None and record.model != model_name:
                     raise SessionNotOnModel(session_id, record.model, model_name)
                 model = self.model_of(record)
@@ -292,11 +321,14 @@ class SessionService:
                     outputs = [o[0] for o in outputs]
                 kept = None if step_number is None else _result.pack(step_number, outputs, applied)
                 updated = record.advanced(out.state, chunk.timesteps, self._clock(), kept)
-                if await self.store.compare_and_set(updated, record.revision):
+                if await self.store.compare_and_set(updated, expected, lifecycle.end):
                     return StepResult(
                         dict(zip(model.signature.output_names, outputs, strict=True)),
                         updated.step,
                         updated,
+                        model.signature.split_state(updated.state)
+                        if lifecycle.end and lifecycle.final_state
+                        else None,
                     )
                 self._conflict()
         finally:
@@ -428,3 +460,15 @@ class SessionService:
                 return
             self._conflict()
         raise SessionConflict(session_id, self._max_attempts)
+
+
+def _check_id(session_id: object) -> None:
+    """Refuse a client-chosen session id no session can have (InvalidInput naming it)."""
+    if not isinstance(session_id, str) or not SESSION_ID.fullmatch(session_id):
+        # reprlib: a JSON value nested past the recursion limit has no full repr
+        received = repr(session_id) if isinstance(session_id, str) else reprlib.repr(session_id)
+        raise InvalidInput(
+            "session_id",
+            f"use 1-128 letters, digits, '.', '_', ':' or '-' starting with a letter "
+            f"or digit. Received: {received}",
+        )

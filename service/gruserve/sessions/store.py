@@ -116,6 +116,8 @@ class SessionPage:
     next_cursor: str | None
 
 
+CREATE = -1
+"""The ``expected_revision`` of a compare-and-set that creates the session if it is absent."""
 MAX_PAGE = 1000
 """Most sessions one listing page returns."""
 SCAN_PER_PAGE = 10_000
@@ -149,14 +151,20 @@ class SessionStore(Protocol):
             SessionNotFound: unknown, deleted or expired.
         """
 
-    async def compare_and_set(self, record: SessionRecord, expected_revision: int) -> bool:
+    async def compare_and_set(
+        self, record: SessionRecord, expected_revision: int, end: bool = False
+    ) -> bool:
         """Replace the record if its stored revision still is ``expected_revision``.
 
         Returns False when another writer got there first (re-read and retry).
-        Refreshes the idle timer.
+        Refreshes the idle timer. With ``expected_revision`` :data:`CREATE` the record is
+        inserted if the id is absent (counted against the limit as :meth:`create` counts
+        it) and False is returned if it exists. With ``end`` the session is removed
+        instead of stored (a create that ends at once stores nothing and takes no room).
 
         Raises:
             SessionNotFound: the session vanished (deleted or expired).
+            TooManySessions: a create found the store full and it does not evict.
         """
 
     async def delete(self, session_id: str) -> None:
@@ -173,6 +181,11 @@ class SessionStore(Protocol):
         """Up to ``limit`` sessions whose id sorts after ``cursor`` (from the first if None),
         of ``model`` only when given. Stable: sessions created or removed meanwhile never
         shift the ids a cursor continues from."""
+
+    async def sweep(self) -> int:
+        """Forget expired sessions (called in the background, off the request path);
+        returns the sessions held. Creates never depend on it: a full store sweeps before
+        refusing, so the limit counts live sessions only."""
 
     async def ping(self) -> None:
         """Return when the store is reachable; raise ``StoreUnavailable`` otherwise."""

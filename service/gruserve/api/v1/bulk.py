@@ -53,9 +53,9 @@ async def _run(
     features = services.registry.get(model).signature.features
     limit = services.settings.max_bulk_steps
     decoded = (
-        bulk_codec.binary_request(data, features, limit)  # type: ignore[arg-type]
+        bulk_codec.binary_request(data, features, limit, model)  # type: ignore[arg-type]
         if binary
-        else bulk_codec.json_request(data, limit)
+        else bulk_codec.json_request(data, limit, model)
     )
     return decoded, await step_all(services.sessions, model, decoded.steps, caller)
 

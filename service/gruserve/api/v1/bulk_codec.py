@@ -35,8 +35,8 @@ from gruserve.sessions.bulk import BulkStep, Outcome
 MEDIA_TYPE = "application/x-gruserve-steps"
 HEADER = struct.Struct("<I")
 FIELDS = frozenset({"steps"})
-STEP_FIELDS = frozenset({"session_id", "inputs", "mask", "step"})
-BINARY_STEP_FIELDS = frozenset({"session_id", "timesteps", "step"})
+STEP_FIELDS = frozenset({"session_id", "inputs", "mask", "step", "create", "end"})
+BINARY_STEP_FIELDS = frozenset({"session_id", "timesteps", "step", "create", "end"})
 SETTING = "GRUSERVE_MAX_BULK_STEPS"
 
 
@@ -85,7 +85,7 @@ def _id_of(item: Any) -> str | None:
     return value if type(value) is str else None
 
 
-def _json_step(item: Any, where: str) -> BulkStep:
+def _json_step(item: Any, where: str, model: str | None = None) -> BulkStep:
     fields = _fields(item, where, STEP_FIELDS)
     session_id = _session_id(fields, where)
     if "inputs" not in fields:
@@ -96,16 +96,17 @@ def _json_step(item: Any, where: str) -> BulkStep:
         decode.numbers(fields["inputs"], f"{where}.inputs"),
         None if mask is None else decode.booleans(mask, f"{where}.mask"),
         decode.step_number(fields.get("step"), f"{where}.step"),
+        decode.lifecycle(fields.get("create"), fields.get("end"), model, f"{where}."),
     )
 
 
-def json_request(data: bytes | str, limit: int) -> BulkRequest:
+def json_request(data: bytes | str, limit: int, model: str | None = None) -> BulkRequest:
     """A JSON bulk request (REST body or WebSocket text message) of at most ``limit`` steps."""
     steps = _steps(decode.json_object(data, FIELDS), limit)
     decoded: list[BulkStep | BaseException] = []
     for i, item in enumerate(steps):
         try:
-            decoded.append(_json_step(item, f"steps[{i}]"))
+            decoded.append(_json_step(item, f"steps[{i}]", model))
         except InvalidInput as exc:
             decoded.append(exc)
     return BulkRequest([_id_of(item) for item in steps], decoded)
@@ -122,7 +123,9 @@ def _timesteps(item: Any, i: int) -> int:
     return value
 
 
-def _binary_step(item: dict[str, Any], inputs: np.ndarray, i: int) -> BulkStep:
+def _binary_step(
+    item: dict[str, Any], inputs: np.ndarray, i: int, model: str | None = None
+) -> BulkStep:
     session_id, number = item.get("session_id"), item.get("step")
     if type(session_id) is str and number is None and len(item) <= 2:  # the usual entry
         return BulkStep(session_id, inputs)
@@ -133,11 +136,15 @@ def _binary_step(item: dict[str, Any], inputs: np.ndarray, i: int) -> BulkStep:
         inputs,
         None,
         decode.step_number(fields.get("step"), f"{where}.step"),
+        decode.lifecycle(fields.get("create"), fields.get("end"), model, f"{where}."),
     )
 
 
-def binary_request(data: bytes, features: int | None, limit: int) -> BulkRequest:
-    """A binary bulk request for a model of ``features`` inputs (None: token ids)."""
+def binary_request(
+    data: bytes, features: int | None, limit: int, model: str | None = None
+) -> BulkRequest:
+    """A binary bulk request for a model of ``features`` inputs (None: token ids); ``model``
+    (the URL's) is what ``"create": true`` creates sessions of."""
     if len(data) < HEADER.size:
         raise InvalidInput(
             "body", f"{len(data)} bytes: a binary bulk request starts with a u32 header length"
@@ -166,7 +173,7 @@ def binary_request(data: bytes, features: int | None, limit: int) -> BulkRequest
     row = 0
     for i, (item, count) in enumerate(zip(steps, counts, strict=True)):
         try:
-            decoded.append(_binary_step(item, rows[row : row + count], i))
+            decoded.append(_binary_step(item, rows[row : row + count], i, model))
         except InvalidInput as exc:
             decoded.append(exc)
         row += count

@@ -127,11 +127,11 @@ async def step(session_id: str, request: Request) -> Response:
     other ``n`` than the session's step count (or that count minus one) answers 409
     ``StepOutOfOrder`` with the session's ``current_step``.
     """
-    inputs, mask, number = decode.step_message(await request.body())
+    inputs, mask, number, life = decode.step_message(await request.body())
     result = await unless_disconnected(
         request,
         _services(request).sessions.step(
-            session_id, inputs, mask, number, caller_of(request.scope)
+            session_id, inputs, mask, number, caller_of(request.scope), lifecycle=life
         ),
     )
     return encode.json_response(encode.step(result))

@@ -98,6 +98,18 @@ class StepRequest(_Strict):
         "another value answers 409 StepOutOfOrder. Omit for at-least-once.",
         examples=[0],
     )
+    create: dict[str, Any] | None = Field(
+        None,
+        description='`{"model": name, "initial_state"?: states}`: create the session first if '
+        "it does not exist (your session on this model: an ordinary step; a taken id: 409 "
+        "SessionExists).",
+        examples=[{"model": "demo"}],
+    )
+    end: bool | dict[str, bool] | None = Field(
+        None,
+        description='`true`, or `{"return_state": true}` to get its final `states`: delete '
+        "the session after this step (the reply still has its outputs).",
+    )
 
 
 class StepResponse(_Strict):
@@ -106,6 +118,9 @@ class StepResponse(_Strict):
         "axis, or a model with one output per sequence)."
     )
     step: int = Field(description="Steps applied so far, this one included.")
+    states: dict[str, list[float]] | None = Field(
+        None, description='Per state [units]: the state an `"end"` step ended in, if asked.'
+    )
 
 
 class SessionSummary(_Strict):
@@ -179,6 +194,12 @@ class BulkStep(_Strict):
     step: int | None = Field(
         None, ge=0, lt=2**63, description="As `step` of a single step (exactly-once)."
     )
+    create: bool | dict[str, Any] | None = Field(
+        None,
+        description="Create the session on the URL's model if it does not exist: `true`, or "
+        '`{"initial_state": ...}`.',
+    )
+    end: bool | dict[str, bool] | None = Field(None, description="As `end` of a single step.")
 
 
 class BulkStepsRequest(_Strict):
@@ -197,6 +218,9 @@ class BulkResult(_Strict):
     outputs: Outputs | None = Field(None, description="As a single step's reply.")
     step: int | None = Field(None, description="Steps applied so far, this one included.")
     error: BulkError | None = Field(None, description="Instead of outputs: why this step failed.")
+    states: dict[str, list[float]] | None = Field(
+        None, description='As `states` of a single step (an `"end"` step that asked for it).'
+    )
 
 
 class BulkStepsResponse(_Strict):

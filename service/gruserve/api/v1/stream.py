@@ -82,8 +82,10 @@ class StepStream(Response):
         try:
             if len(line) > self._limit:
                 raise PayloadTooLarge("an NDJSON line (bytes)", len(line), self._limit, SETTING)
-            inputs, mask, number = decode.step_message(line)
-            result = await self._sessions.step(self._session_id, inputs, mask, number, self._caller)
+            inputs, mask, number, life = decode.step_message(line)
+            result = await self._sessions.step(
+                self._session_id, inputs, mask, number, self._caller, lifecycle=life
+            )
         except GruServeError as exc:
             await self._send_error(exc, send)
             return False
@@ -122,8 +124,15 @@ class StepStream(Response):
     },
 )
 async def stream_steps(session_id: str, request: Request) -> Response:
-    """Steps as NDJSON lines in, replies as NDJSON lines out, each flushed when computed."""
+    """Steps as NDJSON lines in, replies as NDJSON lines out, each flushed when computed.
+
+    With ``?model=NAME`` the session need not exist yet: its lines may create it
+    (``"create"``) and end it (``"end"``)."""
     services = request.app.state.services
     caller = caller_of(request.scope)
-    await services.sessions.get(session_id, caller)  # a 404 now, before the 200 stream starts
+    model = request.query_params.get("model")
+    if model is None:  # a 404 now, before the 200 stream starts
+        await services.sessions.get(session_id, caller)
+    else:
+        services.registry.get(model)
     return StepStream(services.sessions, session_id, services.settings.max_request_bytes, caller)

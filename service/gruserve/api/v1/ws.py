@@ -33,6 +33,7 @@ import struct
 import time
 from functools import partial
 from typing import Any
+from urllib.parse import parse_qs
 
 from starlette.types import Receive, Scope, Send
 
@@ -49,7 +50,8 @@ from gruserve.errors import (
     SessionNotFound,
 )
 from gruserve.services import Services
-from gruserve.sessions.owner import ANYONE
+from gruserve.sessions.owner import ANYONE, Caller
+from gruserve.sessions.service import SessionService
 
 log = logging.getLogger(__name__)
 CLOSE_NOT_FOUND = 4404
@@ -109,7 +111,7 @@ class SessionSockets:
             }
         )
         try:
-            features = sessions.model_of(await sessions.get(session_id, caller)).signature.features
+            features = await _features(sessions, session_id, caller, scope)
         except GruServeError as exc:
             await send(_error(exc))
             await send(
@@ -145,8 +147,8 @@ class SessionSockets:
                         raise PayloadTooLarge(
                             "a WebSocket message (bytes)", len(text), limit, SETTING
                         )
-                    inputs, mask, number = decode.step_message(text)
-                    result = await step(session_id, inputs, mask, number)
+                    inputs, mask, number, life = decode.step_message(text)
+                    result = await step(session_id, inputs, mask, number, lifecycle=life)
                     await send(
                         {
                             "type": "websocket.send",
@@ -166,6 +168,20 @@ class SessionSockets:
                 return f"closed {CLOSE_NOT_FOUND} ({type(exc).__name__})"
             except GruServeError as exc:
                 await send(_error(exc))
+
+
+async def _features(
+    sessions: SessionService, session_id: str, caller: Caller, scope: Scope
+) -> int | None:
+    """The input features of the session's model; a socket opened with ``?model=NAME`` may
+    name a session that does not exist yet (its messages create it: ``"create"``)."""
+    try:
+        return sessions.model_of(await sessions.get(session_id, caller)).signature.features
+    except SessionNotFound:
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        if "model" not in query:
+            raise
+        return sessions.registry.get(query["model"][-1]).signature.features
 
 
 def _numbered(data: bytes) -> tuple[int | None, bytes]:
