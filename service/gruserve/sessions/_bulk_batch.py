@@ -33,6 +33,7 @@ import numpy as np
 from gruserve.errors import SessionNotFound, SessionNotOnModel
 from gruserve.runtime.batcher import StepOutput
 from gruserve.runtime.model import LoadedModel
+from gruserve.runtime.signature import ModelSignature
 from gruserve.sessions import _result
 from gruserve.sessions.owner import ANYONE, Caller
 from gruserve.sessions.service import SessionService, StepResult
@@ -41,6 +42,7 @@ from gruserve.sessions.store import SessionRecord
 if TYPE_CHECKING:
     from gruserve.sessions.bulk import BulkStep
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 Item = tuple[int, "BulkStep"]
 """A step of the request: its position there, and the step."""
 
@@ -140,12 +142,13 @@ def _checked(
     numbered resends' kept results go to ``outcomes``."""
     sig = model.signature
     features = sig.features
-    # the usual step: (T, features) float32, no mask, any T the model takes; its NaN check
-    # is one reduction over all of them, and the reply limit is checked once per T
+    # the usual step: (T, features) or (features,) numbers, no mask, T the model takes. Its
+    # values are checked and made float32 once for all such steps (one block, each step a
+    # view of it), and the reply limit once per T; anything else gets the per-step check
     plain_ok = not sig.takes_token_ids and sig.static_timesteps is None
     max_t = service._max_timesteps
-    candidates: list[tuple[int, BulkStep, SessionRecord, np.ndarray, np.ndarray | None, bool]] = []
-    plain: list[int] = []  # positions in candidates whose NaN check is deferred
+    candidates: list[list[Any]] = []  # [index, item, record, inputs, mask, single]
+    plain: list[int] = []  # positions in candidates whose values are checked as one block
     reply_checked: set[int] = set()
     for (index, item), record in zip(held, records, strict=True):
         try:
@@ -158,33 +161,26 @@ def _checked(
             if record.version != model.version:
                 service.model_of(record)  # raises SessionModelMismatch
             x, mask = item.inputs, item.mask
+            single = x.ndim == 1
             if (
                 plain_ok
                 and mask is None
-                and x.dtype == np.float32
-                and x.ndim == 2
-                and x.shape[1] == features
-                and 1 <= x.shape[0] <= max_t
+                and x.dtype.kind == "f"
+                and x.shape[-1] == features
+                and (single or (x.ndim == 2 and 1 <= x.shape[0] <= max_t))
             ):
+                x = x.reshape(1, features) if single else x
                 if x.shape[0] not in reply_checked:
                     service._limits.check_reply(sig, 1, x.shape[0])
                     reply_checked.add(x.shape[0])
                 plain.append(len(candidates))
-                candidates.append((index, item, record, x, None, False))
+                candidates.append([index, item, record, x, None, single])
             else:
                 chunk = service._chunk(sig, x, mask)
-                candidates.append((index, item, record, chunk.inputs, chunk.mask, chunk.single))
+                candidates.append([index, item, record, chunk.inputs, chunk.mask, chunk.single])
         except Exception as exc:
             outcomes[index] = exc
-    bad: set[int] = set()
-    if plain and not np.isfinite(np.concatenate([candidates[p][3] for p in plain])).all():
-        for p in plain:  # some step has a NaN or an infinity: the usual check names it
-            index, item, _, x, _, _ = candidates[p]
-            try:
-                service._chunk(sig, x, None)
-            except Exception as exc:
-                outcomes[index] = exc
-                bad.add(p)
+    bad = _block_checked(service, sig, candidates, plain, outcomes) if plain else set()
     ready: list[_Ready] = []
     for p, (index, item, record, inputs, mask, single) in enumerate(candidates):
         if p in bad:
@@ -200,6 +196,40 @@ def _checked(
             continue
         ready.append(_Ready(index, item, record, inputs, mask, single, applied))
     return ready
+
+
+def _block_checked(
+    service: SessionService,
+    sig: ModelSignature,
+    candidates: list[list[Any]],
+    plain: list[int],
+    outcomes: list[Any],
+) -> set[int]:
+    """Check the plain steps' values as one block (finite, in float32's range) and give
+    each its float32 view of it; if the block fails, check each step on its own (naming
+    the bad value as a single step does). Returns the positions of the failed steps."""
+    block = np.concatenate([candidates[p][3] for p in plain])
+    if block.dtype == np.float32:
+        ok = bool(np.isfinite(block).all())
+    else:  # NaN fails the comparison too
+        ok = bool(np.abs(block).max() <= _FLOAT32_MAX)
+    if ok:
+        block = block.astype(np.float32, copy=False)
+        row = 0
+        for p in plain:
+            rows = candidates[p][3].shape[0]
+            candidates[p][3] = block[row : row + rows]
+            row += rows
+        return set()
+    bad = set()
+    for p in plain:
+        entry = candidates[p]
+        try:
+            entry[3] = service._chunk(sig, entry[1].inputs, None).inputs
+        except Exception as exc:
+            outcomes[entry[0]] = exc
+            bad.add(p)
+    return bad
 
 
 async def _write(
