@@ -242,6 +242,7 @@ async def _write(
     """Write every computed step's record in one call; answer the steps written."""
     sig = model.signature
     names, per_timestep = sig.output_names, sig.per_timestep
+    one, first = len(names) == 1, names[0]
     now = service._clock()
     written: list[tuple[_Ready, SessionRecord, list[np.ndarray]]] = []
     for step, share in zip(ready, shares, strict=True):
@@ -270,9 +271,8 @@ async def _write(
         if isinstance(answer, Exception):
             outcomes[step.index] = answer
         elif answer:
-            outcomes[step.index] = StepResult(
-                dict(zip(names, outputs, strict=True)), updated.step, updated
-            )
+            named = {first: outputs[0]} if one else dict(zip(names, outputs, strict=True))
+            outcomes[step.index] = StepResult(named, updated.step, updated)
         else:  # another replica advanced it: the per-step path re-reads and recomputes
             service._conflict()
             lost.append((step.index, step.item))

@@ -137,6 +137,9 @@ class MemorySessionStore:
         return self._live(session_id)
 
     async def compare_and_set(self, record: SessionRecord, expected_revision: int) -> bool:
+        return self._swap(record, expected_revision)
+
+    def _swap(self, record: SessionRecord, expected_revision: int) -> bool:
         current = self._live(record.session_id)
         if current.revision != expected_revision:
             return False
@@ -162,7 +165,7 @@ class MemorySessionStore:
         out: list[bool | Exception] = []
         for record, expected_revision in writes:
             try:
-                out.append(await self.compare_and_set(record, expected_revision))
+                out.append(self._swap(record, expected_revision))
             except SessionNotFound as exc:
                 out.append(exc)
         return out
