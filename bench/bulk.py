@@ -7,9 +7,10 @@ Measures, one after the other on this machine:
 1. the in-process limit: ``LoadedModel.run`` in a loop at batch 64, single-timestep steps
    (the same loop as ``bench.run_all``'s ``demo_b64``);
 2. ``gruserve serve`` (one process) with the memory store, then one with a Redis store (a
-   private ``redis-server`` started here; both servers stay up for the run), each over ``POST /v1/models/demo/steps`` in the binary
-   form and in JSON: ``--in-flight`` keep-alive connections (4), each a closed loop sending
-   one request of 64 single-timestep steps (its own 64 sessions) and waiting for the reply.
+   private ``redis-server`` started here; both servers stay up for the run), each over
+   ``POST /v1/models/demo/steps`` in the binary form and in JSON: ``--in-flight`` keep-alive
+   connections (4), each a closed loop sending one request of 64 single-timestep steps (its
+   own 64 sessions) and waiting for the reply.
 
 Steps/s counts session steps (64 per request); latency is per request. Figures are ratios
 to the in-process loop and memory/Redis, as bench/README.md reports them. With ``--rounds``
@@ -158,11 +159,33 @@ def _print(run: dict[str, Any]) -> None:
     )
 
 
+def _in_process_cpu(models_dir: Path, seconds: float = 2.0) -> tuple[float, float]:
+    """The in-process batch-64 loop: steps per wall second, and per CPU second of this
+    process (what a starved run on a shared machine still measures fairly)."""
+    cpu = time.process_time()
+    start = time.perf_counter()
+    rate = in_process(models_dir, "demo", PER_REQUEST, seconds)
+    wall, used = time.perf_counter() - start, time.process_time() - cpu
+    return rate, rate * wall / used
+
+
 def _ratios(runs: list[dict[str, Any]], limit: float) -> dict[str, float]:
     by = {(r["store"], r["form"]): r["steps_per_s"] for r in runs}
     return {
         "memory_binary_vs_in_process_b64": by[("memory", "binary")] / limit,
         "memory_json_vs_in_process_b64": by[("memory", "json")] / limit,
+        "redis_vs_memory_binary": by[("redis", "binary")] / by[("memory", "binary")],
+        "redis_vs_memory_json": by[("redis", "json")] / by[("memory", "json")],
+    }
+
+
+def _cpu_ratios(runs: list[dict[str, Any]], per_cpu: float) -> dict[str, float]:
+    """The same ratios in steps per CPU second of the server (one round's servers were
+    starved by other work on the machine when their CPU share fell well below 100 %)."""
+    by = {(r["store"], r["form"]): r["steps_per_s"] / r["server_cpu"] for r in runs}
+    return {
+        "memory_binary_vs_in_process_b64": by[("memory", "binary")] / per_cpu,
+        "memory_json_vs_in_process_b64": by[("memory", "json")] / per_cpu,
         "redis_vs_memory_binary": by[("redis", "binary")] / by[("memory", "binary")],
         "redis_vs_memory_json": by[("redis", "json")] / by[("memory", "json")],
     }
@@ -201,8 +224,11 @@ def main() -> None:
                 name = store.split(":")[0]
                 servers[name] = Server([str(BIN / "gruserve"), "serve"], env, port, "/readyz")
             for round_ in range(args.rounds):
-                limit = in_process(models_dir, "demo", PER_REQUEST)
-                print(f"round {round_ + 1}: in-process loop, batch 64: {limit:,.0f} steps/s")
+                limit, per_cpu = _in_process_cpu(models_dir)
+                print(
+                    f"round {round_ + 1}: in-process loop, batch 64: {limit:,.0f} steps/s "
+                    f"({per_cpu:,.0f} per CPU second), load average {os.getloadavg()[0]:.1f}"
+                )
                 runs = []
                 for name, server in servers.items():
                     for binary in (True, False):
@@ -212,29 +238,34 @@ def main() -> None:
                         }
                         runs.append(run)
                         _print(run)
-                ratios = _ratios(runs, limit)
-                print(json.dumps(ratios, indent=2), flush=True)
+                ratios, cpu_ratios = _ratios(runs, limit), _cpu_ratios(runs, per_cpu)
+                print(json.dumps({"wall": ratios, "per_cpu": cpu_ratios}, indent=2), flush=True)
                 results["rounds"].append(
-                    {"in_process_b64_steps_per_s": limit, "runs": runs, "ratios": ratios}
+                    {
+                        "in_process_b64_steps_per_s": limit,
+                        "in_process_b64_steps_per_cpu_s": per_cpu,
+                        "load_average": os.getloadavg(),
+                        "runs": runs,
+                        "ratios": ratios,
+                        "ratios_per_cpu": cpu_ratios,
+                    }
                 )
         finally:
             for server in servers.values():
                 server.stop()
             redis.terminate()
             redis.wait()
-    keys = results["rounds"][0]["ratios"]
-    results["ratios_median"] = {
-        k: float(np.median([r["ratios"][k] for r in results["rounds"]])) for k in keys
-    }
-    results["ratios_range"] = {
-        k: [
-            min(r["ratios"][k] for r in results["rounds"]),
-            max(r["ratios"][k] for r in results["rounds"]),
-        ]
-        for k in keys
-    }
+    for field in ("ratios", "ratios_per_cpu"):
+        values = [r[field] for r in results["rounds"]]
+        results[f"{field}_median"] = {
+            k: float(np.median([v[k] for v in values])) for k in values[0]
+        }
+        results[f"{field}_range"] = {
+            k: [min(v[k] for v in values), max(v[k] for v in values)] for k in values[0]
+        }
     results["load_after"] = os.getloadavg()
     print("median:", json.dumps(results["ratios_median"], indent=2))
+    print("median per CPU second:", json.dumps(results["ratios_per_cpu_median"], indent=2))
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out}")
 
