@@ -1,18 +1,21 @@
 """Bulk steps benchmark: 64 sessions per request, a few requests in flight, in one run.
 
-    python -m bench.bulk --seconds 5 --out bench/bulk.json
+    python -m bench.bulk --seconds 5 --rounds 3 --out bench/bulk.json
 
 Measures, one after the other on this machine:
 
 1. the in-process limit: ``LoadedModel.run`` in a loop at batch 64, single-timestep steps
    (the same loop as ``bench.run_all``'s ``demo_b64``);
-2. ``gruserve serve`` (one process) with the memory store, then with a Redis store (a private
-   ``redis-server`` started here), each over ``POST /v1/models/demo/steps`` in the binary
-   form and in JSON: ``--in-flight`` keep-alive connections (4), each a closed loop sending
-   one request of 64 single-timestep steps (its own 64 sessions) and waiting for the reply.
+2. ``gruserve serve`` (one process) with the memory store, then one with a Redis store (a
+   private ``redis-server`` started here; both servers stay up for the run), each over
+   ``POST /v1/models/demo/steps`` in the binary form and in JSON: ``--in-flight`` keep-alive
+   connections (4), each a closed loop sending one request of 64 single-timestep steps (its
+   own 64 sessions) and waiting for the reply.
 
 Steps/s counts session steps (64 per request); latency is per request. Figures are ratios
-to the in-process loop and memory/Redis, as bench/README.md reports them.
+to the in-process loop and memory/Redis, as bench/README.md reports them. With ``--rounds``
+every point is measured again in each round (both servers stay up), and the ratios are
+reported per round, with their median and range: on a shared machine one round moves a lot.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import argparse
 import asyncio
 import json
 import multiprocessing as mp
+import os
 import shutil
 import socket
 import struct
@@ -155,29 +159,61 @@ def _print(run: dict[str, Any]) -> None:
     )
 
 
+def _in_process_cpu(models_dir: Path, seconds: float = 2.0) -> tuple[float, float]:
+    """The in-process batch-64 loop: steps per wall second, and per CPU second of this
+    process (what a starved run on a shared machine still measures fairly)."""
+    cpu = time.process_time()
+    start = time.perf_counter()
+    rate = in_process(models_dir, "demo", PER_REQUEST, seconds)
+    wall, used = time.perf_counter() - start, time.process_time() - cpu
+    return rate, rate * wall / used
+
+
+def _ratios(runs: list[dict[str, Any]], limit: float) -> dict[str, float]:
+    by = {(r["store"], r["form"]): r["steps_per_s"] for r in runs}
+    return {
+        "memory_binary_vs_in_process_b64": by[("memory", "binary")] / limit,
+        "memory_json_vs_in_process_b64": by[("memory", "json")] / limit,
+        "redis_vs_memory_binary": by[("redis", "binary")] / by[("memory", "binary")],
+        "redis_vs_memory_json": by[("redis", "json")] / by[("memory", "json")],
+    }
+
+
+def _cpu_ratios(runs: list[dict[str, Any]], per_cpu: float) -> dict[str, float]:
+    """The same ratios in steps per CPU second of the server (one round's servers were
+    starved by other work on the machine when their CPU share fell well below 100 %)."""
+    by = {(r["store"], r["form"]): r["steps_per_s"] / r["server_cpu"] for r in runs}
+    return {
+        "memory_binary_vs_in_process_b64": by[("memory", "binary")] / per_cpu,
+        "memory_json_vs_in_process_b64": by[("memory", "json")] / per_cpu,
+        "redis_vs_memory_binary": by[("redis", "binary")] / by[("memory", "binary")],
+        "redis_vs_memory_json": by[("redis", "json")] / by[("memory", "json")],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--in-flight", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=1, help="each round measures every point")
     parser.add_argument("--out", type=Path, default=Path("bench/bulk.json"))
     args = parser.parse_args()
     redis_server = shutil.which("redis-server")
     if redis_server is None:
         sys.exit("bench.bulk needs redis-server (apt-get install redis-server)")
-    results: dict[str, Any] = {"runs": []}
+    results: dict[str, Any] = {"load_before": os.getloadavg(), "rounds": []}
     with tempfile.TemporaryDirectory(prefix="gruserve-bulk-") as tmp:
         models_dir = Path(tmp)
         build(models_dir)
-        limit = in_process(models_dir, "demo", PER_REQUEST)
-        results["in_process_b64_steps_per_s"] = limit
-        print(f"in-process loop, batch 64: {limit:,.0f} steps/s", flush=True)
-        redis_port, port = _free_port(), _free_port()
+        redis_port = _free_port()
         redis = subprocess.Popen(
             [redis_server, "--port", str(redis_port), "--save", "", "--appendonly", "no"],
             stdout=subprocess.DEVNULL,
         )
+        servers: dict[str, Server] = {}
         try:
             for store in ("memory", f"redis://127.0.0.1:{redis_port}/0"):
+                port = _free_port()
                 env = {
                     "GRUSERVE_MODELS_DIR": str(models_dir),
                     "GRUSERVE_PROVIDER": "cpu",
@@ -186,28 +222,51 @@ def main() -> None:
                     "GRUSERVE_PORT": str(port),
                     "GRUSERVE_SESSION_STORE": store,
                 }
-                server = Server([str(BIN / "gruserve"), "serve"], env, port, "/readyz")
-                try:
+                name = store.split(":")[0]
+                servers[name] = Server([str(BIN / "gruserve"), "serve"], env, port, "/readyz")
+            for round_ in range(args.rounds):
+                limit, per_cpu = _in_process_cpu(models_dir)
+                print(
+                    f"round {round_ + 1}: in-process loop, batch 64: {limit:,.0f} steps/s "
+                    f"({per_cpu:,.0f} per CPU second), load average {os.getloadavg()[0]:.1f}"
+                )
+                runs = []
+                for name, server in servers.items():
                     for binary in (True, False):
                         run = {
-                            "store": store.split(":")[0],
+                            "store": name,
                             **measure(server, binary, args.in_flight, args.seconds),
                         }
-                        results["runs"].append(run)
+                        runs.append(run)
                         _print(run)
-                finally:
-                    server.stop()
+                ratios, cpu_ratios = _ratios(runs, limit), _cpu_ratios(runs, per_cpu)
+                print(json.dumps({"wall": ratios, "per_cpu": cpu_ratios}, indent=2), flush=True)
+                results["rounds"].append(
+                    {
+                        "in_process_b64_steps_per_s": limit,
+                        "in_process_b64_steps_per_cpu_s": per_cpu,
+                        "load_average": os.getloadavg(),
+                        "runs": runs,
+                        "ratios": ratios,
+                        "ratios_per_cpu": cpu_ratios,
+                    }
+                )
         finally:
+            for server in servers.values():
+                server.stop()
             redis.terminate()
             redis.wait()
-    by = {(r["store"], r["form"]): r["steps_per_s"] for r in results["runs"]}
-    results["ratios"] = {
-        "memory_binary_vs_in_process_b64": by[("memory", "binary")] / limit,
-        "memory_json_vs_in_process_b64": by[("memory", "json")] / limit,
-        "redis_vs_memory_binary": by[("redis", "binary")] / by[("memory", "binary")],
-        "redis_vs_memory_json": by[("redis", "json")] / by[("memory", "json")],
-    }
-    print(json.dumps(results["ratios"], indent=2))
+    for field in ("ratios", "ratios_per_cpu"):
+        values = [r[field] for r in results["rounds"]]
+        results[f"{field}_median"] = {
+            k: float(np.median([v[k] for v in values])) for k in values[0]
+        }
+        results[f"{field}_range"] = {
+            k: [min(v[k] for v in values), max(v[k] for v in values)] for k in values[0]
+        }
+    results["load_after"] = os.getloadavg()
+    print("median:", json.dumps(results["ratios_median"], indent=2))
+    print("median per CPU second:", json.dumps(results["ratios_per_cpu_median"], indent=2))
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out}")
 

@@ -98,6 +98,28 @@ async def test_a_step_continues_the_callers_trace(traced: Traced) -> None:
         assert wait.start_time <= wait.end_time
 
 
+async def test_a_bulk_request_traces_its_batch_pass(traced: Traced) -> None:
+    """A bulk request's steps: one store read and one store write span for the batch pass,
+    a queue wait per step, and the batch span linked to the request."""
+    sids = [
+        (await traced.client.post("/v1/models/simple/sessions", json={})).json()["session_id"]
+        for _ in range(STEPS)
+    ]
+    traced.exporter.clear()
+    steps = [{"session_id": sid, "inputs": [1, 2, 3]} for sid in sids]
+    reply = await traced.client.post("/v1/models/simple/steps", json={"steps": steps})
+    assert reply.status_code == 200 and all("step" in r for r in reply.json()["results"])
+    spans = list(traced.exporter.get_finished_spans())
+    (request,) = [s for s in spans if s.name == "POST /v1/models/{model}/steps"]
+    children = [s.name for s in _children(spans, request.context)]
+    assert children.count("gruserve.store.get_many") == 1
+    assert children.count("gruserve.store.compare_and_set_many") == 1
+    assert children.count("gruserve.queue_wait") == STEPS
+    batches = [s for s in spans if s.name == "gruserve.batch"]
+    assert sum(b.attributes["gruserve.batch.size"] for b in batches) == STEPS
+    assert {link.context.span_id for b in batches for link in b.links} == {request.context.span_id}
+
+
 async def test_routed_requests_are_named_by_their_route(traced: Traced) -> None:
     created = await traced.client.post("/v1/models/simple/sessions", json={})
     missing = await traced.client.get("/v1/sessions/nobody")
@@ -119,6 +141,8 @@ async def test_off_means_nothing_is_wrapped(models_dir: Path, tiny_models: dict[
         services = app.state.services
         assert all(b.tracer is None and "submit" not in vars(b) for b in services.batchers.values())
         assert not set(vars(services.store)) & {"get", "create", "compare_and_set", "delete"}
+        assert not {"get_many", "compare_and_set_many"} & set(vars(services.store))
+        assert all("submit_many" not in vars(b) for b in services.batchers.values())
         assert app.direct_routes is not None  # the HTTP protocol's own step path stays
 
 

@@ -8,7 +8,8 @@ Spans (names as a trace viewer shows them):
   to the launch of the batch that runs it;
 - ``gruserve.batch``: one per batched onnxruntime run, ``gruserve.batch.size`` steps,
   a root span linked to the request of every step in it (a batch serves many traces);
-- ``gruserve.store.{get,create,compare_and_set,delete}`` (client): child of the request.
+- ``gruserve.store.{get,create,compare_and_set,delete}`` (client): child of the request;
+  a bulk request's batch pass makes one ``get_many`` and one ``compare_and_set_many``.
 
 Nothing in the batcher or the stores imports this: the batcher calls
 :meth:`Tracing.batch_ran` through its ``tracer`` attribute (one test per batch when off),
@@ -34,7 +35,7 @@ from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 from gruserve import __version__
 from gruserve.errors import SettingsError
 
-STORE_CALLS = ("get", "create", "compare_and_set", "delete")
+STORE_CALLS = ("get", "create", "compare_and_set", "delete", "get_many", "compare_and_set_many")
 
 
 def make_exporter(name: str) -> SpanExporter:
@@ -88,6 +89,7 @@ class Tracing:
         """Trace ``batchers``' queue waits and runs, and ``store``'s reads and writes."""
         for batcher in batchers:
             batcher.submit = self._remembering(batcher.submit)
+            batcher.submit_many = self._remembering_many(batcher.submit_many)
             batcher.tracer = self
         for name in STORE_CALLS:
             method = getattr(store, name, None)
@@ -104,6 +106,20 @@ class Tracing:
             return answer
 
         return submit_traced
+
+    def _remembering_many(
+        self, submit_many: Callable[..., Awaitable[list[asyncio.Future[Any]]]]
+    ) -> Callable[..., Awaitable[list[asyncio.Future[Any]]]]:
+        waiting = self._waiting
+
+        async def submit_many_traced(*args: Any, **kwargs: Any) -> list[asyncio.Future[Any]]:
+            futures = await submit_many(*args, **kwargs)
+            current = otel_context.get_current()
+            for future in futures:
+                waiting[future] = current
+            return futures
+
+        return submit_many_traced
 
     def _store_call(
         self, store: str, name: str, method: Callable[..., Awaitable[Any]]

@@ -400,3 +400,24 @@ async def test_api_keys_guard_both_routes(models_dir: Any, tiny_models: dict[str
             async with connect(f"ws://{address}/v1/models/simple/ws", additional_headers=key) as ws:
                 await ws.send(json.dumps(body))
                 assert json.loads(await ws.recv())["results"][0]["step"] == 2
+
+
+async def test_bulk_requests_skip_the_framework_layers(served: Served) -> None:
+    """``POST /v1/models/{model}/steps`` is answered by the hot path (edge and key check
+    only), with the route's replies and error shapes: 200, an unknown model's 404, a body
+    that is not JSON's 422; every reply carries its request id."""
+    endpoint = served.app.hot_paths.bulk
+    before = endpoint.taken
+    sid = await _create(served.client)
+    ok = await served.client.post(
+        "/v1/models/stacked/steps", json={"steps": [{"session_id": sid, "inputs": [1, 2, 3]}]}
+    )
+    missing = await served.client.post("/v1/models/nope/steps", json={"steps": []})
+    bad = await served.client.post(
+        "/v1/models/stacked/steps", content=b"{", headers={"content-type": "application/json"}
+    )
+    assert endpoint.taken == before + 3
+    assert ok.status_code == 200 and ok.json()["results"][0]["step"] == 1
+    assert missing.status_code == 404 and missing.json()["error"]["type"] == "ModelNotFound"
+    assert bad.status_code == 422 and bad.json()["error"]["field"] == "body"
+    assert all(len(r.headers["x-request-id"]) == 32 for r in (ok, missing, bad))

@@ -347,3 +347,37 @@ async def test_close_drops_a_batch_that_waits_for_its_loop_pass(
         await step
     await asyncio.sleep(0.01)
     assert model.entered == 0
+
+
+async def test_steps_submitted_together_run_together_with_single_steps(
+    models_dir: Path, tiny_models: dict[str, Any], executor: Any, rng: np.random.Generator
+) -> None:
+    """``submit_many`` queues its steps in one go: on an idle model they run as one batch
+    (``submit`` one by one would start the first alone), they share a batch with a single
+    step queued meanwhile, and each gets what it would get alone."""
+    model = _model(models_dir, "stacked")
+    batcher = Batcher(model, executor, max_batch_size=16, max_delay_s=0.05)
+    sig = model.signature
+    xs = [rng.normal(size=(1, 3)).astype(np.float32) for _ in range(5)]
+    starts = [rng.normal(size=sig.total_units).astype(np.float32) for _ in xs]
+    futures = await batcher.submit_many(list(zip(xs[:4], [None] * 4, starts[:4], strict=True)))
+    results = [await f for f in futures]
+    assert [shape[0] for shape in model.shapes] == [4]
+    model.gate.clear()  # hold a run: a bulk and a single step queue up behind it
+    held = await batcher.submit_many([(xs[0], None, starts[0])])
+    await asyncio.sleep(0.05)
+    together = await batcher.submit_many([(x, None, s) for x, s in zip(xs, starts, strict=True)])
+    single = asyncio.ensure_future(batcher.submit(xs[4], None, starts[4]))
+    model.gate.set()
+    await held[0]
+    results += [await f for f in together] + [await single]
+    assert [shape[0] for shape in model.shapes] == [4, 1, 6]
+    for got, x, s in zip(
+        results, [*xs[:4], *xs, xs[4]], [*starts[:4], *starts, starts[4]], strict=True
+    ):
+        alone = LoadedModel.run(model, x[None], None, [s[None, sl] for sl in sig.state_slices])
+        for out_got, out_alone in zip(got.outputs, alone.outputs, strict=True):
+            np.testing.assert_allclose(out_got, out_alone[0], atol=ATOL)
+        np.testing.assert_allclose(
+            got.state, np.concatenate([st[0] for st in alone.states]), atol=ATOL
+        )

@@ -70,6 +70,43 @@ async def test_round_trip_and_compare_and_set(store: SessionStore) -> None:
     await store.ping()
 
 
+async def test_many_reads_and_writes_decide_each_session_on_its_own(store: Any) -> None:
+    """``get_many`` and ``compare_and_set_many``: per session what ``get`` and
+    ``compare_and_set`` answer (a record or SessionNotFound; True, False for a stale
+    revision, or SessionNotFound), in order, in one call (Redis: more than one chunk)."""
+    ids = [f"s{i}" for i in range(5)]
+    for sid in ids:
+        await store.create(_record(sid))
+    got = await store.get_many(["s3", "nobody", "s0"])
+    assert [r.session_id for r in (got[0], got[2])] == ["s3", "s0"]
+    assert isinstance(got[1], SessionNotFound)
+    now = time.time()
+    writes = [(r.advanced(r.state + 1, 1, now), r.revision) for r in [got[0], got[2]]]
+    stale = got[0].advanced(got[0].state + 2, 1, now)
+    gone = _record("nobody").advanced(np.zeros(5, np.float32), 1, now)
+    answers = await store.compare_and_set_many([*writes, (stale, 0), (gone, 0)])
+    assert answers[:3] == [True, True, False] and isinstance(answers[3], SessionNotFound)
+    assert [(await store.get(s)).step for s in ids] == [1, 0, 0, 1, 0]
+    np.testing.assert_array_equal((await store.get("s3")).state, _record().state + 1)
+
+
+async def test_redis_many_calls_go_in_chunks(redis_url: str) -> None:
+    """More reads or writes than ``batch_limit`` go as several calls, answered in order."""
+    store = RedisSessionStore(redis_url, 60, 100, batch_limit=2)
+    try:
+        ids = [f"s{i}" for i in range(5)]
+        for sid in ids:
+            await store.create(_record(sid))
+        got = await store.get_many(list(reversed(ids)))
+        assert [r.session_id for r in got] == list(reversed(ids))
+        now = time.time()
+        answers = await store.compare_and_set_many([(r.advanced(r.state, 1, now), 0) for r in got])
+        assert answers == [True] * 5
+        assert [(await store.get(s)).revision for s in ids] == [1] * 5
+    finally:
+        await store.close()
+
+
 async def test_the_owner_is_kept_through_every_write(store: SessionStore) -> None:
     """The tenant that created a session stays its owner after steps and resets."""
     await store.create(dataclasses.replace(_record("owned"), owner="acme"))

@@ -159,7 +159,18 @@ def create_app(settings: Settings, services: Services) -> GruServeAPI:
     step_route = next(r for r in v1.router.routes if getattr(r, "endpoint", None) is v1.step)
     step = StepEndpoint(services.sessions, services.metrics, settings)
     lifecycle = (_route(v1.create_session), _route(v1.delete_session))
-    app.hot_paths = HotPaths(step, SessionSockets(services), step_route, guarded, lifecycle)
+    bulk_route = next(
+        r for r in bulk.router.routes if getattr(r, "endpoint", None) is bulk.bulk_steps
+    )
+    app.hot_paths = HotPaths(
+        step,
+        SessionSockets(services),
+        step_route,
+        guarded,
+        lifecycle,
+        bulk.BulkEndpoint(services),
+        bulk_route,
+    )
     if services.tracing is None:  # the HTTP protocol's answers pass no middleware: untraced
         app.direct_routes = DirectStep(step, step_route.path, settings.max_request_bytes, accepted)
     return app

@@ -202,6 +202,31 @@ class Batcher:
             return self._submit_when_room(inputs, mask, state)
         return self._enqueue(inputs, mask, state)
 
+    async def submit_many(
+        self, steps: Sequence[tuple[np.ndarray, np.ndarray | None, np.ndarray]]
+    ) -> list[asyncio.Future[StepOutput]]:
+        """Queue several validated steps (``(inputs, mask, state)`` each, as :meth:`submit`)
+        at once and return their futures, in order.
+
+        A bulk request's steps: queued together and scheduled once, an idle model starts
+        with all of them instead of the first one alone, and they still share batches with
+        single steps. Waits while the queue is full, then queues them all (the queue may
+        go past ``max_queue`` by one call's steps, which ``GRUSERVE_MAX_BULK_STEPS`` bounds).
+        """
+        loop = asyncio.get_running_loop()
+        while len(self._pending) >= self._max_queue:
+            room = loop.create_future()
+            self._room.append(room)
+            await room
+        now, pending, futures = loop.time(), self._pending, []
+        for inputs, mask, state in steps:
+            future: asyncio.Future[StepOutput] = loop.create_future()
+            pending.append(_Item(inputs, mask, state, future, now))
+            futures.append(future)
+        if futures and len(self._running) < self._max_concurrent:
+            self._schedule(loop)
+        return futures
+
     async def _submit_when_room(
         self, inputs: np.ndarray, mask: np.ndarray | None, state: np.ndarray
     ) -> StepOutput:

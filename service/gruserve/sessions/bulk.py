@@ -1,11 +1,15 @@
 """Bulk steps: many sessions' steps from one request, applied together.
 
-A gateway forwarding thousands of streams sends their steps in one request. Each
-step goes through :meth:`SessionService.step` unchanged (same limits, locks,
-compare-and-set and exactly-once numbers), so a bulk step means exactly what the
-same single steps would. Steps of different sessions run concurrently, so they
-meet in the same batches; steps of one session run one after the other in request
-order. One step's failure is that step's result and never touches the others.
+A gateway forwarding thousands of streams sends their steps in one request. A bulk
+step means exactly what the same single steps would (same limits, locks,
+compare-and-set and exactly-once numbers), at a fraction of the cost: the first step
+of each session named in the request goes through the batch path
+(:mod:`gruserve.sessions._bulk_batch`: one store read, one model submission and one
+store write for all of them), and whatever that path leaves (a session busy with
+another request, a write that lost a race to another replica) and every later step
+of a session named twice goes through :meth:`SessionService.step`, after that
+session's earlier steps, in request order. One step's failure is that step's
+result and never touches the others.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from gruserve.sessions._bulk_batch import step_once_each
 from gruserve.sessions.lifecycle import STEP_ONLY, Lifecycle
 from gruserve.sessions.owner import ANYONE, Caller
 from gruserve.sessions.service import SessionService, StepResult
@@ -45,8 +50,10 @@ async def step_all(
     """Apply ``steps`` to sessions of ``model``; results in request order.
 
     An entry that is already an exception (it failed to decode) is passed through
-    as its own outcome. Steps naming the same session are chained in request order
-    (one task per session), which leaves the order of a session's steps to this
+    as its own outcome. The first step of each session goes through the batch path
+    (unless it creates or ends its session: those take :meth:`SessionService.step`);
+    the steps after it (and a first step that path leaves) are chained in request
+    order (one task per session), which leaves the order of a session's steps to this
     module rather than to the order tasks happen to take its lock in.
 
     Args:
@@ -59,10 +66,22 @@ async def step_all(
         One outcome per entry of ``steps``: a :class:`StepResult` or an exception.
     """
     outcomes: list[Outcome | None] = [s if isinstance(s, BaseException) else None for s in steps]
-    by_session: dict[str, list[tuple[int, BulkStep]]] = {}
+    heads: list[tuple[int, BulkStep]] = []
+    later: dict[str, list[tuple[int, BulkStep]]] = {}
     for i, item in enumerate(steps):
-        if not isinstance(item, BaseException):
-            by_session.setdefault(item.session_id, []).append((i, item))
+        if isinstance(item, BaseException):
+            continue
+        chain = later.get(item.session_id)
+        if chain is None:
+            later[item.session_id] = []
+            if item.lifecycle is STEP_ONLY:
+                heads.append((i, item))
+                continue
+            chain = later[item.session_id]
+        chain.append((i, item))
+    left = await step_once_each(sessions, model, heads, caller, outcomes)
+    for entry in reversed(left):  # a head the batch path left runs before its session's others
+        later[entry[1].session_id].insert(0, entry)
 
     async def run(chain: list[tuple[int, BulkStep]]) -> None:
         for i, item in chain:
@@ -79,7 +98,7 @@ async def step_all(
             except Exception as exc:  # one step's failure is its own result
                 outcomes[i] = exc
 
-    tasks = [asyncio.ensure_future(run(chain)) for chain in by_session.values()]
+    tasks = [asyncio.ensure_future(run(chain)) for chain in later.values() if chain]
     try:
         await asyncio.gather(*tasks)
     except BaseException:  # cancelled (client gone): stop the steps not yet applied

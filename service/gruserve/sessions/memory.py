@@ -15,7 +15,7 @@ from __future__ import annotations
 import bisect
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Literal
 
 from gruserve.errors import SessionExists, SessionNotFound, TooManySessions
@@ -162,6 +162,9 @@ class MemorySessionStore:
     async def compare_and_set(
         self, record: SessionRecord, expected_revision: int, end: bool = False
     ) -> bool:
+        return self._swap(record, expected_revision, end)
+
+    def _swap(self, record: SessionRecord, expected_revision: int, end: bool = False) -> bool:
         if expected_revision == CREATE:
             if self._held(record.session_id):
                 return False
@@ -180,6 +183,26 @@ class MemorySessionStore:
             self._born[record.session_id] = record.created_at
             self._born.move_to_end(record.session_id)
         return True
+
+    async def get_many(self, session_ids: Sequence[str]) -> list[SessionRecord | Exception]:
+        out: list[SessionRecord | Exception] = []
+        for session_id in session_ids:
+            try:
+                out.append(self._live(session_id))
+            except SessionNotFound as exc:
+                out.append(exc)
+        return out
+
+    async def compare_and_set_many(
+        self, writes: Sequence[tuple[SessionRecord, int]]
+    ) -> list[bool | Exception]:
+        out: list[bool | Exception] = []
+        for record, expected_revision in writes:
+            try:
+                out.append(self._swap(record, expected_revision))
+            except SessionNotFound as exc:
+                out.append(exc)
+        return out
 
     async def delete(self, session_id: str) -> None:
         self._live(session_id)

@@ -42,6 +42,7 @@ a Redis Cluster.)
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Literal, NamedTuple, TypeVar
@@ -59,6 +60,8 @@ from gruserve.sessions.events import IDLE, LIFETIME, SessionEvents
 from gruserve.sessions.store import CREATE, SessionPage, SessionRecord, SessionSummary
 
 T = TypeVar("T")
+C = TypeVar("C")
+R = TypeVar("R")
 SCAN_PER_PAGE_REDIS = 2_000
 """Most ids one listing page examines in Redis (one Lua call: it holds Redis that long)."""
 
@@ -367,6 +370,7 @@ class RedisSessionStore:
         )
         self._cas = self._redis.register_script(_CAS)
         self._read = self._redis.register_script(_READ)
+        self._batch_limit = batch_limit
         self._reads: Coalescer[str, SessionRecord] = Coalescer(self._read_many, batch_limit)
         self._writes: Coalescer[_Write, bool] = Coalescer(self._write_many, batch_limit)
         self._delete = self._redis.register_script(_DELETE)
@@ -407,6 +411,30 @@ class RedisSessionStore:
         self, record: SessionRecord, expected_revision: int, end: bool = False
     ) -> bool:
         return await self._writes(_Write(record, expected_revision, end))
+
+    async def get_many(self, session_ids: Sequence[str]) -> list[SessionRecord | Exception]:
+        """One ``_READ`` call per ``batch_limit`` ids (a bulk step's reads, sent as they are
+        rather than through the per-pass coalescer)."""
+        return await self._chunked(self._read_many, session_ids)
+
+    async def compare_and_set_many(
+        self, writes: Sequence[tuple[SessionRecord, int]]
+    ) -> list[bool | Exception]:
+        """One ``_CAS`` call per ``batch_limit`` writes, each write decided on its own."""
+        return await self._chunked(
+            self._write_many, [_Write(record, expected) for record, expected in writes]
+        )
+
+    async def _chunked(
+        self, send: Callable[[Sequence[C]], Awaitable[list[R]]], calls: Sequence[C]
+    ) -> list[R]:
+        limit = self._batch_limit
+        if len(calls) <= limit:
+            return await send(calls)
+        parts = await asyncio.gather(
+            *(send(calls[i : i + limit]) for i in range(0, len(calls), limit))
+        )
+        return [result for part in parts for result in part]
 
     async def _read_many(self, session_ids: Sequence[str]) -> list[SessionRecord | Exception]:
         """One ``_READ`` call for the reads of one wave."""

@@ -14,6 +14,7 @@ always loses, even after a reset brought ``step`` back to an earlier value.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -166,6 +167,17 @@ class SessionStore(Protocol):
             SessionNotFound: the session vanished (deleted or expired).
             TooManySessions: a create found the store full and it does not evict.
         """
+
+    async def get_many(self, session_ids: Sequence[str]) -> list[SessionRecord | Exception]:
+        """:meth:`get` of each id at once (one round trip for a remote store): per id its
+        record, or the ``SessionNotFound`` it raised; a store failure raises for all."""
+
+    async def compare_and_set_many(
+        self, writes: Sequence[tuple[SessionRecord, int]]
+    ) -> list[bool | Exception]:
+        """:meth:`compare_and_set` of each ``(record, expected_revision)``, each decided on its
+        own (one lost race fails that write only): per write True, False or
+        ``SessionNotFound``; a store failure raises for all."""
 
     async def delete(self, session_id: str) -> None:
         """Remove a session.
