@@ -69,25 +69,17 @@ class _Node:
         self.port = _free_cluster_port()
         self.dir = workdir / str(self.port)
         self.dir.mkdir(parents=True)
-        self.proc = subprocess.Popen(
-            [
-                binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.dir),
-                *args,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        self.command = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                        "--appendonly", "no", "--dir", str(self.dir), *args]  # fmt: skip
+        self.proc = self._start()
         self.client = redis.Redis(port=self.port, socket_timeout=10)
+
+    def _start(self) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(self.command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def restart(self) -> None:
+        """Start it again on its port and folder (a cluster node rejoins from nodes.conf)."""
+        self.proc = self._start()
 
     def info(self, section: str) -> dict[str, object]:
         return dict(self.client.info(section))

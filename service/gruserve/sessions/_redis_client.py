@@ -60,6 +60,9 @@ def connect(url: str, timeout_s: float) -> aioredis.Redis | RedisCluster:
     parsed = parse_cluster_url(url)
     return RedisCluster(
         startup_nodes=[ClusterNode(host, port) for host, port in parsed.nodes],
+        # one quick retry (a refreshed slot map), then 503: a failover takes seconds, and the
+        # client's numbered resend is the retry that may wait that long
+        retry=Retry(NoBackoff(), 1),
         username=parsed.username,
         password=parsed.password,
         ssl=parsed.tls,

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Literal, NamedTuple, TypeVar
 
 import numpy as np
@@ -286,14 +286,6 @@ class _Write(NamedTuple):
     expected_revision: int
 
 
-async def _each(calls: Iterable[Awaitable[T]]) -> list[T]:
-    """Every call's answer: concurrently, or directly when there is one (one Redis)."""
-    pending = list(calls)
-    if len(pending) == 1:
-        return [await pending[0]]
-    return list(await asyncio.gather(*pending))
-
-
 class _Call(NamedTuple):
     """One script call on one bucket's keys."""
 
@@ -386,29 +378,53 @@ class RedisSessionStore:
         try:
             return await make()
         except UNAVAILABLE as exc:
-            raise StoreUnavailable(f"redis at {self._redis_location()}", exc) from exc
+            raise self._unavailable(exc) from exc
+
+    def _unavailable(self, exc: BaseException) -> StoreUnavailable:
+        return StoreUnavailable(f"redis at {self._redis_location()}", exc)
 
     def _redis_location(self) -> str:
         if isinstance(self._redis, RedisCluster):
-            return "cluster " + self.url.partition("://")[2].rpartition("@")[2]
+            nodes = self.url.partition("://")[2].rpartition("@")[2].split(",")
+            more = f" and {len(nodes) - 1} more nodes" if len(nodes) > 1 else ""
+            return f"cluster {nodes[0]}{more}"
         kwargs = self._redis.connection_pool.connection_kwargs
         return str(kwargs.get("path") or f"{kwargs.get('host')}:{kwargs.get('port')}")
+
+    async def _each(self, calls: Sequence[Awaitable[T]]) -> list[T | StoreUnavailable]:
+        """Every call's answer, or StoreUnavailable for a call whose Redis cannot answer now:
+        on a cluster, a master failing over fails only the calls on its buckets."""
+        if len(calls) == 1:  # one Redis: no task to create
+            try:
+                return [await calls[0]]
+            except StoreUnavailable as exc:
+                return [exc]
+            except UNAVAILABLE as exc:
+                return [self._unavailable(exc)]
+        answers: list[Any] = list(await asyncio.gather(*calls, return_exceptions=True))
+        for i, answer in enumerate(answers):
+            if isinstance(answer, UNAVAILABLE):
+                answers[i] = self._unavailable(answer)
+            elif isinstance(answer, BaseException) and not isinstance(answer, StoreUnavailable):
+                raise answer
+        return answers
 
     async def _writes_of(self, calls: Sequence[_Call]) -> list[Any]:
         """Run write script calls (one per bucket); with ``min_replicas``, each master's
         calls and a ``WAIT`` go down one connection as one pipeline, and a master whose
-        replicas fell short fails them all (StoreUnavailable)."""
+        replicas fell short fails its calls (StoreUnavailable). Answers each call's reply
+        or its StoreUnavailable."""
         if not self._min_replicas:
-            return await _each(c.script(keys=c.keys, args=c.args) for c in calls)
+            return await self._each([c.script(keys=c.keys, args=c.args) for c in calls])
+        await self._topology()
         by_node: dict[str, list[int]] = {}
         clients: dict[str, aioredis.Redis] = {}
         for i, call in enumerate(calls):
             name, client = self._master_of(call.keys[0])
             by_node.setdefault(name, []).append(i)
             clients[name] = client
-        answers: list[Any] = [None] * len(calls)
 
-        async def run(name: str, positions: list[int]) -> None:
+        async def run(name: str, positions: list[int]) -> list[Any]:
             async with clients[name].pipeline(transaction=False) as pipe:
                 for i in positions:
                     await calls[i].script(keys=calls[i].keys, args=calls[i].args, client=pipe)
@@ -420,10 +436,14 @@ class RedisSessionStore:
                     f"a write reached {acked} of the {self._min_replicas} replicas it needs "
                     f"within {self._wait_ms} ms",
                 )
-            for i, answer in zip(positions, found, strict=True):
-                answers[i] = answer
+            return found
 
-        await asyncio.gather(*(run(name, positions) for name, positions in by_node.items()))
+        nodes = list(by_node.items())
+        answers: list[Any] = [None] * len(calls)
+        per_node = await self._each([run(name, positions) for name, positions in nodes])
+        for (_, positions), found in zip(nodes, per_node, strict=True):
+            for n, i in enumerate(positions):
+                answers[i] = found if isinstance(found, StoreUnavailable) else found[n]
         return answers
 
     def _master_of(self, key: str) -> tuple[str, aioredis.Redis]:
@@ -439,7 +459,7 @@ class RedisSessionStore:
 
     async def _topology(self) -> None:
         """Make sure a cluster client knows the slot map (:meth:`_master_of` reads it)."""
-        if isinstance(self._redis, RedisCluster) and self._min_replicas:
+        if isinstance(self._redis, RedisCluster):
             await self._redis.initialize()
 
     def _ended(self, idle: list[bytes], lifetime: list[bytes]) -> None:
@@ -459,11 +479,10 @@ class RedisSessionStore:
             *_fields(record, b""),
         ]
 
-        async def send() -> list[Any]:
-            await self._topology()
-            return await self._writes_of([_Call(self._create, keys, args)])
-
-        [(outcome, evicted, idle, lifetime)] = await self._call(send)
+        [answer] = await self._call(lambda: self._writes_of([_Call(self._create, keys, args)]))
+        if isinstance(answer, StoreUnavailable):
+            raise answer
+        outcome, evicted, idle, lifetime = answer
         self._ended(idle, lifetime)
         self._events.evicted([i.decode() for i in evicted])
         if outcome == 0:
@@ -484,15 +503,17 @@ class RedisSessionStore:
             self._read(keys=[bucket.session_key(session_ids[i]) for i in positions])
             for bucket, positions in groups.items()
         ]
-        answers = await self._call(lambda: _each(calls))
-        found: list[Any] = [None] * len(session_ids)
-        for positions, values in zip(groups.values(), answers, strict=True):
-            for i, value in zip(positions, values, strict=True):
-                found[i] = value
-        return [
-            SessionNotFound(session_id) if values[0] is None else _record(session_id, values)
-            for session_id, values in zip(session_ids, found, strict=True)
-        ]
+        answers = await self._call(lambda: self._each(calls))
+        results: list[SessionRecord | Exception] = [SessionNotFound("")] * len(session_ids)
+        for positions, found in zip(groups.values(), answers, strict=True):
+            for n, i in enumerate(positions):
+                if isinstance(found, StoreUnavailable):
+                    results[i] = found
+                elif found[n][0] is None:
+                    results[i] = SessionNotFound(session_ids[i])
+                else:
+                    results[i] = _record(session_ids[i], found[n])
+        return results
 
     async def _write_many(self, writes: Sequence[_Write]) -> list[bool | Exception]:
         """One ``_CAS`` call per bucket for the compare-and-sets of one wave (every write
@@ -513,29 +534,27 @@ class RedisSessionStore:
                 )
             calls.append(_Call(self._cas, keys, args))
 
-        async def send() -> list[Any]:
-            await self._topology()
-            return await self._writes_of(calls)
-
-        answers = await self._call(send)
-        outcomes: list[Any] = [None] * len(writes)
+        answers = await self._call(lambda: self._writes_of(calls))
+        results: list[bool | Exception] = [False] * len(writes)
         for positions, found in zip(groups.values(), answers, strict=True):
-            for i, outcome in zip(positions, found, strict=True):
-                outcomes[i] = outcome
-        return [
-            SessionNotFound(write.record.session_id) if outcome == -1 else outcome == 1
-            for write, outcome in zip(writes, outcomes, strict=True)
-        ]
+            for n, i in enumerate(positions):
+                if isinstance(found, StoreUnavailable):
+                    results[i] = found
+                elif found[n] == -1:
+                    results[i] = SessionNotFound(writes[i].record.session_id)
+                else:
+                    results[i] = found[n] == 1
+        return results
 
     async def delete(self, session_id: str) -> None:
         bucket = self._keyspace.bucket(session_id)
         keys = [*bucket.sets, bucket.session_key(session_id)]
 
-        async def send() -> list[Any]:
-            await self._topology()
-            return await self._writes_of([_Call(self._delete, keys, [session_id, bucket.prefix])])
-
-        [existed] = await self._call(send)
+        [existed] = await self._call(
+            lambda: self._writes_of([_Call(self._delete, keys, [session_id, bucket.prefix])])
+        )
+        if isinstance(existed, StoreUnavailable):
+            raise existed
         if not existed:
             raise SessionNotFound(session_id)
 
