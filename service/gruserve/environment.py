@@ -139,7 +139,7 @@ def accepts(field: str) -> str:
         words = 'a JSON object of model names to version numbers, e.g. {"demo": 1}'
     elif field == "session_store":
         words = (
-            "'memory', a redis://, rediss:// or unix:// URL, or "
+            "'memory' or a redis://, rediss:// or unix:// URL, or "
             "redis+cluster://host:port[,host:port...]"
         )
     elif annotation is Path:
