@@ -91,6 +91,22 @@ def redis_url(redis_server: str) -> str:
     return redis_server
 
 
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A private Redis Cluster (3 masters, 3 replicas) for the whole run; see cluster_helpers."""
+    from cluster_helpers import local_cluster
+
+    with local_cluster(tmp_path_factory.mktemp("cluster")) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def cluster_url(redis_cluster: Any) -> str:
+    """The private Redis Cluster's store URL, emptied for this test."""
+    redis_cluster.flush()
+    return str(redis_cluster.url)
+
+
 @pytest.fixture(params=["memory", "redis"])
 def store_url(request: pytest.FixtureRequest) -> str:
     """Runs a test once per session store."""

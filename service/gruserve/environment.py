@@ -138,7 +138,10 @@ def accepts(field: str) -> str:
     elif typing.get_origin(annotation) is dict:
         words = 'a JSON object of model names to version numbers, e.g. {"demo": 1}'
     elif field == "session_store":
-        words = "'memory' or a redis://, rediss:// or unix:// URL"
+        words = (
+            "'memory' or a redis://, rediss:// or unix:// URL, or "
+            "redis+cluster://host:port[,host:port...]"
+        )
     elif annotation is Path:
         words = "a path"
     else:

@@ -58,6 +58,8 @@ def build_store(settings: Settings, events: SessionEvents | None = None) -> Sess
         settings.session_ttl_s,
         settings.max_sessions,
         timeout_s=settings.store_timeout_s,
+        min_replicas=settings.store_min_replicas,
+        wait_ms=settings.store_wait_ms,
         **lifecycle,
     )
 

@@ -17,6 +17,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from gruserve.sessions.store_url import SINGLE_SCHEMES, is_cluster_url, parse_cluster_url
+
 ENV_PREFIX = "GRUSERVE_"
 
 
@@ -50,7 +52,7 @@ class Settings(BaseSettings):
 
     session_store: str = "memory"
     """``memory`` (one process) or a Redis URL such as ``redis://127.0.0.1:6379/0`` (shared by
-    every replica)."""
+    every replica); ``redis+cluster://host:port,host:port`` for a Redis Cluster."""
 
     session_ttl_s: float = Field(1800.0, gt=0)
     """Seconds a session may stay unused (no create, step or reset) before it expires."""
@@ -74,6 +76,16 @@ class Settings(BaseSettings):
     """Redis only: connect and socket timeout in seconds. A request whose Redis call takes
     longer (Redis down or hung) answers 503 instead of waiting: after this, or up to about
     4x this when Redis hangs (one retry on a fresh connection: two reads, two connects)."""
+
+    store_min_replicas: int = Field(0, ge=0)
+    """Redis only: a write (create, step, reset, delete) is acknowledged only once this many
+    replicas of its Redis master have it (Redis ``WAIT``), so a failover loses no
+    acknowledged step; fewer within ``store_wait_ms`` answers 503 (the client resends).
+    0 = acknowledge once the master has it."""
+
+    store_wait_ms: int = Field(1000, ge=1)
+    """Redis only, with ``store_min_replicas``: how long a write waits for its replicas (ms).
+    Must stay below ``store_timeout_s``."""
 
     snapshot_path: Path | None = None
     """Memory store only, opt-in: on a graceful shutdown (SIGTERM) every live session is
@@ -205,11 +217,22 @@ class Settings(BaseSettings):
     @field_validator("session_store")
     @classmethod
     def _store(cls, value: str) -> str:
-        if value != "memory" and not value.startswith(("redis://", "rediss://", "unix://")):
+        if value == "memory" or value.startswith(SINGLE_SCHEMES):
+            return value
+        if is_cluster_url(value):
+            parse_cluster_url(value)  # its ValueError names what is wrong
+            return value
+        raise ValueError(f"expected 'memory' or a redis:// URL. Received: session_store={value!r}")
+
+    @model_validator(mode="after")
+    def _wait_within_timeout(self) -> Settings:
+        if self.store_min_replicas and self.store_wait_ms >= self.store_timeout_s * 1000:
             raise ValueError(
-                f"expected 'memory' or a redis:// URL. Received: session_store={value!r}"
+                "store_wait_ms must stay below store_timeout_s (the socket would time out "
+                f"first). Received: store_wait_ms={self.store_wait_ms!r} with "
+                f"store_timeout_s={self.store_timeout_s!r}"
             )
-        return value
+        return self
 
     @model_validator(mode="after")
     def _snapshot_needs_memory(self) -> Settings:

@@ -29,9 +29,18 @@ def _make(url: str, ttl_s: float = 60.0, max_sessions: int = 100) -> Any:
     return RedisSessionStore(url, ttl_s, max_sessions)
 
 
+@pytest.fixture(params=["memory", "redis", "cluster"])
+def any_store_url(request: pytest.FixtureRequest) -> str:
+    """Runs a test once per session store and once on a Redis Cluster, for the behaviour a
+    cluster keeps exactly (limits and LRU hold per key bucket there: README, Redis Cluster)."""
+    if request.param == "memory":
+        return "memory"
+    return str(request.getfixturevalue(f"{request.param}_url"))
+
+
 @pytest.fixture
-async def store(store_url: str) -> AsyncIterator[SessionStore]:
-    made = _make(store_url)
+async def store(any_store_url: str) -> AsyncIterator[SessionStore]:
+    made = _make(any_store_url)
     yield made
     await made.close()
 
@@ -120,10 +129,10 @@ async def test_the_owner_is_kept_through_every_write(store: SessionStore) -> Non
     assert (await store.get("owned")).owner == "acme"
 
 
-async def test_expiry_counts_from_the_last_write(store_url: str) -> None:
+async def test_expiry_counts_from_the_last_write(any_store_url: str) -> None:
     # "idle" is past its TTL at the end whatever the load (sleeps only last longer); "busy"
     # is written every 0.1 s, 0.9 s within its TTL.
-    store = _make(store_url, ttl_s=1.0)
+    store = _make(any_store_url, ttl_s=1.0)
     try:
         await store.create(_record("idle"))
         await store.create(_record("busy"))
@@ -203,11 +212,11 @@ def _lifecycle(url: str, events: SessionEvents, **kwargs: Any) -> Any:
     return RedisSessionStore(url, ttl_s, max_sessions, events=events, **kwargs)
 
 
-async def test_a_busy_session_still_ends_at_its_lifetime(store_url: str) -> None:
+async def test_a_busy_session_still_ends_at_its_lifetime(any_store_url: str) -> None:
     events = Reported()
     # Sleeps only last longer: what must have expired has, whatever the load; what must
     # live is checked 0.4 s before its end.
-    store = _lifecycle(store_url, events, ttl_s=5.0, max_lifetime_s=1.0)
+    store = _lifecycle(any_store_url, events, ttl_s=5.0, max_lifetime_s=1.0)
     try:
         await store.create(_record("busy"))
         await store.create(_record("also"))
@@ -235,9 +244,9 @@ async def test_a_busy_session_still_ends_at_its_lifetime(store_url: str) -> None
         await store.close()
 
 
-async def test_idle_expiry_is_reported_once(store_url: str) -> None:
+async def test_idle_expiry_is_reported_once(any_store_url: str) -> None:
     events = Reported()
-    store = _lifecycle(store_url, events, ttl_s=0.2)
+    store = _lifecycle(any_store_url, events, ttl_s=0.2)
     try:
         for sid in ("a", "b", "c"):
             await store.create(_record(sid))
@@ -306,8 +315,8 @@ async def test_events_count_in_metrics_and_log_ids_never_states(
 
 
 # -- listing ----------------------------------------------------------------------------------
-async def test_pages_are_stable_while_sessions_come_and_go(store_url: str) -> None:
-    store = _lifecycle(store_url, SessionEvents())
+async def test_pages_are_stable_while_sessions_come_and_go(any_store_url: str) -> None:
+    store = _lifecycle(any_store_url, SessionEvents())
     try:
         ids = [f"s{i:02d}" for i in range(25)]
         for sid in ids:

@@ -36,8 +36,15 @@ Creates travel with the writes (a creating compare-and-set) and deletes with eac
 
 Idle times come from Redis's own clock (``TIME``), so replicas with skewed clocks
 agree; the lifetime counts from the record's ``created_at``, the creating replica's
-clock. (Scripts touch keys they build from the prefix, so this needs one Redis, not
-a Redis Cluster.)
+clock.
+
+On a Redis Cluster (``redis+cluster://``) the keys are split into hash-tagged buckets
+(:mod:`gruserve.sessions._keyspace`): each script call touches one bucket, so a wave
+of reads or writes becomes one call per bucket it touches. With ``min_replicas`` set,
+a write counts as done only once ``WAIT`` says that many replicas have it: the write
+and its ``WAIT`` share one connection (one pipeline per master), and a shortfall
+raises StoreUnavailable (503), so a failover never loses a step a client was told
+about; the client's numbered resend then finds the step stored, or applies it anew.
 """
 
 from __future__ import annotations
@@ -49,13 +56,13 @@ from typing import Any, Literal, NamedTuple, TypeVar
 
 import numpy as np
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.asyncio.cluster import RedisCluster
+from redis.commands.core import AsyncScript
 
 from gruserve.errors import SessionExists, SessionNotFound, StoreUnavailable, TooManySessions
 from gruserve.sessions._coalesce import Coalescer
+from gruserve.sessions._keyspace import CLUSTER_BUCKETS, Keyspace
+from gruserve.sessions._redis_client import UNAVAILABLE, connect, is_cluster_url, node_client
 from gruserve.sessions.events import IDLE, LIFETIME, SessionEvents
 from gruserve.sessions.store import CREATE, SessionPage, SessionRecord, SessionSummary
 
@@ -313,13 +320,23 @@ class _Write(NamedTuple):
     end: bool = False
 
 
+class _Call(NamedTuple):
+    """One script call on one bucket's keys."""
+
+    script: AsyncScript
+    keys: list[str]
+    args: list[Any]
+
+
 class RedisSessionStore:
     """Sessions in Redis with idle and lifetime expiry, a limit, and atomic compare-and-set.
 
     Args:
-        url: ``redis://host:port/db`` (``rediss://`` for TLS, ``unix://`` for a socket).
+        url: ``redis://host:port/db`` (``rediss://`` for TLS, ``unix://`` for a socket), or
+            ``redis+cluster://host:port[,host:port...]`` for a Redis Cluster.
         ttl_s: idle time to live in seconds.
-        max_sessions: most sessions across every replica sharing this Redis.
+        max_sessions: most sessions across every replica sharing this Redis (on a cluster,
+            each of the key buckets holds ``ceil(max_sessions / buckets)``).
         prefix: key prefix, to share one database between deployments.
         timeout_s: connect and socket timeout; a call that takes longer (Redis down or
             hung) raises StoreUnavailable. One retry on a fresh connection (what a Redis
@@ -331,6 +348,9 @@ class RedisSessionStore:
         events: told about expired and evicted sessions, or None.
         batch_limit: most reads (or writes) sent in one script call; the reads and writes
             issued in one pass of the event loop travel together (:mod:`._coalesce`).
+        min_replicas: a write (create, step, reset, delete) succeeds only once this many
+            replicas of its master acknowledged it (Redis ``WAIT``); 0: no waiting.
+        wait_ms: how long ``WAIT`` waits for them before the write raises StoreUnavailable.
     """
 
     name = "redis"
@@ -347,6 +367,8 @@ class RedisSessionStore:
         eviction: Literal["reject", "lru"] = "reject",
         events: SessionEvents | None = None,
         batch_limit: int = 256,
+        min_replicas: int = 0,
+        wait_ms: int = 1000,
     ) -> None:
         if not ttl_s > 0:
             raise ValueError(f"RedisSessionStore needs ttl_s > 0. Received: ttl_s={ttl_s!r}")
@@ -354,20 +376,22 @@ class RedisSessionStore:
             raise ValueError(
                 f"RedisSessionStore eviction is 'reject' or 'lru'. Received: {eviction!r}"
             )
+        if min_replicas < 0 or wait_ms < 1:
+            raise ValueError(
+                "RedisSessionStore needs min_replicas >= 0 and wait_ms >= 1. "
+                f"Received: min_replicas={min_replicas!r}, wait_ms={wait_ms!r}"
+            )
         self.url, self.max_sessions = url, max_sessions
         self._ttl_ms = max(1, round(ttl_s * 1000))
         self._lifetime_ms = round(max_lifetime_s * 1000)
         self._lru = "1" if eviction == "lru" else "0"
         self._events = events if events is not None else SessionEvents()
-        self._prefix = f"{prefix}session:"
-        self._keys = [f"{prefix}sessions", f"{prefix}lifetimes", f"{prefix}ids"]
-        self._redis = aioredis.Redis.from_url(
-            url,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 1),
-            health_check_interval=30,
-        )
+        self._cluster = is_cluster_url(url)
+        self._keyspace = Keyspace(prefix, CLUSTER_BUCKETS if self._cluster else 1)
+        self._timeout_s = timeout_s
+        self._min_replicas, self._wait_ms = min_replicas, wait_ms
+        self._redis = connect(url, timeout_s)
+        self._nodes: dict[str, aioredis.Redis] = {}  # cluster masters' own clients, by name
         self._cas = self._redis.register_script(_CAS)
         self._read = self._redis.register_script(_READ)
         self._batch_limit = batch_limit
@@ -379,7 +403,7 @@ class RedisSessionStore:
         self._page = self._redis.register_script(_PAGE)
 
     def _key(self, session_id: str) -> str:
-        return self._prefix + session_id
+        return self._keyspace.bucket(session_id).session_key(session_id)
 
     def _deadline_ms(self, record: SessionRecord) -> int:
         """When ``record`` reaches its maximum lifetime, in Unix ms (0: no lifetime)."""
@@ -388,12 +412,90 @@ class RedisSessionStore:
     async def _call(self, make: Callable[[], Awaitable[T]]) -> T:
         try:
             return await make()
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-            raise StoreUnavailable(f"redis at {self._redis_location()}", exc) from exc
+        except UNAVAILABLE as exc:
+            raise self._unavailable(exc) from exc
+
+    def _unavailable(self, exc: BaseException) -> StoreUnavailable:
+        return StoreUnavailable(f"redis at {self._redis_location()}", exc)
 
     def _redis_location(self) -> str:
+        if isinstance(self._redis, RedisCluster):
+            nodes = self.url.partition("://")[2].rpartition("@")[2].split(",")
+            more = f" and {len(nodes) - 1} more nodes" if len(nodes) > 1 else ""
+            return f"cluster {nodes[0]}{more}"
         kwargs = self._redis.connection_pool.connection_kwargs
         return str(kwargs.get("path") or f"{kwargs.get('host')}:{kwargs.get('port')}")
+
+    async def _each(self, calls: Sequence[Awaitable[T]]) -> list[T | StoreUnavailable]:
+        """Every call's answer, or StoreUnavailable for a call whose Redis cannot answer now:
+        on a cluster, a master failing over fails only the calls on its buckets."""
+        if len(calls) == 1:  # one Redis: no task to create
+            try:
+                return [await calls[0]]
+            except StoreUnavailable as exc:
+                return [exc]
+            except UNAVAILABLE as exc:
+                return [self._unavailable(exc)]
+        answers: list[Any] = list(await asyncio.gather(*calls, return_exceptions=True))
+        for i, answer in enumerate(answers):
+            if isinstance(answer, UNAVAILABLE):
+                answers[i] = self._unavailable(answer)
+            elif isinstance(answer, BaseException) and not isinstance(answer, StoreUnavailable):
+                raise answer
+        return answers
+
+    async def _writes_of(self, calls: Sequence[_Call]) -> list[Any]:
+        """Run write script calls (one per bucket); with ``min_replicas``, each master's
+        calls and a ``WAIT`` go down one connection as one pipeline, and a master whose
+        replicas fell short fails its calls (StoreUnavailable). Answers each call's reply
+        or its StoreUnavailable."""
+        if not self._min_replicas:
+            return await self._each([c.script(keys=c.keys, args=c.args) for c in calls])
+        await self._topology()
+        by_node: dict[str, list[int]] = {}
+        clients: dict[str, aioredis.Redis] = {}
+        for i, call in enumerate(calls):
+            name, client = self._master_of(call.keys[0])
+            by_node.setdefault(name, []).append(i)
+            clients[name] = client
+
+        async def run(name: str, positions: list[int]) -> list[Any]:
+            async with clients[name].pipeline(transaction=False) as pipe:
+                for i in positions:
+                    await calls[i].script(keys=calls[i].keys, args=calls[i].args, client=pipe)
+                pipe.execute_command("WAIT", self._min_replicas, self._wait_ms)
+                *found, acked = await pipe.execute()
+            if int(acked) < self._min_replicas:
+                raise StoreUnavailable(
+                    f"redis at {name}",
+                    f"a write reached {acked} of the {self._min_replicas} replicas it needs "
+                    f"within {self._wait_ms} ms",
+                )
+            return found
+
+        nodes = list(by_node.items())
+        answers: list[Any] = [None] * len(calls)
+        per_node = await self._each([run(name, positions) for name, positions in nodes])
+        for (_, positions), found in zip(nodes, per_node, strict=True):
+            for n, i in enumerate(positions):
+                answers[i] = found if isinstance(found, StoreUnavailable) else found[n]
+        return answers
+
+    def _master_of(self, key: str) -> tuple[str, aioredis.Redis]:
+        """The client of the master holding ``key`` (the store's own client on one Redis)."""
+        if not isinstance(self._redis, RedisCluster):
+            return self._redis_location(), self._redis
+        node = self._redis.get_node_from_key(key)
+        if node is None:  # no topology yet: the cluster client asks on its first command
+            raise StoreUnavailable(f"redis at {self._redis_location()}", "no slot map yet")
+        if node.name not in self._nodes:
+            self._nodes[node.name] = node_client(self.url, node, self._timeout_s)
+        return node.name, self._nodes[node.name]
+
+    async def _topology(self) -> None:
+        """Make sure a cluster client knows the slot map (:meth:`_master_of` reads it)."""
+        if isinstance(self._redis, RedisCluster):
+            await self._redis.initialize()
 
     def _ended(self, idle: list[bytes], lifetime: list[bytes]) -> None:
         self._events.expired(LIFETIME, [i.decode() for i in lifetime])
@@ -437,38 +539,60 @@ class RedisSessionStore:
         return [result for part in parts for result in part]
 
     async def _read_many(self, session_ids: Sequence[str]) -> list[SessionRecord | Exception]:
-        """One ``_READ`` call for the reads of one wave."""
-        keys = [self._key(session_id) for session_id in session_ids]
-        found = await self._call(lambda: self._read(keys=keys))
-        return [
-            SessionNotFound(session_id) if values[0] is None else _record(session_id, values)
-            for session_id, values in zip(session_ids, found, strict=True)
+        """One ``_READ`` call per bucket for the reads of one wave (one call on one Redis)."""
+        groups = self._keyspace.group_by(session_ids, lambda session_id: session_id)
+        calls = [
+            self._read(keys=[bucket.session_key(session_ids[i]) for i in positions])
+            for bucket, positions in groups.items()
         ]
+        answers = await self._call(lambda: self._each(calls))
+        results: list[SessionRecord | Exception] = [SessionNotFound("")] * len(session_ids)
+        for positions, found in zip(groups.values(), answers, strict=True):
+            for n, i in enumerate(positions):
+                if isinstance(found, StoreUnavailable):
+                    results[i] = found
+                elif found[n][0] is None:
+                    results[i] = SessionNotFound(session_ids[i])
+                else:
+                    results[i] = _record(session_ids[i], found[n])
+        return results
 
     async def _write_many(self, writes: Sequence[_Write]) -> list[bool | Exception]:
-        """One ``_CAS`` call for the compare-and-sets of one wave (every write decided on its
-        own: a lost race fails only that session's)."""
-        keys = list(self._keys)
-        args: list[Any] = [self._ttl_ms, self.max_sessions, self._lru, self._prefix]
-        for record, expected, end in writes:
-            keys.append(self._key(record.session_id))
-            args += (
-                record.session_id,
-                expected,
-                os.urandom(8).hex(),
-                self._deadline_ms(record),
-                int(end),
-                *_values(record),
-            )
-        outcomes, evicted, idle, lifetime = await self._call(
-            lambda: self._cas(keys=keys, args=args)
-        )
-        if evicted or idle or lifetime:
-            self._ended(idle, lifetime)
-            self._events.evicted([i.decode() for i in evicted])
-        return [
-            self._outcome(write, outcome) for write, outcome in zip(writes, outcomes, strict=True)
-        ]
+        """One ``_CAS`` call per bucket for the compare-and-sets of one wave (every write
+        decided on its own: a lost race fails only that session's)."""
+        groups = self._keyspace.group_by(writes, lambda write: write.record.session_id)
+        share = self._keyspace.share(self.max_sessions)
+        calls = []
+        for bucket, positions in groups.items():
+            keys = list(bucket.sets)
+            args: list[Any] = [self._ttl_ms, share, self._lru, bucket.prefix]
+            for i in positions:
+                record, expected, end = writes[i]
+                keys.append(bucket.session_key(record.session_id))
+                args += (
+                    record.session_id,
+                    expected,
+                    os.urandom(8).hex(),
+                    self._deadline_ms(record),
+                    int(end),
+                    *_values(record),
+                )
+            calls.append(_Call(self._cas, keys, args))
+
+        answers = await self._call(lambda: self._writes_of(calls))
+        results: list[bool | Exception] = [False] * len(writes)
+        for positions, found in zip(groups.values(), answers, strict=True):
+            if isinstance(found, StoreUnavailable):
+                for i in positions:
+                    results[i] = found
+                continue
+            outcomes, evicted, idle, lifetime = found
+            if evicted or idle or lifetime:
+                self._ended(idle, lifetime)
+                self._events.evicted([i.decode() for i in evicted])
+            for n, i in enumerate(positions):
+                results[i] = self._outcome(writes[i], outcomes[n])
+        return results
 
     def _outcome(self, write: _Write, outcome: int) -> bool | Exception:
         if outcome == -1:
@@ -481,31 +605,64 @@ class RedisSessionStore:
         await self._deletes(session_id)
 
     async def _delete_many(self, session_ids: Sequence[str]) -> list[Exception | None]:
-        """One ``_DELETE`` call for the deletes of one wave."""
-        keys = [*self._keys, *(self._key(session_id) for session_id in session_ids)]
-        args = [self._prefix, *session_ids]
-        existed = await self._call(lambda: self._delete(keys=keys, args=args))
-        return [
-            None if found else SessionNotFound(session_id)
-            for session_id, found in zip(session_ids, existed, strict=True)
-        ]
+        """One ``_DELETE`` call per bucket for the deletes of one wave."""
+        groups = self._keyspace.group_by(session_ids, lambda session_id: session_id)
+        calls = []
+        for bucket, positions in groups.items():
+            ids = [session_ids[i] for i in positions]
+            keys = [*bucket.sets, *(bucket.session_key(session_id) for session_id in ids)]
+            calls.append(_Call(self._delete, keys, [bucket.prefix, *ids]))
+        answers = await self._call(lambda: self._writes_of(calls))
+        results: list[Exception | None] = [None] * len(session_ids)
+        for positions, existed in zip(groups.values(), answers, strict=True):
+            for n, i in enumerate(positions):
+                if isinstance(existed, StoreUnavailable):
+                    results[i] = existed
+                elif not existed[n]:
+                    results[i] = SessionNotFound(session_ids[i])
+        return results
 
     async def sweep(self) -> int:
         return await self.count()  # the count script sweeps (up to 1000 ids of each kind)
 
     async def count(self) -> int:
-        count, idle, lifetime = await self._call(
-            lambda: self._count(keys=self._keys, args=[self._prefix])
+        answers = await self._call(
+            lambda: asyncio.gather(
+                *(
+                    self._count(keys=list(bucket.sets), args=[bucket.prefix])
+                    for bucket in self._keyspace.buckets
+                )
+            )
         )
-        self._ended(idle, lifetime)
-        return int(count)
+        for _, idle, lifetime in answers:
+            self._ended(idle, lifetime)
+        return sum(int(count) for count, _, _ in answers)
 
     async def page(self, cursor: str | None, limit: int, model: str | None) -> SessionPage:
-        args = [cursor or "", limit, SCAN_PER_PAGE_REDIS, model or "", self._prefix]
-        more, found, idle, lifetime = await self._call(
-            lambda: self._page(keys=self._keys, args=args)
+        """One page per bucket, merged in id order. A bucket that stopped early (``more``)
+        bounds the page: ids past the smallest such stop are left to the next page (that
+        bucket has not examined them yet), so pages stay in id order and stable."""
+        answers = await self._call(
+            lambda: asyncio.gather(
+                *(
+                    self._page(
+                        keys=list(bucket.sets),
+                        args=[cursor or "", limit, SCAN_PER_PAGE_REDIS, model or "", bucket.prefix],
+                    )
+                    for bucket in self._keyspace.buckets
+                )
+            )
         )
-        self._ended(idle, lifetime)
+        found, stops = [], []
+        for more, rows, idle, lifetime in answers:
+            self._ended(idle, lifetime)
+            found += rows
+            if more:
+                stops.append(more)
+        stop = min(stops) if stops else None
+        rows = sorted(row for row in found if stop is None or row[0] <= stop)
+        if len(rows) > limit:
+            rows, stop = rows[:limit], rows[limit - 1][0]
         sessions = [
             SessionSummary(
                 session_id.decode(),
@@ -516,9 +673,9 @@ class RedisSessionStore:
                 float(created_at),
                 float(last_used_at),
             )
-            for session_id, model_name, version, step, timesteps, created_at, last_used_at in found
+            for session_id, model_name, version, step, timesteps, created_at, last_used_at in rows
         ]
-        return SessionPage(sessions, more.decode() or None)
+        return SessionPage(sessions, stop.decode() if stop else None)
 
     async def ping(self) -> None:
         await self._call(self._redis.ping)
@@ -528,3 +685,5 @@ class RedisSessionStore:
         await self._writes.close()
         await self._deletes.close()
         await self._redis.aclose()
+        for client in self._nodes.values():
+            await client.aclose()

@@ -121,9 +121,7 @@ def read(path: Path) -> list[SessionRecord]:
     if not data.startswith(MAGIC):
         raise SnapshotError(path, "not a gruserve session snapshot (or a newer format)")
     body, digest = data[:-_DIGEST], data[-_DIGEST:]
-    if len(data) < len(MAGIC) + _LENGTH.size + _DIGEST or (
-        hashlib.sha256(body).digest() != digest
-    ):
+    if len(data) < len(MAGIC) + _LENGTH.size + _DIGEST or (hashlib.sha256(body).digest() != digest):
         raise SnapshotError(path, "the checksum does not match: the file is truncated or altered")
     offset = len(MAGIC)
     (length,) = _LENGTH.unpack_from(body, offset)

@@ -1,0 +1,86 @@
+"""The Redis client a store URL names (:mod:`.store_url`): one server, or a Redis Cluster.
+
+A cluster client asks the nodes the URL names for the slot map and follows it
+(``MOVED``, failovers) by itself. Also here: which redis-py errors mean "the store
+cannot answer now" (a 503 and a retry, never a 500), for one server and for a
+cluster in the middle of a failover.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    ClusterError,
+    MasterDownError,
+    MaxConnectionsError,
+    ReadOnlyError,
+    RedisClusterException,
+    TryAgainError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from gruserve.sessions.store_url import is_cluster_url, parse_cluster_url
+
+UNAVAILABLE: tuple[type[BaseException], ...] = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    OSError,
+    # a cluster while a master fails over: no master for a slot yet, slots moving,
+    # a demoted master refusing writes, every connection to a node busy
+    ClusterError,
+    ClusterDownError,
+    RedisClusterException,
+    TryAgainError,
+    AskError,  # and MovedError, its subclass: a MOVED storm outlasting the client's retries
+    MasterDownError,
+    ReadOnlyError,
+    MaxConnectionsError,
+)
+"""Errors that mean the store cannot answer now (the caller gets 503 and retries)."""
+
+
+def connect(url: str, timeout_s: float) -> aioredis.Redis | RedisCluster:
+    """A client for ``url`` (not connected yet: a cluster client connects on first use)."""
+    options: dict[str, Any] = {
+        "socket_timeout": timeout_s,
+        "socket_connect_timeout": timeout_s,
+    }
+    if not is_cluster_url(url):
+        return aioredis.Redis.from_url(
+            url, retry=Retry(NoBackoff(), 1), health_check_interval=30, **options
+        )
+    parsed = parse_cluster_url(url)
+    return RedisCluster(
+        startup_nodes=[ClusterNode(host, port) for host, port in parsed.nodes],
+        # one quick retry (a refreshed slot map), then 503: a failover takes seconds, and the
+        # client's numbered resend is the retry that may wait that long
+        retry=Retry(NoBackoff(), 1),
+        username=parsed.username,
+        password=parsed.password,
+        ssl=parsed.tls,
+        **options,
+    )
+
+
+def node_client(url: str, node: ClusterNode, timeout_s: float) -> aioredis.Redis:
+    """A plain client of one node of the cluster ``url`` names, for a pipeline that must
+    share one connection (a write and the ``WAIT`` that counts the replicas it reached)."""
+    parsed = parse_cluster_url(url)
+    return aioredis.Redis(
+        host=node.host,
+        port=node.port,
+        username=parsed.username,
+        password=parsed.password,
+        ssl=parsed.tls,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry=Retry(NoBackoff(), 1),
+    )

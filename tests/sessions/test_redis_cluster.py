@@ -1,0 +1,198 @@
+"""The Redis store on a real Redis Cluster and with replicas: key buckets spread over every
+master, per-bucket limits, merged listings, and writes acknowledged only once ``WAIT``
+counted the replicas they need."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import redis
+
+from cluster_helpers import replicated_redis, wait_for
+from gruserve.errors import StoreUnavailable, TooManySessions
+from gruserve.sessions._keyspace import CLUSTER_BUCKETS
+from gruserve.sessions.redis_store import RedisSessionStore
+from gruserve.sessions.store import SessionRecord
+
+
+def _record(sid: str, units: int = 4) -> SessionRecord:
+    now = time.time()
+    return SessionRecord(
+        sid, "m", 1, np.arange(units, dtype=np.float32) + len(sid), created_at=now, last_used_at=now
+    )
+
+
+async def test_sessions_spread_over_every_master(redis_cluster: Any, cluster_url: str) -> None:
+    store = RedisSessionStore(cluster_url, 60, 10_000)
+    try:
+        ids = [f"spread-{i}" for i in range(200)]
+        for sid in ids:
+            await store.create(_record(sid))
+        # a wave of reads and compare-and-sets spanning every bucket, answered per session
+        records = await asyncio.gather(*(store.get(sid) for sid in ids))
+        written = await asyncio.gather(
+            *(store.compare_and_set(r.advanced(r.state * 2, 3, time.time()), 0) for r in records)
+        )
+        assert all(written)
+        after = await asyncio.gather(*(store.get(sid) for sid in ids))
+        for sid, record in zip(ids, after, strict=True):
+            assert (record.session_id, record.step, record.timesteps) == (sid, 1, 3)
+            np.testing.assert_array_equal(record.state, _record(sid).state * 2)
+        assert await store.count() == len(ids)
+    finally:
+        await store.close()
+    per_master = {
+        node.port: sum(1 for _ in node.client.scan_iter(match="gruserve:{*}:session:*"))
+        for node in redis_cluster.masters()
+    }
+    assert len(per_master) == 3 and all(n > 20 for n in per_master.values()), per_master
+    assert sum(per_master.values()) == len(ids)
+
+
+def _same_bucket(count: int) -> list[str]:
+    """``count`` ids whose keys share one bucket (so one master, one index)."""
+    ids, i = [], 0
+    while len(ids) < count:
+        sid = f"b-{i}"
+        if zlib.crc32(sid.encode()) % CLUSTER_BUCKETS == 0:
+            ids.append(sid)
+        i += 1
+    return ids
+
+
+async def test_max_sessions_holds_per_bucket(cluster_url: str) -> None:
+    """``max_sessions`` 32 over 16 buckets: each bucket holds 2, however empty the rest."""
+    store = RedisSessionStore(cluster_url, 60, 2 * CLUSTER_BUCKETS)
+    try:
+        first, second, third = _same_bucket(3)
+        await store.create(_record(first))
+        await store.create(_record(second))
+        with pytest.raises(TooManySessions):
+            await store.create(_record(third))
+        assert await store.count() == 2
+    finally:
+        await store.close()
+
+
+async def test_lru_evicts_the_least_recently_used_of_its_bucket(cluster_url: str) -> None:
+    store = RedisSessionStore(cluster_url, 60, CLUSTER_BUCKETS, eviction="lru")
+    try:
+        old, new = _same_bucket(2)
+        await store.create(_record(old))
+        await store.create(_record("elsewhere-0"))  # another bucket: untouched
+        await store.create(_record(new))
+        assert sorted(s.session_id for s in (await store.page(None, 10, None)).sessions) == sorted(
+            ["elsewhere-0", new]
+        )
+    finally:
+        await store.close()
+
+
+async def test_listing_merges_buckets_in_id_order(cluster_url: str) -> None:
+    store = RedisSessionStore(cluster_url, 60, 10_000)
+    try:
+        ids = sorted(f"list-{i:03d}" for i in range(57))
+        for sid in reversed(ids):
+            await store.create(_record(sid))
+        seen, cursor, pages = [], None, 0
+        while True:
+            page = await store.page(cursor, 7, None)
+            assert len(page.sessions) <= 7
+            seen += [s.session_id for s in page.sessions]
+            pages += 1
+            cursor = page.next_cursor
+            if cursor is None:
+                break
+        assert seen == ids and pages == 9
+    finally:
+        await store.close()
+
+
+# -- acknowledged writes reach the replicas ----------------------------------------------------
+@pytest.fixture
+def master_and_replica(tmp_path: Path) -> Iterator[tuple[Any, Any]]:
+    with replicated_redis(tmp_path) as nodes:
+        yield nodes
+
+
+def _replica_revision(client: redis.Redis, key: str) -> int | None:
+    value = client.hget(key, "revision")
+    return None if value is None else int(value)
+
+
+async def test_an_acknowledged_write_is_on_the_replica(master_and_replica: Any) -> None:
+    master, replica = master_and_replica
+    store = RedisSessionStore(f"redis://127.0.0.1:{master.port}/0", 60, 100, min_replicas=1)
+    try:
+        await store.create(_record("kept"))
+        assert _replica_revision(replica.client, "gruserve:session:kept") == 0
+        for revision in range(5):
+            record = await store.get("kept")
+            assert await store.compare_and_set(
+                record.advanced(record.state + 1, 1, time.time()), revision
+            )
+            # WAIT answered: the replica has it now, not eventually
+            assert _replica_revision(replica.client, "gruserve:session:kept") == revision + 1
+    finally:
+        await store.close()
+
+
+async def test_a_write_no_replica_acknowledged_is_not_acknowledged(
+    master_and_replica: Any,
+) -> None:
+    master, replica = master_and_replica
+    store = RedisSessionStore(
+        f"redis://127.0.0.1:{master.port}/0", 60, 100, min_replicas=1, wait_ms=200
+    )
+    try:
+        await store.create(_record("alone"))
+        replica.kill()
+        wait_for(
+            lambda: master.info("replication")["connected_slaves"] == 0, "the master to notice"
+        )
+        record = await store.get("alone")
+        with pytest.raises(StoreUnavailable, match=r"reached 0 of the 1 replicas"):
+            await store.compare_and_set(record.advanced(record.state, 1, time.time()), 0)
+        with pytest.raises(StoreUnavailable, match=r"reached 0 of the 1 replicas"):
+            await store.create(_record("unsafe"))
+        # without replicas required, the same master takes writes as before
+        relaxed = RedisSessionStore(f"redis://127.0.0.1:{master.port}/0", 60, 100)
+        try:
+            current = await relaxed.get("alone")
+            assert current.revision == 1  # the master applied it; only its copy was missing
+            assert await relaxed.compare_and_set(current.advanced(current.state, 1, time.time()), 1)
+        finally:
+            await relaxed.close()
+    finally:
+        await store.close()
+
+
+async def test_cluster_writes_wait_for_their_masters_replicas(
+    redis_cluster: Any, cluster_url: str
+) -> None:
+    store = RedisSessionStore(cluster_url, 60, 10_000, min_replicas=1)
+    try:
+        ids = [f"wait-{i}" for i in range(48)]
+        await asyncio.gather(*(store.create(_record(sid)) for sid in ids))
+        records = await asyncio.gather(*(store.get(sid) for sid in ids))
+        assert all(
+            await asyncio.gather(
+                *(store.compare_and_set(r.advanced(r.state, 1, time.time()), 0) for r in records)
+            )
+        )
+        replicas = [n for n in redis_cluster.alive() if n not in redis_cluster.masters()]
+        on_replicas: dict[str, int] = {}
+        for node in replicas:
+            node.client.execute_command("READONLY")
+            for key in node.client.scan_iter(match="gruserve:{*}:session:*"):
+                on_replicas[key.decode().rsplit(":", 1)[1]] = int(node.client.hget(key, "revision"))
+        assert on_replicas == dict.fromkeys(ids, 1)
+    finally:
+        await store.close()
