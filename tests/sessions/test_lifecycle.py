@@ -65,7 +65,7 @@ def _indexed(store: Any) -> int:
     """Ids the store's index holds, expired ones not yet swept included."""
     if isinstance(store, MemorySessionStore):
         return len(store._records)
-    return int(redis.Redis.from_url(store.url).zcard(store._keys[0]))
+    return int(redis.Redis.from_url(store.url).zcard(store._keyspace.buckets[0].sets[0]))
 
 
 # -- stores ----------------------------------------------------------------------------------
