@@ -137,6 +137,22 @@ class ModelUnavailable(GruServeError):
         super().__init__(f"model {name!r} failed to load and is not served: {reason}")
 
 
+class ModelVersionGone(GruServeError):
+    """A session's model version was removed from the repository (HTTP 410)."""
+
+    def __init__(
+        self, session_id: str | None, name: str, version: int, on_disk: Iterable[int]
+    ) -> None:
+        self.session_id, self.name, self.version = session_id, name, version
+        found = sorted(on_disk)
+        whose = f"session {session_id!r} is on " if session_id else ""
+        super().__init__(
+            f"{whose}model {name!r} version {version}, which was removed from the model "
+            f"repository; versions on disk: {found or 'none'}. Upgrade the session "
+            f"(POST /v1/sessions/{{id}}/upgrade) or create a new one"
+        )
+
+
 class ProviderUnavailable(GruServeError):
     """The configured execution provider cannot run on this machine."""
 

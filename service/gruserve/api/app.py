@@ -89,6 +89,7 @@ def create_app(settings: Settings, services: Services) -> GruServeAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         try:
             await _check_store(services)
+            services.start()
             yield
         finally:
             await services.aclose()

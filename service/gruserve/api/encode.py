@@ -40,7 +40,11 @@ def outputs(named: dict[str, np.ndarray]) -> Any:
 
 
 def step(result: StepResult) -> dict[str, Any]:
-    return {"outputs": outputs(result.outputs), "step": result.step}
+    return {
+        "outputs": outputs(result.outputs),
+        "step": result.step,
+        "version": result.record.version,
+    }
 
 
 def outputs_bytes(result: StepResult) -> bytes:

@@ -51,6 +51,7 @@ STATUS: dict[type[e.GruServeError], int] = {
     e.InvalidApiKey: 403,
     e.TooManySessions: 429,
     e.ModelUnavailable: 503,
+    e.ModelVersionGone: 410,
     e.StoreUnavailable: 503,
 }
 CLIENT_CLOSED = 499  # nginx's "client closed request": nobody receives it, but metrics count it

@@ -63,6 +63,11 @@ class CreateSessionRequest(_Strict):
         examples=["user-42"],
     )
     initial_state: States | None = Field(None, description="Per state [units]; zeros when omitted.")
+    version: int | None = Field(
+        None,
+        description="The model version the session runs on for its whole life; the model's "
+        "default version when omitted.",
+    )
 
 
 class SessionInfo(_Strict):
@@ -106,6 +111,7 @@ class StepResponse(_Strict):
         "axis, or a model with one output per sequence)."
     )
     step: int = Field(description="Steps applied so far, this one included.")
+    version: int = Field(description="The model version that computed this step.")
 
 
 class SessionSummary(_Strict):

@@ -36,16 +36,20 @@ def _services(request: Request) -> Services:
     return services
 
 
-def _model(request: Request, name: str, version: str | None) -> LoadedModel:
-    """The served model, checked against the version in the path if there is one."""
-    model = _services(request).registry.get(name)
+async def _model(request: Request, name: str, version: str | None) -> LoadedModel:
+    """The served model: its default version, or the version in the path (loaded first when
+    it is on disk only)."""
+    registry = _services(request).registry
+    model = registry.get(name)
     if version is None:
         return model
     if not (version.isascii() and version.isdigit()):
         raise InvalidInput("version", f"expected a version number, got {version!r}")
-    if int(version) != model.version:
-        raise ModelNotFound(name, int(version), [f"{name} version {model.version}"])
-    return model
+    try:
+        return await registry.ensure(name, int(version), field="version")
+    except InvalidInput:
+        served = [f"{name} version {v}" for v in registry.versions_loaded(name)]
+        raise ModelNotFound(name, int(version), served) from None
 
 
 # -- server --------------------------------------------------------------------------------
@@ -76,42 +80,44 @@ async def ready(request: Request) -> Response:
 
 
 # -- models ----------------------------------------------------------------------------------
-def _metadata(request: Request, name: str, version: str | None) -> Response:
-    return encode.json_response(wire_model(_model(request, name, version)).metadata(PLATFORM))
+async def _metadata(request: Request, name: str, version: str | None) -> Response:
+    model = await _model(request, name, version)
+    return encode.json_response(wire_model(model).metadata(PLATFORM))
 
 
 @router.get("/models/{model}", response_model=s.ModelMetadata)
 async def model_metadata(model: str, request: Request) -> Response:
     """Name, versions, platform, inputs and outputs (batch-major, -1: any size)."""
-    return _metadata(request, model, None)
+    return await _metadata(request, model, None)
 
 
 @router.get("/models/{model}/versions/{version}", response_model=s.ModelMetadata)
 async def model_version_metadata(model: str, version: str, request: Request) -> Response:
     """As ``GET /v2/models/{model}``, for that version."""
-    return _metadata(request, model, version)
+    return await _metadata(request, model, version)
 
 
-def _ready(request: Request, name: str, version: str | None) -> Response:
-    return encode.json_response({"name": _model(request, name, version).name, "ready": True})
+async def _ready(request: Request, name: str, version: str | None) -> Response:
+    model = await _model(request, name, version)
+    return encode.json_response({"name": model.name, "ready": True})
 
 
 @router.get("/models/{model}/ready", response_model=s.ModelReady)
 async def model_ready(model: str, request: Request) -> Response:
     """200 when the model is loaded; 404 unknown, 503 failed to load."""
-    return _ready(request, model, None)
+    return await _ready(request, model, None)
 
 
 @router.get("/models/{model}/versions/{version}/ready", response_model=s.ModelReady)
 async def model_version_ready(model: str, version: str, request: Request) -> Response:
     """As ``GET /v2/models/{model}/ready``, for that version."""
-    return _ready(request, model, version)
+    return await _ready(request, model, version)
 
 
-def _config(request: Request, name: str, version: str | None) -> Response:
+async def _config(request: Request, name: str, version: str | None) -> Response:
     services = _services(request)
-    model = _model(request, name, version)
-    batcher = services.batchers[model.name]
+    model = await _model(request, name, version)
+    batcher = services.batchers.of(model)
     return encode.json_response(
         model_config(
             wire_model(model),
@@ -127,19 +133,19 @@ def _config(request: Request, name: str, version: str | None) -> Response:
 @router.get("/models/{model}/config", response_model=s.ModelConfig)
 async def config(model: str, request: Request) -> Response:
     """Triton-style config: ``max_batch_size``, ``sequence_batching`` with implicit states."""
-    return _config(request, model, None)
+    return await _config(request, model, None)
 
 
 @router.get("/models/{model}/versions/{version}/config", response_model=s.ModelConfig)
 async def version_config(model: str, version: str, request: Request) -> Response:
     """As ``GET /v2/models/{model}/config``, for that version."""
-    return _config(request, model, version)
+    return await _config(request, model, version)
 
 
 # -- inference -------------------------------------------------------------------------------
 async def _infer(request: Request, name: str, version: str | None) -> Response:
     services = _services(request)
-    model = _model(request, name, version)
+    model = await _model(request, name, version)
     wire = wire_model(model)
     body = v2_request.decompress(
         await request.body(),
@@ -153,7 +159,13 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     if sequence is None:
         names, keys = call.wanted(wire)
         work = services.predictor.predict(
-            model.name, call.inputs, call.mask, call.states, outputs=names, states=keys
+            model.name,
+            call.inputs,
+            call.mask,
+            call.states,
+            outputs=names,
+            states=keys,
+            version=None if version is None else model.version,
         )
         result = await unless_disconnected(request, work)
         outputs = produced(wire, call, result.outputs, result.states)
@@ -171,6 +183,7 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
             initial_state=one.states,
             step_number=sequence.step_number,
             caller=caller,
+            version=None if version is None else model.version,
         ),
     )
     about = {
@@ -179,7 +192,7 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
         "step": step.step,
     }
     outputs = sequence_outputs(wire, call, step, model.signature)
-    return v2_tensors.reply(model.name, model.version, parsed.id, outputs, about)
+    return v2_tensors.reply(model.name, step.record.version, parsed.id, outputs, about)
 
 
 @router.post(

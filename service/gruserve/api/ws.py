@@ -109,7 +109,8 @@ class SessionSockets:
             }
         )
         try:
-            features = sessions.model_of(await sessions.get(session_id, caller)).signature.features
+            record = await sessions.get(session_id, caller)
+            features = (await sessions.model_for(record)).signature.features
         except GruServeError as exc:
             await send(_error(exc))
             await send(
