@@ -321,6 +321,13 @@ class InvalidApiKey(GruServeError):
         super().__init__("the API key is not valid for this server")
 
 
+class AdminOnly(GruServeError):
+    """An operator action (the model repository API) asked for with a tenant's key."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(f"{what} needs an admin API key (name:key:admin)")
+
+
 class SnapshotError(GruServeError):
     """A session snapshot file cannot be written or read."""
 

@@ -18,7 +18,7 @@ from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gruserve import __version__
-from gruserve.api import bulk, docs, errors, health, stream, v1, v2
+from gruserve.api import bulk, docs, errors, health, repository, stream, v1, v2
 from gruserve.api._auth import METRICS, PUBLIC, ApiKeyMiddleware, ApiKeys, load_keys
 from gruserve.api._edge import EdgeMiddleware
 from gruserve.api.fast_step import DirectStep, StepEndpoint
@@ -110,6 +110,7 @@ def create_app(settings: Settings, services: Services) -> GruServeAPI:
     app.include_router(bulk.router)
     app.include_router(stream.router)
     app.include_router(v2.router)
+    app.include_router(repository.router)
     errors.install(app, services.metrics)
     # What every request passes, from the outside in: the edge (request ids, byte limit,
     # metrics), then API keys. The framework's routes get them as middleware; the per-step

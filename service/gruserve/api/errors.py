@@ -49,6 +49,7 @@ STATUS: dict[type[e.GruServeError], int] = {
     e.StepMismatch: 409,
     e.MissingApiKey: 401,
     e.InvalidApiKey: 403,
+    e.AdminOnly: 403,
     e.TooManySessions: 429,
     e.ModelUnavailable: 503,
     e.ModelVersionGone: 410,

@@ -28,7 +28,13 @@ from gruserve.runtime.model import LoadedModel
 from gruserve.services import Services
 
 router = APIRouter(prefix="/v2", tags=["v2 (KServe / Triton)"], responses=s.ERRORS)
-EXTENSIONS = ["binary_tensor_data", "model_configuration", "sequence", "sequence(string_id)"]
+EXTENSIONS = [
+    "binary_tensor_data",
+    "model_configuration",
+    "model_repository",
+    "sequence",
+    "sequence(string_id)",
+]
 
 
 def _services(request: Request) -> Services:

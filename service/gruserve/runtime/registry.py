@@ -82,6 +82,7 @@ class _Versions:
     loading: set[int] = field(default_factory=set)
     last_used: dict[int, float] = field(default_factory=dict)
     unloaded: str | None = None  # why the whole model was unloaded on request
+    removed: set[int] = field(default_factory=set)  # known versions gone from disk
 
 
 def _load(
@@ -184,13 +185,14 @@ class ModelRegistry:
             raise ModelUnavailable(name, self._failures[name])
         raise ModelNotFound(name, available=self._served())
 
-    def loaded(self, name: str, version: int) -> LoadedModel | None:
-        """``name`` at ``version`` if it is loaded now (and marks it used), else None."""
+    def loaded(self, name: str, version: int, use: bool = True) -> LoadedModel | None:
+        """``name`` at ``version`` if it is loaded now, else None; ``use``: it is about to
+        serve a request (which keeps it from being unloaded as idle)."""
         entry = self._models.get(name)
         if entry is None or entry.unloaded is not None:
             return None
         model = entry.loaded.get(version)
-        if model is not None:
+        if model is not None and use:
             entry.last_used[version] = self._clock()
         return model
 
@@ -222,6 +224,9 @@ class ModelRegistry:
                     f"model {name!r} has no version {version}; versions: {on_disk}",
                 )
             raise ModelVersionGone(session_id, name, version, on_disk)
+        entry = self._models[name]
+        if version in entry.failed:  # tried again only by an explicit load (refresh)
+            raise ModelUnavailable(name, f"version {version}: {entry.failed[version]}")
         key = (name, version)
         pending = self._pending.get(key)
         if pending is None:
@@ -274,7 +279,8 @@ class ModelRegistry:
         for name in sorted(names):
             entry = self._models.get(name, _Versions())
             on_disk = self._on_disk(name)
-            for version in sorted(set(on_disk) | set(entry.loaded) | set(entry.failed)):
+            known = set(on_disk) | set(entry.loaded) | set(entry.failed) | entry.removed
+            for version in sorted(known):
                 found.append(self._entry(name, version, entry, version in on_disk))
         return found
 
@@ -323,11 +329,14 @@ class ModelRegistry:
         with self._lock:
             entry = self._models.setdefault(name, _Versions())
             entry.unloaded = None
+            entry.removed -= set(on_disk)
             for gone in [v for v in entry.loaded if v not in on_disk]:
                 del entry.loaded[gone]
+                entry.removed.add(gone)
                 log.info("model %s v%d removed from the repository: unloaded", name, gone)
             for gone in [v for v in entry.failed if v not in on_disk]:
                 del entry.failed[gone]
+                entry.removed.add(gone)
         kept = self.policy(name).kept(on_disk)
         for version in reversed(kept):
             if version in entry.loaded or (version in entry.failed and not retry_failed):

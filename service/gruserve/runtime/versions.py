@@ -65,7 +65,7 @@ class Batchers(Mapping[str, Batcher]):
     def prune(self) -> None:
         """Drop the idle batchers of versions no longer loaded."""
         for key, batcher in list(self._by_key.items()):
-            if self._registry.loaded(*key) is not batcher.model and batcher.idle:
+            if self._registry.loaded(*key, use=False) is not batcher.model and batcher.idle:
                 del self._by_key[key]
 
 
