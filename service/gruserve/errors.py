@@ -137,6 +137,22 @@ class ModelUnavailable(GruServeError):
         super().__init__(f"model {name!r} failed to load and is not served: {reason}")
 
 
+class ModelVersionGone(GruServeError):
+    """A session's model version was removed from the repository (HTTP 410)."""
+
+    def __init__(
+        self, session_id: str | None, name: str, version: int, on_disk: Iterable[int]
+    ) -> None:
+        self.session_id, self.name, self.version = session_id, name, version
+        found = sorted(on_disk)
+        whose = f"session {session_id!r} is on " if session_id else ""
+        super().__init__(
+            f"{whose}model {name!r} version {version}, which was removed from the model "
+            f"repository; versions on disk: {found or 'none'}. Upgrade the session "
+            f"(POST /v1/sessions/{{id}}/upgrade) or create a new one"
+        )
+
+
 class ProviderUnavailable(GruServeError):
     """The configured execution provider cannot run on this machine."""
 
@@ -303,6 +319,13 @@ class InvalidApiKey(GruServeError):
 
     def __init__(self) -> None:
         super().__init__("the API key is not valid for this server")
+
+
+class AdminOnly(GruServeError):
+    """An operator action (the model repository API) asked for with a tenant's key."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(f"{what} needs an admin API key (name:key:admin)")
 
 
 class SnapshotError(GruServeError):

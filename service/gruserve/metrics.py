@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -153,6 +154,51 @@ class Metrics:
             registry=registry,
             multiprocess_mode="max",  # every worker loads the same models
         )
+
+        self.version_bytes = Gauge(
+            "gruserve_model_version_bytes",
+            "ONNX bytes of each loaded model version (updated on every scrape).",
+            ["model", "version"],
+            registry=registry,
+            multiprocess_mode="max",
+        )
+        self.version_sessions = Gauge(
+            "gruserve_model_version_sessions",
+            "Sessions on each model version (memory store only; updated on every scrape).",
+            ["model", "version"],
+            registry=registry,
+            multiprocess_mode="mostrecent",
+        )
+        self.version_failures = Counter(
+            "gruserve_model_version_load_failures",
+            "Model versions that failed to load, verify or warm up (never made the default).",
+            ["model"],
+            registry=registry,
+        )
+
+    def watch_versions(self, registry: Any) -> None:
+        """Count ``registry``'s load failures and show its loaded versions."""
+        registry.on_failure = lambda name, version, reason: self.version_failures.labels(name).inc()
+        self.show_versions(registry)
+
+    def show_versions(
+        self, registry: Any, sessions: dict[tuple[str, int], int] | None = None
+    ) -> None:
+        """Set the per-version gauges to what ``registry`` holds now (a
+        :class:`~gruserve.runtime.registry.ModelRegistry`); ``sessions``: counts per
+        (model, version) when the store can tell."""
+        self.version_bytes.clear()
+        self.models.clear()
+        for status in registry.statuses():
+            if not status.ready:
+                self.models.labels(status.name, "", "").set(0)
+        for model in registry.models():
+            self.models.labels(model.name, str(model.version), model.provider).set(1)
+            self.version_bytes.labels(model.name, str(model.version)).set(model.size_bytes)
+        if sessions is not None:
+            self.version_sessions.clear()
+            for (name, version), count in sorted(sessions.items()):
+                self.version_sessions.labels(name, str(version)).set(count)
 
     def exposition(self) -> bytes:
         """What ``/metrics`` answers: this registry's samples or, in multiprocess mode (several

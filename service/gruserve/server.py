@@ -26,9 +26,11 @@ from gruserve.errors import SettingsError, SnapshotError
 from gruserve.metrics import Metrics
 from gruserve.runtime.batcher import Batcher
 from gruserve.runtime.limits import WorkLimits
+from gruserve.runtime.model import LoadedModel
 from gruserve.runtime.predictor import Predictor
 from gruserve.runtime.provider import choose_providers
 from gruserve.runtime.registry import ModelRegistry
+from gruserve.runtime.versions import Batchers, RepositoryWatcher
 from gruserve.services import Services
 from gruserve.sessions import snapshot
 from gruserve.sessions.events import SessionEvents
@@ -108,20 +110,19 @@ def build_services(
         choose_providers(settings.provider),
         settings.intra_op_threads,
         settings.model_versions,
+        settings.version_policies(),
+        settings.version_unload_grace_s,
     )
-    for status in models.statuses():
-        metrics.models.labels(status.name, str(status.version or ""), status.provider or "").set(
-            1 if status.ready else 0
-        )
+    metrics.watch_versions(models)
     executor = ThreadPoolExecutor(settings.inference_threads, thread_name_prefix="gruserve-ort")
-    batchers = {}
-    for model in models.models():
+
+    def make_batcher(model: LoadedModel) -> Batcher:
         batching = model.signature.manifest.batching or {}
         size = settings.batch_max_size or int(batching.get("max_batch_size", 64))
         delay_ms = settings.batch_max_delay_ms
         if delay_ms is None:
             delay_ms = float(batching.get("max_delay_ms", 2.0))
-        batchers[model.name] = Batcher(
+        return Batcher(
             model,
             executor,
             max_batch_size=size,
@@ -130,12 +131,17 @@ def build_services(
             inline_below_s=settings.batch_inline_below_us / 1e6,
             metrics=metrics.for_model(model.name),
         )
+
+    batchers = Batchers(models, make_batcher)
+    for model in models.models():
+        batchers.of(model)
     store = build_store(settings, SessionEvents(metrics))
     limits = WorkLimits(
         settings.max_batch_timesteps, settings.max_reply_values, settings.predict_chunk_timesteps
     )
     if tracing is not None:
         tracing.instrument(batchers.values(), store)
+        batchers.made.append(lambda batcher: tracing.instrument([batcher], None))
     sessions = SessionService(
         models,
         batchers,
@@ -147,6 +153,9 @@ def build_services(
     if settings.snapshot_path is not None and isinstance(store, MemorySessionStore):
         restore_snapshot(settings.snapshot_path, store, sessions)
     predictor = Predictor(models, executor, settings.max_timesteps, metrics, limits)
+    watcher = RepositoryWatcher(
+        models, batchers, settings.repository_poll_s, lambda: metrics.show_versions(models)
+    )
     return Services(
         settings,
         models,
@@ -158,6 +167,7 @@ def build_services(
         executor,
         tracing,
         Sweeper(store, settings.session_sweep_interval_s),
+        watcher,
     )
 
 

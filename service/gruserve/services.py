@@ -14,9 +14,9 @@ from typing import Any
 
 from gruserve.errors import SnapshotError
 from gruserve.metrics import Metrics
-from gruserve.runtime.batcher import Batcher
 from gruserve.runtime.predictor import Predictor
 from gruserve.runtime.registry import ModelRegistry
+from gruserve.runtime.versions import Batchers, RepositoryWatcher
 from gruserve.sessions import snapshot
 from gruserve.sessions.memory import MemorySessionStore
 from gruserve.sessions.service import SessionService
@@ -31,7 +31,7 @@ log = logging.getLogger("gruserve")
 class Services:
     settings: Settings
     registry: ModelRegistry
-    batchers: dict[str, Batcher]
+    batchers: Batchers
     predictor: Predictor
     sessions: SessionService
     store: SessionStore
@@ -41,18 +41,25 @@ class Services:
     """A :class:`gruserve.tracing.Tracing` when OpenTelemetry tracing is on, else None."""
     sweeper: Sweeper | None = None
     """Forgets expired sessions in the background while serving (:meth:`start`)."""
+    watcher: RepositoryWatcher | None = None
+    """Follows the repository and unloads idle versions; started with the app."""
 
     def start(self) -> None:
         """Start the background work of a serving process (in its event loop)."""
         if self.sweeper is not None:
             self.sweeper.start()
+        if self.watcher is not None:
+            self.watcher.start()
 
     async def aclose(self) -> None:
         """Finish running batches, write the snapshot (if configured), then release the store
         and the threads."""
         if self.sweeper is not None:
             await self.sweeper.stop()
+        if self.watcher is not None:
+            await self.watcher.stop()
         await asyncio.gather(*(b.close() for b in self.batchers.values()))
+        self.registry.close()
         self.write_snapshot()
         await self.store.close()
         self.executor.shutdown(wait=False, cancel_futures=True)

@@ -17,6 +17,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from gruserve.runtime.policy import VersionPolicy
 from gruserve.sessions.store_url import SINGLE_SCHEMES, is_cluster_url, parse_cluster_url
 
 ENV_PREFIX = "GRUSERVE_"
@@ -38,6 +39,20 @@ class Settings(BaseSettings):
 
     model_versions: dict[str, int] = Field(default_factory=dict)
     """Pinned versions as JSON, e.g. ``{"demo": 1}``; unnamed models serve their latest."""
+
+    model_version_policy: dict[str, str] = Field(default_factory=dict)
+    """Which versions stay loaded, per model, as JSON in Triton's words, e.g.
+    ``{"demo": "latest: 2"}``, ``"specific: [1, 3]"`` or ``"all"``; unnamed models keep
+    ``latest: 1``. New sessions get the newest kept version unless ``model_versions`` pins
+    one; any version on disk still serves its sessions (loaded on first use)."""
+
+    version_unload_grace_s: float = Field(300.0, ge=0)
+    """A loaded version that no policy keeps and that is not a default is unloaded once no
+    step has used it for this many seconds."""
+
+    repository_poll_s: float = Field(0.0, ge=0)
+    """Rescan the models directory this often (seconds) and load new versions before making
+    them the default (0 = only through ``POST /v2/repository/models/{model}/load``)."""
 
     provider: Literal["auto", "cpu", "cuda"] = "auto"
     """onnxruntime execution provider: ``auto`` picks CUDA when onnxruntime-gpu and a GPU
@@ -233,6 +248,19 @@ class Settings(BaseSettings):
                 f"store_timeout_s={self.store_timeout_s!r}"
             )
         return self
+
+    @field_validator("model_version_policy")
+    @classmethod
+    def _policies(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, text in value.items():
+            try:
+                VersionPolicy.parse(text)
+            except ValueError as exc:
+                raise ValueError(f"model_version_policy[{name!r}]: {exc}") from None
+        return value
+
+    def version_policies(self) -> dict[str, VersionPolicy]:
+        return {name: VersionPolicy.parse(text) for name, text in self.model_version_policy.items()}
 
     @model_validator(mode="after")
     def _snapshot_needs_memory(self) -> Settings:

@@ -208,7 +208,7 @@ async def test_errors_keep_each_protocol_shape(client: httpx.AsyncClient) -> Non
     assert v2.status_code == 404 and isinstance(v2.json()["error"], str)
     v1 = await client.get("/v1/models/nope")
     assert v1.status_code == 404 and v1.json()["error"]["type"] == "ModelNotFound"
-    assert (await client.get("/v2/repository/index")).json()["error"].startswith("no route")
+    assert (await client.get("/v2/no/such/route")).json()["error"].startswith("no route")
     spec = (await client.get("/openapi.json")).json()
     body = spec["paths"]["/v2/models/{model}/infer"]["post"]["requestBody"]["content"]
     assert set(body) == {"application/json", "application/octet-stream"}

@@ -27,6 +27,7 @@ from gruserve.api.v1 import routes as v1
 from gruserve.api.v1.fast_step import DirectStep, StepEndpoint
 from gruserve.api.v1.hot_paths import HotPaths
 from gruserve.api.v1.ws import SessionSockets
+from gruserve.api.v2 import repository
 from gruserve.api.v2 import routes as v2
 from gruserve.errors import GruServeError
 from gruserve.services import Services
@@ -118,6 +119,7 @@ def create_app(settings: Settings, services: Services) -> GruServeAPI:
     app.include_router(bulk.router)
     app.include_router(stream.router)
     app.include_router(v2.router)
+    app.include_router(repository.router)
     errors.install(app, services.metrics)
     # What every request passes, from the outside in: the edge (request ids, byte limit,
     # metrics), then API keys. The framework's routes get them as middleware; the per-step

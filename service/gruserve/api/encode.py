@@ -40,13 +40,14 @@ def outputs(named: dict[str, np.ndarray]) -> Any:
 
 
 def step(result: StepResult) -> dict[str, Any]:
+    reply = {
+        "outputs": outputs(result.outputs),
+        "step": result.step,
+        "version": result.record.version,
+    }
     if result.states is not None:  # the state a session ended in, asked for with "end"
-        return {
-            "outputs": outputs(result.outputs),
-            "step": result.step,
-            "states": result.states,
-        }
-    return {"outputs": outputs(result.outputs), "step": result.step}
+        reply["states"] = result.states
+    return reply
 
 
 def outputs_bytes(result: StepResult) -> bytes:

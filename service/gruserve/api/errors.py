@@ -49,8 +49,10 @@ STATUS: dict[type[e.GruServeError], int] = {
     e.StepMismatch: 409,
     e.MissingApiKey: 401,
     e.InvalidApiKey: 403,
+    e.AdminOnly: 403,
     e.TooManySessions: 429,
     e.ModelUnavailable: 503,
+    e.ModelVersionGone: 410,
     e.StoreUnavailable: 503,
 }
 CLIENT_CLOSED = 499  # nginx's "client closed request": nobody receives it, but metrics count it

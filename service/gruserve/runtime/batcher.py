@@ -189,6 +189,11 @@ class Batcher:
     def waiting(self) -> int:
         return len(self._pending)
 
+    @property
+    def idle(self) -> bool:
+        """No step waiting or running: the batcher can be dropped without failing any."""
+        return not self._pending and not self._running and self._deferred is None
+
     def submit(
         self, inputs: np.ndarray, mask: np.ndarray | None, state: np.ndarray
     ) -> Awaitable[StepOutput]:

@@ -56,6 +56,7 @@ class LoadedModel:
     ) -> None:
         self.signature = ModelSignature(version.manifest)
         self.name, self.version = version.name, version.version
+        self.size_bytes = len(version.onnx_bytes) or version.onnx_path.stat().st_size
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = 1

@@ -69,6 +69,7 @@ class Predictor:
         *,
         outputs: Collection[str] | None = None,
         states: Collection[str] | None = None,
+        version: int | None = None,
     ) -> Prediction:
         """Validate and run ``inputs`` (B, T, F) or (B, T) token ids.
 
@@ -76,12 +77,17 @@ class Predictor:
             outputs: the output names the caller replies with (None: all); only these
                 are kept and counted against the reply limit.
             states: the state keys the caller replies with (None: all), likewise.
+            version: a loaded version of the model (None: its default version).
 
         Raises:
             ModelNotFound, ModelUnavailable: no such served model.
             InvalidInput, PayloadTooLarge: the arrays do not fit the model or the limits.
         """
-        model = self._registry.get(model_name)
+        model = (
+            self._registry.get(model_name)
+            if version is None
+            else self._registry.loaded(model_name, version) or self._registry.get(model_name)
+        )
         sig = model.signature
         kept_outputs = _chosen(sig.output_names, outputs, "outputs")
         kept_states = _chosen(sig.state_keys, states, "states")

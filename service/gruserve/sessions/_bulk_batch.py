@@ -110,10 +110,11 @@ async def _apply(
         for index, _ in held:
             outcomes[index] = exc
         return []
-    ready = _checked(service, model, held, records, caller, outcomes)
+    others: list[Item] = []  # sessions on another version than the default one
+    ready = _checked(service, model, held, records, caller, outcomes, others)
     if not ready:
-        return []
-    futures = await service._batchers[model.name].submit_many(
+        return others
+    futures = await service._batcher(model).submit_many(
         [(r.inputs, r.mask, r.record.state) for r in ready]
     )
     try:
@@ -127,7 +128,7 @@ async def _apply(
         for future in futures:
             future.cancel()
         raise
-    return await _write(service, model, ready, shares, outcomes)
+    return others + await _write(service, model, ready, shares, outcomes)
 
 
 def _checked(
@@ -137,9 +138,11 @@ def _checked(
     records: Sequence[SessionRecord | Exception],
     caller: Caller,
     outcomes: list[Any],
+    others: list[Item],
 ) -> list[_Ready]:
     """The steps that pass :meth:`SessionService.step`'s checks; the others' errors and
-    numbered resends' kept results go to ``outcomes``."""
+    numbered resends' kept results go to ``outcomes``, and steps of sessions on another
+    version of the model than ``model`` (the default) to ``others``, for the per-step path."""
     sig = model.signature
     features = sig.features
     # the usual step: (T, features) or (features,) numbers, no mask, T the model takes. Its
@@ -158,8 +161,9 @@ def _checked(
                 raise SessionNotFound(record.session_id)
             if record.model != model.name:
                 raise SessionNotOnModel(record.session_id, record.model, model.name)
-            if record.version != model.version:
-                service.model_of(record)  # raises SessionModelMismatch
+            if record.version != model.version:  # its own version: the per-step path
+                others.append((index, item))
+                continue
             x, mask = item.inputs, item.mask
             single = x.ndim == 1
             if (

@@ -104,7 +104,7 @@ class SessionService:
         if max_attempts < 1:
             raise ValueError(f"SessionService needs max_attempts >= 1. Received: {max_attempts!r}")
         self.registry, self.store = registry, store
-        self._batchers = dict(batchers)
+        self._batchers = batchers
         self._max_timesteps, self._max_attempts = max_timesteps, max_attempts
         self._metrics, self._clock = metrics, clock
         self._locks = KeyedLocks()
@@ -112,13 +112,47 @@ class SessionService:
 
     # -- lookups -------------------------------------------------------------------------
     def model_of(self, record: SessionRecord) -> LoadedModel:
-        """The served model a record belongs to (same name *and* version)."""
-        model = self.registry.get(record.model)
-        if model.version != record.version:
-            raise SessionModelMismatch(
-                record.session_id, record.model, record.version, model.version
+        """The loaded model version a record belongs to (same name *and* version); see
+        :meth:`model_for` to load it when it is on disk only."""
+        model = self.registry.loaded(record.model, record.version)
+        if model is not None:
+            return model
+        served = self.registry.get(record.model)
+        raise SessionModelMismatch(record.session_id, record.model, record.version, served.version)
+
+    async def model_for(self, record: SessionRecord) -> LoadedModel:
+        """The model version a record belongs to, loaded first (off the event loop) when it
+        is on disk but not loaded.
+
+        Raises:
+            ModelVersionGone: that version was removed from the repository.
+        """
+        model = self.registry.loaded(record.model, record.version)
+        if model is not None:
+            return model
+        return await self.registry.ensure(record.model, record.version, record.session_id)
+
+    async def model_named(
+        self, model_name: str, version: object = None, field: str = "version"
+    ) -> LoadedModel:
+        """``model_name`` at ``version`` (loaded on demand), or its default version when None.
+
+        Raises:
+            InvalidInput: ``version`` is not a positive integer, or no such version (naming
+                ``field``).
+            ModelNotFound, ModelUnavailable.
+        """
+        if version is None:
+            return self.registry.get(model_name)
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise InvalidInput(
+                field, f"expected a version number (an integer >= 1). Received: {version!r}"
             )
-        return model
+        return await self.registry.ensure(model_name, version, field=field)
+
+    def _batcher(self, model: LoadedModel) -> Batcher:
+        of = getattr(self._batchers, "of", None)  # runtime.versions.Batchers: per version
+        return of(model) if of is not None else self._batchers[model.name]
 
     def states_of(self, record: SessionRecord) -> dict[str, np.ndarray]:
         """The record's state as ``{state key: (units,)}``."""
@@ -141,13 +175,16 @@ class SessionService:
         session_id: str | None = None,
         initial_state: StateValue | None = None,
         caller: Caller = ANYONE,
+        *,
+        version: object = None,
     ) -> SessionRecord:
-        """Start a session at zero state, or at ``initial_state``, owned by ``caller``.
+        """Start a session at zero state, or at ``initial_state``, owned by ``caller``, on
+        ``version`` (the model's default version when None) for its whole life.
 
         Raises:
             ModelNotFound, ModelUnavailable, InvalidInput, SessionExists, TooManySessions.
         """
-        model = self.registry.get(model_name)
+        model = await self.model_named(model_name, version)
         if session_id is None:
             session_id = uuid.uuid4().hex
         else:
@@ -184,7 +221,7 @@ class SessionService:
         async with self._locks.hold(session_id):
             for _ in range(self._max_attempts):
                 record = self._seen(await self.store.get(session_id), caller)
-                state = flat_state(self.model_of(record).signature, states, "states")
+                state = flat_state((await self.model_for(record)).signature, states, "states")
                 updated = record.reset(state, self._clock())
                 if await self.store.compare_and_set(updated, record.revision):
                     return updated
@@ -229,7 +266,7 @@ class SessionService:
         """Whether this server can continue ``record`` (a restored one): a valid id, its model
         version served, its state the size that model's states add up to."""
         try:
-            model = self.model_of(record)
+            model = self.registry.load_now(record.model, record.version)
         except GruServeError:
             return False
         return bool(SESSION_ID.fullmatch(record.session_id)) and record.state.shape == (
@@ -306,16 +343,16 @@ class SessionService:
                         raise SessionExists(session_id)
                 if model_name is not None and record.model != model_name:
                     raise SessionNotOnModel(session_id, record.model, model_name)
-                model = self.model_of(record)
+                model = self.registry.loaded(record.model, record.version)
+                if model is None:
+                    model = await self.model_for(record)
                 if chunk is None:
                     chunk = self._chunk(model.signature, inputs, mask)
                     if step_number is not None:
                         applied = _result.digest(chunk.inputs, chunk.mask, chunk.single)
                 if step_number is not None and step_number != record.step:
                     return self._replay(record, model, step_number, applied)
-                out = await self._batchers[model.name].submit(
-                    chunk.inputs, chunk.mask, record.state
-                )
+                out = await self._batcher(model).submit(chunk.inputs, chunk.mask, record.state)
                 outputs = out.outputs
                 if chunk.single and model.signature.per_timestep:
                     outputs = [o[0] for o in outputs]
@@ -375,6 +412,7 @@ class SessionService:
         initial_state: StateValue | None = None,
         step_number: int | None = None,
         caller: Caller = ANYONE,
+        version: int | None = None,
     ) -> StepResult:
         """One request of a Triton-style sequence: a step framed by its start and end flags.
 
@@ -396,12 +434,14 @@ class SessionService:
             step_number: as :meth:`step`; 0 (or None) with ``start``.
             caller: the tenant; a sequence another tenant owns is not started for it (the
                 API scopes sequence ids per tenant, so that takes an id made on purpose).
+            version: the model version a start starts the sequence on (the default when
+                None); later requests run on the version the sequence started on.
 
         Raises:
             SequenceNotStarted: no ``start`` and no such session on this model.
             The errors of :meth:`create` and :meth:`step`.
         """
-        model = self.registry.get(model_name)
+        model = await self.model_named(model_name, version)
         chunk = self._chunk(model.signature, inputs, mask)
         if initial_state is not None and not start:
             raise InvalidInput("initial_state", "a sequence's state is set only by its start")
@@ -444,7 +484,9 @@ class SessionService:
                 record = await self.store.get(session_id)
             except SessionNotFound:
                 try:
-                    await self.create(model.name, session_id, initial_state, caller)
+                    await self.create(
+                        model.name, session_id, initial_state, caller, version=model.version
+                    )
                     return
                 except SessionExists:  # another replica created it meanwhile: restart that
                     continue

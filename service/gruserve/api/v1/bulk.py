@@ -94,7 +94,7 @@ async def bulk_steps(model: str, request: Request) -> Response:
 
 class BulkEndpoint:
     """ASGI app answering ``POST /v1/models/{model}/steps`` (``scope["path_params"]``) without
-    the framework's layers: :class:`~gruserve.api.hot_paths.HotPaths` sends it the requests
+    the framework's layers: :class:`~gruserve.api.v1.hot_paths.HotPaths` sends it the requests
     it matches, inside the edge and the API-key check, as it does single steps.
 
     A bulk request's own work is a few microseconds per step; FastAPI's layers around it

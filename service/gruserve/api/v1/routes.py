@@ -100,7 +100,10 @@ async def predict(model: str, request: Request) -> Response:
     openapi_extra=s.request_body(s.CreateSessionRequest),
 )
 async def create_session(model: str, request: Request) -> Response:
-    """Start a session (Keras ``stateful=True`` with an explicit id); 409 if the id exists."""
+    """Start a session (Keras ``stateful=True`` with an explicit id); 409 if the id exists.
+
+    ``version`` pins the model version the session runs on for its whole life (the model's
+    default version when omitted; a version on disk that is not loaded is loaded first)."""
     body = decode.json_object(await request.body(), s.CreateSessionRequest.model_fields)
     initial = body.get("initial_state")
     services = _services(request)
@@ -109,6 +112,7 @@ async def create_session(model: str, request: Request) -> Response:
         body.get("session_id"),
         None if initial is None else decode.states(initial, "initial_state"),
         caller_of(request.scope),
+        version=body.get("version"),
     )
     return encode.json_response(_info(services, record), status=201)
 
@@ -184,6 +188,8 @@ async def get_session(
     """Model, step count, timestamps; the states with ``?include_state=true``."""
     services = _services(request)
     record = await services.sessions.get(session_id, caller_of(request.scope))
+    if include_state:
+        await services.sessions.model_for(record)  # loaded, if its version is on disk only
     states = services.sessions.states_of(record) if include_state else None
     return encode.json_response(_info(services, record, states))
 

@@ -63,6 +63,11 @@ class CreateSessionRequest(_Strict):
         examples=["user-42"],
     )
     initial_state: States | None = Field(None, description="Per state [units]; zeros when omitted.")
+    version: int | None = Field(
+        None,
+        description="The model version the session runs on for its whole life; the model's "
+        "default version when omitted.",
+    )
 
 
 class SessionInfo(_Strict):
@@ -121,6 +126,7 @@ class StepResponse(_Strict):
     states: dict[str, list[float]] | None = Field(
         None, description='Per state [units]: the state an `"end"` step ended in, if asked.'
     )
+    version: int = Field(description="The model version that computed this step.")
 
 
 class SessionSummary(_Strict):

@@ -176,7 +176,8 @@ async def _features(
     """The input features of the session's model; a socket opened with ``?model=NAME`` may
     name a session that does not exist yet (its messages create it: ``"create"``)."""
     try:
-        return sessions.model_of(await sessions.get(session_id, caller)).signature.features
+        record = await sessions.get(session_id, caller)
+        return (await sessions.model_for(record)).signature.features
     except SessionNotFound:
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
         if "model" not in query:

@@ -126,7 +126,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelReadyRequest, context: Any
     ) -> pb.ModelReadyResponse:
         self._caller(context)
-        v2_infer.find_model(self.services, request.name, request.version)
+        await v2_infer.find_model(self.services, request.name, request.version)
         return pb.ModelReadyResponse(ready=True)
 
     @_answers
@@ -134,7 +134,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelMetadataRequest, context: Any
     ) -> pb.ModelMetadataResponse:
         self._caller(context)
-        model = v2_infer.find_model(self.services, request.name, request.version)
+        model = await v2_infer.find_model(self.services, request.name, request.version)
         return json_format.ParseDict(
             wire_model(model).metadata(PLATFORM), pb.ModelMetadataResponse()
         )
@@ -144,7 +144,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelConfigRequest, context: Any
     ) -> pb.ModelConfigResponse:
         self._caller(context)
-        model = v2_infer.find_model(self.services, request.name, request.version)
+        model = await v2_infer.find_model(self.services, request.name, request.version)
         config = json_format.ParseDict(
             v2_infer.config_of(self.services, model),
             model_config_pb2.ModelConfig(),
@@ -154,10 +154,11 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     # -- inference -------------------------------------------------------------------------
     async def _infer(self, request: pb.ModelInferRequest, caller: Caller) -> pb.ModelInferResponse:
-        model = v2_infer.find_model(self.services, request.model_name, request.model_version)
+        model = await v2_infer.find_model(self.services, request.model_name, request.model_version)
         parsed = grpc_codec.parse(request)
-        done = await v2_infer.infer(self.services, model, parsed, caller)
-        return grpc_codec.reply(model.name, model.version, parsed.id, done.outputs, done.parameters)
+        pinned = bool(request.model_version)
+        done = await v2_infer.infer(self.services, model, parsed, caller, pinned=pinned)
+        return grpc_codec.reply(model.name, done.version, parsed.id, done.outputs, done.parameters)
 
     @_answers
     async def ModelInfer(

@@ -34,25 +34,30 @@ async def _plain(work: Awaitable[T]) -> T:
 
 @dataclass(frozen=True)
 class Inferred:
-    """What one inference produced: the requested outputs, and the sequence's parameters
-    (``sequence_id``, ``session_id``, ``step``) for a step of a sequence, else None."""
+    """What one inference produced: the requested outputs, the version that computed them
+    (a sequence's own), and the sequence's parameters (``sequence_id``, ``session_id``,
+    ``step``) for a step of a sequence, else None."""
 
     model: LoadedModel
+    version: int
     outputs: Produced
     parameters: dict[str, Any] | None
 
 
-def find_model(services: Services, name: str, version: str | None) -> LoadedModel:
-    """The served model, checked against the requested version if there is one ("" is
-    none, as gRPC's default ``model_version``)."""
-    model = services.registry.get(name)
+async def find_model(services: Services, name: str, version: str | None) -> LoadedModel:
+    """The served model: its default version, or the requested version ("" is none, as
+    gRPC's default ``model_version``), loaded first when it is on disk only."""
+    registry = services.registry
+    model = registry.get(name)
     if not version:
         return model
     if not (version.isascii() and version.isdigit()):
         raise InvalidInput("version", f"expected a version number, got {version!r}")
-    if int(version) != model.version:
-        raise ModelNotFound(name, int(version), [f"{name} version {model.version}"])
-    return model
+    try:
+        return await registry.ensure(name, int(version), field="version")
+    except InvalidInput:
+        served = [f"{name} version {v}" for v in registry.versions_loaded(name)]
+        raise ModelNotFound(name, int(version), served) from None
 
 
 async def server_ready(services: Services) -> bool:
@@ -68,7 +73,7 @@ async def server_ready(services: Services) -> bool:
 
 def config_of(services: Services, model: LoadedModel) -> dict[str, Any]:
     """The model's Triton-style config (``model_config`` in its JSON form)."""
-    batcher = services.batchers[model.name]
+    batcher = services.batchers.of(model)
     return model_config(
         wire_model(model),
         max_batch_size=batcher.max_batch_size,
@@ -85,8 +90,13 @@ async def infer(
     parsed: InferRequest,
     caller: Caller,
     wait: Wait = _plain,
+    pinned: bool = False,
 ) -> Inferred:
     """Run ``parsed`` on ``model``: a stateless predict, or one step of its sequence.
+
+    ``pinned``: the request named ``model``'s version (a path's ``/versions/{v}``): the
+    predict runs on it and a sequence it starts lives on it; otherwise the default version
+    predicts and a sequence continues on the version it started on.
 
     Raises:
         InvalidInput: tensors that do not fit the model, bad sequence parameters.
@@ -98,10 +108,17 @@ async def infer(
     if sequence is None:
         names, keys = call.wanted(wire)
         work = services.predictor.predict(
-            model.name, call.inputs, call.mask, call.states, outputs=names, states=keys
+            model.name,
+            call.inputs,
+            call.mask,
+            call.states,
+            outputs=names,
+            states=keys,
+            version=model.version if pinned else None,
         )
         result = await wait(work)
-        return Inferred(model, produced(wire, call, result.outputs, result.states), None)
+        outputs = produced(wire, call, result.outputs, result.states)
+        return Inferred(model, model.version, outputs, None)
     one = call.one_sequence()
     step = await wait(
         services.sessions.sequence_step(
@@ -114,6 +131,7 @@ async def infer(
             initial_state=one.states,
             step_number=sequence.step_number,
             caller=caller,
+            version=model.version if pinned else None,
         )
     )
     about = {
@@ -121,4 +139,5 @@ async def infer(
         "session_id": sequence.session_id,
         "step": step.step,
     }
-    return Inferred(model, sequence_outputs(wire, call, step, model.signature), about)
+    outputs = sequence_outputs(wire, call, step, model.signature)
+    return Inferred(model, step.record.version, outputs, about)

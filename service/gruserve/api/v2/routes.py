@@ -31,7 +31,13 @@ from gruserve.runtime.model import LoadedModel
 from gruserve.services import Services
 
 router = APIRouter(prefix="/v2", tags=["v2 (KServe / Triton)"], responses=s.ERRORS)
-EXTENSIONS = ["binary_tensor_data", "model_configuration", "sequence", "sequence(string_id)"]
+EXTENSIONS = [
+    "binary_tensor_data",
+    "model_configuration",
+    "model_repository",
+    "sequence",
+    "sequence(string_id)",
+]
 
 
 def _services(request: Request) -> Services:
@@ -39,9 +45,10 @@ def _services(request: Request) -> Services:
     return services
 
 
-def _model(request: Request, name: str, version: str | None) -> LoadedModel:
-    """The served model, checked against the version in the path if there is one."""
-    return v2_infer.find_model(_services(request), name, version)
+async def _model(request: Request, name: str, version: str | None) -> LoadedModel:
+    """The served model: its default version, or the version in the path (loaded first when
+    it is on disk only)."""
+    return await v2_infer.find_model(_services(request), name, version)
 
 
 # -- server --------------------------------------------------------------------------------
@@ -67,59 +74,61 @@ async def ready(request: Request) -> Response:
 
 
 # -- models ----------------------------------------------------------------------------------
-def _metadata(request: Request, name: str, version: str | None) -> Response:
-    return encode.json_response(wire_model(_model(request, name, version)).metadata(PLATFORM))
+async def _metadata(request: Request, name: str, version: str | None) -> Response:
+    model = await _model(request, name, version)
+    return encode.json_response(wire_model(model).metadata(PLATFORM))
 
 
 @router.get("/models/{model}", response_model=s.ModelMetadata)
 async def model_metadata(model: str, request: Request) -> Response:
     """Name, versions, platform, inputs and outputs (batch-major, -1: any size)."""
-    return _metadata(request, model, None)
+    return await _metadata(request, model, None)
 
 
 @router.get("/models/{model}/versions/{version}", response_model=s.ModelMetadata)
 async def model_version_metadata(model: str, version: str, request: Request) -> Response:
     """As ``GET /v2/models/{model}``, for that version."""
-    return _metadata(request, model, version)
+    return await _metadata(request, model, version)
 
 
-def _ready(request: Request, name: str, version: str | None) -> Response:
-    return encode.json_response({"name": _model(request, name, version).name, "ready": True})
+async def _ready(request: Request, name: str, version: str | None) -> Response:
+    model = await _model(request, name, version)
+    return encode.json_response({"name": model.name, "ready": True})
 
 
 @router.get("/models/{model}/ready", response_model=s.ModelReady)
 async def model_ready(model: str, request: Request) -> Response:
     """200 when the model is loaded; 404 unknown, 503 failed to load."""
-    return _ready(request, model, None)
+    return await _ready(request, model, None)
 
 
 @router.get("/models/{model}/versions/{version}/ready", response_model=s.ModelReady)
 async def model_version_ready(model: str, version: str, request: Request) -> Response:
     """As ``GET /v2/models/{model}/ready``, for that version."""
-    return _ready(request, model, version)
+    return await _ready(request, model, version)
 
 
-def _config(request: Request, name: str, version: str | None) -> Response:
-    model = _model(request, name, version)
+async def _config(request: Request, name: str, version: str | None) -> Response:
+    model = await _model(request, name, version)
     return encode.json_response(v2_infer.config_of(_services(request), model))
 
 
 @router.get("/models/{model}/config", response_model=s.ModelConfig)
 async def config(model: str, request: Request) -> Response:
     """Triton-style config: ``max_batch_size``, ``sequence_batching`` with implicit states."""
-    return _config(request, model, None)
+    return await _config(request, model, None)
 
 
 @router.get("/models/{model}/versions/{version}/config", response_model=s.ModelConfig)
 async def version_config(model: str, version: str, request: Request) -> Response:
     """As ``GET /v2/models/{model}/config``, for that version."""
-    return _config(request, model, version)
+    return await _config(request, model, version)
 
 
 # -- inference -------------------------------------------------------------------------------
 async def _infer(request: Request, name: str, version: str | None) -> Response:
     services = _services(request)
-    model = _model(request, name, version)
+    model = await _model(request, name, version)
     body = v2_request.decompress(
         await request.body(),
         request.headers.get("content-encoding"),
@@ -127,9 +136,14 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     )
     parsed = v2_request.parse(body, request.headers.get(v2_tensors.HEADER_LENGTH))
     done = await v2_infer.infer(
-        services, model, parsed, caller_of(request.scope), partial(unless_disconnected, request)
+        services,
+        model,
+        parsed,
+        caller_of(request.scope),
+        partial(unless_disconnected, request),
+        pinned=version is not None,
     )
-    return v2_tensors.reply(model.name, model.version, parsed.id, done.outputs, done.parameters)
+    return v2_tensors.reply(model.name, done.version, parsed.id, done.outputs, done.parameters)
 
 
 @router.post(

@@ -1,0 +1,102 @@
+"""The model repository extension of the v2 protocol (Triton's ``model_repository``).
+
+``POST /v2/repository/index`` lists every model version with its state (READY,
+LOADING, UNAVAILABLE) and, when not ready, why; ``.../models/{model}/load`` rescans
+that model's folder and applies its version policy (new versions load, verify and warm
+up before one becomes the default); ``.../unload`` unloads the model. The lifecycle
+itself lives in :mod:`gruserve.runtime.registry`; this module only translates.
+With API keys, only an admin key may call these routes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from gruserve.api import decode, encode
+from gruserve.api._auth import caller_of
+from gruserve.errors import AdminOnly, InvalidInput, ModelNotFound, RepositoryError
+from gruserve.repository import validate_model_name
+from gruserve.runtime.registry import IndexEntry
+from gruserve.services import Services
+
+router = APIRouter(prefix="/v2/repository", tags=["v2 repository"])
+
+
+def _services(request: Request) -> Services:
+    caller = caller_of(request.scope)
+    if not caller.admin:
+        raise AdminOnly("the model repository API")
+    services: Services = request.app.state.services
+    return services
+
+
+def _entry(entry: IndexEntry) -> dict[str, Any]:
+    return {
+        "name": entry.name,
+        "version": str(entry.version),  # Triton's index gives versions as strings
+        "state": entry.state,
+        "reason": entry.reason,
+        "default": entry.default,
+    }
+
+
+def _model_name(services: Services, name: str) -> str:
+    try:
+        validate_model_name(name)
+    except RepositoryError as exc:
+        raise InvalidInput("model", str(exc)) from None
+    known = {e.name for e in services.registry.index()}
+    if name not in known:
+        raise ModelNotFound(name, available=sorted(known))
+    return name
+
+
+@router.post("/index")
+async def index(request: Request) -> Response:
+    """Every model version on disk or loaded: ``state`` READY, LOADING or UNAVAILABLE, the
+    ``reason`` when not ready, and ``default`` for the version new sessions get. Body
+    (optional): ``{"ready": true}`` lists only READY versions."""
+    services = _services(request)
+    raw = await request.body()
+    ready_only = False
+    if raw.strip():
+        body = decode.json_object(raw, {"ready": None})
+        ready_only = body.get("ready", False)
+        if not isinstance(ready_only, bool):
+            raise InvalidInput("ready", f"expected true or false, got {decode.shown(ready_only)}")
+    entries = [_entry(e) for e in services.registry.index() if not ready_only or e.state == "READY"]
+    return encode.json_response(entries)
+
+
+@router.post("/models/{model}/load")
+async def load(model: str, request: Request) -> Response:
+    """Rescan the model's folder and apply its version policy: new versions are loaded,
+    checked (sha256), warmed up, and only then made the default; a version that fails is
+    listed UNAVAILABLE with the reason while the previous default keeps serving."""
+    services = _services(request)
+    name = _model_name(services, model)
+    entries = await services.registry.refresh_async(name)
+    services.batchers.prune()
+    services.metrics.show_versions(services.registry)
+    return encode.json_response(
+        {
+            "name": name,
+            "default_version": services.registry.default_version(name),
+            "versions": [_entry(e) for e in entries],
+        }
+    )
+
+
+@router.post("/models/{model}/unload")
+async def unload(model: str, request: Request) -> Response:
+    """Unload every version of the model: its requests answer 503 until it is loaded again
+    (its sessions stay in the store)."""
+    services = _services(request)
+    name = _model_name(services, model)
+    services.registry.unload(name)
+    services.batchers.prune()
+    services.metrics.show_versions(services.registry)
+    return encode.json_response({"name": name})
