@@ -148,8 +148,8 @@ class ModelVersionGone(GruServeError):
         whose = f"session {session_id!r} is on " if session_id else ""
         super().__init__(
             f"{whose}model {name!r} version {version}, which was removed from the model "
-            f"repository; versions on disk: {found or 'none'}. Upgrade the session "
-            f"(POST /v1/sessions/{{id}}/upgrade) or create a new one"
+            f"repository; versions on disk: {found or 'none'}. Create a new session (on the "
+            f"default version, or one named with \"version\")"
         )
 
 

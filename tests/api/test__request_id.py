@@ -75,6 +75,7 @@ async def test_a_bug_is_logged_with_the_request_id(
     assert r.json()["error"]["type"] == "InternalError" and "bug-7" in r.json()["error"]["message"]
     assert "secret" not in r.text
     assert "unexpected error (request bug-7)" in caplog.text and "secret internals" in caplog.text
+    monkeypatch.undo()  # /metrics reads the statuses too (the per-version gauges)
     text = (await served.client.get("/metrics")).text
     assert 'gruserve_http_requests_total{method="GET",route="/v1/models",status="500"} 1.0' in text
 

@@ -64,7 +64,9 @@ def test_no_generated_request_gets_a_server_error(
 
     with asgi.get_client(app) as client:
 
-        def revive() -> None:  # a fuzzed DELETE or reset may have ended it
+        def revive() -> None:  # a fuzzed DELETE, reset or repository unload may have ended it
+            loaded = client.post(f"/v2/repository/models/{LIVE['model']}/load")
+            assert loaded.status_code == 200, loaded.text
             client.delete(f"/v1/sessions/{LIVE['session_id']}")
             created = client.post(
                 f"/v1/models/{LIVE['model']}/sessions", json={"session_id": LIVE["session_id"]}

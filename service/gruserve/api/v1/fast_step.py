@@ -54,7 +54,7 @@ _CREATE = re.compile(rb"/v1/models/([^/%\x80-\xff]+)/sessions")
 _SESSION = re.compile(rb"/v1/sessions/([^/%\x80-\xff]+)")
 STEP, CREATE, DELETE = "step", "create", "delete"
 """What a matched request does (``matched[0]``)."""
-CREATE_FIELDS = frozenset({"session_id", "initial_state"})
+CREATE_FIELDS = frozenset({"session_id", "initial_state", "version"})
 _METHODS = {STEP: "POST", CREATE: "POST", DELETE: "DELETE"}
 
 
@@ -143,6 +143,7 @@ class StepEndpoint:
                 fields.get("session_id"),
                 None if initial is None else decode.states(initial, "initial_state"),
                 caller,
+                version=fields.get("version"),
             )
             settings = self.settings
             info = encode.session(

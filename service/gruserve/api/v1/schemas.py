@@ -223,6 +223,7 @@ class BulkResult(_Strict):
     session_id: str | None = Field(description="As sent (null if it was not a string).")
     outputs: Outputs | None = Field(None, description="As a single step's reply.")
     step: int | None = Field(None, description="Steps applied so far, this one included.")
+    version: int | None = Field(None, description="The model version that computed this step.")
     error: BulkError | None = Field(None, description="Instead of outputs: why this step failed.")
     states: dict[str, list[float]] | None = Field(
         None, description='As `states` of a single step (an `"end"` step that asked for it).'

@@ -9,11 +9,12 @@ error                                                    code
 InvalidInput                                             INVALID_ARGUMENT
 PayloadTooLarge, TooManySessions                         RESOURCE_EXHAUSTED
 ModelNotFound, SessionNotFound, SequenceNotStarted,
-SessionNotOnModel                                        NOT_FOUND
+SessionNotOnModel, ModelVersionGone                      NOT_FOUND
 SessionExists                                            ALREADY_EXISTS
 StepOutOfOrder, StepMismatch, SessionModelMismatch       FAILED_PRECONDITION
 SessionConflict (lost a compare-and-set; retry)          ABORTED
 MissingApiKey, InvalidApiKey                             UNAUTHENTICATED
+AdminOnly                                                PERMISSION_DENIED
 ModelUnavailable, StoreUnavailable                       UNAVAILABLE
 anything else (a bug; logged with its traceback)         INTERNAL
 =======================================================  ======================
@@ -41,6 +42,7 @@ STATUS: dict[type[e.GruServeError], grpc.StatusCode] = {
     e.SessionNotFound: Code.NOT_FOUND,
     e.SequenceNotStarted: Code.NOT_FOUND,
     e.SessionNotOnModel: Code.NOT_FOUND,
+    e.ModelVersionGone: Code.NOT_FOUND,  # HTTP's 410: gRPC has no "gone"
     e.SessionExists: Code.ALREADY_EXISTS,
     e.StepOutOfOrder: Code.FAILED_PRECONDITION,
     e.StepMismatch: Code.FAILED_PRECONDITION,
@@ -48,6 +50,7 @@ STATUS: dict[type[e.GruServeError], grpc.StatusCode] = {
     e.SessionConflict: Code.ABORTED,
     e.MissingApiKey: Code.UNAUTHENTICATED,
     e.InvalidApiKey: Code.UNAUTHENTICATED,
+    e.AdminOnly: Code.PERMISSION_DENIED,
     e.ModelUnavailable: Code.UNAVAILABLE,
     e.StoreUnavailable: Code.UNAVAILABLE,
 }
