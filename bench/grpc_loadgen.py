@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import multiprocessing as mp
 import sys
 import time
 from typing import Any
@@ -27,6 +26,8 @@ import grpc
 import numpy as np
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
+
+from bench.loadgen import fan_out
 
 
 def _requests(model: str, sequence_id: int, features: int, seed: int) -> list[Any]:
@@ -115,30 +116,7 @@ def run(
         "warmup": warmup,
         "features": features,
     }
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    start_at = time.time() + 1.0
-    workers = [
-        ctx.Process(target=_worker, args=(args, ids[i::procs], start_at, out)) for i in range(procs)
-    ]
-    for w in workers:
-        w.start()
-    results = [out.get(timeout=seconds + warmup + 120) for _ in workers]
-    for w in workers:
-        w.join()
-    latencies = np.concatenate([np.asarray(r["latencies"]) for r in results]) * 1000
-    steps = sum(r["steps"] for r in results)
-    return {
-        "transport": "grpc-stream",
-        "sessions": sessions,
-        "steps": steps,
-        "seconds": seconds,
-        "steps_per_s": steps / seconds,
-        "p50_ms": float(np.percentile(latencies, 50)) if steps else float("nan"),
-        "p99_ms": float(np.percentile(latencies, 99)) if steps else float("nan"),
-        "client_cpu_s": sum(r["cpu_s"] for r in results),
-        "client_procs": procs,
-    }
+    return fan_out(_worker, args, ids, procs, "grpc-stream", sessions, seconds, warmup)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -24,6 +24,7 @@ import os
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -245,11 +246,27 @@ def run(
         "warmup": warmup,
         "features": features,
     }
+    return fan_out(_worker, args, ids, procs, transport, sessions, seconds, warmup)
+
+
+def fan_out(
+    worker: Callable[..., None],
+    args: dict[str, Any],
+    ids: list[Any],
+    procs: int,
+    transport: str,
+    sessions: int,
+    seconds: float,
+    warmup: float,
+) -> dict[str, Any]:
+    """Run ``worker(args, ids_share, start_at, out)`` in ``procs`` spawned processes, each
+    on its share of ``ids``, started together; summarise their latencies and steps (the
+    HTTP/WebSocket loop here and ``bench.grpc_loadgen`` share it)."""
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     start_at = time.time() + 1.0
     workers = [
-        ctx.Process(target=_worker, args=(args, ids[i::procs], start_at, out)) for i in range(procs)
+        ctx.Process(target=worker, args=(args, ids[i::procs], start_at, out)) for i in range(procs)
     ]
     for w in workers:
         w.start()
