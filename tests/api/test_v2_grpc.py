@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from v1_helpers import v1_predict, v1_session_outputs
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
 import grpc  # noqa: E402
@@ -111,26 +112,6 @@ def tensor(name: str, x: np.ndarray, datatype: str = "FP32") -> Any:
     return given
 
 
-def v1_predict(server: Server, model: str, x: np.ndarray, **body: Any) -> dict[str, Any]:
-    r = httpx.post(
-        f"http://{server.http}/v1/models/{model}/predict", json={"inputs": x.tolist(), **body}
-    )
-    assert r.status_code == 200, r.text
-    return dict(r.json())
-
-
-def v1_session_outputs(server: Server, model: str, steps: np.ndarray) -> np.ndarray:
-    """Outputs of a v1 session fed ``steps`` (T, ...) one timestep per request."""
-    base = f"http://{server.http}/v1"
-    sid = httpx.post(f"{base}/models/{model}/sessions", json={}).json()["session_id"]
-    outs = [
-        httpx.post(f"{base}/sessions/{sid}/step", json={"inputs": [s.tolist()]}).json()["outputs"]
-        for s in steps
-    ]
-    assert httpx.delete(f"{base}/sessions/{sid}").status_code == 204
-    return np.concatenate(outs)
-
-
 def code_of(info: pytest.ExceptionInfo[InferenceServerException]) -> str:
     return str(info.value.status())
 
@@ -184,7 +165,7 @@ def test_infer_raw_contents(
     x = rng.normal(size=(3, 7, 3)).astype(np.float32)
     wanted = [grpcclient.InferRequestedOutput(n) for n in ("outputs", "final_state/gru")]
     result = triton.infer("simple", [tensor("inputs", x)], outputs=wanted)
-    expected = v1_predict(server, "simple", x, return_state=True)
+    expected = v1_predict(server.http, "simple", x, return_state=True)
     np.testing.assert_allclose(result.as_numpy("outputs"), expected["outputs"], atol=ATOL)
     np.testing.assert_allclose(
         result.as_numpy("final_state/gru"), expected["states"]["gru"], atol=ATOL
@@ -258,7 +239,8 @@ def test_stream_50_steps_equals_v1_sessions_and_keras(
     x = rng.normal(size=(1, STEPS, F)).astype(np.float32)
     streamed = _stream(triton, "kgru", x, sequence_id)
     assert streamed.shape == (1, STEPS, 2)
-    np.testing.assert_allclose(streamed[0], v1_session_outputs(server, "kgru", x[0]), atol=ATOL)
+    by_v1 = v1_session_outputs(server.http, "kgru", x[0])
+    np.testing.assert_allclose(streamed[0], by_v1, atol=ATOL)
     np.testing.assert_allclose(streamed, to_numpy(keras_model(x)), atol=ATOL)
     # the end deleted the sequence's session
     session = "v2:kgru:4242" if sequence_id == 4242 else "v2:kgru:s:user-7"

@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from v1_helpers import v1_predict, v1_session_outputs
 
 tritonhttp = pytest.importorskip("tritonclient.http")
 from tritonclient.utils import InferenceServerException  # noqa: E402
@@ -45,26 +46,6 @@ def triton(server: str) -> Iterator[Any]:
     client = tritonhttp.InferenceServerClient(server, concurrency=4)
     yield client
     client.close()
-
-
-def v1_predict(server: str, model: str, x: np.ndarray, **body: Any) -> dict[str, Any]:
-    r = httpx.post(
-        f"http://{server}/v1/models/{model}/predict", json={"inputs": x.tolist(), **body}
-    )
-    assert r.status_code == 200, r.text
-    return dict(r.json())
-
-
-def v1_session_outputs(server: str, model: str, steps: np.ndarray) -> np.ndarray:
-    """Outputs of a v1 session fed ``steps`` (T, ...) one timestep per request."""
-    base = f"http://{server}/v1"
-    sid = httpx.post(f"{base}/models/{model}/sessions", json={}).json()["session_id"]
-    outs = [
-        httpx.post(f"{base}/sessions/{sid}/step", json={"inputs": [s.tolist()]}).json()["outputs"]
-        for s in steps
-    ]
-    assert httpx.delete(f"{base}/sessions/{sid}").status_code == 204
-    return np.concatenate(outs)
 
 
 def one_step(name: str, x: np.ndarray, datatype: str = "FP32", binary: bool = True) -> list[Any]:
