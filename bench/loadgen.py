@@ -50,6 +50,10 @@ def create_session(base: str, model: str) -> str:
 class _Conn(asyncio.Protocol):
     """One keep-alive connection; ``exchange`` writes bytes and waits for one full reply."""
 
+    accepted = b"HTTP/1.1 200"
+    """How a good HTTP reply starts; anything else stops the run (a benchmark of errors
+    measures nothing)."""
+
     def __init__(self, websocket: bool) -> None:
         self.websocket = websocket
         self.handshaking = False
@@ -78,14 +82,13 @@ class _Conn(asyncio.Protocol):
             return None
         head = bytes(self.buffer[:end]).lower()
         start = head.find(b"content-length:")
-        length = int(
-            head[start + 15 : head.find(b"\r\n", start) if head.find(b"\r\n", start) > 0 else None]
-        )
+        stop = head.find(b"\r\n", start)
+        length = int(head[start + 15 : stop if stop > 0 else None]) if start >= 0 else 0
         if len(self.buffer) < end + 4 + length:
             return None
         reply = bytes(self.buffer[: end + 4 + length])
         del self.buffer[: end + 4 + length]
-        if not reply.startswith(b"HTTP/1.1 200"):
+        if not reply.startswith(self.accepted):
             raise RuntimeError(f"server answered {reply[:200]!r}")
         return reply
 
