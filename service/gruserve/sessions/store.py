@@ -82,7 +82,8 @@ class SessionRecord:
 
 @dataclass(frozen=True, slots=True)
 class SessionSummary:
-    """What a listing shows of one session: never its state or stored result."""
+    """What a listing shows of one session: never its state or stored result (``owner``:
+    "" where a store's listing does not read it; the session service fills it in)."""
 
     session_id: str
     model: str
@@ -91,6 +92,7 @@ class SessionSummary:
     timesteps: int
     created_at: float
     last_used_at: float
+    owner: str = ""
 
     @classmethod
     def of(cls, record: SessionRecord) -> SessionSummary:
@@ -102,6 +104,7 @@ class SessionSummary:
             record.timesteps,
             record.created_at,
             record.last_used_at,
+            record.owner,
         )
 
 
