@@ -10,6 +10,7 @@ tenant stored before namespaces stay its own. On both stores.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -84,15 +85,18 @@ async def _create(
 
 
 async def _ws_step(base: str, key: str, sid: str) -> str:
-    """A WebSocket's first reply to one step and how it ended (closed by the server, or
-    open: "{"o..." then "open")."""
+    """What a WebSocket answers to one step: its reply, or the error and close code it
+    ends the connection with."""
     url = base.replace("http://", "ws://") + f"/v1/sessions/{sid}/ws"
     got = []
     async with connect(url, additional_headers=_as(key)) as ws:
-        try:
+        with contextlib.suppress(ConnectionClosed):  # it may have closed already
             await ws.send(json.dumps(STEP))
-            got.append(str(await ws.recv()))
-            await ws.close()
+        try:
+            while True:  # buffered messages come before the close
+                got.append(str(await ws.recv()))
+                if '"error"' not in got[-1]:
+                    break
         except ConnectionClosed as closed:
             got.append(f"closed {closed.rcvd.code if closed.rcvd else None}")
     return " ".join(got)
