@@ -14,8 +14,11 @@ state as ``initial_state`` and stores ``final_state``. Three guarantees:
   record keeps that step's outputs and a digest of its inputs, and a resend with the
   same inputs gets them back unchanged (different ones: ``StepMismatch``).
 
-Transports (REST, NDJSON, WebSocket, later KServe v2) all call this class
-with numpy arrays; it knows nothing about HTTP.
+Transports (REST, NDJSON, WebSocket, bulk, KServe v2) all call this class
+with numpy arrays and the client's session id; it knows nothing about HTTP. The id
+becomes a store key in the caller's namespace here (:meth:`Caller.key
+<gruserve.sessions.owner.Caller.key>`), so every front-end gets tenant scoping without
+doing any: locks, records and the store see keys; errors show the client's id.
 """
 
 from __future__ import annotations
@@ -387,7 +390,8 @@ class SessionService:
 
         Raises:
             SessionNotFound, InvalidInput, PayloadTooLarge, SessionConflict, StoreUnavailable.
-            SessionExists: a create names an id held on another model or by another tenant.
+            SessionExists: a create names an id the caller holds on another model (or, from
+                before namespaces, an unscoped id another tenant holds).
             TooManySessions: a create found the store full.
             SessionNotOnModel: the session is on another model than ``model_name``.
             StepOutOfOrder: ``step_number`` is neither the next step nor the last one.

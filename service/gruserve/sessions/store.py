@@ -26,7 +26,8 @@ class SessionRecord:
     """One session.
 
     Attributes:
-        session_id: the client-visible id.
+        session_id: the store key: the client's id in its tenant's namespace (the id
+            itself for tenant ""; :mod:`gruserve.sessions.owner`).
         model, version: the model version whose state layout ``state`` follows.
         state: (total_units,) float32, the states in manifest order.
         step: steps applied since creation or the last reset.
