@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,6 +23,7 @@ from gruserve.errors import (
 from gruserve.metrics import Metrics
 from gruserve.runtime.batcher import Batcher
 from gruserve.runtime.registry import ModelRegistry
+from gruserve.sessions import snapshot
 from gruserve.sessions.bulk import BulkStep, step_all
 from gruserve.sessions.memory import MemorySessionStore
 from gruserve.sessions.owner import ANYONE, Caller
@@ -358,3 +360,21 @@ async def test_two_tenants_same_id_are_two_sessions_on_every_store(
         await service.get("station-7", zeta)
     assert (await service.get("station-7", acme)).step == 2
     await store.close()
+
+
+async def test_a_snapshot_keeps_each_tenants_sessions_its_own(
+    models_dir: Path, tiny_models: dict[str, Any], executor: ThreadPoolExecutor, tmp_path: Path
+) -> None:
+    """Scoped keys go through a snapshot and a restart's restore (only ids a store may hold)."""
+    before = _service(models_dir, MemorySessionStore(60, 10), executor)
+    acme, zeta = Caller("acme"), Caller("zeta")
+    for caller in (acme, zeta, ANYONE):
+        await before.create("stacked", "s", None, caller)
+    await before.step("s", np.array([0.4, -0.1, 0.7], np.float32), caller=acme)
+    snapshot.write(tmp_path / "snap", before.store.records())  # type: ignore[attr-defined]
+    records = snapshot.read(tmp_path / "snap")
+    bogus = dataclasses.replace(records[0], session_id="~~acme~s")  # no client id maps here
+    after = _service(models_dir, MemorySessionStore(60, 10), executor)
+    assert [after.servable(r) for r in [*records, bogus]] == [True, True, True, False]
+    after.store.restore(records)  # type: ignore[attr-defined]
+    assert [(await after.get("s", c)).step for c in (acme, zeta, ANYONE)] == [1, 0, 0]

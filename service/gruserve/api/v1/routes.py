@@ -180,8 +180,8 @@ async def list_sessions(
     Follow ``next_cursor`` until it is null; a page may hold fewer than ``limit``
     sessions (with ``model``, even none) before the end. A tenant lists its own sessions;
     an admin lists every tenant's, each by the id it addresses it with (``acme~station-7``
-    for tenant ``acme``'s ``station-7``, ``~id`` for the unnamed tenant's). Paging is stable: sessions
-    created or deleted meanwhile never make a page repeat or skip the others.
+    for tenant ``acme``'s ``station-7``, ``~id`` for the unnamed tenant's). Paging is
+    stable: sessions created or deleted meanwhile never make a page repeat or skip the others.
     """
     services = _services(request)
     found = await services.sessions.page(cursor, limit, model, caller_of(request.scope))
