@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from gruserve.sessions.owner import client_id
+
 
 class GruServeError(Exception):
     """Base class: the message alone must tell the reader what to change."""
@@ -143,13 +145,14 @@ class ModelVersionGone(GruServeError):
     def __init__(
         self, session_id: str | None, name: str, version: int, on_disk: Iterable[int]
     ) -> None:
+        session_id = None if session_id is None else client_id(session_id)
         self.session_id, self.name, self.version = session_id, name, version
         found = sorted(on_disk)
         whose = f"session {session_id!r} is on " if session_id else ""
         super().__init__(
             f"{whose}model {name!r} version {version}, which was removed from the model "
             f"repository; versions on disk: {found or 'none'}. Create a new session (on the "
-            f"default version, or one named with \"version\")"
+            f'default version, or one named with "version")'
         )
 
 
@@ -187,6 +190,7 @@ class SessionNotFound(GruServeError):
     """The session id is unknown, was deleted, or expired after its idle TTL."""
 
     def __init__(self, session_id: str) -> None:
+        session_id = client_id(session_id)  # the id the client sent, never a store key
         self.session_id = session_id
         super().__init__(
             f"session {session_id!r} does not exist (never created, deleted, or expired "
@@ -198,6 +202,7 @@ class SequenceNotStarted(GruServeError):
     """A v2 request continues a sequence that is not active on that model."""
 
     def __init__(self, session_id: str, model: str) -> None:
+        session_id = client_id(session_id)  # the id the client sent, never a store key
         self.session_id, self.model = session_id, model
         super().__init__(
             f"sequence session {session_id!r} is not active on model {model!r} (never "
@@ -210,6 +215,7 @@ class SessionNotOnModel(GruServeError):
     """A bulk step names a session of another model than the one in its URL."""
 
     def __init__(self, session_id: str, model: str, expected: str) -> None:
+        session_id = client_id(session_id)  # the id the client sent, never a store key
         self.session_id, self.model = session_id, model
         super().__init__(
             f"session {session_id!r} belongs to model {model!r}, not {expected!r}: send its "
@@ -221,6 +227,7 @@ class SessionExists(GruServeError):
     """A client-chosen session id is already taken."""
 
     def __init__(self, session_id: str) -> None:
+        session_id = client_id(session_id)  # the id the client sent, never a store key
         self.session_id = session_id
         super().__init__(f"session {session_id!r} already exists; choose another id or omit it")
 
@@ -229,6 +236,7 @@ class SessionConflict(GruServeError):
     """Another server kept winning the race to update this session."""
 
     def __init__(self, session_id: str, attempts: int) -> None:
+        session_id = client_id(session_id)  # the id the client sent, never a store key
         self.session_id = session_id
         super().__init__(
             f"session {session_id!r} was updated concurrently by another server {attempts} "
@@ -240,6 +248,7 @@ class SessionModelMismatch(GruServeError):
     """A session was created on a model version this server does not run."""
 
     def __init__(self, session_id: str, model: str, version: int, served: int) -> None:
+        session_id = client_id(session_id)  # the id the client sent, never a store key
         self.session_id = session_id
         super().__init__(
             f"session {session_id!r} belongs to model {model!r} version {version}, but this "
@@ -270,6 +279,7 @@ class StepOutOfOrder(GruServeError):
     field = "step"
 
     def __init__(self, session_id: str, sent: int, current: int) -> None:
+        session_id = client_id(session_id)  # the id the client sent, never a store key
         self.session_id, self.sent, self.current_step = session_id, sent, current
         if sent > current:
             why = "ahead of it (a step in between is missing)"
@@ -281,8 +291,7 @@ class StepOutOfOrder(GruServeError):
         if current > 0:
             hint += f", or step={current - 1} to repeat the last one"
         super().__init__(
-            f"session {session_id!r} has applied {current} steps and step={sent} is {why}; "
-            f"{hint}"
+            f"session {session_id!r} has applied {current} steps and step={sent} is {why}; {hint}"
         )
 
 
@@ -296,6 +305,7 @@ class StepMismatch(GruServeError):
     field = "step"
 
     def __init__(self, session_id: str, sent: int, current: int) -> None:
+        session_id = client_id(session_id)  # the id the client sent, never a store key
         self.session_id, self.sent, self.current_step = session_id, sent, current
         super().__init__(
             f"session {session_id!r} already applied step={sent} with other inputs or mask "

@@ -501,17 +501,25 @@ def test_api_keys_tenants_and_session_limit(keyed: Server, rng: np.random.Genera
             client.get_server_metadata(headers={})
         assert code_of(info) == "StatusCode.UNAUTHENTICATED"
         acme, globex = {"authorization": "Bearer k-acme"}, {"x-api-key": "k-globex"}
-        started = client.infer(
-            "simple", [tensor("inputs", x)], sequence_id=5, sequence_start=True, headers=acme
-        )
-        assert started.get_response().parameters["session_id"].string_param == "v2:simple:t.acme:5"
+
+        def step(headers: dict[str, str], **flags: Any) -> dict[str, Any]:
+            answer = client.infer(
+                "simple", [tensor("inputs", x)], sequence_id=5, headers=headers, **flags
+            )
+            parameters = answer.get_response().parameters
+            return {"session_id": parameters["session_id"].string_param,
+                    "step": parameters["step"].int64_param}  # fmt: skip
+
+        assert step(acme, sequence_start=True) == {"session_id": "v2:simple:5", "step": 1}
         # the same id is another tenant's other sequence: globex has none yet
         with pytest.raises(InferenceServerException) as info:
             client.infer("simple", [tensor("inputs", x)], sequence_id=5, headers=globex)
         assert code_of(info) == "StatusCode.NOT_FOUND"
-        client.infer(
-            "simple", [tensor("inputs", x)], sequence_id=6, sequence_start=True, headers=globex
-        )
+        assert step(acme)["step"] == 2
+        assert step(globex, sequence_start=True) == {"session_id": "v2:simple:5", "step": 1}
+        assert step(acme)["step"] == 3  # globex's start started its own, not acme's over
+        r = httpx.get(f"http://{keyed.http}/v1/sessions/v2:simple:5", headers=globex)
+        assert r.status_code == 200 and r.json()["step"] == 1  # v1 sees globex's own
         with pytest.raises(InferenceServerException) as info:  # the third session: over 2
             client.infer(
                 "simple", [tensor("inputs", x)], sequence_id=7, sequence_start=True, headers=acme

@@ -458,8 +458,10 @@ def test_a_tenant_cannot_see_or_drive_anothers_session(keyed: Server) -> None:
         assert client.get("/v1/sessions", headers=beta).json()["sessions"] == []
         r = client.post("/v1/sessions/station-7/step", json=step, headers=acme)
         assert r.status_code == 200 and r.json()["step"] == 1
+        r = client.post("/v1/models/demo/sessions", json={"session_id": "station-7"}, headers=beta)
+        assert r.status_code == 201  # beta's own station-7: no 409, nothing of acme's told
         listed = client.get("/v1/sessions", headers=ops).json()["sessions"]
-        assert [s["session_id"] for s in listed] == ["station-7"]
+        assert [s["session_id"] for s in listed] == ["acme~station-7", "beta~station-7"]
         assert "models" in client.get("/readyz", headers=ops).json()
     keyed.assert_healthy()
 

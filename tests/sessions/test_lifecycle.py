@@ -242,11 +242,13 @@ async def test_a_create_naming_a_taken_id_is_refused(
     service: SessionService, rng: np.random.Generator
 ) -> None:
     x = rng.normal(size=(2, 3)).astype(np.float32)
-    await service.create("simple", "taken", caller=Caller("alice"))
+    alice, bob = Caller("alice"), Caller("bob")
+    await service.create("simple", "taken", caller=alice)
     with pytest.raises(SessionExists):  # another model
-        await service.step("taken", x, lifecycle=Lifecycle(CREATE_STACKED), caller=Caller("alice"))
-    with pytest.raises(SessionExists):  # another tenant: the answer an explicit create gets
-        await service.step("taken", x, lifecycle=Lifecycle(Create("simple")), caller=Caller("bob"))
-    with pytest.raises(SessionNotFound):  # without create, bob still cannot see it
-        await service.step("taken", x, caller=Caller("bob"))
-    assert (await service.get("taken")).step == 0
+        await service.step("taken", x, lifecycle=Lifecycle(CREATE_STACKED), caller=alice)
+    with pytest.raises(SessionNotFound):  # without create, bob cannot see alice's
+        await service.step("taken", x, caller=bob)
+    # another tenant's id is no conflict: bob's create makes bob's own "taken"
+    made = await service.step("taken", x, lifecycle=Lifecycle(Create("simple")), caller=bob)
+    assert made.step == 1 and made.record.owner == "bob"
+    assert (await service.get("taken", alice)).step == 0

@@ -27,7 +27,7 @@ from gruserve.errors import (
     StepOutOfOrder,
 )
 from gruserve.sessions.bulk import BulkStep, step_all
-from gruserve.sessions.owner import Caller
+from gruserve.sessions.owner import Caller, client_id
 from gruserve.sessions.redis_store import RedisSessionStore
 from gruserve.sessions.service import SessionService, StepResult
 
@@ -52,7 +52,7 @@ async def either(
 
 
 async def _new(sessions: SessionService, n: int, model: str = "stacked", **kw: Any) -> list[str]:
-    return [(await sessions.create(model, **kw)).session_id for _ in range(n)]
+    return [client_id((await sessions.create(model, **kw)).session_id) for _ in range(n)]
 
 
 def _outputs(result: Any) -> list[np.ndarray]:
@@ -156,8 +156,8 @@ async def test_models_tenants_and_bad_values_fail_only_their_step(sessions: Any)
     in the batch apply."""
     acme, beta = Caller("acme"), Caller("beta")
     mine, mine2, mine3, bad_values = await _new(sessions, 4, caller=acme)
-    theirs = (await sessions.create("stacked", caller=beta)).session_id
-    elsewhere = (await sessions.create("simple", caller=acme)).session_id
+    theirs = client_id((await sessions.create("stacked", caller=beta)).session_id)
+    elsewhere = client_id((await sessions.create("simple", caller=acme)).session_id)
     nan = np.array([[0.0, np.nan, 0.0]], np.float32)
     huge = np.array([0.0, 0.0, 1e39])
     items: list[BulkStep | BaseException] = [
@@ -174,7 +174,8 @@ async def test_models_tenants_and_bad_values_fail_only_their_step(sessions: Any)
     assert isinstance(outcomes[2], SessionNotOnModel)
     assert isinstance(outcomes[3], InvalidInput) and outcomes[3].field == "inputs[0][1]"
     assert isinstance(outcomes[4], InvalidInput) and outcomes[4].field == "inputs[2]"
-    steps = [(await sessions.get(s)).step for s in (mine, theirs, elsewhere, bad_values, mine2)]
+    owners = ((mine, acme), (theirs, beta), (elsewhere, acme), (bad_values, acme), (mine2, acme))
+    steps = [(await sessions.get(s, caller)).step for s, caller in owners]
     assert steps == [1, 0, 0, 0, 0]
 
 

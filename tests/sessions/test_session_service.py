@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,9 +23,12 @@ from gruserve.errors import (
 from gruserve.metrics import Metrics
 from gruserve.runtime.batcher import Batcher
 from gruserve.runtime.registry import ModelRegistry
+from gruserve.sessions import snapshot
+from gruserve.sessions.bulk import BulkStep, step_all
 from gruserve.sessions.memory import MemorySessionStore
+from gruserve.sessions.owner import ANYONE, Caller
 from gruserve.sessions.redis_store import RedisSessionStore
-from gruserve.sessions.service import SessionService
+from gruserve.sessions.service import SessionService, StepResult
 
 ATOL = 1e-5
 
@@ -118,8 +122,10 @@ async def test_replicas_starting_one_sequence_at_once_both_succeed(
     replicas = [_service(models_dir, s, executor) for s in stores]
     x = np.array([[0.4, -0.1, 0.7]], np.float32)
     results = await asyncio.gather(
-        *(replicas[i % 2].sequence_step("stacked", "v2:stacked:7", x, start=True, end=False)
-          for i in range(6))
+        *(
+            replicas[i % 2].sequence_step("stacked", "v2:stacked:7", x, start=True, end=False)
+            for i in range(6)
+        )
     )
     assert all(r.record.model == "stacked" for r in results)  # each start restarted or created
     assert (await replicas[0].get("v2:stacked:7")).step >= 1
@@ -288,3 +294,87 @@ async def test_sequence_steps_take_numbers_and_a_start_is_step_zero(
         await service.sequence_step(
             "stacked", "v2:stacked:9", x, start=False, end=False, step_number=0
         )
+
+
+# -- tenants ------------------------------------------------------------------------------------
+@pytest.fixture(params=["memory", "redis", "cluster"])
+def tenant_store_url(request: pytest.FixtureRequest) -> str:
+    if request.param == "memory":
+        return "memory"
+    return str(request.getfixturevalue(f"{request.param}_url"))
+
+
+async def test_two_tenants_same_id_are_two_sessions_on_every_store(
+    models_dir: Path,
+    tiny_models: dict[str, Any],
+    tenant_store_url: str,
+    executor: ThreadPoolExecutor,
+    rng: np.random.Generator,
+) -> None:
+    """Per-step and bulk paths, numbered steps and listings keep tenants apart; the store
+    holds a named tenant's session under a key no client id can be."""
+    store = _store(tenant_store_url)
+    service = _service(models_dir, store, executor)
+    acme, zeta, root = Caller("acme"), Caller("zeta"), Caller("root", admin=True)
+    x = rng.normal(size=(2, 3)).astype(np.float32)
+    for caller in (acme, zeta, ANYONE):
+        made = await service.create("stacked", "station-7", None, caller)
+        assert made.session_id == caller.key("station-7") and made.owner == caller.name
+    a = await service.step("station-7", x, None, 0, acme)
+    z = await service.step("station-7", x + 1, None, 0, zeta)
+    assert (a.step, z.step) == (1, 1)
+    assert not np.allclose(a.outputs["outputs"], z.outputs["outputs"])
+    # bulk: both tenants' "station-7" in one batch each, numbered
+    [again] = await step_all(service, "stacked", [BulkStep("station-7", x, None, 1)], acme)
+    assert isinstance(again, StepResult) and again.step == 2
+    [resent] = await step_all(service, "stacked", [BulkStep("station-7", x + 1, None, 0)], zeta)
+    assert isinstance(resent, StepResult) and resent.step == 1  # zeta's kept step 0
+    np.testing.assert_allclose(resent.outputs["outputs"], z.outputs["outputs"], atol=ATOL)
+    assert (await service.get("station-7", ANYONE)).step == 0  # the unnamed tenant's
+    assert (await service.get("acme~station-7", root)).step == 2
+    with pytest.raises(SessionNotFound, match="'station-7'"):  # never the store key
+        await service.get("station-7", Caller("beta"))
+    assert [s.session_id for s in (await service.page(caller=acme)).sessions] == ["station-7"]
+    listed = await service.page(caller=root)
+    assert [(s.session_id, s.owner) for s in listed.sessions] == [
+        ("~station-7", ""), ("acme~station-7", "acme"), ("zeta~station-7", "zeta")
+    ]  # fmt: skip
+    assert await store.count() == 3
+    if tenant_store_url != "memory":  # the key layout: the scoped id inside the usual key
+        import redis
+        from redis.cluster import RedisCluster
+
+        if tenant_store_url.startswith("redis+cluster://"):
+            host, port = tenant_store_url.removeprefix("redis+cluster://").split(",")[0].split(":")
+            client: Any = RedisCluster(host=host, port=int(port))
+            keys = {k.decode() for k in client.scan_iter(match="*session:*", target_nodes="all")}
+        else:
+            client = redis.Redis.from_url(tenant_store_url)
+            keys = {k.decode() for k in client.scan_iter(match="*session:*")}
+        client.close()
+        assert {k.rsplit(":", 1)[-1] for k in keys if "station-7" in k} == {
+            "station-7", "~acme~station-7", "~zeta~station-7"
+        }  # fmt: skip
+    await service.delete("station-7", zeta)
+    with pytest.raises(SessionNotFound):
+        await service.get("station-7", zeta)
+    assert (await service.get("station-7", acme)).step == 2
+    await store.close()
+
+
+async def test_a_snapshot_keeps_each_tenants_sessions_its_own(
+    models_dir: Path, tiny_models: dict[str, Any], executor: ThreadPoolExecutor, tmp_path: Path
+) -> None:
+    """Scoped keys go through a snapshot and a restart's restore (only ids a store may hold)."""
+    before = _service(models_dir, MemorySessionStore(60, 10), executor)
+    acme, zeta = Caller("acme"), Caller("zeta")
+    for caller in (acme, zeta, ANYONE):
+        await before.create("stacked", "s", None, caller)
+    await before.step("s", np.array([0.4, -0.1, 0.7], np.float32), caller=acme)
+    snapshot.write(tmp_path / "snap", before.store.records())  # type: ignore[attr-defined]
+    records = snapshot.read(tmp_path / "snap")
+    bogus = dataclasses.replace(records[0], session_id="~~acme~s")  # no client id maps here
+    after = _service(models_dir, MemorySessionStore(60, 10), executor)
+    assert [after.servable(r) for r in [*records, bogus]] == [True, True, True, False]
+    after.store.restore(records)  # type: ignore[attr-defined]
+    assert [(await after.get("s", c)).step for c in (acme, zeta, ANYONE)] == [1, 0, 0]

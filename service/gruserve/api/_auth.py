@@ -12,8 +12,9 @@ load and store errors) need one (:data:`AUTHENTICATED`):
 
 A key may carry a name and a role: ``name:key`` or ``name:key:admin`` (a bare ``key`` has
 no name). The name is the tenant the request acts for (:class:`~gruserve.sessions.owner.Caller`,
-put in the scope as :data:`CALLER`): a session belongs to the name that created it and
-other names' sessions do not exist for it; ``admin`` sees and manages every session.
+put in the scope as :data:`CALLER`): a session belongs to the name that created it, each
+name has its own namespace of session ids, and other names' sessions do not exist for it;
+``admin`` sees and manages every session (:mod:`gruserve.sessions.owner`).
 Without keys every request is :data:`~gruserve.sessions.owner.ANYONE`.
 
 A WebSocket handshake is checked the same way and refused before it is accepted, with

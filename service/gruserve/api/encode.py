@@ -88,13 +88,18 @@ def session(
     ttl_s: float,
     states: dict[str, np.ndarray] | None = None,
     lifetime_s: float = 0.0,
+    session_id: str | None = None,
 ) -> dict[str, Any]:
-    """A session's metadata; it expires at its idle deadline or, if sooner, its lifetime's."""
+    """A session's metadata; it expires at its idle deadline or, if sooner, its lifetime's.
+
+    ``session_id``: the id the client names it by (``record.session_id``, its store key,
+    when None: a summary of :meth:`SessionService.page` already carries the client's)."""
     expires = record.last_used_at + ttl_s
     if lifetime_s:
         expires = min(expires, record.created_at + lifetime_s)
     info: dict[str, Any] = {
-        "session_id": record.session_id,
+        "session_id": record.session_id if session_id is None else session_id,
+        "tenant": record.owner,
         "model": record.model,
         "version": record.version,
         "step": record.step,

@@ -35,7 +35,7 @@ from gruserve.runtime.batcher import StepOutput
 from gruserve.runtime.model import LoadedModel
 from gruserve.runtime.signature import ModelSignature
 from gruserve.sessions import _result
-from gruserve.sessions.owner import ANYONE, Caller
+from gruserve.sessions.owner import ANYONE, Caller, legacy_key
 from gruserve.sessions.service import SessionService, StepResult
 from gruserve.sessions.store import SessionRecord
 
@@ -85,12 +85,12 @@ async def step_once_each(
     held: list[Item] = []
     rest: list[Item] = []
     for entry in heads:
-        (held if locks.try_acquire(entry[1].session_id) else rest).append(entry)
+        (held if locks.try_acquire(caller.key(entry[1].session_id)) else rest).append(entry)
     try:
         lost = await _apply(service, model_name, held, caller, outcomes)
     finally:
         for _, item in held:
-            locks.release(item.session_id)
+            locks.release(caller.key(item.session_id))
     return sorted(rest + lost, key=lambda entry: entry[0])
 
 
@@ -105,12 +105,12 @@ async def _apply(
         return []
     try:
         model = service.registry.get(model_name)
-        records = await service.store.get_many([item.session_id for _, item in held])
+        records = await service.store.get_many([caller.key(item.session_id) for _, item in held])
     except Exception as exc:  # the model went away, the store is down: every step's error
         for index, _ in held:
             outcomes[index] = exc
         return []
-    others: list[Item] = []  # sessions on another version than the default one
+    others: list[Item] = []  # on another version than the default, or maybe stored unscoped
     ready = _checked(service, model, held, records, caller, outcomes, others)
     if not ready:
         return others
@@ -142,7 +142,8 @@ def _checked(
 ) -> list[_Ready]:
     """The steps that pass :meth:`SessionService.step`'s checks; the others' errors and
     numbered resends' kept results go to ``outcomes``, and steps of sessions on another
-    version of the model than ``model`` (the default) to ``others``, for the per-step path."""
+    version of the model than ``model`` (the default), and a named tenant's misses (its
+    session may be one kept from before namespaces), to ``others``, for the per-step path."""
     sig = model.signature
     features = sig.features
     # the usual step: (T, features) or (features,) numbers, no mask, T the model takes. Its
@@ -156,6 +157,9 @@ def _checked(
     for (index, item), record in zip(held, records, strict=True):
         try:
             if isinstance(record, Exception):
+                if isinstance(record, SessionNotFound) and legacy_key(caller.key(item.session_id)):
+                    others.append((index, item))  # maybe kept from before namespaces: the
+                    continue  # per-step path looks there
                 raise record
             if caller is not ANYONE and not caller.sees(record.owner):
                 raise SessionNotFound(record.session_id)

@@ -5,7 +5,10 @@ store script touches a session's hash together with the sorted sets that index i
 (idle deadlines, lifetimes, ids). So the keys are split into buckets, each sharing
 a hash tag: ``<prefix>{<b>}:session:<id>`` and ``<prefix>{<b>}:sessions`` (and
 ``lifetimes``, ``ids``) all hash to the slot of ``<b>``. A session's bucket is
-``crc32(id) % buckets``: every replica finds it without asking Redis.
+``crc32(id) % buckets``: every replica finds it without asking Redis. The id here is
+the store key (``~acme~station-7`` for a named tenant's, see
+:mod:`gruserve.sessions.owner`): ``~`` needs no escaping and no key holds ``{``, so the
+bucket's tag is the only one.
 
 On a single Redis there is one bucket without a tag, which is exactly the layout
 stores wrote before clusters were supported (nothing to migrate).

@@ -12,8 +12,9 @@ What an in-band create means for an id that exists:
 - the caller's own session on the same model: the step is an ordinary step of it (so a
   create-step resent after a lost reply, with its step number, gets the kept result and
   creates nothing);
-- a session on another model, or one another tenant owns: ``SessionExists`` (409), the
-  same answer an explicit create of a taken id gets, which tells nothing of whose it is.
+- a session on another model: ``SessionExists`` (409), the same answer an explicit create
+  of a taken id gets. Another tenant's session of the same id is never met: ids are per
+  tenant (:mod:`gruserve.sessions.owner`), so its create makes its own session.
 """
 
 from __future__ import annotations

@@ -14,8 +14,11 @@ state as ``initial_state`` and stores ``final_state``. Three guarantees:
   record keeps that step's outputs and a digest of its inputs, and a resend with the
   same inputs gets them back unchanged (different ones: ``StepMismatch``).
 
-Transports (REST, NDJSON, WebSocket, later KServe v2) all call this class
-with numpy arrays; it knows nothing about HTTP.
+Transports (REST, NDJSON, WebSocket, bulk, KServe v2) all call this class
+with numpy arrays and the client's session id; it knows nothing about HTTP. The id
+becomes a store key in the caller's namespace here (:meth:`Caller.key
+<gruserve.sessions.owner.Caller.key>`), so every front-end gets tenant scoping without
+doing any: locks, records and the store see keys; errors show the client's id.
 """
 
 from __future__ import annotations
@@ -54,11 +57,21 @@ from gruserve.runtime.validation import Chunk, StateValue, check_chunk, flat_sta
 from gruserve.sessions import _result
 from gruserve.sessions._locks import KeyedLocks
 from gruserve.sessions.lifecycle import STEP_ONLY, Lifecycle
-from gruserve.sessions.owner import ANYONE, Caller
-from gruserve.sessions.store import CREATE, MAX_PAGE, SessionPage, SessionRecord, SessionStore
+from gruserve.sessions.owner import ANYONE, Caller, legacy_key, scoped, tenant_of
+from gruserve.sessions.store import (
+    CREATE,
+    MAX_PAGE,
+    SessionPage,
+    SessionRecord,
+    SessionStore,
+    SessionSummary,
+)
 
 SESSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 """A valid session id, whole: always ``fullmatch`` (``$`` would let a final newline in)."""
+STORE_KEY = re.compile(rf"(~[A-Za-z0-9][A-Za-z0-9._-]{{0,63}}~)?{SESSION_ID.pattern}")
+"""A key a store may hold: a session id, in a named tenant's namespace or not
+(:mod:`gruserve.sessions.owner`)."""
 _SEQUENCE = "sequence\x00"  # lock-key prefix no session id can have (see sequence_step)
 
 
@@ -159,8 +172,32 @@ class SessionService:
         return self.model_of(record).signature.split_state(record.state)
 
     async def get(self, session_id: str, caller: Caller = ANYONE) -> SessionRecord:
-        """The session, if ``caller`` may see it (else it does not exist for them)."""
-        return self._seen(await self.store.get(session_id), caller)
+        """The session ``caller`` names ``session_id``, if it may see it (else it does not
+        exist for them). Its ``session_id`` is its store key (:meth:`Caller.shown` names it
+        back)."""
+        return self._seen(await self._fetch(caller.key(session_id)), caller)
+
+    async def _fetch(self, key: str) -> SessionRecord:
+        """The record at store key ``key``, or the one its tenant had there before
+        namespaces (:func:`~gruserve.sessions.owner.legacy_key`; one more read, on a miss
+        only). Every lookup of a session by a client's id goes through here.
+
+        Raises:
+            SessionNotFound: neither exists (or the old one is another tenant's).
+        """
+        try:
+            return await self.store.get(key)
+        except SessionNotFound:
+            old = legacy_key(key)
+            if old is None:
+                raise
+        try:
+            record = await self.store.get(old)
+        except SessionNotFound:
+            raise SessionNotFound(key) from None
+        if record.owner != tenant_of(key):
+            raise SessionNotFound(key)
+        return record
 
     @staticmethod
     def _seen(record: SessionRecord, caller: Caller) -> SessionRecord:
@@ -190,16 +227,22 @@ class SessionService:
         else:
             _check_id(session_id)
         state = flat_state(model.signature, initial_state, "initial_state")
-        record = self._new(model, session_id, state, caller)
+        key = caller.key(session_id)
+        old = legacy_key(key)
+        if old is not None:  # the tenant's session from before namespaces is still its own
+            with suppress(SessionNotFound):
+                if (await self.store.get(old)).owner == caller.name:
+                    raise SessionExists(session_id)
+        record = self._new(model, key, state, caller)
         await self.store.create(record)
         return record
 
     def _new(
-        self, model: LoadedModel, session_id: str, state: np.ndarray, caller: Caller
+        self, model: LoadedModel, key: str, state: np.ndarray, caller: Caller
     ) -> SessionRecord:
         now = self._clock()
         return SessionRecord(
-            session_id,
+            key,
             model.name,
             model.version,
             state,
@@ -209,18 +252,26 @@ class SessionService:
         )
 
     async def delete(self, session_id: str, caller: Caller = ANYONE) -> None:
-        async with self._locks.hold(session_id):
-            if caller is not ANYONE:
-                await self.get(session_id, caller)
-            await self.store.delete(session_id)
+        key = caller.key(session_id)
+        async with self._locks.hold(key):
+            if caller is ANYONE or tenant_of(key):  # a named namespace holds only its own
+                try:
+                    await self.store.delete(key)
+                    return
+                except SessionNotFound:
+                    if legacy_key(key) is None:
+                        raise
+            record = self._seen(await self._fetch(key), caller)
+            await self.store.delete(record.session_id)
 
     async def reset(
         self, session_id: str, states: StateValue | None = None, caller: Caller = ANYONE
     ) -> SessionRecord:
         """Zero the state, or set it to ``states`` (tf-keras ``reset_states(states=...)``)."""
-        async with self._locks.hold(session_id):
+        key = caller.key(session_id)
+        async with self._locks.hold(key):
             for _ in range(self._max_attempts):
-                record = self._seen(await self.store.get(session_id), caller)
+                record = self._seen(await self._fetch(key), caller)
                 state = flat_state((await self.model_for(record)).signature, states, "states")
                 updated = record.reset(state, self._clock())
                 if await self.store.compare_and_set(updated, record.revision):
@@ -235,32 +286,66 @@ class SessionService:
         model: str | None = None,
         caller: Caller = ANYONE,
     ) -> SessionPage:
-        """One page of every session ``caller`` sees, in id order (see
-        :meth:`SessionStore.page`; a tenant's page may hold fewer than ``limit`` sessions,
-        even none, before the end).
+        """One page of every session ``caller`` sees, in store key order, each named (and
+        ``next_cursor`` too) as the caller names it (:meth:`Caller.shown`), with its tenant
+        as ``owner``; see :meth:`SessionStore.page` (a page may hold fewer than ``limit``
+        sessions, even none, before the end).
+
+        A named tenant's keys are one range (its namespace), read from its start and no
+        further; tenant ``""`` reads the unscoped keys, which sort before every scoped one
+        (each record read too, to leave out another tenant's stored there before
+        namespaces); an admin reads every key. Sessions a named tenant kept from before
+        namespaces are reachable by id but not listed.
 
         Raises:
             InvalidInput: ``limit`` outside 1..MAX_PAGE, or a cursor no session id can be.
         """
         if not 1 <= limit <= MAX_PAGE:
             raise InvalidInput("limit", f"expected 1 to {MAX_PAGE}. Received: limit={limit}")
-        if cursor is not None and not SESSION_ID.fullmatch(cursor):
+        start = None if cursor is None else caller.key(cursor)
+        if start is not None and not STORE_KEY.fullmatch(start):
             raise InvalidInput("cursor", f"not a cursor this server returned: {cursor!r}")
-        found = await self.store.page(cursor, limit, model)
+        mine = scoped(caller.name, "") if not caller.admin else ""  # "": every key
+        if mine and start is None:
+            start = mine  # no key is the bare prefix: the namespace's first key follows it
+        found = await self.store.page(start, limit, model)
+        ahead = found.next_cursor
+        sessions = found.sessions
         if caller.admin:
-            return found
+            pass
+        elif mine:
+            sessions = [s for s in sessions if s.session_id.startswith(mine)]
+            ahead = ahead if ahead is not None and ahead.startswith(mine) else None
+        else:
+            sessions = await self._unscoped_own(sessions, caller)
+            ahead = ahead if ahead is not None and not tenant_of(ahead) else None
+        shown = [
+            dataclasses.replace(
+                s,
+                session_id=caller.shown(s.session_id, s.owner),
+                owner=tenant_of(s.session_id) or s.owner,
+            )
+            for s in sessions
+        ]
+        return SessionPage(shown, None if ahead is None else caller.shown(ahead))
+
+    async def _unscoped_own(
+        self, found: list[SessionSummary], caller: Caller
+    ) -> list[SessionSummary]:
+        """The sessions of ``found`` that tenant ``""`` owns (unscoped keys whose record
+        names no other owner)."""
+        found = [s for s in found if not tenant_of(s.session_id)]
         records = await asyncio.gather(
-            *(self.store.get(s.session_id) for s in found.sessions), return_exceptions=True
+            *(self.store.get(s.session_id) for s in found), return_exceptions=True
         )
         for record in records:  # gone meanwhile, or the store failed: no owner to compare
             if isinstance(record, BaseException) and not isinstance(record, SessionNotFound):
                 raise record
-        mine = [
+        return [
             summary
-            for summary, record in zip(found.sessions, records, strict=True)
+            for summary, record in zip(found, records, strict=True)
             if isinstance(record, SessionRecord) and caller.sees(record.owner)
         ]
-        return SessionPage(mine, found.next_cursor)
 
     def servable(self, record: SessionRecord) -> bool:
         """Whether this server can continue ``record`` (a restored one): a valid id, its model
@@ -269,7 +354,7 @@ class SessionService:
             model = self.registry.load_now(record.model, record.version)
         except GruServeError:
             return False
-        return bool(SESSION_ID.fullmatch(record.session_id)) and record.state.shape == (
+        return bool(STORE_KEY.fullmatch(record.session_id)) and record.state.shape == (
             model.signature.total_units,
         )
 
@@ -305,7 +390,8 @@ class SessionService:
 
         Raises:
             SessionNotFound, InvalidInput, PayloadTooLarge, SessionConflict, StoreUnavailable.
-            SessionExists: a create names an id held on another model or by another tenant.
+            SessionExists: a create names an id the caller holds on another model (or, from
+                before namespaces, an unscoped id another tenant holds).
             TooManySessions: a create found the store full.
             SessionNotOnModel: the session is on another model than ``model_name``.
             StepOutOfOrder: ``step_number`` is neither the next step nor the last one.
@@ -321,18 +407,19 @@ class SessionService:
                 )
             state = flat_state(made.signature, create.initial_state, "create.initial_state")
             fresh = (made, state)
+        key = caller.key(session_id)
         locks = self._locks
-        if not locks.try_acquire(session_id):  # the `async with locks.hold()` of the other
-            await locks.acquire(session_id)  # methods, without its two coroutine calls
+        if not locks.try_acquire(key):  # the `async with locks.hold()` of the other
+            await locks.acquire(key)  # methods, without its two coroutine calls
         try:
             chunk, applied = None, b""
             for _ in range(self._max_attempts):
                 try:
-                    record = await self.store.get(session_id)
+                    record = await self._fetch(key)
                 except SessionNotFound:
                     if fresh is None:
                         raise
-                    record, expected = self._new(fresh[0], session_id, fresh[1], caller), CREATE
+                    record, expected = self._new(fresh[0], key, fresh[1], caller), CREATE
                 else:
                     expected = record.revision
                     if caller is not ANYONE and not caller.sees(record.owner):
@@ -369,7 +456,7 @@ class SessionService:
                     )
                 self._conflict()
         finally:
-            locks.release(session_id)
+            locks.release(key)
         raise SessionConflict(session_id, self._max_attempts)
 
     def _chunk(self, sig: ModelSignature, inputs: np.ndarray, mask: np.ndarray | None) -> Chunk:
@@ -432,8 +519,7 @@ class SessionService:
             inputs, mask: as :meth:`step`.
             initial_state: only with ``start``.
             step_number: as :meth:`step`; 0 (or None) with ``start``.
-            caller: the tenant; a sequence another tenant owns is not started for it (the
-                API scopes sequence ids per tenant, so that takes an id made on purpose).
+            caller: the tenant: ``session_id`` is in its namespace, as on v1.
             version: the model version a start starts the sequence on (the default when
                 None); later requests run on the version the sequence started on.
 
@@ -450,7 +536,8 @@ class SessionService:
                 "step",
                 f"a sequence_start request is the sequence's step 0. Received: {step_number}",
             )
-        async with self._locks.hold(_SEQUENCE + session_id):
+        key = caller.key(session_id)
+        async with self._locks.hold(_SEQUENCE + key):
             if start:
                 await self._restart(model, session_id, initial_state, caller)
             else:
@@ -465,8 +552,9 @@ class SessionService:
             except SessionNotFound:  # expired or deleted between the check and the step
                 raise SequenceNotStarted(session_id, model.name) from None
             if end:
-                with suppress(SessionNotFound):
-                    await self.delete(session_id)
+                async with self._locks.hold(key):
+                    with suppress(SessionNotFound):
+                        await self.store.delete(result.record.session_id)
             return result
 
     async def _restart(
@@ -476,12 +564,14 @@ class SessionService:
         initial_state: StateValue | None,
         caller: Caller,
     ) -> None:
-        """Create ``session_id``, or reset it in place (replace it if another model owns it;
-        refuse it, SessionExists, if another tenant does)."""
+        """Create ``caller``'s ``session_id``, or reset it in place (replace it if another
+        model owns it; refuse it, SessionExists, if another tenant owns the unscoped id from
+        before namespaces)."""
         state = flat_state(model.signature, initial_state, "initial_state")
+        key = caller.key(session_id)
         for _ in range(self._max_attempts):
             try:
-                record = await self.store.get(session_id)
+                record = await self._fetch(key)
             except SessionNotFound:
                 try:
                     await self.create(
@@ -494,7 +584,7 @@ class SessionService:
                 raise SessionExists(session_id)
             if (record.model, record.version) != (model.name, model.version):
                 with suppress(SessionNotFound):
-                    await self.store.delete(session_id)
+                    await self.store.delete(record.session_id)
                 continue
             now = self._clock()
             fresh = dataclasses.replace(record.reset(state, now), created_at=now)

@@ -26,7 +26,8 @@ class SessionRecord:
     """One session.
 
     Attributes:
-        session_id: the client-visible id.
+        session_id: the store key: the client's id in its tenant's namespace (the id
+            itself for tenant ""; :mod:`gruserve.sessions.owner`).
         model, version: the model version whose state layout ``state`` follows.
         state: (total_units,) float32, the states in manifest order.
         step: steps applied since creation or the last reset.
@@ -82,7 +83,8 @@ class SessionRecord:
 
 @dataclass(frozen=True, slots=True)
 class SessionSummary:
-    """What a listing shows of one session: never its state or stored result."""
+    """What a listing shows of one session: never its state or stored result (``owner``:
+    "" where a store's listing does not read it; the session service fills it in)."""
 
     session_id: str
     model: str
@@ -91,6 +93,7 @@ class SessionSummary:
     timesteps: int
     created_at: float
     last_used_at: float
+    owner: str = ""
 
     @classmethod
     def of(cls, record: SessionRecord) -> SessionSummary:
@@ -102,6 +105,7 @@ class SessionSummary:
             record.timesteps,
             record.created_at,
             record.last_used_at,
+            record.owner,
         )
 
 

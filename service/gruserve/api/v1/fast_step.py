@@ -147,7 +147,11 @@ class StepEndpoint:
             )
             settings = self.settings
             info = encode.session(
-                record, settings.session_ttl_s, None, settings.session_max_lifetime_s
+                record,
+                settings.session_ttl_s,
+                None,
+                settings.session_max_lifetime_s,
+                caller.shown(record.session_id, record.owner),
             )
             return 201, encode.dumps(info)
         except Exception as exc:

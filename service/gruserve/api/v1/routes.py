@@ -19,6 +19,7 @@ from gruserve.api.protocols._disconnect import unless_disconnected
 from gruserve.api.v1 import schemas as s
 from gruserve.errors import InvalidInput
 from gruserve.services import Services
+from gruserve.sessions.owner import Caller
 from gruserve.sessions.store import MAX_PAGE, SessionRecord
 
 router = APIRouter(prefix="/v1", responses=s.ERRORS)
@@ -30,10 +31,19 @@ def _services(request: Request) -> Services:
 
 
 def _info(
-    services: Services, record: SessionRecord, states: dict[str, Any] | None = None
+    services: Services,
+    record: SessionRecord,
+    caller: Caller,
+    states: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     settings = services.settings
-    return encode.session(record, settings.session_ttl_s, states, settings.session_max_lifetime_s)
+    return encode.session(
+        record,
+        settings.session_ttl_s,
+        states,
+        settings.session_max_lifetime_s,
+        caller.shown(record.session_id, record.owner),
+    )
 
 
 # -- models --------------------------------------------------------------------------------
@@ -114,7 +124,7 @@ async def create_session(model: str, request: Request) -> Response:
         caller_of(request.scope),
         version=body.get("version"),
     )
-    return encode.json_response(_info(services, record), status=201)
+    return encode.json_response(_info(services, record, caller_of(request.scope)), status=201)
 
 
 @router.post(
@@ -153,7 +163,7 @@ async def reset_session(session_id: str, request: Request) -> Response:
     states = None if body.get("states") is None else decode.states(body["states"], "states")
     services = _services(request)
     record = await services.sessions.reset(session_id, states, caller_of(request.scope))
-    return encode.json_response(_info(services, record))
+    return encode.json_response(_info(services, record, caller_of(request.scope)))
 
 
 @router.get("/sessions", response_model=s.SessionList, tags=["sessions"])
@@ -168,8 +178,10 @@ async def list_sessions(
     """Every session, in session id order, a page at a time (for operators; never states).
 
     Follow ``next_cursor`` until it is null; a page may hold fewer than ``limit``
-    sessions (with ``model``, even none) before the end. Paging is stable: sessions
-    created or deleted meanwhile never make a page repeat or skip the others.
+    sessions (with ``model``, even none) before the end. A tenant lists its own sessions;
+    an admin lists every tenant's, each by the id it addresses it with (``acme~station-7``
+    for tenant ``acme``'s ``station-7``, ``~id`` for the unnamed tenant's). Paging is
+    stable: sessions created or deleted meanwhile never make a page repeat or skip the others.
     """
     services = _services(request)
     found = await services.sessions.page(cursor, limit, model, caller_of(request.scope))
@@ -191,7 +203,7 @@ async def get_session(
     if include_state:
         await services.sessions.model_for(record)  # loaded, if its version is on disk only
     states = services.sessions.states_of(record) if include_state else None
-    return encode.json_response(_info(services, record, states))
+    return encode.json_response(_info(services, record, caller_of(request.scope), states))
 
 
 @router.delete("/sessions/{session_id}", status_code=204, tags=["sessions"])

@@ -72,6 +72,10 @@ class CreateSessionRequest(_Strict):
 
 class SessionInfo(_Strict):
     session_id: str
+    tenant: str = Field(
+        description='The API key name that owns the session ("" without named keys). '
+        "An admin addresses another tenant's session as `{tenant}~{session_id}`."
+    )
     model: str
     version: int
     step: int = Field(description="Steps applied since creation or the last reset.")
@@ -131,6 +135,10 @@ class StepResponse(_Strict):
 
 class SessionSummary(_Strict):
     session_id: str
+    tenant: str = Field(
+        description='The API key name that owns the session ("" without named keys). '
+        "An admin addresses another tenant's session as `{tenant}~{session_id}`."
+    )
     model: str
     version: int
     step: int

@@ -104,7 +104,7 @@ async def infer(
     """
     wire = wire_model(model)
     call = bind(wire, parsed, flag(parsed.parameters, "binary_data_output"))
-    sequence = sequence_control(parsed.parameters, model.name, caller.name)
+    sequence = sequence_control(parsed.parameters, model.name)
     if sequence is None:
         names, keys = call.wanted(wire)
         work = services.predictor.predict(

@@ -20,17 +20,17 @@ sequence already applied (the previous reply's ``parameters.step``; 0 with
 ``sequence_start``). It makes the step exactly-once, as ``"step"`` does on v1: resending
 a request with the same number returns the same outputs without applying it again.
 
-With named API keys, sequence ids are per tenant too: a tenant's sequences live under
-``v2:{model}:t.{tenant}:`` (``v2:{model}:t.acme:42``), so two tenants may use the same id
-without meeting; keys without a name keep the table's ids.
+With named API keys, these session ids are in the tenant's namespace, as v1 ids are
+(:mod:`gruserve.sessions.owner`): tenant ``acme``'s sequence 42 of ``demo`` is acme's
+session ``v2:demo:42``, and another tenant's sequence 42 is another session.
 
 Numbers are bare digits and strings always carry ``s:`` or ``h:``, so ``42``
 and ``"42"`` are different sequences. A string keeps its text when it uses only
 ``A-Z a-z 0-9 . _ : -`` and fits the 128-character session id; any other string
 is hashed. Replies carry the session id in ``parameters.session_id``.
 
->>> session_id_for("demo", 42), session_id_for("demo", "42"), session_id_for("demo", 42, "acme")
-('v2:demo:42', 'v2:demo:s:42', 'v2:demo:t.acme:42')
+>>> session_id_for("demo", 42), session_id_for("demo", "42")
+('v2:demo:42', 'v2:demo:s:42')
 """
 
 from __future__ import annotations
@@ -61,10 +61,9 @@ class SequenceControl:
     step_number: int | None = None
 
 
-def session_id_for(model: str, sequence_id: int | str, tenant: str = "") -> str:
-    """The session that holds ``model``'s sequence ``sequence_id`` of ``tenant`` (see the
-    module table)."""
-    prefix = f"v2:{model}:t.{tenant}:" if tenant else f"v2:{model}:"
+def session_id_for(model: str, sequence_id: int | str) -> str:
+    """The session that holds ``model``'s sequence ``sequence_id`` (see the module table)."""
+    prefix = f"v2:{model}:"
     if isinstance(sequence_id, int):
         return f"{prefix}{sequence_id}"
     readable = f"{prefix}s:{sequence_id}"
@@ -81,9 +80,7 @@ def flag(parameters: Mapping[str, Any], key: str) -> bool:
     return value
 
 
-def sequence_control(
-    parameters: Mapping[str, Any], model: str, tenant: str = ""
-) -> SequenceControl | None:
+def sequence_control(parameters: Mapping[str, Any], model: str) -> SequenceControl | None:
     """The request's sequence, or None for a stateless request (no id, 0 or "").
 
     Raises:
@@ -106,5 +103,5 @@ def sequence_control(
                 "mean a stateless request)",
             )
         return None
-    session_id = session_id_for(model, sequence_id, tenant)
+    session_id = session_id_for(model, sequence_id)
     return SequenceControl(sequence_id, session_id, start, end, number)
