@@ -54,7 +54,7 @@ def read(history: bytes | None) -> Kept:
     if not history:
         return EMPTY
     width, masked = _HEADER.unpack_from(history)
-    rows = np.frombuffer(history, "<f4", offset=_HEADER.size).reshape(-1, width)
+    rows = np.frombuffer(history, "<f4", offset=_HEADER.size).reshape(-1, width + masked)
     if not masked:
         return Kept(rows, None)
     return Kept(rows[:, :-1], rows[:, -1] != 0.0)

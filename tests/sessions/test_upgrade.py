@@ -1,0 +1,248 @@
+"""Moving sessions between model versions: ``POST /v1/sessions/{id}/upgrade`` and
+``GRUSERVE_SESSION_ON_VERSION_GONE``, through the production app on both stores.
+
+Two versions of one tiny model with different seeded weights are exported by the
+production exporter. Every number a server returns after a move is compared with the
+torch model of version 2 (Keras-exact: tests/parity) run by hand over the inputs the
+test sent: from zero state without replay, over the last W inputs with ``replay: W``.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from conftest import Served, serve
+from fixtures import FEATURES, TinyModel, _randomize
+from gruserve.export.exporter import export_model
+from gruserve.nn import GRU, Dense, InputLayer, Sequential
+from gruserve.sessions import history
+
+ATOL = 1e-5
+NAME = "mover"
+KEPT = 16
+
+
+def _build(seed: int) -> Sequential:
+    model = Sequential(
+        [InputLayer((None, FEATURES)), GRU(5, return_sequences=True), Dense(2)], name=NAME
+    )
+    _randomize(model, seed)
+    return model
+
+
+@pytest.fixture(scope="module")
+def versions_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("mover")
+    for version in (1, 2):
+        model = _build(40 + version)
+        export_model(
+            model.to_spec(),
+            model.get_weights(),
+            models_dir=root,
+            name=NAME,
+            version=version,
+            source={"kind": "test"},
+        )
+    return root
+
+
+@pytest.fixture(scope="module")
+def v2() -> TinyModel:
+    return TinyModel(NAME, _build(42), FEATURES)
+
+
+def _repo(tmp_path: Path, versions_dir: Path, versions: tuple[int, ...]) -> Path:
+    for version in versions:
+        shutil.copytree(versions_dir / NAME / str(version), tmp_path / NAME / str(version))
+    return tmp_path
+
+
+@pytest.fixture
+async def served(tmp_path: Path, versions_dir: Path, store_url: str) -> AsyncIterator[Served]:
+    """Both versions on disk (2 the default) and ``KEPT`` timesteps of history."""
+    repo = _repo(tmp_path, versions_dir, (1, 2))
+    async for s in serve(repo, store_url, session_history=KEPT):
+        yield s
+
+
+def _after(ref: TinyModel, kept: list[np.ndarray], x: np.ndarray, mask: Any = None) -> np.ndarray:
+    """Version 2's outputs for ``x`` after running over ``kept`` from zero state."""
+    seq = np.concatenate([*kept, x]) if kept else x
+    m = None if mask is None else np.asarray(mask, bool)[None]
+    return ref.reference(seq[None], mask=m)[0][0][0][-x.shape[0] :]
+
+
+async def _stream(client: httpx.AsyncClient, sid: str, chunks: list[np.ndarray]) -> None:
+    r = await client.post(f"/v1/models/{NAME}/sessions", json={"session_id": sid, "version": 1})
+    assert r.status_code == 201, r.text
+    for x in chunks:
+        r = await client.post(f"/v1/sessions/{sid}/step", json={"inputs": x.tolist()})
+        assert r.status_code == 200 and r.json()["version"] == 1, r.text
+
+
+async def _step(client: httpx.AsyncClient, sid: str, x: np.ndarray) -> dict[str, Any]:
+    r = await client.post(f"/v1/sessions/{sid}/step", json={"inputs": x.tolist()})
+    assert r.status_code == 200, r.text
+    return dict(r.json())
+
+
+def _chunks(seed: int, count: int, timesteps: int = 3) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.normal(size=(timesteps, FEATURES)).astype(np.float32) for _ in range(count)]
+
+
+@pytest.mark.parametrize("replay", [None, 0, 5, KEPT])
+async def test_upgrade_equals_version_2_over_the_kept_inputs(
+    served: Served, v2: TinyModel, replay: int | None
+) -> None:
+    client = served.client
+    chunks = _chunks(1, 7)  # 21 timesteps: more than the KEPT 16
+    await _stream(client, "s", chunks)
+    body = {} if replay is None else {"replay": replay}
+    r = await client.post("/v1/sessions/s/upgrade", json=body)
+    assert r.status_code == 200, r.text
+    assert r.json() == {
+        "session_id": "s",
+        "model": NAME,
+        "old_version": 1,
+        "version": 2,
+        "step": 7,
+        "replayed": replay or 0,
+    }
+    x = np.linspace(-1, 1, 4 * FEATURES, dtype=np.float32).reshape(4, FEATURES)
+    got = await _step(client, "s", x)
+    assert (got["version"], got["step"]) == (2, 8)
+    sent = np.concatenate(chunks)
+    kept = [sent[len(sent) - replay :]] if replay else []
+    np.testing.assert_allclose(got["outputs"], _after(v2, kept, x), atol=ATOL)
+
+
+async def test_history_is_bounded_and_masks_are_kept(served: Served, v2: TinyModel) -> None:
+    client = served.client
+    chunks = _chunks(2, 6)
+    await _stream(client, "m", chunks[:5])
+    mask = [True, False, True]
+    r = await client.post("/v1/sessions/m/step", json={"inputs": chunks[5].tolist(), "mask": mask})
+    assert r.status_code == 200, r.text
+    record = await served.services.store.get("m")
+    kept = history.read(record.history)
+    sent = np.concatenate(chunks)
+    np.testing.assert_array_equal(kept.inputs, sent[-KEPT:])
+    assert kept.mask is not None and kept.mask.tolist() == [True] * (KEPT - 3) + mask
+    r = await client.post("/v1/sessions/m/upgrade", json={"replay": KEPT + 1})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "replay"
+    assert f"keeps its last {KEPT} timesteps" in r.json()["error"]["message"]
+    r = await client.post("/v1/sessions/m/upgrade", json={"version": 2, "replay": 9})
+    assert r.status_code == 200 and r.json()["replayed"] == 9
+    x = np.ones((2, FEATURES), np.float32)
+    got = await _step(client, "m", x)
+    full_mask = [True] * 6 + mask + [True, True]
+    np.testing.assert_allclose(got["outputs"], _after(v2, [sent[-9:]], x, full_mask), atol=ATOL)
+    # a reset forgets the kept inputs: nothing to replay
+    assert (await client.post("/v1/sessions/m/reset")).status_code == 200
+    assert (await served.services.store.get("m")).history is None
+    r = await client.post("/v1/sessions/m/upgrade", json={"replay": 1})
+    assert r.status_code == 422 and "keeps its last 0 timesteps" in r.json()["error"]["message"]
+
+
+async def test_bulk_steps_keep_history(served: Served) -> None:
+    """The bulk batch path (sessions on the default version) keeps inputs as steps do."""
+    client = served.client
+    r = await client.post(f"/v1/models/{NAME}/sessions", json={"session_id": "b"})
+    assert r.status_code == 201 and r.json()["version"] == 2
+    x = _chunks(3, 2)
+    for chunk in x:
+        r = await client.post(
+            f"/v1/models/{NAME}/steps",
+            json={"steps": [{"session_id": "b", "inputs": chunk.tolist()}]},
+        )
+        assert r.status_code == 200 and "error" not in r.json()["results"][0], r.text
+    kept = history.read((await served.services.store.get("b")).history)
+    np.testing.assert_array_equal(kept.inputs, np.concatenate(x))
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"version": 9}, "version"),
+        ({"version": 0}, "version"),
+        ({"version": -1}, "version"),
+        ({"version": "2"}, "version"),
+        ({"replay": -1}, "replay"),
+        ({"replay": "3"}, "replay"),
+        ({"replay": True}, "replay"),
+        ({"replay": 4}, "replay"),  # more than the 3 timesteps kept
+        ({"versions": 2}, "versions"),
+    ],
+)
+async def test_bad_upgrades_name_the_field(
+    served: Served, body: dict[str, Any], field: str
+) -> None:
+    await _stream(served.client, "bad", _chunks(4, 1))
+    r = await served.client.post("/v1/sessions/bad/upgrade", json=body)
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["field"] == field
+    info = (await served.client.get("/v1/sessions/bad")).json()
+    assert (info["version"], info["step"]) == (1, 1)  # nothing moved
+
+
+async def test_upgrade_of_unknown_or_foreign_sessions_is_404(
+    tmp_path: Path, versions_dir: Path
+) -> None:
+    repo = _repo(tmp_path, versions_dir, (1, 2))
+    async for s in serve(repo, api_keys="acme:key-a,other:key-b", session_history=4):
+        acme = {"Authorization": "Bearer key-a"}
+        other = {"Authorization": "Bearer key-b"}
+        r = await s.client.post("/v1/sessions/ghost/upgrade", json={}, headers=acme)
+        assert r.status_code == 404
+        r = await s.client.post(
+            f"/v1/models/{NAME}/sessions", json={"session_id": "mine"}, headers=acme
+        )
+        assert r.status_code == 201
+        r = await s.client.post("/v1/sessions/mine/upgrade", json={}, headers=other)
+        assert r.status_code == 404
+        r = await s.client.post("/v1/sessions/mine/upgrade", json={}, headers=acme)
+        assert r.status_code == 200
+
+
+async def test_without_history_nothing_is_kept(tmp_path: Path, versions_dir: Path) -> None:
+    repo = _repo(tmp_path, versions_dir, (1, 2))
+    async for s in serve(repo):
+        await _stream(s.client, "plain", _chunks(5, 2))
+        assert (await s.services.store.get("plain")).history is None
+        r = await s.client.post("/v1/sessions/plain/upgrade", json={"replay": 1})
+        assert r.status_code == 422 and r.json()["error"]["field"] == "replay"
+        assert "GRUSERVE_SESSION_HISTORY=0" in r.json()["error"]["message"]
+        r = await s.client.post("/v1/sessions/plain/upgrade", json={"version": 1})
+        assert r.status_code == 200 and r.json()["version"] == 1
+
+
+@pytest.mark.parametrize("policy", ["fail", "reset", "upgrade"])
+async def test_a_removed_version_fails_resets_or_upgrades(
+    tmp_path: Path, versions_dir: Path, v2: TinyModel, store_url: str, policy: str
+) -> None:
+    repo = _repo(tmp_path, versions_dir, (1,))
+    async for s in serve(repo, store_url, session_history=64, session_on_version_gone=policy):
+        client = s.client
+        chunks = _chunks(6, 4)
+        await _stream(client, "orphan", chunks)
+        _repo(tmp_path, versions_dir, (2,))
+        shutil.rmtree(repo / NAME / "1")
+        assert (await client.post(f"/v2/repository/models/{NAME}/load")).status_code == 200
+        x = np.full((2, FEATURES), 0.5, np.float32)
+        r = await client.post("/v1/sessions/orphan/step", json={"inputs": x.tolist()})
+        if policy == "fail":
+            assert r.status_code == 410 and r.json()["error"]["type"] == "ModelVersionGone"
+            assert "'orphan'" in r.json()["error"]["message"]
+            continue
+        assert r.status_code == 200, r.text
+        assert (r.json()["version"], r.json()["step"]) == (2, 5)
+        kept = [np.concatenate(chunks)] if policy == "upgrade" else []
+        np.testing.assert_allclose(r.json()["outputs"], _after(v2, kept, x), atol=ATOL)
