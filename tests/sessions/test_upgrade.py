@@ -10,6 +10,7 @@ test sent: from zero state without replay, over the last W inputs with ``replay:
 from __future__ import annotations
 
 import shutil
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -246,3 +247,43 @@ async def test_a_removed_version_fails_resets_or_upgrades(
         assert (r.json()["version"], r.json()["step"]) == (2, 5)
         kept = [np.concatenate(chunks)] if policy == "upgrade" else []
         np.testing.assert_allclose(r.json()["outputs"], _after(v2, kept, x), atol=ATOL)
+
+
+def test_history_survives_on_redis_across_two_server_processes(
+    tmp_path: Path, versions_dir: Path, v2: TinyModel, redis_url: str
+) -> None:
+    """Inputs kept by one ``gruserve serve`` are replayed by another one after it stopped."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "deploy"))
+    from deploy_helpers import free_port, server_env, start_server, stop, wait_ready
+
+    repo = _repo(tmp_path / "repo", versions_dir, (1, 2))
+    env = server_env(redis_url, GRUSERVE_SESSION_HISTORY="32")
+    env["GRUSERVE_MODELS_DIR"] = str(repo)
+    chunks = _chunks(7, 3)
+    for turn in ("first", "second"):
+        port = free_port()
+        proc = start_server(port, env, tmp_path)
+        try:
+            wait_ready(proc, port)
+            url = f"http://127.0.0.1:{port}"
+            with httpx.Client(base_url=url, timeout=30) as client:
+                if turn == "first":
+                    r = client.post(
+                        f"/v1/models/{NAME}/sessions", json={"session_id": "kept", "version": 1}
+                    )
+                    assert r.status_code == 201, r.text
+                    for x in chunks:
+                        r = client.post("/v1/sessions/kept/step", json={"inputs": x.tolist()})
+                        assert r.status_code == 200, r.text
+                    continue
+                r = client.post("/v1/sessions/kept/upgrade", json={"replay": 9})
+                assert r.status_code == 200, r.text
+                assert (r.json()["old_version"], r.json()["version"]) == (1, 2)
+                x = np.ones((2, FEATURES), np.float32)
+                r = client.post("/v1/sessions/kept/step", json={"inputs": x.tolist()})
+                assert r.status_code == 200 and r.json()["step"] == 4, r.text
+                expected = _after(v2, [np.concatenate(chunks)], x)
+                np.testing.assert_allclose(r.json()["outputs"], expected, atol=ATOL)
+        finally:
+            output = stop(proc)
+        assert "Traceback" not in output, output
