@@ -9,6 +9,7 @@ test sent: from zero state without replay, over the last W inputs with ``replay:
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import sys
 from collections.abc import AsyncIterator
@@ -287,3 +288,36 @@ def test_history_survives_on_redis_across_two_server_processes(
         finally:
             output = stop(proc)
         assert "Traceback" not in output, output
+
+
+async def test_the_python_clients_upgrade(served: Served, v2: TinyModel) -> None:
+    """``Client.upgrade`` / ``AsyncClient.upgrade`` (and their sessions') against uvicorn."""
+    from conftest import live_server
+    from gruserve.client import AsyncClient, Client, InvalidInput
+
+    chunks = _chunks(8, 2)
+    for sid in ("sync", "async"):
+        await _stream(served.client, sid, chunks)
+    async for address in live_server(served.app):
+        url = f"http://{address}"
+
+        def sync_calls(url: str) -> dict[str, Any]:
+            with Client(url) as client:
+                with pytest.raises(InvalidInput, match="replay"):
+                    client.upgrade("sync", replay=99)
+                session = client.session("sync")
+                answer = session.upgrade(replay=6)
+                assert (session.version, session.step_number) == (2, 2)
+                return answer
+
+        answer = await asyncio.to_thread(sync_calls, url)
+        assert answer["replayed"] == 6 and answer["old_version"] == 1
+        async with AsyncClient(url) as client:
+            answer = await client.upgrade("async", version=2)
+            assert (answer["version"], answer["replayed"]) == (2, 0)
+            session = await client.session("async")
+            back = await session.upgrade(version=1, replay=3)
+            assert (back["old_version"], session.version) == (2, 1)
+    x = np.ones((1, FEATURES), np.float32)
+    got = await _step(served.client, "sync", x)
+    np.testing.assert_allclose(got["outputs"], _after(v2, [np.concatenate(chunks)], x), atol=ATOL)
