@@ -321,3 +321,41 @@ async def test_the_python_clients_upgrade(served: Served, v2: TinyModel) -> None
     x = np.ones((1, FEATURES), np.float32)
     got = await _step(served.client, "sync", x)
     np.testing.assert_allclose(got["outputs"], _after(v2, [np.concatenate(chunks)], x), atol=ATOL)
+
+
+async def _steps_into(
+    client: httpx.AsyncClient, sid: str, chunks: list[np.ndarray], replies: list[dict[str, Any]]
+) -> None:
+    for x in chunks:
+        replies.append(await _step(client, sid, x))
+
+
+async def test_an_upgrade_racing_steps_on_another_replica_loses_no_step(
+    tmp_path: Path, versions_dir: Path, v2: TinyModel, redis_url: str
+) -> None:
+    """Replica A steps a session without pause while replica B upgrades it (replay 4): every
+    step is applied once, on version 1 up to the upgrade's step and on version 2 after it,
+    and version 2's numbers continue from the state replayed over the 4 timesteps before."""
+    repo = _repo(tmp_path, versions_dir, (1, 2))
+    chunks = _chunks(9, 60, timesteps=2)
+    replies: list[dict[str, Any]] = []
+    async for a in serve(repo, redis_url, session_history=8):
+        async for b in serve(repo, redis_url, session_history=8):
+            await _stream(a.client, "raced", [])
+            stepping = asyncio.create_task(_steps_into(a.client, "raced", chunks, replies))
+            while len(replies) < 3:
+                await asyncio.sleep(0.005)
+            for _ in range(100):  # a SessionConflict (every attempt lost a race) is retried
+                r = await b.client.post("/v1/sessions/raced/upgrade", json={"replay": 4})
+                if r.status_code != 409:
+                    break
+            await stepping
+    assert r.status_code == 200, r.text
+    at = r.json()["step"]
+    assert [reply["step"] for reply in replies] == list(range(1, 61))
+    assert [reply["version"] for reply in replies] == [1] * at + [2] * (60 - at)
+    sent = np.concatenate(chunks[:at])
+    later = [np.concatenate(chunks[at:])] if at < 60 else []
+    if later:
+        got = np.concatenate([np.asarray(reply["outputs"]) for reply in replies[at:]])
+        np.testing.assert_allclose(got, _after(v2, [sent[-4:]], later[0]), atol=ATOL)
