@@ -234,20 +234,64 @@ async def test_a_removed_version_fails_resets_or_upgrades(
     async for s in serve(repo, store_url, session_history=64, session_on_version_gone=policy):
         client = s.client
         chunks = _chunks(6, 4)
-        await _stream(client, "orphan", chunks)
+        paths = ("rest", "bulk", "v2")  # one orphan per step path
+        for path in paths[:2]:
+            await _stream(client, path, chunks)
+        for i, x in enumerate(chunks):  # a v2 sequence started on version 1
+            r = await client.post(
+                f"/v2/models/{NAME}/versions/1/infer",
+                json={**_v2_body(x), "parameters": {"sequence_id": "v2", "sequence_start": i == 0}},
+            )
+            assert r.status_code == 200 and r.json()["model_version"] == "1", r.text
         _repo(tmp_path, versions_dir, (2,))
         shutil.rmtree(repo / NAME / "1")
         assert (await client.post(f"/v2/repository/models/{NAME}/load")).status_code == 200
         x = np.full((2, FEATURES), 0.5, np.float32)
-        r = await client.post("/v1/sessions/orphan/step", json={"inputs": x.tolist()})
-        if policy == "fail":
-            assert r.status_code == 410 and r.json()["error"]["type"] == "ModelVersionGone"
-            assert "'orphan'" in r.json()["error"]["message"]
-            continue
-        assert r.status_code == 200, r.text
-        assert (r.json()["version"], r.json()["step"]) == (2, 5)
         kept = [np.concatenate(chunks)] if policy == "upgrade" else []
-        np.testing.assert_allclose(r.json()["outputs"], _after(v2, kept, x), atol=ATOL)
+        for path in paths:
+            status, version, outputs, message = await _orphan_step(client, path, x)
+            if policy == "fail":
+                assert status == 410 and "removed from the model repository" in message
+                assert path in message
+                continue
+            assert (status, version) == (200, 2), message
+            np.testing.assert_allclose(outputs, _after(v2, kept, x), atol=ATOL)
+            if path != "v2":  # (a v2 sequence's session id is scoped: not this one)
+                info = (await client.get(f"/v1/sessions/{path}")).json()
+                assert (info["version"], info["step"]) == (2, 5)  # the step count continued
+
+
+def _v2_body(x: np.ndarray) -> dict[str, Any]:
+    tensor = {"name": "inputs", "datatype": "FP32", "shape": [1, *x.shape]}
+    return {"inputs": [{**tensor, "data": x.ravel().tolist()}]}
+
+
+async def _orphan_step(
+    client: httpx.AsyncClient, path: str, x: np.ndarray
+) -> tuple[int, int | None, np.ndarray | None, str]:
+    """One step of session ``path`` through that step path: status, version, outputs, text."""
+    if path == "rest":
+        r = await client.post("/v1/sessions/rest/step", json={"inputs": x.tolist()})
+        body = r.json()
+        if r.status_code != 200:
+            return r.status_code, None, None, r.text
+        return 200, body["version"], np.asarray(body["outputs"]), r.text
+    if path == "bulk":
+        r = await client.post(
+            f"/v1/models/{NAME}/steps",
+            json={"steps": [{"session_id": "bulk", "inputs": x.tolist()}]},
+        )
+        result = r.json()["results"][0]
+        if "error" in result:
+            return 410 if result["error"]["type"] == "ModelVersionGone" else 500, None, None, r.text
+        return 200, result["version"], np.asarray(result["outputs"]), r.text
+    r = await client.post(
+        f"/v2/models/{NAME}/infer", json={**_v2_body(x), "parameters": {"sequence_id": "v2"}}
+    )
+    if r.status_code != 200:
+        return r.status_code, None, None, r.text
+    got = np.asarray(r.json()["outputs"][0]["data"]).reshape(x.shape[0], -1)
+    return 200, int(r.json()["model_version"]), got, r.text
 
 
 def test_history_survives_on_redis_across_two_server_processes(
