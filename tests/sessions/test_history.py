@@ -139,3 +139,14 @@ def test_history_never_exceeds_its_limit(limit: int) -> None:
         kept = history.appended(kept, rows, None, limit)
         assert len(history.read(kept)) <= limit
     assert len(history.read(kept)) == limit
+
+
+async def test_a_redis_cluster_keeps_history(cluster_url: str) -> None:
+    store = RedisSessionStore(cluster_url, 60, 100, history=True)
+    try:
+        await _round_trip(store)
+        await store.create(_record("elsewhere-7", history.appended(None, _rows(0, 2), None, 4)))
+        found = await store.get_many(["h", "elsewhere-7"])
+        assert all(isinstance(r, SessionRecord) and r.history for r in found)
+    finally:
+        await store.close()
