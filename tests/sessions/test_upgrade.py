@@ -403,3 +403,39 @@ async def test_an_upgrade_racing_steps_on_another_replica_loses_no_step(
     if later:
         got = np.concatenate([np.asarray(reply["outputs"]) for reply in replies[at:]])
         np.testing.assert_allclose(got, _after(v2, [sent[-4:]], later[0]), atol=ATOL)
+
+
+def _keras_version_2(versions_dir: Path, tmp_path: Path) -> Any:
+    """Version 2 as the ``keras`` package loads it: its manifest's config and the graph's
+    weights written to a .keras file (``gruserve export-keras``)."""
+    import os
+
+    os.environ.setdefault("KERAS_BACKEND", "torch")
+    import keras
+    import onnx
+
+    from gruserve.keras_io.writer import onnx_weights, spec_of_manifest, write_keras_file
+    from gruserve.manifest import Manifest
+
+    folder = versions_dir / NAME / "2"
+    manifest = Manifest.read(folder / "model.json")
+    spec = spec_of_manifest(manifest)
+    out = tmp_path / "v2.keras"
+    write_keras_file(spec, onnx_weights(onnx.load(str(folder / manifest.onnx_file)), spec), out)
+    return keras.saving.load_model(out)
+
+
+async def test_upgrade_with_replay_equals_keras_on_version_2(
+    tmp_path: Path, versions_dir: Path
+) -> None:
+    model = _keras_version_2(versions_dir, tmp_path)
+    chunks = _chunks(10, 5)
+    x = np.linspace(1, -1, 3 * FEATURES, dtype=np.float32).reshape(3, FEATURES)
+    async for s in serve(_repo(tmp_path / "repo", versions_dir, (1, 2)), session_history=KEPT):
+        await _stream(s.client, "k", chunks)
+        r = await s.client.post("/v1/sessions/k/upgrade", json={"replay": 12})
+        assert r.status_code == 200, r.text
+        got = (await _step(s.client, "k", x))["outputs"]
+    seq = np.concatenate([np.concatenate(chunks)[-12:], x])[None]
+    expected = np.asarray(model.predict(seq, verbose=0))[0, -3:]
+    np.testing.assert_allclose(got, expected, atol=ATOL)
