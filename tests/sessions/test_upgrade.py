@@ -10,6 +10,7 @@ test sent: from zero state without replay, over the last W inputs with ``replay:
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import sys
 from collections.abc import AsyncIterator
@@ -439,3 +440,27 @@ async def test_upgrade_with_replay_equals_keras_on_version_2(
     seq = np.concatenate([np.concatenate(chunks)[-12:], x])[None]
     expected = np.asarray(model.predict(seq, verbose=0))[0, -3:]
     np.testing.assert_allclose(got, expected, atol=ATOL)
+
+
+async def test_every_transport_keeps_history(served: Served) -> None:
+    """The REST step answered by the HTTP protocol itself, NDJSON and WebSocket (binary)
+    steps all keep their inputs: history is recorded where a record advances."""
+    from websockets.asyncio.client import connect
+
+    from conftest import live_server
+
+    x = _chunks(11, 3)
+    await _stream(served.client, "paths", [])
+    async for address in live_server(served.app):
+        async with httpx.AsyncClient(base_url=f"http://{address}") as real:
+            r = await real.post("/v1/sessions/paths/step", json={"inputs": x[0].tolist()})
+            assert r.status_code == 200, r.text
+            r = await real.post(
+                "/v1/sessions/paths/stream", content=json.dumps({"inputs": x[1].tolist()}) + "\n"
+            )
+            assert r.status_code == 200 and '"step":2' in r.text, r.text
+        async with connect(f"ws://{address}/v1/sessions/paths/ws") as ws:
+            await ws.send(x[2].astype("<f4").tobytes())
+            assert isinstance(await ws.recv(), bytes)
+    kept = history.read((await served.services.store.get("paths")).history)
+    np.testing.assert_array_equal(kept.inputs, np.concatenate(x))
