@@ -388,7 +388,7 @@ async def test_an_upgrade_racing_steps_on_another_replica_loses_no_step(
         async for b in serve(repo, redis_url, session_history=8):
             await _stream(a.client, "raced", [])
             stepping = asyncio.create_task(_steps_into(a.client, "raced", chunks, replies))
-            while len(replies) < 3:
+            while len(replies) < 3 and not stepping.done():
                 await asyncio.sleep(0.005)
             for _ in range(100):  # a SessionConflict (every attempt lost a race) is retried
                 r = await b.client.post("/v1/sessions/raced/upgrade", json={"replay": 4})
