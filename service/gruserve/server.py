@@ -62,6 +62,7 @@ def build_store(settings: Settings, events: SessionEvents | None = None) -> Sess
         timeout_s=settings.store_timeout_s,
         min_replicas=settings.store_min_replicas,
         wait_ms=settings.store_wait_ms,
+        history=settings.session_history > 0,
         **lifecycle,
     )
 
@@ -149,6 +150,8 @@ def build_services(
         max_timesteps=settings.max_timesteps,
         metrics=metrics,
         limits=limits,
+        history=settings.session_history,
+        on_version_gone=settings.session_on_version_gone,
     )
     if settings.snapshot_path is not None and isinstance(store, MemorySessionStore):
         restore_snapshot(settings.snapshot_path, store, sessions)

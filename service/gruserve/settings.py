@@ -54,6 +54,15 @@ class Settings(BaseSettings):
     """Rescan the models directory this often (seconds) and load new versions before making
     them the default (0 = only through ``POST /v2/repository/models/{model}/load``)."""
 
+    session_history: int = Field(0, ge=0)
+    """Timesteps of input each session keeps (its last N, with mask values) so that
+    ``POST /v1/sessions/{id}/upgrade`` can replay them on a new version (0 = none kept)."""
+
+    session_on_version_gone: Literal["fail", "reset", "upgrade"] = "fail"
+    """A step for a session whose version was removed from disk: ``fail`` answers 410
+    ModelVersionGone; ``reset`` moves the session to the default version at zero state;
+    ``upgrade`` moves it there replaying all its kept inputs. The step count continues."""
+
     provider: Literal["auto", "cpu", "cuda"] = "auto"
     """onnxruntime execution provider: ``auto`` picks CUDA when onnxruntime-gpu and a GPU
     are present, else CPU; ``cuda`` refuses to start without them."""

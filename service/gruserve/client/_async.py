@@ -114,6 +114,35 @@ class AsyncClient:
             self, await self._json("GET", w.session_path(session_id), "get session")
         )
 
+    async def upgrade(
+        self, session_id: str, version: int | None = None, replay: int | None = None
+    ) -> dict[str, Any]:
+        """Move a session to another version of its model (``POST /v1/sessions/{id}/upgrade``).
+
+        Args:
+            session_id: the session.
+            version: the version to move to; the model's default version when None.
+            replay: start from the state the new version computes over the session's last
+                ``replay`` inputs (the server keeps them when ``GRUSERVE_SESSION_HISTORY``
+                is set); from the new version's zero state when None or 0.
+
+        Returns:
+            ``{"session_id", "model", "old_version", "version", "step", "replayed"}``.
+
+        Raises:
+            SessionNotFound, InvalidInput (naming ``version`` or ``replay``), ConnectionLost.
+        """
+        body: dict[str, Any] = {}
+        if version is not None:
+            body["version"] = version
+        if replay is not None:
+            body["replay"] = replay
+        return dict(
+            await self._json(
+                "POST", w.session_path(session_id, "/upgrade"), "upgrade", w.dumps(body)
+            )
+        )
+
     async def predict(
         self,
         model: str,
@@ -332,6 +361,14 @@ class AsyncSession:
         )
         self._step = int(answer["step"])
         return w.info(answer)
+
+    async def upgrade(
+        self, version: int | None = None, replay: int | None = None
+    ) -> dict[str, Any]:
+        """Move this session to another version of its model: see ``Client.upgrade``."""
+        answer = await self._client.upgrade(self.session_id, version, replay)
+        self.version, self._step = int(answer["version"]), int(answer["step"])
+        return answer
 
     async def info(self, include_state: bool = False) -> dict[str, Any]:
         """The session's description (step, timesteps, times; ``states`` when asked)."""

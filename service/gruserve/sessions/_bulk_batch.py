@@ -35,6 +35,7 @@ from gruserve.runtime.batcher import StepOutput
 from gruserve.runtime.model import LoadedModel
 from gruserve.runtime.signature import ModelSignature
 from gruserve.sessions import _result
+from gruserve.sessions.history import appended
 from gruserve.sessions.owner import ANYONE, Caller, legacy_key
 from gruserve.sessions.service import SessionService, StepResult
 from gruserve.sessions.store import SessionRecord
@@ -251,7 +252,7 @@ async def _write(
     sig = model.signature
     names, per_timestep = sig.output_names, sig.per_timestep
     one, first = len(names) == 1, names[0]
-    now = service._clock()
+    now, history = service._clock(), service.history
     written: list[tuple[_Ready, SessionRecord, list[np.ndarray]]] = []
     for step, share in zip(ready, shares, strict=True):
         if isinstance(share, BaseException):
@@ -263,7 +264,11 @@ async def _write(
         number = step.item.step_number
         kept = None if number is None else _result.pack(number, outputs, step.applied)
         timesteps = int(step.inputs.shape[0])
-        written.append((step, step.record.advanced(share.state, timesteps, now, kept), outputs))
+        record = step.record
+        kept_inputs = appended(record.history, step.inputs, step.mask, history) if history else None
+        written.append(
+            (step, record.advanced(share.state, timesteps, now, kept, kept_inputs), outputs)
+        )
     if not written:
         return []
     try:

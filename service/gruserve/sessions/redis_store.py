@@ -253,26 +253,37 @@ _FIELDS = (
     "owner",
 )
 """A session hash's fields in the order the scripts read and write them (and ``writer``)."""
+_HISTORY_FIELDS = (*_FIELDS, "history")
+"""The fields with ``GRUSERVE_SESSION_HISTORY`` on: ``history`` is the revision it was
+written with (u64) and the kept inputs; a write with history off leaves the field as it
+was, so a history whose revision is not the record's is stale and read as none."""
 _WRITE_HEAD = 5  # a write's values before its fields: id, expected revision, writer, deadline, end
-_CAS = (
-    _CAS.replace("WRITE_ARGS", str(_WRITE_HEAD + len(_FIELDS)))
-    .replace("REVISION", str(_WRITE_HEAD + _FIELDS.index("revision")))
-    .replace(
-        "FIELDS",
-        ", ".join(
-            [f"'{name}', ARGV[a + {_WRITE_HEAD + i}]" for i, name in enumerate(_FIELDS)]
-            + ["'writer', ARGV[a + 2]"]
-        ),
+
+
+def _scripts(fields: tuple[str, ...]) -> tuple[str, str]:
+    """The compare-and-set and read scripts of hashes with ``fields``."""
+    cas = (
+        _CAS.replace("WRITE_ARGS", str(_WRITE_HEAD + len(fields)))
+        .replace("REVISION", str(_WRITE_HEAD + fields.index("revision")))
+        .replace(
+            "FIELDS",
+            ", ".join(
+                [f"'{name}', ARGV[a + {_WRITE_HEAD + i}]" for i, name in enumerate(fields)]
+                + ["'writer', ARGV[a + 2]"]
+            ),
+        )
     )
-)
-_READ = _READ.replace("READ_FIELDS", ", ".join(f"'{name}'" for name in _FIELDS))
-WRITE_SCRIPT = _CAS
+    return cas, _READ.replace("READ_FIELDS", ", ".join(f"'{name}'" for name in fields))
+
+
+WRITE_SCRIPT, _READ_SCRIPT = _scripts(_FIELDS)
 """The compare-and-set script's text: its SHA1 marks a step's write on the wire (fault tests)."""
 
 
-def _values(record: SessionRecord) -> list[Any]:
-    """``record`` as the values of :data:`_FIELDS`, in order."""
-    return [
+def _values(record: SessionRecord, history: bool = False) -> list[Any]:
+    """``record`` as the values of :data:`_FIELDS` (:data:`_HISTORY_FIELDS` with
+    ``history``), in order."""
+    values = [
         record.model,
         record.version,
         np.ascontiguousarray(record.state, "<f4").tobytes(),
@@ -284,6 +295,10 @@ def _values(record: SessionRecord) -> list[Any]:
         record.last_result or b"",
         record.owner,
     ]
+    if history:
+        kept = record.history
+        values.append(record.revision.to_bytes(8, "little") + kept if kept else b"")
+    return values
 
 
 def _fields(record: SessionRecord, writer: bytes) -> list[Any]:
@@ -297,8 +312,11 @@ def _fields(record: SessionRecord, writer: bytes) -> list[Any]:
 def _record(session_id: str, values: list[bytes | None]) -> SessionRecord:
     """The record of one session from its :data:`_FIELDS` values, as ``_READ`` answers them."""
     model, version, state, step, timesteps, revision, created_at, last_used_at, result, owner = (
-        values
+        values[:10]
     )
+    history = values[10] if len(values) > 10 else None  # absent: history off, or older record
+    if history and int.from_bytes(history[:8], "little") != int(revision):  # type: ignore[arg-type]
+        history = None  # written before a time with history off: stale
     return SessionRecord(
         session_id=session_id,
         model=model.decode(),  # type: ignore[union-attr]
@@ -311,6 +329,7 @@ def _record(session_id: str, values: list[bytes | None]) -> SessionRecord:
         last_used_at=float(last_used_at),  # type: ignore[arg-type]
         last_result=result or None,
         owner=(owner or b"").decode(),  # absent in records written before tenants
+        history=history[8:] if history else None,
     )
 
 
@@ -351,6 +370,8 @@ class RedisSessionStore:
         min_replicas: a write (create, step, reset, delete) succeeds only once this many
             replicas of its master acknowledged it (Redis ``WAIT``); 0: no waiting.
         wait_ms: how long ``WAIT`` waits for them before the write raises StoreUnavailable.
+        history: store each record's kept inputs (a ``history`` field); off, the hashes and
+            scripts are those of a server without history.
     """
 
     name = "redis"
@@ -369,6 +390,7 @@ class RedisSessionStore:
         batch_limit: int = 256,
         min_replicas: int = 0,
         wait_ms: int = 1000,
+        history: bool = False,
     ) -> None:
         if not ttl_s > 0:
             raise ValueError(f"RedisSessionStore needs ttl_s > 0. Received: ttl_s={ttl_s!r}")
@@ -392,8 +414,10 @@ class RedisSessionStore:
         self._min_replicas, self._wait_ms = min_replicas, wait_ms
         self._redis = connect(url, timeout_s)
         self._nodes: dict[str, aioredis.Redis] = {}  # cluster masters' own clients, by name
-        self._cas = self._redis.register_script(_CAS)
-        self._read = self._redis.register_script(_READ)
+        self._history = history  # keep each session's ``history`` (GRUSERVE_SESSION_HISTORY)
+        cas, read = _scripts(_HISTORY_FIELDS) if history else (WRITE_SCRIPT, _READ_SCRIPT)
+        self._cas = self._redis.register_script(cas)
+        self._read = self._redis.register_script(read)
         self._batch_limit = batch_limit
         self._reads: Coalescer[str, SessionRecord] = Coalescer(self._read_many, batch_limit)
         self._writes: Coalescer[_Write, bool] = Coalescer(self._write_many, batch_limit)
@@ -575,7 +599,7 @@ class RedisSessionStore:
                     os.urandom(8).hex(),
                     self._deadline_ms(record),
                     int(end),
-                    *_values(record),
+                    *_values(record, self._history),
                 )
             calls.append(_Call(self._cas, keys, args))
 

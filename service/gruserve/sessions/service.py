@@ -38,6 +38,7 @@ import numpy as np
 from gruserve.errors import (
     GruServeError,
     InvalidInput,
+    ModelVersionGone,
     SequenceNotStarted,
     SessionConflict,
     SessionExists,
@@ -54,8 +55,9 @@ from gruserve.runtime.model import LoadedModel
 from gruserve.runtime.registry import ModelRegistry
 from gruserve.runtime.signature import ModelSignature
 from gruserve.runtime.validation import Chunk, StateValue, check_chunk, flat_state
-from gruserve.sessions import _result
+from gruserve.sessions import _result, upgrade
 from gruserve.sessions._locks import KeyedLocks
+from gruserve.sessions.history import appended
 from gruserve.sessions.lifecycle import STEP_ONLY, Lifecycle
 from gruserve.sessions.owner import ANYONE, Caller, legacy_key, scoped, tenant_of
 from gruserve.sessions.store import (
@@ -100,6 +102,9 @@ class SessionService:
         metrics: collectors, or None.
         clock: Unix-seconds clock.
         limits: work per request: a step's reply is counted against ``max_reply_values``.
+        history: timesteps of input each session keeps for upgrades with replay (0: none).
+        on_version_gone: what a step does for a session whose version was removed from
+            disk (:data:`gruserve.sessions.upgrade.OnVersionGone`).
     """
 
     def __init__(
@@ -113,6 +118,8 @@ class SessionService:
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
         limits: WorkLimits | None = None,
+        history: int = 0,
+        on_version_gone: upgrade.OnVersionGone = "fail",
     ) -> None:
         if max_attempts < 1:
             raise ValueError(f"SessionService needs max_attempts >= 1. Received: {max_attempts!r}")
@@ -122,6 +129,7 @@ class SessionService:
         self._metrics, self._clock = metrics, clock
         self._locks = KeyedLocks()
         self._limits = limits if limits is not None else WorkLimits()
+        self.history, self._on_gone = history, on_version_gone
 
     # -- lookups -------------------------------------------------------------------------
     def model_of(self, record: SessionRecord) -> LoadedModel:
@@ -432,7 +440,12 @@ class SessionService:
                     raise SessionNotOnModel(session_id, record.model, model_name)
                 model = self.registry.loaded(record.model, record.version)
                 if model is None:
-                    model = await self.model_for(record)
+                    try:
+                        model = await self.model_for(record)
+                    except ModelVersionGone as gone:  # fail (410), or move it and re-read
+                        if not await upgrade.after_gone(self, record, gone, self._on_gone):
+                            self._conflict()
+                        continue
                 if chunk is None:
                     chunk = self._chunk(model.signature, inputs, mask)
                     if step_number is not None:
@@ -444,7 +457,14 @@ class SessionService:
                 if chunk.single and model.signature.per_timestep:
                     outputs = [o[0] for o in outputs]
                 kept = None if step_number is None else _result.pack(step_number, outputs, applied)
-                updated = record.advanced(out.state, chunk.timesteps, self._clock(), kept)
+                kept_inputs = (
+                    appended(record.history, chunk.inputs, chunk.mask, self.history)
+                    if self.history
+                    else None
+                )
+                updated = record.advanced(
+                    out.state, chunk.timesteps, self._clock(), kept, kept_inputs
+                )
                 if await self.store.compare_and_set(updated, expected, lifecycle.end):
                     return StepResult(
                         dict(zip(model.signature.output_names, outputs, strict=True)),

@@ -10,8 +10,10 @@ everything before it, so a truncated or altered file is refused as a whole::
     u64  header length
     header (JSON): {"written_at": unix seconds, "sessions": [{"session_id", "model",
                    "version", "step", "timesteps", "revision", "created_at",
-                   "last_used_at", "units", "result_bytes"}, ...]}
-    per session, in header order: units x float32, then result_bytes bytes
+                   "last_used_at", "units", "result_bytes", "owner"?,
+                   "history_bytes"?}, ...]}
+    per session, in header order: units x float32, result_bytes bytes, then
+                   history_bytes bytes (its kept inputs; 0 when absent)
     32 bytes: SHA-256 of all of the above
 
 Writing is atomic: a temporary file in the same folder (mode 0600: states may be
@@ -49,7 +51,7 @@ _FIELDS = {
     "units": int,
     "result_bytes": int,
 }
-_OPTIONAL = {"owner": str}
+_OPTIONAL = {"owner": str, "history_bytes": int}
 """Fields a snapshot written before them lacks (read as their default)."""
 
 
@@ -75,6 +77,7 @@ def write(path: Path, records: Sequence[SessionRecord]) -> None:
                 "units": int(r.state.size),
                 "result_bytes": len(r.last_result or b""),
                 "owner": r.owner,
+                "history_bytes": len(r.history or b""),
             }
             for r in records
         ],
@@ -105,6 +108,8 @@ def _parts(text: bytes, records: Sequence[SessionRecord]) -> Any:
         yield np.ascontiguousarray(record.state, "<f4").tobytes()
         if record.last_result:
             yield record.last_result
+        if record.history:
+            yield record.history
 
 
 def read(path: Path) -> list[SessionRecord]:
@@ -137,7 +142,8 @@ def read(path: Path) -> list[SessionRecord]:
         _check(path, i, entry)
         state_end = offset + 4 * entry["units"]
         result_end = state_end + entry["result_bytes"]
-        if result_end > len(body):
+        history_end = result_end + entry.get("history_bytes", 0)
+        if history_end > len(body):
             raise SnapshotError(path, f"session {i} runs past the end of the data")
         records.append(
             SessionRecord(
@@ -152,9 +158,10 @@ def read(path: Path) -> list[SessionRecord]:
                 float(entry["last_used_at"]),
                 body[state_end:result_end] or None,
                 str(entry.get("owner", "")),  # snapshots from before tenants have none
+                body[result_end:history_end] or None,  # from before history: none
             )
         )
-        offset = result_end
+        offset = history_end
     if offset != len(body):
         raise SnapshotError(path, f"{len(body) - offset} bytes follow the last session")
     return records

@@ -36,6 +36,8 @@ class SessionRecord:
         created_at, last_used_at: Unix seconds; idle expiry counts from ``last_used_at``.
         last_result: the last step's encoded reply, or None (kept for exactly-once retries).
         owner: the name of the API key (tenant) that created it; "" without names.
+        history: the session's last inputs (:mod:`gruserve.sessions.history`), or None
+            (``GRUSERVE_SESSION_HISTORY`` = 0, or nothing kept since the last reset).
     """
 
     session_id: str
@@ -49,11 +51,18 @@ class SessionRecord:
     last_used_at: float = 0.0
     last_result: bytes | None = None
     owner: str = ""
+    history: bytes | None = None
 
     def advanced(
-        self, state: np.ndarray, timesteps: int, now: float, result: bytes | None = None
+        self,
+        state: np.ndarray,
+        timesteps: int,
+        now: float,
+        result: bytes | None = None,
+        history: bytes | None = None,
     ) -> SessionRecord:
-        """The record after one more step (built directly: this is on every step's path)."""
+        """The record after one more step (built directly: this is on every step's path);
+        ``history`` replaces the kept inputs (None: history is off, nothing is kept)."""
         return SessionRecord(
             self.session_id,
             self.model,
@@ -66,10 +75,11 @@ class SessionRecord:
             now,
             result,
             self.owner,
+            history,
         )
 
     def reset(self, state: np.ndarray, now: float) -> SessionRecord:
-        """The record after ``reset``: new state, counters back to zero."""
+        """The record after ``reset``: new state, counters back to zero, no kept inputs."""
         return dataclasses.replace(
             self,
             state=state,
@@ -78,6 +88,7 @@ class SessionRecord:
             revision=self.revision + 1,
             last_used_at=now,
             last_result=None,
+            history=None,
         )
 
 

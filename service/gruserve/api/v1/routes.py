@@ -19,6 +19,7 @@ from gruserve.api.protocols._disconnect import unless_disconnected
 from gruserve.api.v1 import schemas as s
 from gruserve.errors import InvalidInput
 from gruserve.services import Services
+from gruserve.sessions import upgrade
 from gruserve.sessions.owner import Caller
 from gruserve.sessions.store import MAX_PAGE, SessionRecord
 
@@ -164,6 +165,34 @@ async def reset_session(session_id: str, request: Request) -> Response:
     services = _services(request)
     record = await services.sessions.reset(session_id, states, caller_of(request.scope))
     return encode.json_response(_info(services, record, caller_of(request.scope)))
+
+
+@router.post(
+    "/sessions/{session_id}/upgrade",
+    response_model=s.UpgradeResponse,
+    tags=["sessions"],
+    openapi_extra=s.request_body(s.UpgradeRequest),
+)
+async def upgrade_session(session_id: str, request: Request) -> Response:
+    """Move the session to another version of its model (the default one when ``version``
+    is omitted), at the new version's zero state, or warmed by replaying its last
+    ``replay`` inputs; the step count continues."""
+    body = decode.json_object(await request.body(), s.UpgradeRequest.model_fields)
+    services, caller = _services(request), caller_of(request.scope)
+    moved = await upgrade.upgrade(
+        services.sessions, session_id, body.get("version"), body.get("replay"), caller
+    )
+    record = moved.record
+    return encode.json_response(
+        {
+            "session_id": caller.shown(record.session_id, record.owner),
+            "model": record.model,
+            "old_version": moved.old_version,
+            "version": record.version,
+            "step": record.step,
+            "replayed": moved.replayed,
+        }
+    )
 
 
 @router.get("/sessions", response_model=s.SessionList, tags=["sessions"])

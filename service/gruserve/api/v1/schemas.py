@@ -161,6 +161,28 @@ class ResetRequest(_Strict):
     )
 
 
+class UpgradeRequest(_Strict):
+    version: int | None = Field(
+        None, ge=1, description="The version to move to; the model's default when omitted."
+    )
+    replay: int | None = Field(
+        None,
+        ge=0,
+        description="Start from the state the new version computes over the session's last "
+        "this many inputs (kept when GRUSERVE_SESSION_HISTORY is at least this); zero state "
+        "when omitted or 0.",
+    )
+
+
+class UpgradeResponse(_Strict):
+    session_id: str
+    model: str
+    old_version: int
+    version: int = Field(description="The version the session is on now.")
+    step: int = Field(description="Steps applied so far (an upgrade does not change it).")
+    replayed: int = Field(description="Timesteps the new version ran over to make the state.")
+
+
 class ModelSummary(_Strict):
     name: str
     version: int | None
