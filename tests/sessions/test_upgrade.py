@@ -212,7 +212,19 @@ async def test_upgrade_of_unknown_or_foreign_sessions_is_404(
         r = await s.client.post("/v1/sessions/mine/upgrade", json={}, headers=other)
         assert r.status_code == 404
         r = await s.client.post("/v1/sessions/mine/upgrade", json={}, headers=acme)
+        assert r.status_code == 200 and r.json()["session_id"] == "mine"  # never the store key
+        # the other tenant's own "mine" is another session, upgraded on its own
+        r = await s.client.post(
+            f"/v1/models/{NAME}/sessions", json={"session_id": "mine", "version": 1}, headers=other
+        )
+        assert r.status_code == 201
+        r = await s.client.post("/v1/sessions/mine/upgrade", json={"version": 2}, headers=other)
         assert r.status_code == 200
+        assert (r.json()["session_id"], r.json()["old_version"], r.json()["version"]) == (
+            "mine",
+            1,
+            2,
+        )
 
 
 async def test_without_history_nothing_is_kept(tmp_path: Path, versions_dir: Path) -> None:
