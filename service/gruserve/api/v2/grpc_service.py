@@ -5,7 +5,9 @@ or ``x-api-key``, the keys and tenants of HTTP), decodes its message
 (:mod:`gruserve.api.v2.grpc_codec`), makes the one call :mod:`gruserve.api.v2.infer`
 makes for HTTP, and encodes the reply; errors become status codes
 (:mod:`gruserve.api.v2.grpc_status`). ``ServerLive`` and ``ServerReady`` need no key,
-as ``/v2/health/live`` and ``/v2/health/ready`` need none.
+as ``/v2/health/live`` and ``/v2/health/ready`` need none; the repository RPCs need an
+admin key (when keys are on), as ``/v2/repository/...`` do. Every answer is counted, timed
+and traced (:mod:`gruserve.api.v2.grpc_telemetry`), each stream message as one request.
 
 ``ModelStreamInfer`` is Triton's bidirectional stream: requests are answered one by one
 in the order sent, a sequence's steps through the same session mapping as HTTP (so one
@@ -31,7 +33,7 @@ from tritonclient.grpc import service_pb2 as pb
 
 from gruserve import __version__
 from gruserve.api._auth import ApiKeys
-from gruserve.api.v2 import grpc_codec, grpc_status
+from gruserve.api.v2 import grpc_codec, grpc_status, repository
 from gruserve.api.v2 import infer as v2_infer
 from gruserve.api.v2.grpc_telemetry import Call, GrpcTelemetry
 from gruserve.api.v2.model import wire_model
@@ -158,6 +160,41 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
             ignore_unknown_fields=True,
         )
         return pb.ModelConfigResponse(config=config)
+
+    # -- repository (admin keys only, as over HTTP) -----------------------------------------
+    @_answers
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: Any
+    ) -> pb.RepositoryIndexResponse:
+        repository.admin_only(self._caller(context))
+        index = pb.RepositoryIndexResponse.ModelIndex
+        return pb.RepositoryIndexResponse(
+            models=[
+                index(name=e.name, version=str(e.version), state=e.state, reason=e.reason or "")
+                for e in self.services.registry.index()
+                if not request.ready or e.state == "READY"
+            ]
+        )
+
+    @_answers
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: Any
+    ) -> pb.RepositoryModelLoadResponse:
+        repository.admin_only(self._caller(context))
+        await repository.reload(
+            self.services, repository.model_name(self.services, request.model_name)
+        )
+        return pb.RepositoryModelLoadResponse()
+
+    @_answers
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: Any
+    ) -> pb.RepositoryModelUnloadResponse:
+        repository.admin_only(self._caller(context))
+        repository.take_down(
+            self.services, repository.model_name(self.services, request.model_name)
+        )
+        return pb.RepositoryModelUnloadResponse()
 
     # -- inference -------------------------------------------------------------------------
     async def _infer(self, request: pb.ModelInferRequest, caller: Caller) -> pb.ModelInferResponse:
