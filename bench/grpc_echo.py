@@ -10,7 +10,11 @@ and answers, the ways grpcio offers:
 
 - ``read-yield``: ``context.read()`` and ``yield`` (gruserve's form);
 - ``read-write``: ``context.read()`` and ``await context.write()`` (a coroutine handler);
-- ``iterate-yield``: ``async for request in request_iterator`` and ``yield``.
+- ``iterate-yield``: ``async for request in request_iterator`` and ``yield``;
+- ``read-wait-yield``: as ``read-yield``, but each request waits for its answer on a future
+  that a stand-in batcher resolves, for every stream waiting, in the next pass of the
+  event loop, as gruserve's batcher wakes a batch's steps. This is the shape of a real
+  step's await, with no work in it: what suspending a stream's task costs in grpcio.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import numpy as np
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
-FORMS = ("read-yield", "read-write", "iterate-yield")
+FORMS = ("read-yield", "read-write", "iterate-yield", "read-wait-yield")
 
 
 def _reply() -> Any:
@@ -67,9 +71,38 @@ class IterateYield(service_pb2_grpc.GRPCInferenceServiceServicer):
             yield self.reply
 
 
+class ReadWaitYield(service_pb2_grpc.GRPCInferenceServiceServicer):
+    reply = _reply()
+
+    def __init__(self) -> None:
+        self._waiting: list[asyncio.Future[Any]] = []
+
+    def _flush(self) -> None:
+        waiting, self._waiting = self._waiting, []
+        for future in waiting:
+            future.set_result(self.reply)
+
+    async def ModelStreamInfer(self, requests: Any, context: Any) -> AsyncIterator[Any]:
+        loop = asyncio.get_running_loop()
+        while True:
+            request = await context.read()
+            if request is grpc.aio.EOF:
+                return
+            future = loop.create_future()
+            if not self._waiting:
+                loop.call_soon(self._flush)
+            self._waiting.append(future)
+            yield await future
+
+
 async def serve(port: int, form: str) -> None:
     server = grpc.aio.server()
-    servicer = {"read-yield": ReadYield, "read-write": ReadWrite, "iterate-yield": IterateYield}
+    servicer = {
+        "read-yield": ReadYield,
+        "read-write": ReadWrite,
+        "iterate-yield": IterateYield,
+        "read-wait-yield": ReadWaitYield,
+    }
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer[form](), server)
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()

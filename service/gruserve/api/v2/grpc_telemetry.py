@@ -94,7 +94,16 @@ class GrpcTelemetry:
 class Call:
     """One answer being made: times it, counts it with its ``code``, holds its span."""
 
-    __slots__ = ("_context", "_method", "_request", "_span", "_started", "_telemetry", "code")
+    __slots__ = (
+        "_context",
+        "_current",
+        "_method",
+        "_request",
+        "_span",
+        "_started",
+        "_telemetry",
+        "code",
+    )
 
     def __init__(self, telemetry: GrpcTelemetry, method: str, context: Any, request: Any) -> None:
         self._telemetry, self._method = telemetry, method
@@ -105,8 +114,8 @@ class Call:
     def __enter__(self) -> Call:
         telemetry = self._telemetry
         if telemetry._tracer is not None:
-            self._span = telemetry._start_span(self._method, self._context, self._request)
-            self._span.__enter__()
+            self._current = telemetry._start_span(self._method, self._context, self._request)
+            self._span = self._current.__enter__()
         self._started = time.perf_counter()
         return self
 
@@ -114,15 +123,14 @@ class Call:
         if kind is not None and self.code is OK:
             self.code = CANCELLED
         self._telemetry.count(self._method, self.code, time.perf_counter() - self._started)
-        if self._span is not None:
-            from opentelemetry import trace
+        span = self._span
+        if span is not None:
             from opentelemetry.trace import Status, StatusCode
 
-            span = trace.get_current_span()
             span.set_attribute("rpc.grpc.status_code", self.code.value[0])
             if self.code not in (OK, CANCELLED):
                 span.set_status(Status(StatusCode.ERROR, self.code.name))
-            self._span.__exit__(None, None, None)
+            self._current.__exit__(None, None, None)
 
 
 def request_attributes(request: Any) -> dict[str, Any]:
