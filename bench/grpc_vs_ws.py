@@ -9,6 +9,13 @@ over Triton's ``ModelStreamInfer`` (``bench.grpc_loadgen``, one stream each), ba
 on the same server, so a machine whose speed drifts moves both sides of each ratio alike;
 the ratio reported is the median of the rounds'. The server runs on core 0 and the load
 generator on core 1 (when the machine has two cores or more).
+
+Each round also measures, with the same load generator, a bare ``ModelStreamInfer`` echo
+server (``bench.grpc_echo``, no gruserve code) in each handler form grpcio offers, on the
+same core: grpcio's own ceiling; and gruserve's per-message answer with grpcio taken out
+(``bench.grpc_dataplane``, in-process). Every run records the server's CPU seconds, so the
+summary gives server CPU per step (``server_us_per_step``, warm-up included), the figure
+that says what a step costs whichever side is saturated.
 """
 
 from __future__ import annotations
@@ -16,17 +23,64 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 
 from bench import grpc_loadgen
+from bench.grpc_echo import FORMS as ECHOES
 from bench.models import build
 from bench.run_all import BIN, Server, _cpu_seconds, _machine_busy_seconds
 
-PORT, GRPC_PORT = 8331, 8332
+PORT, GRPC_PORT, ECHO_PORT = 8331, 8332, 8333
+DATAPLANE = "v2 dataplane, no grpcio"
+WARMUP_S = 1.0  # bench.loadgen's and bench.grpc_loadgen's default
+
+
+def _echo(form: str, seconds: float, sessions: int, pin: bool) -> dict[str, Any]:
+    """One run against a fresh ``bench.grpc_echo`` server in handler ``form``."""
+    command = [sys.executable, "-m", "bench.grpc_echo", "--port", str(ECHO_PORT), "--form", form]
+    proc = subprocess.Popen(["taskset", "-c", "0", *command] if pin else command)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{ECHO_PORT}") as channel:
+            grpc.channel_ready_future(channel).result(timeout=60)
+        before, busy = _cpu_seconds(proc.pid), _machine_busy_seconds()
+        run = grpc_loadgen.run(f"127.0.0.1:{ECHO_PORT}", "demo", sessions, seconds)
+        run["server_cpu_s"] = _cpu_seconds(proc.pid) - before
+        run["machine_busy_s"] = _machine_busy_seconds() - busy
+        run["transport"] = f"grpc-echo {form}"
+        return run
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _dataplane(models_dir: Path, seconds: float, sessions: int, pin: bool) -> dict[str, Any]:
+    """``bench.grpc_dataplane`` in a fresh process on the server's core."""
+    command = [sys.executable, "-m", "bench.grpc_dataplane", "--models-dir", str(models_dir)]
+    command += ["--seconds", str(seconds), "--sessions", str(sessions)]
+    done = subprocess.run(
+        ["taskset", "-c", "0", *command] if pin else command,
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "GRUSERVE_LOG_LEVEL": "warning"},
+    )
+    measured = json.loads(done.stdout.strip().splitlines()[-1])
+    return {
+        "transport": DATAPLANE,
+        "steps_per_s": measured["steps_per_s"],
+        "server_us_per_step": measured["cpu_us_per_step"],
+    }
+
+
+def _per_step_us(run: dict[str, Any], seconds: float) -> float:
+    return 1e6 * run["server_cpu_s"] / (run["steps_per_s"] * (seconds + WARMUP_S))
 
 
 def main() -> None:
@@ -68,15 +122,25 @@ def main() -> None:
                 )
                 stream["server_cpu_s"] = _cpu_seconds(server.proc.pid) - before
                 stream["machine_busy_s"] = _machine_busy_seconds() - busy
-                for run in (ws, stream):
+                echoes = [_echo(form, args.seconds, args.sessions, two_cores) for form in ECHOES]
+                for run in (ws, stream, *echoes):
+                    run["server_us_per_step"] = _per_step_us(run, args.seconds)
                     runs.append({"round": round_, **run})
                     print(
                         f"round {round_} {run['transport']:>11}: {run['steps_per_s']:8.0f} "
                         f"steps/s  p50 {run['p50_ms']:6.2f} ms  p99 {run['p99_ms']:6.2f} ms  "
-                        f"server CPU {run['server_cpu_s']:.1f} s  client CPU "
+                        f"server CPU {run['server_cpu_s']:.1f} s "
+                        f"({run['server_us_per_step']:.0f} us/step)  client CPU "
                         f"{run['client_cpu_s']:.1f} s",
                         flush=True,
                     )
+                inside = _dataplane(models_dir, args.seconds, args.sessions, two_cores)
+                runs.append({"round": round_, **inside})
+                print(
+                    f"round {round_} {DATAPLANE}: {inside['steps_per_s']:8.0f} steps/s  "
+                    f"({inside['server_us_per_step']:.0f} us/step)",
+                    flush=True,
+                )
         finally:
             server.stop()
     pairs = [
@@ -95,6 +159,17 @@ def main() -> None:
         "grpc_stream p99_ms": float(np.median([g["p99_ms"] for g, _ in pairs])),
     }
     summary["goal_0.8x_ws"] = summary["grpc_stream / ws steps_per_s"] >= 0.8
+    echo_names = [f"grpc-echo {form}" for form in ECHOES]
+    for transport in ("ws", "grpc-stream", *echo_names, DATAPLANE):
+        mine = [r for r in runs if r["transport"] == transport]
+        summary[f"{transport} server_us_per_step"] = float(
+            np.median([r["server_us_per_step"] for r in mine])
+        )
+        if transport.startswith("grpc-echo"):
+            by_round = {w["round"]: w for _, w in pairs}
+            summary[f"{transport} / ws steps_per_s"] = float(
+                np.median([r["steps_per_s"] / by_round[r["round"]]["steps_per_s"] for r in mine])
+            )
     print(json.dumps(summary, indent=2))
     args.out.write_text(json.dumps({"runs": runs, "summary": summary}, indent=2) + "\n")
 

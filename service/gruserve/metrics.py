@@ -109,6 +109,19 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
+        self.grpc_requests = Counter(
+            "gruserve_grpc_requests",
+            "gRPC requests answered: unary calls, and each message of ModelStreamInfer.",
+            ["method", "code"],
+            registry=registry,
+        )
+        self.grpc_seconds = Histogram(
+            "gruserve_grpc_request_seconds",
+            "gRPC request latency (per message on ModelStreamInfer).",
+            ["method"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
         self.ws_messages = Counter(
             "gruserve_websocket_messages",
             "WebSocket step messages answered.",

@@ -103,12 +103,17 @@ class Client:
                 return self.session(session_id)
         return Session(self, w.reply(response.status_code, response.content, ok=201))
 
-    def session(self, session_id: str) -> Session:
+    def session(self, session_id: str, model: str | None = None) -> Session:
         """Attach to an existing session: its next step is numbered from its step count.
+
+        With ``model``, no request is made: the handle is for a session its first step
+        creates in band (``step(x, create=True)``), numbered from 0.
 
         Raises:
             SessionNotFound, ConnectionLost.
         """
+        if model is not None:
+            return Session(self, {"session_id": session_id, "model": model, "step": 0})
         return Session(self, self._json("GET", w.session_path(session_id), "get session"))
 
     def upgrade(
@@ -245,7 +250,7 @@ class Session:
         self._client = client
         self.session_id: str = description["session_id"]
         self.model: str = description["model"]
-        self.version: int = description["version"]
+        self.version: int | None = description.get("version")  # None: not created yet
         self._step = int(description["step"])
 
     def __repr__(self) -> str:
@@ -256,7 +261,9 @@ class Session:
         """Steps the session has applied, as of this client's last answer from it."""
         return self._step
 
-    def step(self, x: Any, mask: Any = None) -> w.Outputs:
+    def step(
+        self, x: Any, mask: Any = None, *, create: w.Create = None, end: w.End = None
+    ) -> w.Outputs | tuple[w.Outputs, dict[str, np.ndarray]]:
         """Apply one chunk of timesteps and return its outputs.
 
         The request carries ``"step": step_number``; after a timeout, a dropped connection
@@ -269,23 +276,38 @@ class Session:
             x: [timesteps, features] or [features] (one timestep; token ids: [timesteps] or
                 one id).
             mask: [timesteps] booleans; False leaves the state unchanged for that timestep.
+            create: in-band create (README "Short sessions: create and end in band"): True
+                (the handle's model), a model name, or ``{"model"?, "initial_state"?}``. The
+                step creates the session if its id is free and steps it if it is your own
+                live session on that model (so a resent create-step creates nothing more).
+            end: True, or ``{"return_state": True}``: delete the session once this step is
+                applied (an ended session keeps no result: a resend of an end step whose
+                reply was lost raises SessionNotFound).
 
         Returns:
             [timesteps, D] float32 ([D] for a [features] step or a one-output-per-sequence
-            model); a dict of them for a model with several outputs.
+            model); a dict of them for a model with several outputs. With
+            ``end={"return_state": True}``: ``(outputs, {key: [units]})``, the state the
+            session ended in.
 
         Raises:
             SessionNotFound, InvalidInput, PayloadTooLarge, StepOutOfOrder (another client
-            stepped this session meanwhile), ConnectionLost.
+            stepped this session meanwhile), SessionExists (``create`` of an id taken by
+            another tenant or model), ConnectionLost; ValueError: ``create`` or ``end`` in
+            none of the forms above.
         """
+        body = w.step_body(x, mask, self._step, create, end, self.model)
         number = self._step
         answer = self._client._json(
             "POST",
             w.session_path(self.session_id, "/step"),
             f"step {number} of session {self.session_id!r}",
-            w.step_body(x, mask, number),
+            body,
         )
         self._step = int(answer["step"])
+        self.version = answer.get("version", self.version)
+        if "states" in answer:
+            return w.outputs(answer["outputs"]), w.ended_states(answer)
         return w.outputs(answer["outputs"])
 
     def stream(self, xs: Iterable[Any]) -> Iterator[w.Outputs]:

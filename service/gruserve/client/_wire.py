@@ -93,11 +93,61 @@ def states(value: Mapping[str, Any] | Sequence[Any] | None) -> Any:
     return [values(v) for v in value]
 
 
-def step_body(x: Any, mask: Any, number: int) -> bytes:
+Create = Union[bool, str, Mapping[str, Any], None]  # noqa: UP007 (a runtime alias)
+"""A step's ``create=``: True (the handle's model), a model name, or ``{"model"?,
+"initial_state"?}``; False or None: no create."""
+End = Union[bool, Mapping[str, Any], None]  # noqa: UP007 (a runtime alias)
+"""A step's ``end=``: True, or ``{"return_state": True}``; False or None: no end."""
+
+
+def step_body(
+    x: Any, mask: Any, number: int, create: Create = None, end: End = None, model: str = ""
+) -> bytes:
+    """A v1 step (``api/decode.py``): its inputs, number and the in-band lifecycle fields.
+
+    Raises:
+        ValueError: ``create`` or ``end`` is not one of the forms above.
+    """
     body: dict[str, Any] = {"inputs": values(x), "step": number}
     if mask is not None:
         body["mask"] = np.asarray(mask, dtype=bool)
+    if create:
+        body["create"] = _create(create, model)
+    if end:
+        body["end"] = _end(end)
     return dumps(body)
+
+
+def _create(create: Create, model: str) -> dict[str, Any]:
+    given: Mapping[str, Any] = {}
+    if isinstance(create, str):
+        given = {"model": create}
+    elif isinstance(create, Mapping):
+        given = create
+    elif create is not True:
+        raise ValueError(f"create= takes True, a model name or a dict. Received: {create!r}")
+    unknown = set(given) - {"model", "initial_state"}
+    if unknown:
+        raise ValueError(f"create= takes model and initial_state. Received: {sorted(unknown)}")
+    made: dict[str, Any] = {"model": given.get("model") or model}
+    if not made["model"]:
+        raise ValueError("create= needs a model: create='NAME' or a handle with model=")
+    if given.get("initial_state") is not None:
+        made["initial_state"] = states(given["initial_state"])
+    return made
+
+
+def _end(end: End) -> bool | dict[str, bool]:
+    if end is True:
+        return True
+    if isinstance(end, Mapping) and set(end) <= {"return_state"}:
+        return {"return_state": bool(end.get("return_state", False))}
+    raise ValueError(f'end= takes True or {{"return_state": True}}. Received: {end!r}')
+
+
+def ended_states(answer: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """The ``states`` an ``end={"return_state": True}`` step answers with, as float32."""
+    return {key: np.asarray(v, dtype=np.float32) for key, v in answer["states"].items()}
 
 
 def outputs(value: Any) -> Outputs:

@@ -5,7 +5,9 @@ or ``x-api-key``, the keys and tenants of HTTP), decodes its message
 (:mod:`gruserve.api.v2.grpc_codec`), makes the one call :mod:`gruserve.api.v2.infer`
 makes for HTTP, and encodes the reply; errors become status codes
 (:mod:`gruserve.api.v2.grpc_status`). ``ServerLive`` and ``ServerReady`` need no key,
-as ``/v2/health/live`` and ``/v2/health/ready`` need none.
+as ``/v2/health/live`` and ``/v2/health/ready`` need none; the repository RPCs need an
+admin key (when keys are on), as ``/v2/repository/...`` do. Every answer is counted, timed
+and traced (:mod:`gruserve.api.v2.grpc_telemetry`), each stream message as one request.
 
 ``ModelStreamInfer`` is Triton's bidirectional stream: requests are answered one by one
 in the order sent, a sequence's steps through the same session mapping as HTTP (so one
@@ -31,8 +33,9 @@ from tritonclient.grpc import service_pb2 as pb
 
 from gruserve import __version__
 from gruserve.api._auth import ApiKeys
-from gruserve.api.v2 import grpc_codec, grpc_status
+from gruserve.api.v2 import grpc_codec, grpc_status, repository
 from gruserve.api.v2 import infer as v2_infer
+from gruserve.api.v2.grpc_telemetry import Call, GrpcTelemetry
 from gruserve.api.v2.model import wire_model
 from gruserve.api.v2.routes import EXTENSIONS
 from gruserve.api.v2.triton_config import PLATFORM
@@ -43,23 +46,28 @@ from gruserve.sessions.owner import ANYONE, Caller
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 Unary = Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]]
+STREAM = "ModelStreamInfer"
 SHUTTING_DOWN = "the server is shutting down; reconnect and continue the sequence"
 
 
 def _answers(method: Unary[Req, Resp]) -> Unary[Req, Resp]:
-    """Answer an exception from ``method`` with its status code and message."""
+    """Answer an exception from ``method`` with its status code and message; count, time
+    and trace the call (:mod:`gruserve.api.v2.grpc_telemetry`)."""
+
+    name = method.__name__
 
     @functools.wraps(method)
     async def answer(
         self: InferenceService, request: Req, context: grpc.aio.ServicerContext
     ) -> Resp:
-        try:
-            return await method(self, request, context)
-        except Exception as exc:
-            grpc_status.count(self.services.metrics, exc)
-            code, message = grpc_status.status_of(exc)
-            await context.abort(code, message)
-            raise  # pragma: no cover - abort raises
+        with self.telemetry.call(name, context, request) as call:
+            try:
+                return await method(self, request, context)
+            except Exception as exc:
+                grpc_status.count(self.services.metrics, exc)
+                call.code, message = grpc_status.status_of(exc)
+        await context.abort(call.code, message)
+        raise AssertionError("unreachable: abort raises")  # pragma: no cover
 
     return answer
 
@@ -74,6 +82,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     def __init__(self, services: Services, keys: ApiKeys | None) -> None:
         self.services = services
+        self.telemetry = GrpcTelemetry(services.metrics, services.tracing)
         self._keys = keys
         self._stopping = False
         self._idle: set[asyncio.Task[Any]] = set()  # streams waiting for their next request
@@ -152,6 +161,41 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         )
         return pb.ModelConfigResponse(config=config)
 
+    # -- repository (admin keys only, as over HTTP) -----------------------------------------
+    @_answers
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: Any
+    ) -> pb.RepositoryIndexResponse:
+        repository.admin_only(self._caller(context))
+        index = pb.RepositoryIndexResponse.ModelIndex
+        return pb.RepositoryIndexResponse(
+            models=[
+                index(name=e.name, version=str(e.version), state=e.state, reason=e.reason or "")
+                for e in self.services.registry.index()
+                if not request.ready or e.state == "READY"
+            ]
+        )
+
+    @_answers
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: Any
+    ) -> pb.RepositoryModelLoadResponse:
+        repository.admin_only(self._caller(context))
+        await repository.reload(
+            self.services, repository.model_name(self.services, request.model_name)
+        )
+        return pb.RepositoryModelLoadResponse()
+
+    @_answers
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: Any
+    ) -> pb.RepositoryModelUnloadResponse:
+        repository.admin_only(self._caller(context))
+        repository.take_down(
+            self.services, repository.model_name(self.services, request.model_name)
+        )
+        return pb.RepositoryModelUnloadResponse()
+
     # -- inference -------------------------------------------------------------------------
     async def _infer(self, request: pb.ModelInferRequest, caller: Caller) -> pb.ModelInferResponse:
         model = await v2_infer.find_model(self.services, request.model_name, request.model_version)
@@ -173,7 +217,9 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
             caller = self._caller(context)
         except GruServeError as exc:
             grpc_status.count(self.services.metrics, exc)
-            await context.abort(*grpc_status.status_of(exc))
+            code, message = grpc_status.status_of(exc)
+            self.telemetry.count(STREAM, code, 0.0)
+            await context.abort(code, message)
         stream = asyncio.current_task()
         while not self._stopping:
             if stream is not None:
@@ -189,17 +235,19 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
                 self._idle.discard(stream)  # type: ignore[arg-type]
             if request is grpc.aio.EOF:
                 return
-            yield await self._stream_answer(request, caller)
+            with self.telemetry.call(STREAM, context, request) as call:
+                answer = await self._stream_answer(request, caller, call)
+            yield answer
         context.set_code(grpc.StatusCode.UNAVAILABLE)
         context.set_details(SHUTTING_DOWN)
 
     async def _stream_answer(
-        self, request: pb.ModelInferRequest, caller: Caller
+        self, request: pb.ModelInferRequest, caller: Caller, call: Call
     ) -> pb.ModelStreamInferResponse:
         try:
             return pb.ModelStreamInferResponse(infer_response=await self._infer(request, caller))
         except Exception as exc:
             grpc_status.count(self.services.metrics, exc)
-            _, message = grpc_status.status_of(exc)
+            call.code, message = grpc_status.status_of(exc)
             failed = pb.ModelInferResponse(model_name=request.model_name, id=request.id)
             return pb.ModelStreamInferResponse(error_message=message, infer_response=failed)

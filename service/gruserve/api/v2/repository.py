@@ -21,14 +21,23 @@ from gruserve.errors import AdminOnly, InvalidInput, ModelNotFound, RepositoryEr
 from gruserve.repository import validate_model_name
 from gruserve.runtime.registry import IndexEntry
 from gruserve.services import Services
+from gruserve.sessions.owner import Caller
 
 router = APIRouter(prefix="/v2/repository", tags=["v2 repository"])
 
 
-def _services(request: Request) -> Services:
-    caller = caller_of(request.scope)
+def admin_only(caller: Caller) -> None:
+    """Only an admin key may use the repository API, over HTTP and gRPC alike.
+
+    Raises:
+        AdminOnly: ``caller`` is a tenant.
+    """
     if not caller.admin:
         raise AdminOnly("the model repository API")
+
+
+def _services(request: Request) -> Services:
+    admin_only(caller_of(request.scope))
     services: Services = request.app.state.services
     return services
 
@@ -43,7 +52,12 @@ def _entry(entry: IndexEntry) -> dict[str, Any]:
     }
 
 
-def _model_name(services: Services, name: str) -> str:
+def model_name(services: Services, name: str) -> str:
+    """``name`` when the repository knows it.
+
+    Raises:
+        InvalidInput: not a model name; ModelNotFound: no such model folder.
+    """
     try:
         validate_model_name(name)
     except RepositoryError as exc:
@@ -77,10 +91,8 @@ async def load(model: str, request: Request) -> Response:
     checked (sha256), warmed up, and only then made the default; a version that fails is
     listed UNAVAILABLE with the reason while the previous default keeps serving."""
     services = _services(request)
-    name = _model_name(services, model)
-    entries = await services.registry.refresh_async(name)
-    services.batchers.prune()
-    services.metrics.show_versions(services.registry)
+    name = model_name(services, model)
+    entries = await reload(services, name)
     return encode.json_response(
         {
             "name": name,
@@ -95,8 +107,21 @@ async def unload(model: str, request: Request) -> Response:
     """Unload every version of the model: its requests answer 503 until it is loaded again
     (its sessions stay in the store)."""
     services = _services(request)
-    name = _model_name(services, model)
+    name = model_name(services, model)
+    take_down(services, name)
+    return encode.json_response({"name": name})
+
+
+async def reload(services: Services, name: str) -> list[IndexEntry]:
+    """Rescan model ``name``'s folder and apply its version policy (the ``load`` call)."""
+    entries = await services.registry.refresh_async(name)
+    services.batchers.prune()
+    services.metrics.show_versions(services.registry)
+    return entries
+
+
+def take_down(services: Services, name: str) -> None:
+    """Unload every version of model ``name`` (the ``unload`` call)."""
     services.registry.unload(name)
     services.batchers.prune()
     services.metrics.show_versions(services.registry)
-    return encode.json_response({"name": name})
