@@ -64,25 +64,40 @@ def _status(call: Any) -> InferenceServerException:
     return info.value
 
 
-def test_a_sequence_id_another_tenant_holds_is_already_exists(serving: Any) -> None:
-    """globex names a v1 session with the id acme's sequence 5 maps to; acme's start of
-    sequence 5 is then refused, as an explicit create of a taken id is over HTTP."""
-    http, client = serving(GRUSERVE_API_KEYS="acme:k-acme,globex:k-globex")
+def test_a_sequence_id_an_old_record_of_another_tenant_holds_is_already_exists(
+    serving: Any, redis_server: str
+) -> None:
+    """Tenants have their own id namespaces, so the one session a start can collide with is
+    a record from before namespaces: a named tenant's session kept under its plain id, in
+    the namespace of the unnamed tenant (bare keys). Such a record is made here as the old
+    code wrote it (a bare-key session whose owner is then set to ``acme``); the bare key's
+    start of the sequence that maps to that id is refused, as an explicit create of a taken
+    id is over HTTP, and the holder's session is untouched."""
+    import redis
+
+    url = redis_server.rsplit("/", 1)[0] + "/8"
+    redis.Redis.from_url(url).flushdb()
+    http, client = serving(url, GRUSERVE_API_KEYS="acme:k-acme,k-plain")
+    plain = {"x-api-key": "k-plain"}
     taken = httpx.post(
-        f"{http}/v1/models/simple/sessions",
-        json={"session_id": "v2:simple:t.acme:5"},
-        headers=GLOBEX,
+        f"{http}/v1/models/simple/sessions", json={"session_id": "v2:simple:5"}, headers=plain
     )
     assert taken.status_code == 201, taken.text
+    store = redis.Redis.from_url(url)
+    key = "gruserve:session:v2:simple:5"
+    store.hset(key, "owner", "acme")
     error = _status(
         lambda: client.infer(
-            "simple", [tensor(X)], sequence_id=5, sequence_start=True, headers=ACME
+            "simple", [tensor(X)], sequence_id=5, sequence_start=True, headers=plain
         )
     )
     assert error.status() == "StatusCode.ALREADY_EXISTS", error
-    assert "v2:simple:t.acme:5" in error.message()
-    # the holder's session is untouched
-    assert httpx.get(f"{http}/v1/sessions/v2:simple:t.acme:5", headers=GLOBEX).json()["step"] == 0
+    assert "v2:simple:5" in error.message()
+    assert (store.hget(key, "owner"), store.hget(key, "step")) == (b"acme", b"0")
+    # a named tenant's sequence 5 lives in its own namespace and starts
+    out = client.infer("simple", [tensor(X)], sequence_id=5, sequence_start=True, headers=ACME)
+    assert out.as_numpy("outputs").shape[:2] == (1, 1)
+    store.close()
 
 
 def test_the_repository_rpcs_are_for_admins(serving: Any) -> None:
