@@ -102,9 +102,12 @@ async def infer(
         InvalidInput: tensors that do not fit the model, bad sequence parameters.
         GruServeError: whatever the session service or predictor raises.
     """
+    sequence = sequence_control(parsed.parameters, model.name, caller.name)
+    if sequence is not None and not sequence.start and not pinned:
+        # a sequence continues on its own version, whose tensors may differ from the default's
+        model = await services.sessions.sequence_model(model.name, sequence.session_id, caller)
     wire = wire_model(model)
     call = bind(wire, parsed, flag(parsed.parameters, "binary_data_output"))
-    sequence = sequence_control(parsed.parameters, model.name, caller.name)
     if sequence is None:
         names, keys = call.wanted(wire)
         work = services.predictor.predict(
