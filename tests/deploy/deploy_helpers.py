@@ -400,3 +400,16 @@ def copy_in_atomically(version_dir: Path, model_dir: Path) -> Path:
     target = model_dir / version_dir.name
     staging.rename(target)
     return target
+
+
+def settings_from_env(variables: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Any:
+    """:class:`~gruserve.settings.Settings` as a server reads these ``GRUSERVE_*`` variables
+    from its environment (JSON values decoded the way pydantic-settings decodes them)."""
+    from gruserve.settings import Settings
+
+    for key in list(os.environ):
+        if key.startswith("GRUSERVE_"):
+            monkeypatch.delenv(key)
+    for key, value in variables.items():
+        monkeypatch.setenv(key, str(value))
+    return Settings(_env_file=None)  # type: ignore[call-arg]
