@@ -9,6 +9,7 @@ random (seeded): speed does not depend on their values.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -32,15 +33,7 @@ def build(models_dir: Path) -> Path:
         ],
         name="demo",
     )
-    large = Sequential(
-        [
-            InputLayer((None, FEATURES)),
-            GRU(512, return_sequences=True, name="gru_1"),
-            GRU(512, return_sequences=True, name="gru_2"),
-            Dense(1, name="head"),
-        ],
-        name="large",
-    )
+    large = large_model("large")
     rng = np.random.default_rng(0)
     for name, model in (("demo", demo), ("large", large)):
         weights = {
@@ -62,3 +55,41 @@ def build(models_dir: Path) -> Path:
             }
             np.savez(models_dir / "demo-weights.npz", **flat)
     return models_dir / "demo-weights.npz"
+
+
+def large_model(name: str) -> Any:
+    """Two stacked GRU(512) layers over :data:`FEATURES` features and a Dense(1) head (a
+    :class:`gruserve.nn.Sequential`, weights not yet set)."""
+    from gruserve.nn import GRU, Dense, InputLayer, Sequential
+
+    return Sequential(
+        [
+            InputLayer((None, FEATURES)),
+            GRU(512, return_sequences=True, name="gru_1"),
+            GRU(512, return_sequences=True, name="gru_2"),
+            Dense(1, name="head"),
+        ],
+        name=name,
+    )
+
+
+def export_large(models_dir: Path, name: str, version: int, seed: int = 1) -> Path:
+    """Export :func:`large_model` as ``name`` at ``version`` (random seeded weights, through
+    the production exporter); returns the version folder."""
+    from gruserve.export.exporter import export_model
+
+    model = large_model(name)
+    rng = np.random.default_rng(seed)
+    weights = {
+        layer: {k: (rng.normal(size=v.shape) * 0.1).astype(np.float32) for k, v in w.items()}
+        for layer, w in model.get_weights().items()
+    }
+    export_model(
+        model.to_spec(),
+        weights,
+        models_dir=models_dir,
+        name=name,
+        version=version,
+        source={"kind": "benchmark", "note": "random weights"},
+    )
+    return models_dir / name / str(version)

@@ -177,7 +177,8 @@ class Metrics:
         )
         self.version_sessions = Gauge(
             "gruserve_model_version_sessions",
-            "Sessions on each model version (memory store only; updated on every scrape).",
+            "Sessions on each model version (memory store: counted on every scrape; Redis: the "
+            "fleet's, counted every GRUSERVE_SESSION_CENSUS_INTERVAL_S).",
             ["model", "version"],
             registry=registry,
             multiprocess_mode="mostrecent",

@@ -33,6 +33,7 @@ from gruserve.runtime.registry import ModelRegistry
 from gruserve.runtime.versions import Batchers, RepositoryWatcher
 from gruserve.services import Services
 from gruserve.sessions import snapshot
+from gruserve.sessions.census import VersionCensus
 from gruserve.sessions.events import SessionEvents
 from gruserve.sessions.memory import MemorySessionStore
 from gruserve.sessions.redis_store import RedisSessionStore
@@ -171,6 +172,7 @@ def build_services(
         tracing,
         Sweeper(store, settings.session_sweep_interval_s),
         watcher,
+        VersionCensus(store, settings.session_census_interval_s),
     )
 
 

@@ -18,6 +18,7 @@ from gruserve.runtime.predictor import Predictor
 from gruserve.runtime.registry import ModelRegistry
 from gruserve.runtime.versions import Batchers, RepositoryWatcher
 from gruserve.sessions import snapshot
+from gruserve.sessions.census import VersionCensus
 from gruserve.sessions.memory import MemorySessionStore
 from gruserve.sessions.service import SessionService
 from gruserve.sessions.store import SessionStore
@@ -43,6 +44,8 @@ class Services:
     """Forgets expired sessions in the background while serving (:meth:`start`)."""
     watcher: RepositoryWatcher | None = None
     """Follows the repository and unloads idle versions; started with the app."""
+    census: VersionCensus | None = None
+    """Counts sessions per model version for ``/metrics`` (in the background on Redis)."""
 
     def start(self) -> None:
         """Start the background work of a serving process (in its event loop)."""
@@ -50,6 +53,8 @@ class Services:
             self.sweeper.start()
         if self.watcher is not None:
             self.watcher.start()
+        if self.census is not None:
+            self.census.start()
 
     async def aclose(self) -> None:
         """Finish running batches, write the snapshot (if configured), then release the store
@@ -58,6 +63,8 @@ class Services:
             await self.sweeper.stop()
         if self.watcher is not None:
             await self.watcher.stop()
+        if self.census is not None:
+            await self.census.stop()
         await asyncio.gather(*(b.close() for b in self.batchers.values()))
         self.registry.close()
         self.write_snapshot()

@@ -92,6 +92,12 @@ class Settings(BaseSettings):
     """Seconds between background sweeps that forget expired sessions (creates never sweep,
     except in a store that looks full, so ``max_sessions`` counts live sessions only)."""
 
+    session_census_interval_s: float = Field(15.0, gt=0)
+    """Seconds between counts of sessions per model version on a shared store (Redis), for
+    the ``gruserve_model_version_sessions`` gauge: each replica walks the session listing
+    this often in the background and scrapes read its last count (the memory store is
+    counted exactly on every scrape)."""
+
     session_eviction: Literal["reject", "lru"] = "reject"
     """What creating a session does when ``max_sessions`` are held: ``reject`` answers 429;
     ``lru`` evicts the least recently used session (the one unused for longest) to make room."""

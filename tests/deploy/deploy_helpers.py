@@ -355,3 +355,61 @@ class NdjsonStream:
     def close(self) -> None:
         self.reader.close()
         self.sock.close()
+
+
+# -- a second version of the demo model ------------------------------------------------------
+def export_demo_version(models_dir: Path, version: int, seed: int) -> Path:
+    """``models_dir/demo/<version>``: the repository's demo model "retrained": its own spec and
+    preprocessing, its weights moved by seeded noise, through the production exporter (with
+    its parity check). Returns the version folder.
+    """
+    import onnx
+
+    from gruserve.export.exporter import export_model
+    from gruserve.keras_io.writer import onnx_weights, spec_of_manifest
+    from gruserve.manifest import Manifest
+
+    demo = REPO / "models" / "demo" / "1"
+    manifest = Manifest.read(demo / "model.json")
+    spec = spec_of_manifest(manifest)
+    weights = onnx_weights(onnx.load(str(demo / manifest.onnx_file)), spec)
+    rng = np.random.default_rng(seed)
+    moved = {
+        layer: {
+            k: (v + rng.normal(scale=0.2, size=v.shape)).astype(np.float32) for k, v in w.items()
+        }
+        for layer, w in weights.items()
+    }
+    export_model(
+        spec,
+        moved,
+        models_dir=models_dir,
+        name="demo",
+        version=version,
+        source={"kind": "test", "note": f"demo v1 weights + noise (seed {seed})"},
+        preprocessing=manifest.preprocessing,
+    )
+    return models_dir / "demo" / str(version)
+
+
+def copy_in_atomically(version_dir: Path, model_dir: Path) -> Path:
+    """Copy a version folder into a served model folder as operators must: under a hidden
+    name first, then one ``rename`` (a poller sees the version whole or not at all)."""
+    staging = model_dir / f".incoming-{version_dir.name}"
+    shutil.copytree(version_dir, staging)
+    target = model_dir / version_dir.name
+    staging.rename(target)
+    return target
+
+
+def settings_from_env(variables: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Any:
+    """:class:`~gruserve.settings.Settings` as a server reads these ``GRUSERVE_*`` variables
+    from its environment (JSON values decoded the way pydantic-settings decodes them)."""
+    from gruserve.settings import Settings
+
+    for key in list(os.environ):
+        if key.startswith("GRUSERVE_"):
+            monkeypatch.delenv(key)
+    for key, value in variables.items():
+        monkeypatch.setenv(key, str(value))
+    return Settings(_env_file=None)  # type: ignore[call-arg]

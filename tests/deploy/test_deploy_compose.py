@@ -15,7 +15,16 @@ from typing import Any
 
 import pytest
 import yaml
-from deploy_helpers import NGINX_DIR, REPO, directive, dockerfile, location, nginx_size, stage
+from deploy_helpers import (
+    NGINX_DIR,
+    REPO,
+    directive,
+    dockerfile,
+    location,
+    nginx_size,
+    settings_from_env,
+    stage,
+)
 
 from gruserve.settings import Settings
 
@@ -158,3 +167,38 @@ def test_nginx_matches_the_server_limits_and_streams() -> None:
     # gRPC: the same body limit; streams may idle as long as a WebSocket
     assert nginx_size(directive(GRPC, "client_max_body_size")[0]) == limit
     assert directive(GRPC, "grpc_read_timeout") == ["1h"]
+
+
+ROLLOUT = REPO / "deploy" / "compose" / "rollout.yml"
+
+
+@pytest.mark.parametrize("repository", [None, "/srv/gruserve/models"], ids=["default", "set"])
+def test_rollout_override_shares_one_read_only_repository(
+    repository: str | None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """deploy/compose/rollout.yml over docker-compose.yml: every replica (CPU and GPU) mounts
+    the same folder read-only at the image's models directory, polls it, and keeps real
+    settings (they parse as Settings; the version policy parses)."""
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    if repository is not None:
+        env["GRUSERVE_REPOSITORY"] = repository
+    command = [*_compose_command(), "-f", str(REPO / "docker-compose.yml"), "-f", str(ROLLOUT)]
+    result = subprocess.run(
+        [*command, "--profile", "gpu", "config", "--format", "json"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    services = json.loads(result.stdout)["services"]
+    models_dir = stage("runtime").env()["GRUSERVE_MODELS_DIR"]
+    for name in ("gruserve", "gruserve-gpu"):
+        mounts = services[name]["volumes"]
+        assert [(m["target"], m["read_only"]) for m in mounts] == [(models_dir, True)]
+        assert mounts[0]["source"] == (repository or str(REPO / "models"))
+        settings = settings_from_env(services[name]["environment"], monkeypatch)
+        assert settings.repository_poll_s > 0
+        assert settings.version_policies()["demo"].kept([1, 2, 3]) == [2, 3]
+        assert settings.session_store.startswith("redis://")  # the base's settings are kept

@@ -24,6 +24,7 @@ from deploy_helpers import (
     directive,
     free_port,
     nginx_size,
+    settings_from_env,
     stage,
     stop,
     wait_ready,
@@ -259,3 +260,52 @@ def test_serves_on_a_read_only_root_with_a_writable_tmp(tmp_path: Path) -> None:
     # onnxruntime only warns when it cannot write its cache in HOME: look for any such sign
     for sign in ("Read-only file system", "Permission denied", "Failed to persist", "Traceback"):
         assert sign not in output, output
+
+
+ROLLOUT = K8S_DIR / "overlays" / "rollout"
+
+
+@cache
+def render_rollout() -> tuple[dict[str, Any], ...]:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed: it renders the rollout overlay")
+    result = subprocess.run([kubectl, "kustomize", str(ROLLOUT)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_rollout_overlay_validates(version: str) -> None:
+    for doc in render_rollout():
+        kubernetes_validate.validate(doc, version, strict=True)
+        if doc["kind"] != "Namespace":  # the claim too: pods mount claims of their namespace
+            assert doc["metadata"].get("namespace") == "gruserve", doc["metadata"]
+
+
+def test_rollout_overlay_mounts_one_read_only_repository_and_polls_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    docs, base = render_rollout(), render("base")
+    claim = find(docs, "PersistentVolumeClaim", "gruserve-models")
+    assert claim["spec"]["accessModes"] == ["ReadOnlyMany"]
+    spec = find(docs, "Deployment", "gruserve")["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    mounts = {m["mountPath"]: m for m in container(docs)["volumeMounts"]}
+    models = mounts[stage("runtime").env()["GRUSERVE_MODELS_DIR"]]
+    assert models["readOnly"] is True
+    source = volumes[models["name"]]["persistentVolumeClaim"]
+    assert source == {"claimName": claim["metadata"]["name"], "readOnly": True}
+    # the base's mounts are all still there
+    assert {m["mountPath"] for m in container(base)["volumeMounts"]} < mounts.keys()
+    config = find(docs, "ConfigMap", "gruserve-config")
+    assert container(docs)["envFrom"][0]["configMapRef"]["name"] == config["metadata"]["name"]
+    fields = {k.removeprefix("GRUSERVE_").lower(): v for k, v in config["data"].items()}
+    assert fields.keys() <= Settings.model_fields.keys(), sorted(fields)
+    settings = settings_from_env(config["data"], monkeypatch)
+    assert settings.repository_poll_s > 0
+    assert settings.version_policies()["demo"].kept([1, 2, 3]) == [2, 3]
+    assert (
+        settings.session_store
+        == find(base, "ConfigMap", "gruserve-config")["data"]["GRUSERVE_SESSION_STORE"]
+    )

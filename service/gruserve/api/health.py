@@ -11,7 +11,6 @@ with a valid key; without one, ``/readyz`` says ready or not ready and nothing e
 from __future__ import annotations
 
 import contextlib
-from collections import Counter
 
 from fastapi import APIRouter, Request
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -21,7 +20,6 @@ from gruserve.api import encode
 from gruserve.api._auth import AUTHENTICATED
 from gruserve.errors import GruServeError
 from gruserve.services import Services
-from gruserve.sessions.memory import MemorySessionStore
 
 router = APIRouter(tags=["health"])
 
@@ -64,10 +62,6 @@ async def metrics(request: Request) -> Response:
     services: Services = request.app.state.services
     with contextlib.suppress(GruServeError):  # the scrape reports the rest; /readyz the store
         services.metrics.sessions.set(await services.store.count())
-    per_version = None
-    if isinstance(services.store, MemorySessionStore):
-        per_version = Counter((r.model, r.version) for r in services.store.records())
-    services.metrics.show_versions(
-        services.registry, None if per_version is None else dict(per_version)
-    )
+    per_version = None if services.census is None else services.census.counts()
+    services.metrics.show_versions(services.registry, per_version)
     return Response(services.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

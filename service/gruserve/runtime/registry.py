@@ -39,6 +39,7 @@ from gruserve.errors import (
     RepositoryError,
 )
 from gruserve.repository import ModelRepository, versions
+from gruserve.runtime._background import lower_this_thread
 from gruserve.runtime.model import LoadedModel
 from gruserve.runtime.policy import VersionPolicy
 
@@ -133,7 +134,12 @@ class ModelRegistry:
         self._policies = dict(policies or {})
         self.grace_s, self._clock = grace_s, clock
         self._lock = threading.Lock()
-        self._loader = ThreadPoolExecutor(1, thread_name_prefix="gruserve-load")
+        self._loader = ThreadPoolExecutor(
+            1,
+            thread_name_prefix="gruserve-load",
+            # loads yield the CPU to serving; not with a pool its threads would inherit it from
+            initializer=lower_this_thread if intra_op_threads == 1 else None,
+        )
         self._pending: dict[tuple[str, int], asyncio.Future[LoadedModel]] = {}
         self.on_failure: Callable[[str, int, str], None] | None = None
         """Called (name, version, reason) when a version fails to load (metrics hook)."""

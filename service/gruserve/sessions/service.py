@@ -548,7 +548,8 @@ class SessionService:
             The errors of :meth:`create` and :meth:`step`.
         """
         model = await self.model_named(model_name, version)
-        chunk = self._chunk(model.signature, inputs, mask)
+        if start:  # a later request is checked against its session's own version, in step()
+            self._chunk(model.signature, inputs, mask)
         if initial_state is not None and not start:
             raise InvalidInput("initial_state", "a sequence's state is set only by its start")
         if start and step_number not in (None, 0):
@@ -568,7 +569,7 @@ class SessionService:
                 if record.model != model.name:
                     raise SequenceNotStarted(session_id, model.name)
             try:
-                result = await self.step(session_id, chunk.inputs, chunk.mask, step_number, caller)
+                result = await self.step(session_id, inputs, mask, step_number, caller)
             except SessionNotFound:  # expired or deleted between the check and the step
                 raise SequenceNotStarted(session_id, model.name) from None
             if end:
@@ -576,6 +577,27 @@ class SessionService:
                     with suppress(SessionNotFound):
                         await self.store.delete(result.record.session_id)
             return result
+
+    async def sequence_model(
+        self, model_name: str, session_id: str, caller: Caller = ANYONE
+    ) -> LoadedModel:
+        """The model version a later (non-start) request of sequence ``session_id`` runs on.
+
+        That is its session's own version, not the model's default: after a rollout the
+        two may differ in their inputs, so a front-end binds the request's tensors against
+        this one (loaded first when it is on disk only). An unknown sequence gets the
+        default; its step then answers SequenceNotStarted.
+
+        Raises:
+            ModelNotFound, ModelUnavailable, ModelVersionGone.
+        """
+        try:
+            record = await self.get(session_id, caller)
+        except SessionNotFound:
+            return self.registry.get(model_name)
+        if record.model != model_name:
+            return self.registry.get(model_name)
+        return await self.model_for(record)
 
     async def _restart(
         self,

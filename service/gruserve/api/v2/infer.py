@@ -102,9 +102,21 @@ async def infer(
         InvalidInput: tensors that do not fit the model, bad sequence parameters.
         GruServeError: whatever the session service or predictor raises.
     """
+    sequence = sequence_control(parsed.parameters, model.name)
+    if (
+        sequence is not None
+        and not sequence.start
+        and not pinned
+        and len(services.registry.versions_loaded(model.name)) > 1
+    ):
+        # A sequence continues on its own version, whose tensors may differ from the
+        # default's: bind against that one (one more store read, so only while several
+        # versions are loaded; a session on a version since unloaded binds against the
+        # default, and its step then checks the inputs against its own version: a 4xx if
+        # they do not fit, never another version's numbers).
+        model = await services.sessions.sequence_model(model.name, sequence.session_id, caller)
     wire = wire_model(model)
     call = bind(wire, parsed, flag(parsed.parameters, "binary_data_output"))
-    sequence = sequence_control(parsed.parameters, model.name)
     if sequence is None:
         names, keys = call.wanted(wire)
         work = services.predictor.predict(
