@@ -10,6 +10,12 @@ whole life, and close to it when W spans the model's memory (bench/README.md mea
 how close). The step and timestep counts continue; the kept inputs stay with the
 session.
 
+A session created with a custom ``initial_state`` is replayed from the zero state too:
+the record keeps no creation state, and keeping one would be exact only while the kept
+inputs still reach back to creation and the new version's state has the old one's
+layout, so a replay over such a session's whole life is close, not exact (a known
+limit; the client can instead start a new session on the new version with its state).
+
 The move is one compare-and-set of the record read, like a step's write: a step
 applied meanwhile (on any replica) makes the move lose and start over from the record
 that step wrote, so no step is lost or counted on the wrong version.
