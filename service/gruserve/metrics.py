@@ -189,6 +189,20 @@ class Metrics:
             ["model"],
             registry=registry,
         )
+        self.session_upgrades = Counter(
+            "gruserve_session_upgrades",
+            "Sessions moved to another version of their model, by how: upgrade or replay "
+            "(POST /v1/sessions/{id}/upgrade without or with replay), reset-on-gone or "
+            "upgrade-on-gone (GRUSERVE_SESSION_ON_VERSION_GONE).",
+            ["model", "from_version", "to_version", "how"],
+            registry=registry,
+        )
+        self.upgrade_replayed = Counter(
+            "gruserve_session_upgrade_replayed_timesteps",
+            "Kept input timesteps run to warm sessions moved to another version.",
+            ["model"],
+            registry=registry,
+        )
 
     def watch_versions(self, registry: Any) -> None:
         """Count ``registry``'s load failures and show its loaded versions."""
@@ -213,6 +227,16 @@ class Metrics:
             self.version_sessions.clear()
             for (name, version), count in sorted(sessions.items()):
                 self.version_sessions.labels(name, str(version)).set(count)
+
+    def count_upgrade(
+        self, model: str, from_version: int, to_version: int, how: str, replayed: int
+    ) -> None:
+        """Count one session moved between versions of ``model`` (``how``: one of
+        ``upgrade``, ``replay``, ``reset-on-gone``, ``upgrade-on-gone``; versions are the
+        repository's, so the label sets stay as few as the versions on disk)."""
+        self.session_upgrades.labels(model, str(from_version), str(to_version), how).inc()
+        if replayed:
+            self.upgrade_replayed.labels(model).inc(replayed)
 
     def exposition(self) -> bytes:
         """What ``/metrics`` answers: this registry's samples or, in multiprocess mode (several

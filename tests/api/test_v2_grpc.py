@@ -603,3 +603,34 @@ def test_shutdown_ends_a_stream_with_unavailable(
         client.stop_stream()
         client.close()
         _stop(served.proc)
+
+
+def test_repository_rpcs_take_only_the_one_unnamed_repository(server: Server) -> None:
+    """The empty ``repository_name`` (Triton's one-repository answer) is this server's
+    repository; any other name is INVALID_ARGUMENT naming the field, over gRPC and on
+    Triton's ``/v2/repository/{repository_name}/...`` routes, and changes nothing."""
+    with grpc.insecure_channel(server.grpc) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        index = stub.RepositoryIndex(pb.RepositoryIndexRequest(repository_name="", ready=True))
+        assert "simple" in {m.name for m in index.models}
+        stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="simple"))
+        refused = [
+            lambda: stub.RepositoryIndex(pb.RepositoryIndexRequest(repository_name="models")),
+            lambda: stub.RepositoryModelLoad(
+                pb.RepositoryModelLoadRequest(repository_name="other", model_name="simple")
+            ),
+            lambda: stub.RepositoryModelUnload(
+                pb.RepositoryModelUnloadRequest(repository_name="other", model_name="simple")
+            ),
+        ]
+        for call in refused:
+            with pytest.raises(grpc.RpcError) as info:
+                call()
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert info.value.details().startswith("repository_name: "), info.value.details()
+        assert stub.ModelReady(pb.ModelReadyRequest(name="simple")).ready  # not unloaded
+    for path in ("models/index", "other/models/simple/load", "other/models/simple/unload"):
+        r = httpx.post(f"http://{server.http}/v2/repository/{path}", timeout=30)
+        assert r.status_code == 422, (path, r.text)
+        assert r.json()["error"].startswith("repository_name: "), r.text  # v2's error shape
+    assert httpx.get(f"http://{server.http}/v2/models/simple/ready", timeout=30).status_code == 200

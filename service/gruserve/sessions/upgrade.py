@@ -10,12 +10,23 @@ whole life, and close to it when W spans the model's memory (bench/README.md mea
 how close). The step and timestep counts continue; the kept inputs stay with the
 session.
 
+A session created with a custom ``initial_state`` is replayed from the zero state too:
+the record keeps no creation state, and keeping one would be exact only while the kept
+inputs still reach back to creation and the new version's state has the old one's
+layout, so a replay over such a session's whole life is close, not exact (a known
+limit; the client can instead start a new session on the new version with its state).
+
 The move is one compare-and-set of the record read, like a step's write: a step
 applied meanwhile (on any replica) makes the move lose and start over from the record
 that step wrote, so no step is lost or counted on the wrong version.
 
 A step that finds its session's version removed from disk applies
 ``GRUSERVE_SESSION_ON_VERSION_GONE`` through :func:`after_gone`.
+
+Every move written is counted in ``gruserve_session_upgrades_total`` (``how``: upgrade,
+replay, reset-on-gone, upgrade-on-gone) and its replayed timesteps in
+``gruserve_session_upgrade_replayed_timesteps_total``; a move that lost its
+compare-and-set is not counted (the one that follows it is).
 """
 
 from __future__ import annotations
@@ -81,6 +92,7 @@ async def upgrade(
             target = await service.model_named(record.model, version)
             moved = await _moved(service, record, target, replay or 0)
             if await service.store.compare_and_set(moved, record.revision):
+                _count(service, record, moved, "replay" if replay else "upgrade", replay or 0)
                 return Upgrade(moved, record.version, replay or 0)
             service._conflict()
     raise SessionConflict(session_id, service._max_attempts)
@@ -102,7 +114,18 @@ async def after_gone(
     kept = history.read(record.history)
     replay = len(kept) if policy == "upgrade" and _fits(kept, target) else 0
     moved = await _moved(service, record, target, replay)
-    return await service.store.compare_and_set(moved, record.revision)
+    if not await service.store.compare_and_set(moved, record.revision):
+        return False
+    _count(service, record, moved, f"{policy}-on-gone", replay)
+    return True
+
+
+def _count(
+    service: SessionService, record: SessionRecord, moved: SessionRecord, how: str, replayed: int
+) -> None:
+    """``gruserve_session_upgrades_total`` and the replayed timesteps of one move written."""
+    if service._metrics is not None:
+        service._metrics.count_upgrade(record.model, record.version, moved.version, how, replayed)
 
 
 def _fits(kept: history.Kept, model: LoadedModel) -> bool:

@@ -167,6 +167,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         self, request: pb.RepositoryIndexRequest, context: Any
     ) -> pb.RepositoryIndexResponse:
         repository.admin_only(self._caller(context))
+        repository.the_repository(request.repository_name)
         index = pb.RepositoryIndexResponse.ModelIndex
         return pb.RepositoryIndexResponse(
             models=[
@@ -181,6 +182,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         self, request: pb.RepositoryModelLoadRequest, context: Any
     ) -> pb.RepositoryModelLoadResponse:
         repository.admin_only(self._caller(context))
+        repository.the_repository(request.repository_name)
         await repository.reload(
             self.services, repository.model_name(self.services, request.model_name)
         )
@@ -191,6 +193,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         self, request: pb.RepositoryModelUnloadRequest, context: Any
     ) -> pb.RepositoryModelUnloadResponse:
         repository.admin_only(self._caller(context))
+        repository.the_repository(request.repository_name)
         repository.take_down(
             self.services, repository.model_name(self.services, request.model_name)
         )

@@ -6,11 +6,17 @@ that model's folder and applies its version policy (new versions load, verify an
 up before one becomes the default); ``.../unload`` unloads the model. The lifecycle
 itself lives in :mod:`gruserve.runtime.registry`; this module only translates.
 With API keys, only an admin key may call these routes.
+
+A server serves one repository (``GRUSERVE_MODELS_DIR``) and, as Triton does, names it
+by the empty ``repository_name``: Triton's optional path segment
+(``/v2/repository/{repository_name}/...``) and the gRPC RPCs' ``repository_name`` field
+take no other name. The folder's own name is not accepted as one: it is where an image
+or volume happens to mount it, which clients should not have to know.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NoReturn
 
 from fastapi import APIRouter, Request
 from starlette.responses import Response
@@ -66,6 +72,24 @@ def model_name(services: Services, name: str) -> str:
     if name not in known:
         raise ModelNotFound(name, available=sorted(known))
     return name
+
+
+def the_repository(name: str) -> None:
+    """Accept ``name`` when it names this server's one repository: only ``""`` does.
+
+    Raises:
+        InvalidInput: any other name (``repository_name``).
+    """
+    if name:
+        _not_this(name)
+
+
+def _not_this(name: str) -> NoReturn:
+    raise InvalidInput(
+        "repository_name",
+        "this server serves one model repository, named by an empty repository_name "
+        f"(or none at all). Received: {name!r}",
+    )
 
 
 @router.post("/index")
@@ -125,3 +149,13 @@ def take_down(services: Services, name: str) -> None:
     services.registry.unload(name)
     services.batchers.prune()
     services.metrics.show_versions(services.registry)
+
+
+@router.post("/{repository_name}/index", include_in_schema=False)
+@router.post("/{repository_name}/models/{model}/load", include_in_schema=False)
+@router.post("/{repository_name}/models/{model}/unload", include_in_schema=False)
+async def named(repository_name: str, request: Request) -> Response:
+    """Triton's routes that name a repository: refused with 422 naming ``repository_name``
+    (a path segment is never empty, so no name here is this server's)."""
+    _services(request)
+    _not_this(repository_name)
