@@ -87,6 +87,25 @@ def _export(
     return TinyModel(name, model, features)
 
 
+def export_versions(
+    root: Path, name: str, build: Callable[[int], Sequential], versions: Sequence[int]
+) -> Path:
+    """Export ``build(v)`` as version ``v`` of model ``name`` under ``root`` for each of
+    ``versions``: one model's versions side by side, as a repository holds them during a
+    rollout. Returns ``root``."""
+    for version in versions:
+        model = build(version)
+        export_model(
+            model.to_spec(),
+            model.get_weights(),
+            models_dir=root,
+            name=name,
+            version=version,
+            source={"kind": "test"},
+        )
+    return root
+
+
 def simple(models_dir: Path, name: str = "simple") -> TinyModel:
     """GRU(4) -> Dense(2), one output per timestep."""
     model = Sequential(

@@ -21,8 +21,7 @@ grpcclient = pytest.importorskip("tritonclient.grpc")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from conftest import free_port  # noqa: E402
-from fixtures import TinyModel, _randomize  # noqa: E402
-from gruserve.export.exporter import export_model  # noqa: E402
+from fixtures import TinyModel, _randomize, export_versions  # noqa: E402
 from gruserve.nn import GRU, Dense, InputLayer, Sequential  # noqa: E402
 from test_server import BIN, _env, _start, _stop  # noqa: E402
 
@@ -43,18 +42,7 @@ def _build(version: int) -> Sequential:
 
 @pytest.fixture(scope="module")
 def staged(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("staged")
-    for version in SHAPES:
-        model = _build(version)
-        export_model(
-            model.to_spec(),
-            model.get_weights(),
-            models_dir=root,
-            name=NAME,
-            version=version,
-            source={"kind": "test"},
-        )
-    return root
+    return export_versions(tmp_path_factory.mktemp("staged"), NAME, _build, list(SHAPES))
 
 
 class Server:

@@ -19,8 +19,7 @@ import numpy as np
 import pytest
 
 from conftest import Served, serve
-from fixtures import FEATURES, TinyModel, _randomize
-from gruserve.export.exporter import export_model
+from fixtures import FEATURES, TinyModel, _randomize, export_versions
 from gruserve.nn import GRU, Dense, InputLayer, Sequential
 from gruserve.runtime.policy import VersionPolicy
 
@@ -44,18 +43,9 @@ def _build(seed: int) -> Sequential:
 @pytest.fixture(scope="module")
 def versions_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``staging/roll/{1,2}``: two versions of one model, different weights."""
-    root = tmp_path_factory.mktemp("versions")
-    for version in (1, 2):
-        model = _build(10 + version)
-        export_model(
-            model.to_spec(),
-            model.get_weights(),
-            models_dir=root,
-            name=NAME,
-            version=version,
-            source={"kind": "test"},
-        )
-    return root
+    return export_versions(
+        tmp_path_factory.mktemp("versions"), NAME, lambda v: _build(10 + v), (1, 2)
+    )
 
 
 @pytest.fixture(scope="module")

@@ -22,8 +22,7 @@ import numpy as np
 import pytest
 
 from conftest import Served, serve
-from fixtures import FEATURES, TinyModel, _randomize
-from gruserve.export.exporter import export_model
+from fixtures import FEATURES, TinyModel, _randomize, export_versions
 from gruserve.nn import GRU, Dense, InputLayer, Sequential
 from gruserve.sessions import history
 
@@ -42,18 +41,9 @@ def _build(seed: int) -> Sequential:
 
 @pytest.fixture(scope="module")
 def versions_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("mover")
-    for version in (1, 2):
-        model = _build(40 + version)
-        export_model(
-            model.to_spec(),
-            model.get_weights(),
-            models_dir=root,
-            name=NAME,
-            version=version,
-            source={"kind": "test"},
-        )
-    return root
+    return export_versions(
+        tmp_path_factory.mktemp("mover"), NAME, lambda v: _build(40 + v), (1, 2)
+    )
 
 
 @pytest.fixture(scope="module")
