@@ -14,15 +14,11 @@ replica walks on its own: the counts are the whole fleet's, so a dashboard takes
 
 from __future__ import annotations
 
-import asyncio
-import logging
 from collections import Counter
 
-from gruserve.errors import GruServeError
+from gruserve.periodic import Periodic
 from gruserve.sessions.memory import MemorySessionStore
 from gruserve.sessions.store import MAX_PAGE, SessionStore
-
-log = logging.getLogger("gruserve")
 
 Counts = dict[tuple[str, int], int]
 """Sessions per (model name, version)."""
@@ -45,7 +41,7 @@ async def count_by_version(store: SessionStore, page_size: int = MAX_PAGE) -> Co
         cursor = page.next_cursor
 
 
-class VersionCensus:
+class VersionCensus(Periodic):
     """Sessions per model version: counted now (memory store) or every ``interval_s`` in
     the background (any other store) between :meth:`start` and :meth:`stop`.
 
@@ -57,12 +53,13 @@ class VersionCensus:
         ValueError: ``interval_s`` <= 0.
     """
 
+    name, what = "gruserve-version-census", "counting sessions per model version"
+    first_now = True
+
     def __init__(self, store: SessionStore, interval_s: float) -> None:
-        if not interval_s > 0:
-            raise ValueError(f"VersionCensus needs interval_s > 0. Received: {interval_s!r}")
-        self.store, self.interval_s = store, interval_s
+        super().__init__(interval_s)
+        self.store = store
         self._last: Counts | None = None
-        self._task: asyncio.Task[None] | None = None
 
     @property
     def in_process(self) -> bool:
@@ -77,27 +74,8 @@ class VersionCensus:
 
     def start(self) -> None:
         """Start counting in the background (a shared store only); a second call does nothing."""
-        if self._task is None and not self.in_process:
-            self._task = asyncio.get_running_loop().create_task(
-                self._run(), name="gruserve-version-census"
-            )
+        if not self.in_process:
+            super().start()
 
-    async def _run(self) -> None:
-        while True:
-            try:
-                self._last = await count_by_version(self.store)
-            except GruServeError as exc:  # the store is down: keep the last count, try again
-                log.warning("counting sessions per model version failed: %s", exc)
-            await asyncio.sleep(self.interval_s)
-
-    async def stop(self) -> None:
-        """Stop counting and wait for a count in progress to end."""
-        task, self._task = self._task, None
-        if task is None:
-            return
-        task.cancel()
-        try:
-            await task
-        except asyncio.CancelledError:
-            if not task.cancelled():  # our own caller was cancelled, not the task
-                raise
+    async def tick(self) -> None:
+        self._last = await count_by_version(self.store)

@@ -10,16 +10,11 @@ full sweeps before refusing or evicting, so the limit always counts live session
 
 from __future__ import annotations
 
-import asyncio
-import logging
-
-from gruserve.errors import GruServeError
+from gruserve.periodic import Periodic
 from gruserve.sessions.store import SessionStore
 
-log = logging.getLogger("gruserve")
 
-
-class Sweeper:
+class Sweeper(Periodic):
     """Calls ``store.sweep()`` every ``interval_s`` seconds between :meth:`start` and
     :meth:`stop`.
 
@@ -31,38 +26,14 @@ class Sweeper:
         ValueError: ``interval_s`` <= 0.
     """
 
+    name, what = "gruserve-sweeper", "sweeping expired sessions"
+
     def __init__(self, store: SessionStore, interval_s: float) -> None:
-        if not interval_s > 0:
-            raise ValueError(f"Sweeper needs interval_s > 0. Received: {interval_s!r}")
-        self.store, self.interval_s = store, interval_s
-        self._task: asyncio.Task[None] | None = None
+        super().__init__(interval_s)
+        self.store = store
         self.sweeps = 0
         """Sweeps done (tests check the task runs)."""
 
-    def start(self) -> None:
-        """Start sweeping (in the running event loop); a second call does nothing."""
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(
-                self._run(), name="gruserve-sweeper"
-            )
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval_s)
-            try:
-                await self.store.sweep()
-            except GruServeError as exc:  # the store is down: requests say so; try again later
-                log.warning("sweeping expired sessions failed: %s", exc)
-            self.sweeps += 1
-
-    async def stop(self) -> None:
-        """Stop sweeping and wait for a sweep in progress to end."""
-        task, self._task = self._task, None
-        if task is None:
-            return
-        task.cancel()
-        try:
-            await task
-        except asyncio.CancelledError:
-            if not task.cancelled():  # our own caller was cancelled, not the task
-                raise
+    async def tick(self) -> None:
+        await self.store.sweep()
+        self.sweeps += 1
