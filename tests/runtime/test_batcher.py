@@ -381,3 +381,55 @@ async def test_steps_submitted_together_run_together_with_single_steps(
         np.testing.assert_allclose(
             got.state, np.concatenate([st[0] for st in alone.states]), atol=ATOL
         )
+
+
+async def test_blocks_share_batches_whole_and_each_row_gets_its_own_step(
+    models_dir: Path, tiny_models: dict[str, Any], executor: Any, rng: np.random.Generator
+) -> None:
+    """``submit_block``: a block is cut into blocks of at most ``max_batch_size`` rows, a
+    block goes into a batch whole (one that does not fit waits for the next), it shares a
+    batch with a padded single step, and each row gets what its step alone would get.
+    Metrics count steps, not queue entries."""
+    model = _model(models_dir, "stacked")
+    registry = CollectorRegistry()
+    metrics = Metrics(registry).for_model("stacked")
+    batcher = Batcher(model, executor, max_batch_size=16, max_delay_s=0.05, metrics=metrics)
+    sig = model.signature
+    units = sig.total_units
+    small = rng.normal(size=(5, 2, 3)).astype(np.float32)
+    large = rng.normal(size=(20, 2, 3)).astype(np.float32)
+    small_states = rng.normal(size=(5, units)).astype(np.float32)
+    large_states = rng.normal(size=(20, units)).astype(np.float32)
+    single = rng.normal(size=(3, 3)).astype(np.float32)
+    single_state = rng.normal(size=units).astype(np.float32)
+    model.gate.clear()  # hold a run: everything below queues up behind it
+    held = await batcher.submit_many([(single, None, single_state)])
+    await asyncio.sleep(0.05)
+    (small_block,) = await batcher.submit_block(small, small_states)
+    alone = asyncio.ensure_future(batcher.submit(single, None, single_state))
+    large_blocks = await batcher.submit_block(large, large_states)
+    assert len(large_blocks) == 2
+    model.gate.set()
+    await held[0]
+    got_small = await small_block
+    got_large = [await f for f in large_blocks]
+    got_single = await alone
+    assert [shape[:2] for shape in model.shapes] == [(1, 3), (6, 3), (16, 2), (4, 2)]
+    assert metrics.batch_size._sum.get() == 1 + 6 + 16 + 4
+
+    def expect(x: np.ndarray, state: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+        ran = LoadedModel.run(model, x[None], None, [state[None, sl] for sl in sig.state_slices])
+        return [o[0] for o in ran.outputs], np.concatenate([s[0] for s in ran.states])
+
+    rows = [(got_small, n, small[n], small_states[n]) for n in range(5)] + [
+        (got_large[n // 16], n % 16, large[n], large_states[n]) for n in range(20)
+    ]
+    for block, row, x, state in rows:
+        outputs, new_state = expect(x, state)
+        for out_got, out_alone in zip(block.outputs, outputs, strict=True):
+            np.testing.assert_allclose(out_got[row], out_alone, atol=ATOL)
+        np.testing.assert_allclose(block.states[row], new_state, atol=ATOL)
+    outputs, new_state = expect(single, single_state)
+    for out_got, out_alone in zip(got_single.outputs, outputs, strict=True):
+        np.testing.assert_allclose(out_got, out_alone, atol=ATOL)
+    np.testing.assert_allclose(got_single.state, new_state, atol=ATOL)

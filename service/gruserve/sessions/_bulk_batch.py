@@ -24,6 +24,7 @@ a part of the session service kept in its own module.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -31,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from gruserve.errors import SessionNotFound, SessionNotOnModel
-from gruserve.runtime.batcher import StepOutput
+from gruserve.runtime.batcher import Batcher, StepBlock, StepOutput
 from gruserve.runtime.model import LoadedModel
 from gruserve.runtime.signature import ModelSignature
 from gruserve.sessions import _result
@@ -114,21 +115,53 @@ async def _apply(
     ready = _checked(service, model, held, records, caller, outcomes, others)
     if not ready:
         return others
-    futures = await service._batcher(model).submit_many(
-        [(r.inputs, r.mask, r.record.state) for r in ready]
-    )
+    shares = await _run(service._batcher(model), ready)
+    return others + await _write(service, model, ready, shares, outcomes)
+
+
+async def _run(batcher: Batcher, ready: list[_Ready]) -> list[StepOutput | BaseException]:
+    """Each ready step's share of the model runs, in order: steps without a mask go to the
+    batcher as blocks of equal length (one queue entry and one future per block), the
+    others one by one."""
+    by_length: dict[int, list[int]] = {}
+    loose: list[int] = []
+    for n, step in enumerate(ready):
+        if step.mask is None:
+            by_length.setdefault(step.inputs.shape[0], []).append(n)
+        else:
+            loose.append(n)
+    waits: list[tuple[list[int], asyncio.Future[Any]]] = []
     try:
-        shares: list[StepOutput | BaseException] = []
-        for future in futures:
+        for positions in by_length.values():
+            inputs = np.stack([ready[n].inputs for n in positions])
+            states = np.stack([ready[n].record.state for n in positions])
+            futures = await batcher.submit_block(inputs, states)
+            size = batcher.max_batch_size
+            waits += [(positions[k * size : (k + 1) * size], f) for k, f in enumerate(futures)]
+        if loose:
+            futures = await batcher.submit_many(
+                [(ready[n].inputs, ready[n].mask, ready[n].record.state) for n in loose]
+            )
+            waits += [([n], f) for n, f in zip(loose, futures, strict=True)]
+        shares: list[StepOutput | BaseException] = [RuntimeError("step not run")] * len(ready)
+        for positions, future in waits:
             try:
-                shares.append(await future)
-            except Exception as exc:  # the batch failed: that step's error
-                shares.append(exc)
+                answer = await future
+            except Exception as exc:  # the batch failed: its steps' error
+                for n in positions:
+                    shares[n] = exc
+                continue
+            if isinstance(answer, StepBlock):
+                outputs, states = answer
+                for j, n in enumerate(positions):
+                    shares[n] = StepOutput([o[j] for o in outputs], states[j].copy())
+            else:
+                shares[positions[0]] = answer
     except BaseException:  # cancelled (client gone): drop the steps not run yet
-        for future in futures:
+        for _, future in waits:
             future.cancel()
         raise
-    return others + await _write(service, model, ready, shares, outcomes)
+    return shares
 
 
 def _checked(
