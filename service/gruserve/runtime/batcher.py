@@ -4,7 +4,12 @@ Steps of different sessions that arrive within a short window are stacked
 into one onnxruntime run: inputs (B, T, F) right-padded with ``mask=False``
 steps to the longest chunk (exact: a masked step carries the state), states
 (B, U). No other module knows that steps are batched; callers ``await
-submit(...)`` for one step and get that step's outputs and new state.
+submit(...)`` for one step and get that step's outputs and new state. A bulk
+request's plain steps (equal length, no mask) may come as a block
+(:meth:`Batcher.submit_block`): one queue entry and one future for up to
+``max_batch_size`` steps, answered with row slices of the batch's results, so
+the per-step Python of a 64-step bulk (a future, a queue entry, a scattered
+share each) is paid once per block.
 
 Scheduling: a step that finds the model idle runs at once (waiting for
 company only pays when the model is busy). While a batch runs, new steps

@@ -31,6 +31,9 @@ of the event loop go out as one ``_READ`` call, and so do the writes (one ``_CAS
 deciding each session's write on its own, so a lost race fails only that session's).
 The batcher wakes a batch's steps in one pass, so a batch of 64 steps costs two round
 trips instead of 128 (:mod:`gruserve.sessions._coalesce`; figures in bench/README.md).
+Each write travels as one packed argument (:mod:`gruserve.sessions._redis_packing`),
+which the script splits into the same hash fields, so redis-py packs two values per
+session (its key and that argument) instead of sixteen.
 Creates travel with the writes (a creating compare-and-set) and deletes with each other
 (one ``_DELETE`` call per wave), so short-lived sessions are batched as steps are.
 
