@@ -90,7 +90,6 @@ class Tracing:
         for batcher in batchers:
             batcher.submit = self._remembering(batcher.submit)
             batcher.submit_many = self._remembering_many(batcher.submit_many)
-            batcher.submit_block = self._remembering_many(batcher.submit_block)
             batcher.tracer = self
         for name in STORE_CALLS:
             method = getattr(store, name, None)
@@ -153,23 +152,19 @@ class Tracing:
                 continue
             links.append(Link(trace.get_current_span(parent).get_span_context()))
             if started is not None:
-                for _ in range(item.size):  # a block of steps: one wait per step, as singles
-                    wait = self.tracer.start_span(
-                        "gruserve.queue_wait",
-                        context=parent,
-                        start_time=ns(item.arrived),
-                        attributes={"gruserve.model": model},
-                    )
-                    wait.end(end_time=ns(started))
+                wait = self.tracer.start_span(
+                    "gruserve.queue_wait",
+                    context=parent,
+                    start_time=ns(item.arrived),
+                    attributes={"gruserve.model": model},
+                )
+                wait.end(end_time=ns(started))
         span = self.tracer.start_span(
             "gruserve.batch",
             context=otel_context.Context(),  # a root: not the request that started the task
             links=links,
             start_time=ns(started) if started is not None else now_ns,
-            attributes={
-                "gruserve.model": model,
-                "gruserve.batch.size": sum(item.size for item in batch),
-            },
+            attributes={"gruserve.model": model, "gruserve.batch.size": len(batch)},
         )
         if error is not None:
             span.record_exception(error)

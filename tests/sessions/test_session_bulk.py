@@ -240,19 +240,15 @@ async def test_cancelled_batch_releases_its_sessions(
     session's lock is released and the sessions step normally afterwards."""
     ids = await _new(sessions, 3)
     batcher = sessions._batchers["stacked"]
+    real = batcher.submit_many
     submitted = asyncio.Event()
 
-    def stuck(real: Any) -> Any:
-        async def submit(*args: Any) -> Any:
-            submitted.set()
-            await asyncio.sleep(30)
-            return await real(*args)
+    async def stuck(steps: Any) -> Any:
+        submitted.set()
+        await asyncio.sleep(30)
+        return await real(steps)
 
-        return submit
-
-    # plain steps go as a block (submit_block), others one by one (submit_many)
-    for name in ("submit_block", "submit_many"):
-        monkeypatch.setattr(batcher, name, stuck(getattr(batcher, name)))
+    monkeypatch.setattr(batcher, "submit_many", stuck)
     task = asyncio.ensure_future(step_all(sessions, "stacked", [BulkStep(s, X) for s in ids]))
     await asyncio.wait_for(submitted.wait(), 10)
     task.cancel()

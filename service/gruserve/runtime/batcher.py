@@ -4,12 +4,7 @@ Steps of different sessions that arrive within a short window are stacked
 into one onnxruntime run: inputs (B, T, F) right-padded with ``mask=False``
 steps to the longest chunk (exact: a masked step carries the state), states
 (B, U). No other module knows that steps are batched; callers ``await
-submit(...)`` for one step and get that step's outputs and new state. A bulk
-request's plain steps (equal length, no mask) may come as a block
-(:meth:`Batcher.submit_block`): one queue entry and one future for up to
-``max_batch_size`` steps, answered with row slices of the batch's results, so
-the per-step Python of a 64-step bulk (a future, a queue entry, a scattered
-share each) is paid once per block.
+submit(...)`` for one step and get that step's outputs and new state.
 
 Scheduling: a step that finds the model idle runs at once (waiting for
 company only pays when the model is busy). While a batch runs, new steps
@@ -48,7 +43,7 @@ from collections import deque
 from collections.abc import Awaitable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
@@ -63,16 +58,6 @@ class StepOutput(NamedTuple):
 
     outputs: list[np.ndarray]
     state: np.ndarray
-
-
-class StepBlock(NamedTuple):
-    """A block of steps' share of a batch, row ``i`` being the block's ``i``-th step:
-    ``outputs`` (n, T, D) or (n, D) each, ``states`` (n, total_units). Both are views of
-    the batch's results: the caller copies each state it keeps (a view would keep the
-    whole batch alive), once, where it needs its own array anyway."""
-
-    outputs: list[np.ndarray]
-    states: np.ndarray
 
 
 class _Timed(NamedTuple):
@@ -122,26 +107,11 @@ class RunTimes:
 
 @dataclass(slots=True)
 class _Item:
-    """A queued step (``rows`` 0: inputs (T, ...), state (U,)) or a block of ``rows`` steps
-    of equal length without masks (inputs (rows, T, ...), states (rows, U)), whose one
-    future gets a :class:`StepBlock`."""
-
     inputs: np.ndarray
     mask: np.ndarray | None
     state: np.ndarray
-    future: asyncio.Future[Any]
+    future: asyncio.Future[StepOutput]
     arrived: float
-    rows: int = 0
-
-    @property
-    def size(self) -> int:
-        """Rows of a batch it takes."""
-        return self.rows or 1
-
-    @property
-    def length(self) -> int:
-        """Its steps' timesteps."""
-        return self.inputs.shape[1 if self.rows else 0]
 
 
 class BatchTracer(Protocol):
@@ -156,7 +126,7 @@ class BatchTracer(Protocol):
 
 def _cells(batch: Sequence[_Item]) -> int:
     """Rows x timesteps of ``batch`` once padded to its longest step."""
-    return sum(item.size for item in batch) * max(item.length for item in batch)
+    return len(batch) * max(item.inputs.shape[0] for item in batch)
 
 
 class Batcher:
@@ -262,36 +232,6 @@ class Batcher:
             self._schedule(loop)
         return futures
 
-    async def submit_block(
-        self, inputs: np.ndarray, states: np.ndarray
-    ) -> list[asyncio.Future[StepBlock]]:
-        """Queue ``n`` validated steps of equal length without masks as blocks: ``inputs``
-        (n, T, F) or (n, T) ids, ``states`` (n, total_units). Returns one future per block
-        of at most ``max_batch_size`` rows, in order; block ``k``'s :class:`StepBlock` holds
-        rows ``k * max_batch_size`` onwards.
-
-        What a bulk request's plain steps cost here is one queue entry, one future and one
-        slice of the batch's outputs per block instead of per step; blocks still share
-        batches with single steps (a block that does not fit in the rest of a batch goes
-        in the next). Waits while the queue is full, as :meth:`submit_many`.
-        """
-        loop = asyncio.get_running_loop()
-        while len(self._pending) >= self._max_queue:
-            room = loop.create_future()
-            self._room.append(room)
-            await room
-        now, size, futures = loop.time(), self.max_batch_size, []
-        for start in range(0, inputs.shape[0], size):
-            future: asyncio.Future[StepBlock] = loop.create_future()
-            rows = inputs[start : start + size]
-            self._pending.append(
-                _Item(rows, None, states[start : start + size], future, now, rows.shape[0])
-            )
-            futures.append(future)
-        if futures and len(self._running) < self._max_concurrent:
-            self._schedule(loop)
-        return futures
-
     async def _submit_when_room(
         self, inputs: np.ndarray, mask: np.ndarray | None, state: np.ndarray
     ) -> StepOutput:
@@ -321,7 +261,7 @@ class Batcher:
         pending = self._pending
         while pending and self._deferred is None and len(self._running) < self._max_concurrent:
             deadline = pending[0].arrived + self.max_delay_s
-            if self._running and not self._full() and loop.time() < deadline:
+            if self._running and len(pending) < self.max_batch_size and loop.time() < deadline:
                 self._timer = loop.call_at(deadline, self._schedule, loop)
                 return
             if self.inline_below_s and not (gathered or self._running):
@@ -329,12 +269,6 @@ class Batcher:
             else:
                 self._dispatch(self._take(), loop)
         self._release_room()
-
-    def _full(self) -> bool:
-        """Enough rows wait for a full batch."""
-        if len(self._pending) >= self.max_batch_size:
-            return True
-        return sum(item.size for item in self._pending) >= self.max_batch_size
 
     def _start_deferred(self, loop: asyncio.AbstractEventLoop) -> None:
         self._deferred = None
@@ -362,21 +296,16 @@ class Batcher:
         same_length = self._pad_alignment is None
         length = None
         skipped: list[_Item] = []
-        rows, room = 0, self.max_batch_size
-        while pending and rows < room:
+        while pending and len(batch) < self.max_batch_size:
             item = pending.popleft()
             if item.future.done():
                 continue
-            if item.rows and rows + item.rows > room:  # a block: whole, in a later batch
-                skipped.append(item)
-                break
             if same_length:  # padding is not exact for this model: batch equal lengths only
-                length = item.length if length is None else length
-                if item.length != length:
+                length = item.inputs.shape[0] if length is None else length
+                if item.inputs.shape[0] != length:
                     skipped.append(item)
                     continue
             batch.append(item)
-            rows += item.size
         pending.extendleft(reversed(skipped))
         return batch
 
@@ -422,7 +351,7 @@ class Batcher:
             # onnxruntime works while the event loop answers them
             self._running.discard(asyncio.current_task())  # type: ignore[arg-type]
             self._schedule(loop, gathered=True)
-            shares = self._scatter(timed.result, batch, launched.lengths, launched.longest)
+            shares = self._scatter(timed.result, launched.lengths, launched.longest)
         except asyncio.CancelledError:
             launched.running.cancel()
             for item in batch:
@@ -443,8 +372,8 @@ class Batcher:
         try:
             inputs, mask, states, lengths = self._stack(batch)
             timed = self._timed_run(inputs, mask, states)
-            self.run_times.record(len(lengths) * inputs.shape[1], timed.seconds)
-            shares = self._scatter(timed.result, batch, lengths, inputs.shape[1])
+            self.run_times.record(len(batch) * inputs.shape[1], timed.seconds)
+            shares = self._scatter(timed.result, lengths, inputs.shape[1])
         except Exception as exc:
             self._fail(batch, exc)
         else:
@@ -465,7 +394,7 @@ class Batcher:
     def _resolve(
         self,
         batch: list[_Item],
-        shares: list[StepOutput | StepBlock],
+        shares: list[StepOutput],
         lengths: list[int],
         started: float,
         clock: float,
@@ -475,10 +404,10 @@ class Batcher:
                 item.future.set_result(share)
         if self._metrics is not None:
             m = self._metrics
-            m.batch_size.observe(len(lengths))
+            m.batch_size.observe(len(batch))
             m.batch_seconds.observe(time.perf_counter() - clock)
             m.queue_seconds.observe(started - batch[0].arrived)
-            m.steps.inc(len(lengths))
+            m.steps.inc(len(batch))
             m.timesteps.inc(int(sum(lengths)))
         if self.tracer is not None:
             self.tracer.batch_ran(self.model.name, batch, started, None)
@@ -486,42 +415,31 @@ class Batcher:
     def _stack(
         self, batch: Sequence[_Item]
     ) -> tuple[np.ndarray, np.ndarray | None, list[np.ndarray], list[int]]:
-        """Inputs (B, T, ...), mask (B, T) or None, states, and each row's length."""
-        lengths: list[int] = []
-        for item in batch:
-            if item.rows:
-                lengths += [item.length] * item.rows
-            else:
-                lengths.append(item.length)
+        lengths = [item.inputs.shape[0] for item in batch]
         longest = max(lengths)
-        unmasked = all(item.mask is None for item in batch)
-        first = batch[0]
-        features = first.inputs.shape[2 if first.rows else 1 :]
-        if longest == min(lengths) and unmasked:  # the common case: one concatenation
-            parts = [
-                item.inputs.reshape(-1, *features) if item.rows else item.inputs for item in batch
-            ]
-            inputs = np.concatenate(parts).reshape(len(lengths), longest, *features)
+        if longest == 1 and all(item.mask is None for item in batch):  # the common single-step case
+            first = batch[0].inputs
+            inputs = np.concatenate([item.inputs for item in batch]).reshape(
+                len(batch), 1, *first.shape[1:]
+            )
             mask = None
+        elif longest == min(lengths) and all(item.mask is None for item in batch):
+            inputs, mask = np.stack([item.inputs for item in batch]), None
         else:
-            inputs = np.zeros((len(lengths), longest, *features), first.inputs.dtype)
-            mask = np.zeros((len(lengths), longest), np.bool_)
-            row = 0
-            for item in batch:
-                end, length = row + item.size, item.length
-                inputs[row:end, :length] = item.inputs
-                mask[row:end, :length] = True if item.mask is None else item.mask
-                row = end
-        flat = np.concatenate([item.state.reshape(-1) for item in batch]).reshape(len(lengths), -1)
+            first = batch[0].inputs
+            inputs = np.zeros((len(batch), longest, *first.shape[1:]), first.dtype)
+            mask = np.zeros((len(batch), longest), np.bool_)
+            for row, item in enumerate(batch):
+                inputs[row, : lengths[row]] = item.inputs
+                mask[row, : lengths[row]] = True if item.mask is None else item.mask
+        flat = np.concatenate([item.state for item in batch]).reshape(len(batch), -1)
         if len(self._slices) == 1:
             states = [flat]
         else:
             states = [np.ascontiguousarray(flat[:, s]) for s in self._slices]
         return inputs, mask, states, lengths
 
-    def _scatter(
-        self, result: RunResult, batch: Sequence[_Item], lengths: list[int], longest: int
-    ) -> list[StepOutput | StepBlock]:
+    def _scatter(self, result: RunResult, lengths: list[int], longest: int) -> list[StepOutput]:
         count = len(lengths)
         if any(o.shape[0] != count for o in result.outputs + result.states):
             raise RuntimeError(
@@ -530,23 +448,21 @@ class Batcher:
             )
         states = result.states
         flat = states[0] if len(states) == 1 else np.concatenate(states, axis=1)
+        # each step keeps its own copy of its state row: a view would keep the whole batch alive
+        rows = [row.copy() for row in flat]
         per_timestep = self.model.signature.per_timestep
-        padded = per_timestep and min(lengths) != longest
+        if not per_timestep or min(lengths) == longest:  # no padding: row views are the outputs
+            columns = [list(o) for o in result.outputs]
+            return [
+                StepOutput([column[row] for column in columns], state)
+                for row, state in enumerate(rows)
+            ]
         from_end = self._pad_alignment == "end"
-        shares: list[StepOutput | StepBlock] = []
-        row = 0
-        for item in batch:
-            length = item.length
-            if not padded:
-                outputs = [o[row : row + item.size] for o in result.outputs]
-            else:
-                start = longest - length if from_end else 0
-                outputs = [o[row : row + item.size, start : start + length] for o in result.outputs]
-            if item.rows:  # the caller copies the states it keeps (StepBlock)
-                shares.append(StepBlock(outputs, flat[row : row + item.rows]))
-            else:  # each step keeps its own copy of its state: a view would keep the batch alive
-                shares.append(StepOutput([o[0] for o in outputs], flat[row].copy()))
-            row += item.size
+        shares = []
+        for row, length in enumerate(lengths):
+            start = longest - length if from_end else 0
+            outputs = [o[row, start : start + length] for o in result.outputs]
+            shares.append(StepOutput(outputs, rows[row]))
         return shares
 
     async def close(self) -> None:

@@ -5,9 +5,8 @@ a store read, a batcher submission and a store write per step, about 30 µs of e
 loop time each: a 64-step request spent more time there than in the model. Here the
 steps of distinct sessions share each stage: the locks are taken in one loop, the
 records read in one store call (one Redis round trip), the inputs checked for NaN in
-one reduction, queued to the batcher as blocks of equal length (one queue entry
-and one future per block, so they run together and still share batches with
-single steps; :meth:`Batcher.submit_block`), and the new records written in one
+one reduction, queued to the batcher in one call (so they run together and still
+share batches with single steps), and the new records written in one
 compare-and-set call, each write decided on its own.
 
 The meaning is that of :meth:`SessionService.step`, checked in the same order:
@@ -25,7 +24,6 @@ a part of the session service kept in its own module.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -33,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from gruserve.errors import SessionNotFound, SessionNotOnModel
-from gruserve.runtime.batcher import Batcher, StepBlock, StepOutput
+from gruserve.runtime.batcher import StepOutput
 from gruserve.runtime.model import LoadedModel
 from gruserve.runtime.signature import ModelSignature
 from gruserve.sessions import _result
@@ -116,53 +114,21 @@ async def _apply(
     ready = _checked(service, model, held, records, caller, outcomes, others)
     if not ready:
         return others
-    shares = await _run(service._batcher(model), ready)
-    return others + await _write(service, model, ready, shares, outcomes)
-
-
-async def _run(batcher: Batcher, ready: list[_Ready]) -> list[StepOutput | BaseException]:
-    """Each ready step's share of the model runs, in order: steps without a mask go to the
-    batcher as blocks of equal length (one queue entry and one future per block), the
-    others one by one."""
-    by_length: dict[int, list[int]] = {}
-    loose: list[int] = []
-    for n, step in enumerate(ready):
-        if step.mask is None:
-            by_length.setdefault(step.inputs.shape[0], []).append(n)
-        else:
-            loose.append(n)
-    waits: list[tuple[list[int], asyncio.Future[Any]]] = []
+    futures = await service._batcher(model).submit_many(
+        [(r.inputs, r.mask, r.record.state) for r in ready]
+    )
     try:
-        for positions in by_length.values():
-            inputs = np.stack([ready[n].inputs for n in positions])
-            states = np.stack([ready[n].record.state for n in positions])
-            futures = await batcher.submit_block(inputs, states)
-            size = batcher.max_batch_size
-            waits += [(positions[k * size : (k + 1) * size], f) for k, f in enumerate(futures)]
-        if loose:
-            futures = await batcher.submit_many(
-                [(ready[n].inputs, ready[n].mask, ready[n].record.state) for n in loose]
-            )
-            waits += [([n], f) for n, f in zip(loose, futures, strict=True)]
-        shares: list[StepOutput | BaseException] = [RuntimeError("step not run")] * len(ready)
-        for positions, future in waits:
+        shares: list[StepOutput | BaseException] = []
+        for future in futures:
             try:
-                answer = await future
-            except Exception as exc:  # the batch failed: its steps' error
-                for n in positions:
-                    shares[n] = exc
-                continue
-            if isinstance(answer, StepBlock):
-                outputs, states = answer
-                for j, n in enumerate(positions):
-                    shares[n] = StepOutput([o[j] for o in outputs], states[j].copy())
-            else:
-                shares[positions[0]] = answer
+                shares.append(await future)
+            except Exception as exc:  # the batch failed: that step's error
+                shares.append(exc)
     except BaseException:  # cancelled (client gone): drop the steps not run yet
-        for _, future in waits:
+        for future in futures:
             future.cancel()
         raise
-    return shares
+    return others + await _write(service, model, ready, shares, outcomes)
 
 
 def _checked(
