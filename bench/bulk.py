@@ -16,6 +16,10 @@ Steps/s counts session steps (64 per request); latency is per request. Figures a
 to the in-process loop and memory/Redis, as bench/README.md reports them. With ``--rounds``
 every point is measured again in each round (both servers stay up), and the ratios are
 reported per round, with their median and range: on a shared machine one round moves a lot.
+
+``--other-bin`` adds the same two servers from another installation of gruserve (an older
+commit's venv or wrapper scripts), measured in each round beside this one's, for
+before/after ratios in one run (``*_other`` keys).
 """
 
 from __future__ import annotations
@@ -169,26 +173,28 @@ def _in_process_cpu(models_dir: Path, seconds: float = 2.0) -> tuple[float, floa
     return rate, rate * wall / used
 
 
-def _ratios(runs: list[dict[str, Any]], limit: float) -> dict[str, float]:
-    by = {(r["store"], r["form"]): r["steps_per_s"] for r in runs}
-    return {
-        "memory_binary_vs_in_process_b64": by[("memory", "binary")] / limit,
-        "memory_json_vs_in_process_b64": by[("memory", "json")] / limit,
-        "redis_vs_memory_binary": by[("redis", "binary")] / by[("memory", "binary")],
-        "redis_vs_memory_json": by[("redis", "json")] / by[("memory", "json")],
+def _ratios(runs: list[dict[str, Any]], limit: float, per_cpu: bool = False) -> dict[str, float]:
+    """The ratios bench/README.md reports; ``per_cpu``: in steps per CPU second of each
+    server, against the in-process loop's per CPU second (``limit``): one round's servers
+    were starved by other work on the machine when their CPU share fell well below 100 %.
+    With ``--other-bin``, the other installation's ratios too (``*_other``)."""
+    by = {
+        (r["store"], r["form"]): r["steps_per_s"] / (r["server_cpu"] if per_cpu else 1.0)
+        for r in runs
     }
-
-
-def _cpu_ratios(runs: list[dict[str, Any]], per_cpu: float) -> dict[str, float]:
-    """The same ratios in steps per CPU second of the server (one round's servers were
-    starved by other work on the machine when their CPU share fell well below 100 %)."""
-    by = {(r["store"], r["form"]): r["steps_per_s"] / r["server_cpu"] for r in runs}
-    return {
-        "memory_binary_vs_in_process_b64": by[("memory", "binary")] / per_cpu,
-        "memory_json_vs_in_process_b64": by[("memory", "json")] / per_cpu,
-        "redis_vs_memory_binary": by[("redis", "binary")] / by[("memory", "binary")],
-        "redis_vs_memory_json": by[("redis", "json")] / by[("memory", "json")],
-    }
+    ratios = {}
+    for tail in ("", " (other)"):
+        if ("memory" + tail, "binary") not in by:
+            continue
+        key = "_other" if tail else ""
+        memory, redis = "memory" + tail, "redis" + tail
+        ratios |= {
+            f"memory_binary_vs_in_process_b64{key}": by[(memory, "binary")] / limit,
+            f"memory_json_vs_in_process_b64{key}": by[(memory, "json")] / limit,
+            f"redis_vs_memory_binary{key}": by[(redis, "binary")] / by[(memory, "binary")],
+            f"redis_vs_memory_json{key}": by[(redis, "json")] / by[(memory, "json")],
+        }
+    return ratios
 
 
 def main() -> None:
@@ -197,6 +203,7 @@ def main() -> None:
     parser.add_argument("--in-flight", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=1, help="each round measures every point")
     parser.add_argument("--out", type=Path, default=Path("bench/bulk.json"))
+    parser.add_argument("--other-bin", type=Path, default=None)
     args = parser.parse_args()
     redis_server = shutil.which("redis-server")
     if redis_server is None:
@@ -212,7 +219,10 @@ def main() -> None:
         )
         servers: dict[str, Server] = {}
         try:
-            for store in ("memory", f"redis://127.0.0.1:{redis_port}/0"):
+            bins = [(BIN, "")] + ([(args.other_bin, " (other)")] if args.other_bin else [])
+            for (bin_dir, tail), store in (
+                (b, s) for b in bins for s in ("memory", f"redis://127.0.0.1:{redis_port}/0")
+            ):
                 port = _free_port()
                 env = {
                     "GRUSERVE_MODELS_DIR": str(models_dir),
@@ -222,8 +232,8 @@ def main() -> None:
                     "GRUSERVE_PORT": str(port),
                     "GRUSERVE_SESSION_STORE": store,
                 }
-                name = store.split(":")[0]
-                servers[name] = Server([str(BIN / "gruserve"), "serve"], env, port, "/readyz")
+                name = store.split(":")[0] + tail
+                servers[name] = Server([str(bin_dir / "gruserve"), "serve"], env, port, "/readyz")
             for round_ in range(args.rounds):
                 limit, per_cpu = _in_process_cpu(models_dir)
                 print(
@@ -239,7 +249,7 @@ def main() -> None:
                         }
                         runs.append(run)
                         _print(run)
-                ratios, cpu_ratios = _ratios(runs, limit), _cpu_ratios(runs, per_cpu)
+                ratios, cpu_ratios = _ratios(runs, limit), _ratios(runs, per_cpu, per_cpu=True)
                 print(json.dumps({"wall": ratios, "per_cpu": cpu_ratios}, indent=2), flush=True)
                 results["rounds"].append(
                     {

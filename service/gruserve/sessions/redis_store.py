@@ -31,6 +31,9 @@ of the event loop go out as one ``_READ`` call, and so do the writes (one ``_CAS
 deciding each session's write on its own, so a lost race fails only that session's).
 The batcher wakes a batch's steps in one pass, so a batch of 64 steps costs two round
 trips instead of 128 (:mod:`gruserve.sessions._coalesce`; figures in bench/README.md).
+Each write travels as one packed argument (:mod:`gruserve.sessions._redis_packing`),
+which the script splits into the same hash fields, so redis-py packs two values per
+session (its key and that argument) instead of sixteen.
 Creates travel with the writes (a creating compare-and-set) and deletes with each other
 (one ``_DELETE`` call per wave), so short-lived sessions are batched as steps are.
 
@@ -63,6 +66,7 @@ from gruserve.errors import SessionExists, SessionNotFound, StoreUnavailable, To
 from gruserve.sessions._coalesce import Coalescer
 from gruserve.sessions._keyspace import CLUSTER_BUCKETS, Keyspace
 from gruserve.sessions._redis_client import UNAVAILABLE, connect, is_cluster_url, node_client
+from gruserve.sessions._redis_packing import HISTORY_FIELD, lua_hset_args, lua_unpack, packed_write
 from gruserve.sessions.events import IDLE, LIFETIME, SessionEvents
 from gruserve.sessions.store import CREATE, SessionPage, SessionRecord, SessionSummary
 
@@ -133,51 +137,49 @@ end
 """
 
 # KEYS[4..] the sessions' hashes, one per write. ARGV[1] ttl_ms, ARGV[2] max_sessions, ARGV[3]
-# lru (1/0), ARGV[4] hash key prefix, then per write WRITE_ARGS values: id, expected revision
-# (-1: create if absent), writer token, lifetime deadline_ms (0: none), end (1: remove the
-# session instead of storing it), and the record's fields in _FIELDS order (revision among
-# them). Answers {per write: 1 written (or already written by this writer: a retry after a
-# lost reply), 0 lost the race, -1 gone, -2 no room to create; evicted, idle, lifetime ids}.
-_CAS = (
-    _FORGET
-    + _NOW_MS
-    + """
+# lru (1/0), ARGV[4] hash key prefix, ARGV[5] a random token of this call, then one packed
+# write per key (gruserve.sessions._redis_packing: id, expected revision (-1: create if
+# absent), lifetime deadline_ms (0: none), end (1: remove the session instead of storing
+# it), and the record's fields). Answers {per write: 1 written (or already written by this
+# writer: a retry after a lost reply), 0 lost the race, -1 gone, -2 no room to create;
+# evicted, idle, lifetime ids}.
+_CAS = """
 local ttl, out = tonumber(ARGV[1]), {}
 local ended, evicted = {{}, {}}, {}
 for i = 4, #KEYS do
-    local key, a = KEYS[i], 5 + (i - 4) * WRITE_ARGS
+    local key, w = KEYS[i], unpack_write(ARGV[i + 2])
+    local writer = ARGV[5] .. ':' .. i  -- unique per write, and the same when it is retried
     local cur = redis.call('HMGET', key, 'revision', 'writer')
     if not cur[1] then
-        if ARGV[a + 1] ~= '-1' then
+        if w.expected ~= '-1' then
             out[#out + 1] = -1
-        elseif ARGV[a + 4] == '1' then  -- created and ended at once: nothing to keep
+        elseif w['end'] == '1' then  -- created and ended at once: nothing to keep
             out[#out + 1] = 1
         elseif make_room(tonumber(ARGV[2]), ARGV[3], now, ARGV[4], evicted, ended) then
-            redis.call('HSET', key, FIELDS)
-            expire(key, ARGV[a], now, ttl, tonumber(ARGV[a + 3]))
-            redis.call('ZADD', KEYS[3], 0, ARGV[a])
+            redis.call('HSET', key, FIELDS, 'writer', writer)
+            expire(key, w.id, now, ttl, tonumber(w.deadline))
+            redis.call('ZADD', KEYS[3], 0, w.id)
             out[#out + 1] = 1
         else
             out[#out + 1] = -2
         end
-    elseif cur[1] ~= ARGV[a + 1] then
-        if cur[1] == ARGV[a + REVISION] and cur[2] == ARGV[a + 2] then
+    elseif cur[1] ~= w.expected then
+        if cur[1] == w.revision and cur[2] == writer then
             out[#out + 1] = 1
         else
             out[#out + 1] = 0
         end
-    elseif ARGV[a + 4] == '1' then
-        forget({ARGV[a]}, ARGV[4])
+    elseif w['end'] == '1' then
+        forget({w.id}, ARGV[4])
         out[#out + 1] = 1
     else
-        redis.call('HSET', key, FIELDS)
-        expire(key, ARGV[a], now, ttl, tonumber(ARGV[a + 3]))
+        redis.call('HSET', key, FIELDS, 'writer', writer)
+        expire(key, w.id, now, ttl, tonumber(w.deadline))
         out[#out + 1] = 1
     end
 end
 return {out, evicted, ended[1], ended[2]}
 """
-)
 
 # KEYS: the sessions' hashes. Answers each one's _FIELDS (all nil for a missing session).
 _READ = """
@@ -252,61 +254,21 @@ _FIELDS = (
     "result",
     "owner",
 )
-"""A session hash's fields in the order the scripts read and write them (and ``writer``)."""
-_HISTORY_FIELDS = (*_FIELDS, "history")
-"""The fields with ``GRUSERVE_SESSION_HISTORY`` on: ``history`` is the revision it was
-written with (u64) and the kept inputs; a write with history off leaves the field as it
-was, so a history whose revision is not the record's is stale and read as none."""
-_WRITE_HEAD = 5  # a write's values before its fields: id, expected revision, writer, deadline, end
+"""A session hash's fields in the order ``_READ`` answers them (the write script also
+stores ``writer``; :mod:`._redis_packing` says how a write sends them)."""
+_HISTORY_FIELDS = (*_FIELDS, HISTORY_FIELD)
+"""The fields with ``GRUSERVE_SESSION_HISTORY`` on (:data:`._redis_packing.HISTORY_FIELD`)."""
 
 
-def _scripts(fields: tuple[str, ...]) -> tuple[str, str]:
-    """The compare-and-set and read scripts of hashes with ``fields``."""
-    cas = (
-        _CAS.replace("WRITE_ARGS", str(_WRITE_HEAD + len(fields)))
-        .replace("REVISION", str(_WRITE_HEAD + fields.index("revision")))
-        .replace(
-            "FIELDS",
-            ", ".join(
-                [f"'{name}', ARGV[a + {_WRITE_HEAD + i}]" for i, name in enumerate(fields)]
-                + ["'writer', ARGV[a + 2]"]
-            ),
-        )
-    )
+def _scripts(history: bool) -> tuple[str, str]:
+    """The compare-and-set and read scripts of hashes without or with ``history``."""
+    cas = _FORGET + lua_unpack(history) + _NOW_MS + _CAS.replace("FIELDS", lua_hset_args(history))
+    fields = _HISTORY_FIELDS if history else _FIELDS
     return cas, _READ.replace("READ_FIELDS", ", ".join(f"'{name}'" for name in fields))
 
 
-WRITE_SCRIPT, _READ_SCRIPT = _scripts(_FIELDS)
+WRITE_SCRIPT, _READ_SCRIPT = _scripts(history=False)
 """The compare-and-set script's text: its SHA1 marks a step's write on the wire (fault tests)."""
-
-
-def _values(record: SessionRecord, history: bool = False) -> list[Any]:
-    """``record`` as the values of :data:`_FIELDS` (:data:`_HISTORY_FIELDS` with
-    ``history``), in order."""
-    values = [
-        record.model,
-        record.version,
-        np.ascontiguousarray(record.state, "<f4").tobytes(),
-        record.step,
-        record.timesteps,
-        record.revision,
-        repr(record.created_at),
-        repr(record.last_used_at),
-        record.last_result or b"",
-        record.owner,
-    ]
-    if history:
-        kept = record.history
-        values.append(record.revision.to_bytes(8, "little") + kept if kept else b"")
-    return values
-
-
-def _fields(record: SessionRecord, writer: bytes) -> list[Any]:
-    """``record`` as ``HSET`` arguments: field, value, ..."""
-    pairs: list[Any] = []
-    for name, value in zip(_FIELDS, _values(record), strict=True):
-        pairs += (name, value)
-    return [*pairs, "writer", writer]
 
 
 def _record(session_id: str, values: list[bytes | None]) -> SessionRecord:
@@ -415,7 +377,7 @@ class RedisSessionStore:
         self._redis = connect(url, timeout_s)
         self._nodes: dict[str, aioredis.Redis] = {}  # cluster masters' own clients, by name
         self._history = history  # keep each session's ``history`` (GRUSERVE_SESSION_HISTORY)
-        cas, read = _scripts(_HISTORY_FIELDS) if history else (WRITE_SCRIPT, _READ_SCRIPT)
+        cas, read = _scripts(history)
         self._cas = self._redis.register_script(cas)
         self._read = self._redis.register_script(read)
         self._batch_limit = batch_limit
@@ -586,21 +548,16 @@ class RedisSessionStore:
         decided on its own: a lost race fails only that session's)."""
         groups = self._keyspace.group_by(writes, lambda write: write.record.session_id)
         share = self._keyspace.share(self.max_sessions)
+        writer = os.urandom(8).hex()  # the script makes it one token per write
         calls = []
         for bucket, positions in groups.items():
             keys = list(bucket.sets)
-            args: list[Any] = [self._ttl_ms, share, self._lru, bucket.prefix]
+            args: list[Any] = [self._ttl_ms, share, self._lru, bucket.prefix, writer]
             for i in positions:
                 record, expected, end = writes[i]
                 keys.append(bucket.session_key(record.session_id))
-                args += (
-                    record.session_id,
-                    expected,
-                    os.urandom(8).hex(),
-                    self._deadline_ms(record),
-                    int(end),
-                    *_values(record, self._history),
-                )
+                deadline = self._deadline_ms(record)
+                args.append(packed_write(record, expected, deadline, end, self._history))
             calls.append(_Call(self._cas, keys, args))
 
         answers = await self._call(lambda: self._writes_of(calls))
