@@ -1,6 +1,6 @@
 """What waiting for replicas costs: REST single steps at C=64 on Redis with and without ``WAIT``.
 
-    python -m bench.replicas --seconds 5 --rounds 3
+    python -m bench.replicas --seconds 5 --rounds 3 [--profile /tmp/spy]
 
 Serves the benchmark's ``demo`` model (GRU(128) over 32 features, Dense(1)) three times
 from the same code, each on its own private ``redis-server`` database (no persistence):
@@ -11,10 +11,10 @@ from the same code, each on its own private ``redis-server`` database (no persis
 - ``replica, min 1``: the same pair, each write batch followed by ``WAIT 1``.
 
 The two replicated servers share the pair (databases 0 and 1) as two deployments of one
-Redis would. Each round measures every server back to back, so a machine whose speed
-drifts moves every side of each ratio alike; the ratios reported are the medians of the
-rounds'. Servers run on core 0 and the load generator on core 1 (two cores or more); the
-Redis processes float.
+Redis would. Each round measures every server back to back (each round starting with
+the next server in turn), so a machine whose speed drifts moves every side of each ratio
+alike; the ratios reported are the medians of the rounds'. Servers run on core 0 and the
+load generator on core 1 (two cores or more); the Redis processes float.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from bench.stores import _pin, _redis
 
 PORT = 8341
 BASELINE = "alone"
+NOT_WAITING, WAITING = "replica, min 0", "replica, min 1"
 
 
 def _replica_of(workdir: Path, port: int, master: int) -> subprocess.Popen[bytes]:
@@ -52,6 +53,34 @@ def _replica_of(workdir: Path, port: int, master: int) -> subprocess.Popen[bytes
             raise RuntimeError("the replica did not sync")
         time.sleep(0.05)
     return proc
+
+
+def _spy(server: Server, name: str, args: argparse.Namespace) -> subprocess.Popen[bytes] | None:
+    """With ``--profile DIR``: py-spy samples ``server`` during its last round's measurement
+    (after the load generator's warm-up) into ``DIR/<name>.txt`` (collapsed stacks)."""
+    if args.profile is None:
+        return None
+    args.profile.mkdir(parents=True, exist_ok=True)
+    out = args.profile / (name.replace(", ", "-").replace(" ", "") + ".txt")
+    return subprocess.Popen(
+        [
+            str(BIN / "py-spy"),
+            "record",
+            "--pid",
+            str(server.proc.pid),
+            "--format",
+            "raw",
+            "--duration",
+            str(int(args.seconds)),
+            "--rate",
+            "200",
+            "--nonblocking",
+            "--output",
+            str(out),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def _summary(runs: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
@@ -71,6 +100,15 @@ def _summary(runs: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
         summary[f"{name} / {BASELINE} p99"] = float(
             np.median([r["p99_ms"] / b["p99_ms"] for r, b in zip(own, base, strict=True)])
         )
+    if WAITING in names and NOT_WAITING in names:  # WAIT's own cost: same Redis pair
+        waiting, not_waiting = ([by[n, k] for k in rounds] for n in (WAITING, NOT_WAITING))
+        pairs = list(zip(waiting, not_waiting, strict=True))
+        summary[f"{WAITING} / {NOT_WAITING} steps/s"] = float(
+            np.median([w["steps_per_s"] / n["steps_per_s"] for w, n in pairs])
+        )
+        summary[f"{WAITING} / {NOT_WAITING} p99"] = float(
+            np.median([w["p99_ms"] / n["p99_ms"] for w, n in pairs])
+        )
     return summary
 
 
@@ -79,6 +117,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("bench/replicas.json"))
+    parser.add_argument("--profile", type=Path, default=None, help="py-spy the last round here")
     args = parser.parse_args()
     runs: list[dict[str, Any]] = []
     redis_procs: list[subprocess.Popen[bytes]] = []
@@ -95,9 +134,9 @@ def main() -> None:
         }
         configs = [
             (BASELINE, {"GRUSERVE_SESSION_STORE": f"redis://127.0.0.1:{alone}/0"}),
-            ("replica, min 0", {"GRUSERVE_SESSION_STORE": f"redis://127.0.0.1:{master}/0"}),
+            (NOT_WAITING, {"GRUSERVE_SESSION_STORE": f"redis://127.0.0.1:{master}/0"}),
             (
-                "replica, min 1",
+                WAITING,
                 {
                     "GRUSERVE_SESSION_STORE": f"redis://127.0.0.1:{master}/1",
                     "GRUSERVE_STORE_MIN_REPLICAS": "1",
@@ -123,11 +162,17 @@ def main() -> None:
                     "/readyz",
                 )
             _pin(1)
+            names = list(servers)
             for round_ in range(args.rounds):
-                for name, server in servers.items():
+                # each round starts with another server: no side always measured first
+                for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
+                    server = servers[name]
+                    spy = _spy(server, name, args) if round_ == args.rounds - 1 else None
                     run = server.measure(
                         model="demo", transport="rest", sessions=64, seconds=args.seconds
                     )
+                    if spy is not None:
+                        spy.wait(timeout=60)
                     runs.append({"store": name, "round": round_, **run})
                     print(
                         f"round {round_} {name:>15}: {run['steps_per_s']:8.0f} steps/s  "
