@@ -1,12 +1,13 @@
-"""Exactly-once creates over REST on a real master + replica with ``store_min_replicas`` 1.
+"""Exactly-once creates and steps over REST on a real master + replica, ``store_min_replicas`` 1.
 
-A create (explicit, or in band on a numbered step) whose write reached the master but no
-replica answers 503; its resend answers 503 again while the replica is away (the resend
-is acknowledged only as a write is), then, with the replica back, what the first send
-would have answered; the session then steps as any other. A create of an id another
-create really took stays 409. WAIT fails deterministically: the replica is killed and
-the master has noticed before the request is sent. The same rule on the memory store:
-tests/api/test_v1_sessions.py::test_session_lifecycle.
+A create (explicit, or in band on a numbered step) or a numbered step (alone or in a bulk
+request) whose write reached the master but no replica answers 503; its resend answers
+503 again while the replica is away (the resend is acknowledged only as a write is), then,
+with the replica back, what the first send would have answered; the session then steps
+as any other. A create of an id another create really took stays 409. WAIT fails
+deterministically: the replica is killed and the master has noticed before the request
+is sent. The same rule on the memory store: tests/api/test_v1_sessions.py
+(``test_session_lifecycle``).
 """
 
 from __future__ import annotations
@@ -133,6 +134,43 @@ async def test_an_in_band_create_resent_after_a_503_is_applied_once(
     for got, want in zip(replies, expected, strict=True):
         np.testing.assert_array_equal(got["outputs"], want["outputs"])
     assert _revision(replica, "inband") == 2
+
+
+async def _numbered(client: Any, kind: str, sid: str, body: dict[str, Any]) -> tuple[int, Any]:
+    """``(status, reply)`` of one numbered step, alone or as a bulk request's only item."""
+    if kind == "rest":
+        r = await client.post(f"/v1/sessions/{sid}/step", json=body)
+        return r.status_code, r.json()
+    r = await client.post("/v1/models/simple/steps", json={"steps": [{"session_id": sid, **body}]})
+    assert r.status_code == 200, r.text
+    result = r.json()["results"][0]
+    return (result["error"]["status"] if "error" in result else 200), result
+
+
+@pytest.mark.parametrize("kind", ["rest", "bulk"])
+async def test_a_step_resent_after_a_503_is_acknowledged_once_replicated(
+    served: Served, nodes: tuple[Any, Any], rng: np.random.Generator, kind: str
+) -> None:
+    master, replica = nodes
+    client = served.client
+    x = rng.normal(size=(2, 3)).astype(np.float32).tolist()
+    for sid in ("resent", "ref"):
+        r = await client.post("/v1/models/simple/sessions", json={"session_id": sid})
+        assert r.status_code == 201, r.text
+    body = {"inputs": x, "step": 0}
+    _replica_away(master, replica)
+    assert (await _numbered(client, kind, "resent", body))[0] == 503
+    assert _revision(master, "resent") == 1  # applied on the master only
+    assert (await _numbered(client, kind, "resent", body))[0] == 503  # the kept result too
+
+    _replica_back(master, replica)
+    status, reply = await _numbered(client, kind, "resent", body)
+    assert status == 200 and reply["step"] == 1, reply
+    assert _revision(replica, "resent") == 1
+    want = (await client.post("/v1/sessions/ref/step", json={"inputs": x})).json()
+    np.testing.assert_array_equal(reply["outputs"], want["outputs"])
+    status, reply = await _numbered(client, kind, "resent", {"inputs": x, "step": 1})
+    assert status == 200 and reply["step"] == 2, reply
 
 
 def test_only_an_untouched_record_of_the_same_create_counts_as_a_resend() -> None:
