@@ -34,12 +34,15 @@ from bench.run_all import BIN, Server
 PORT = 8321
 
 
-def _redis(workdir: Path, port: int) -> subprocess.Popen[bytes]:
+def _redis(workdir: Path, port: int, extra: list[str] | None = None) -> subprocess.Popen[bytes]:
+    """A private ``redis-server`` (no persistence), returned once it answers; ``extra``:
+    more of its options (``--replicaof``, bench/replicas.py)."""
     binary = shutil.which("redis-server")
     if binary is None:
         raise SystemExit("redis-server is not installed (Debian: apt-get install redis-server)")
     proc = subprocess.Popen(
-        [binary, "--port", str(port), "--save", "", "--appendonly", "no", "--dir", str(workdir)],
+        [binary, "--port", str(port), "--save", "", "--appendonly", "no", "--dir", str(workdir)]
+        + (extra or []),
         stdout=subprocess.DEVNULL,
     )
     import redis

@@ -60,11 +60,21 @@ async def test_session_lifecycle(client: httpx.AsyncClient) -> None:
         1,
         0,
     )
+    # the same create again (a resend after a lost reply, or after a 503) is the first one
     r = await client.post("/v1/models/simple/sessions", json={"session_id": "user-1"})
+    assert r.status_code == 201 and r.json() == info, r.text
+    # another initial state is another session: the id is taken
+    other = {name: np.ones_like(v).tolist() for name, v in (await states(client, "user-1")).items()}
+    r = await client.post(
+        "/v1/models/simple/sessions", json={"session_id": "user-1", "initial_state": other}
+    )
     assert r.status_code == 409 and r.json()["error"]["type"] == "SessionExists"
     assert "user-1" in r.json()["error"]["message"]
 
     reply = await step(client, "user-1", [[0.1, 0.2, 0.3], [0.3, 0.2, 0.1]])
+    # stepped: the same create now names a session it did not make
+    r = await client.post("/v1/models/simple/sessions", json={"session_id": "user-1"})
+    assert r.status_code == 409 and r.json()["error"]["type"] == "SessionExists"
     assert reply["step"] == 1 and np.shape(reply["outputs"]) == (2, 2)
     got = (await client.get("/v1/sessions/user-1")).json()
     SessionInfo.model_validate(got)

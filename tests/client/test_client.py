@@ -219,8 +219,10 @@ def test_errors_are_typed_with_the_servers_type_and_message(server: str) -> None
             c.create_session("no-such-model")
         assert unknown.value.status == 404 and "no-such-model" in unknown.value.message
         s = c.create_session("demo", session_id="typed-1")
-        with pytest.raises(SessionExists):
-            c.create_session("demo", session_id="typed-1")
+        assert c.create_session("demo", session_id="typed-1").step_number == 0  # a resend
+        c.create_session("demo", session_id="typed-2").step([[1.0]])
+        with pytest.raises(SessionExists):  # stepped: no longer what this create made
+            c.create_session("demo", session_id="typed-2")
         with pytest.raises(InvalidInput) as bad:
             s.step([[1.0, 2.0]])
         assert bad.value.field == "inputs" and bad.value.status == 422

@@ -84,24 +84,21 @@ class AsyncClient:
                 model, its values; zeros when None.
 
         Raises:
-            SessionExists: the id is taken (by another client: a resend of this call that
-                finds the session its lost first attempt created returns that session).
+            SessionExists: the id is taken by another create (the server answers a resend
+                of this call, after a lost reply or a 503, with the session its first
+                attempt made).
             ModelNotFound, InvalidInput, TooManySessions, ConnectionLost.
         """
         session_id = w.new_session_id() if session_id is None else session_id
         body: dict[str, Any] = {"session_id": session_id}
         if initial_state is not None:
             body["initial_state"] = w.states(initial_state)
-        response, resent = await self._send(
+        response, _ = await self._send(
             "POST",
             f"/v1/models/{quote(model, safe='')}/sessions",
             f"create session {session_id!r}",
             w.dumps(body),
         )
-        if response.status_code == 409 and resent:
-            error = api_error(409, response.content)
-            if error.type == "SessionExists":
-                return await self.session(session_id)
         return AsyncSession(self, w.reply(response.status_code, response.content, ok=201))
 
     async def session(self, session_id: str, model: str | None = None) -> AsyncSession:

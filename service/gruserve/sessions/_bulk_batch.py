@@ -11,8 +11,9 @@ compare-and-set call, each write decided on its own.
 
 The meaning is that of :meth:`SessionService.step`, checked in the same order:
 tenancy (another tenant's session is not found), the model in the URL, the model
-version, the inputs and the reply's size, then the step number (a resend of the last
-applied step gets its kept result, with the digest compared). A step is answered
+version, the inputs and the reply's size, then the step number (a numbered step that
+is not the next one, a resend say, is left to the per-step path, which answers it with
+its kept result once that is written again). A step is answered
 only once its state is written. What this path does not finish it hands back to
 the per-step path, which behaves as it always has: a session whose lock another
 request holds (it queues behind it there), and a write that lost a compare-and-set
@@ -141,10 +142,11 @@ def _checked(
     outcomes: list[Any],
     others: list[Item],
 ) -> list[_Ready]:
-    """The steps that pass :meth:`SessionService.step`'s checks; the others' errors and
-    numbered resends' kept results go to ``outcomes``, and steps of sessions on another
-    version of the model than ``model`` (the default), and a named tenant's misses (its
-    session may be one kept from before namespaces), to ``others``, for the per-step path."""
+    """The steps that pass :meth:`SessionService.step`'s checks; the others' errors go to
+    ``outcomes``, and steps of sessions on another version of the model than ``model`` (the
+    default), a named tenant's misses (its session may be one kept from before
+    namespaces) and numbered steps that are not the next one (resends) to ``others``, for
+    the per-step path."""
     sig = model.signature
     features = sig.features
     # the usual step: (T, features) or (features,) numbers, no mask, T the model takes. Its
@@ -195,11 +197,13 @@ def _checked(
         if p in bad:
             continue
         number = item.step_number
+        if number is not None and number != record.step:
+            # a resend (or out of order): the per-step path answers it, writing the kept
+            # result again first so WAIT counts it (gruserve.sessions.resend)
+            others.append((index, item))
+            continue
         try:
             applied = b"" if number is None else _result.digest(inputs, mask, single)
-            if number is not None and number != record.step:
-                outcomes[index] = service._replay(record, model, number, applied)
-                continue
         except Exception as exc:
             outcomes[index] = exc
             continue

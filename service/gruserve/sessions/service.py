@@ -12,7 +12,10 @@ state as ``initial_state`` and stores ``final_state``. Three guarantees:
 - a step that carries the client's step number is applied exactly once even when
   the client resends it (after a lost reply, a timeout, a replica that died): the
   record keeps that step's outputs and a digest of its inputs, and a resend with the
-  same inputs gets them back unchanged (different ones: ``StepMismatch``).
+  same inputs gets them back unchanged (different ones: ``StepMismatch``), once the
+  record is written again as any step is (so with ``WAIT`` the replicas have it); a
+  create resent after a 503 is answered as its first send would have been
+  (:mod:`gruserve.sessions.resend`).
 
 Transports (REST, NDJSON, WebSocket, bulk, KServe v2) all call this class
 with numpy arrays and the client's session id; it knows nothing about HTTP. The id
@@ -60,6 +63,7 @@ from gruserve.sessions._locks import KeyedLocks
 from gruserve.sessions.history import appended
 from gruserve.sessions.lifecycle import STEP_ONLY, Lifecycle
 from gruserve.sessions.owner import ANYONE, Caller, legacy_key, scoped, tenant_of
+from gruserve.sessions.resend import create_once
 from gruserve.sessions.store import (
     CREATE,
     MAX_PAGE,
@@ -227,7 +231,10 @@ class SessionService:
         ``version`` (the model's default version when None) for its whole life.
 
         Raises:
-            ModelNotFound, ModelUnavailable, InvalidInput, SessionExists, TooManySessions.
+            ModelNotFound, ModelUnavailable, InvalidInput, TooManySessions.
+            SessionExists: the id holds another session. A resend of this very create whose
+                first send was stored (then answered 503) gets that session instead
+                (:mod:`gruserve.sessions.resend`).
         """
         model = await self.model_named(model_name, version)
         if session_id is None:
@@ -242,8 +249,7 @@ class SessionService:
                 if (await self.store.get(old)).owner == caller.name:
                     raise SessionExists(session_id)
         record = self._new(model, key, state, caller)
-        await self.store.create(record)
-        return record
+        return await create_once(self.store, record, self._max_attempts)
 
     def _new(
         self, model: LoadedModel, key: str, state: np.ndarray, caller: Caller
@@ -451,7 +457,13 @@ class SessionService:
                     if step_number is not None:
                         applied = _result.digest(chunk.inputs, chunk.mask, chunk.single)
                 if step_number is not None and step_number != record.step:
-                    return self._replay(record, model, step_number, applied)
+                    replayed = self._replay(record, model, step_number, applied)
+                    # written again unchanged: acknowledged only once the replicas have it (a
+                    # resend after a 503 whose write reached the master alone gets 503 again)
+                    if await self.store.compare_and_set(record, record.revision):
+                        return replayed
+                    self._conflict()
+                    continue
                 out = await self._batcher(model).submit(chunk.inputs, chunk.mask, record.state)
                 outputs = out.outputs
                 if chunk.single and model.signature.per_timestep:

@@ -111,7 +111,8 @@ async def predict(model: str, request: Request) -> Response:
     openapi_extra=s.request_body(s.CreateSessionRequest),
 )
 async def create_session(model: str, request: Request) -> Response:
-    """Start a session (Keras ``stateful=True`` with an explicit id); 409 if the id exists.
+    """Start a session (Keras ``stateful=True`` with an explicit id); 409 if the id exists
+    (a resend of this create before the session's first step gets 201 and the same body).
 
     ``version`` pins the model version the session runs on for its whole life (the model's
     default version when omitted; a version on disk that is not loaded is loaded first)."""
