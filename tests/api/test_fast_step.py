@@ -201,7 +201,12 @@ async def test_a_client_that_leaves_cancels_its_step(
 
 
 async def test_a_quick_step_needs_no_watcher(served: Served, watchers: list[Any]) -> None:
+    """A request gets no watcher task of its own unless it outlives the grace period. The
+    grace is raised far above any step here, so that a slow machine (a step over the 10 ms
+    default) cannot make the request "slow": what is checked is that nothing starts a
+    watcher eagerly."""
     sid = await _session(served.client)
+    fast_path(served).disconnects.grace_s = 3600.0
     sent = await _call(served, f"/v1/sessions/{sid}/step", b'{"inputs": [1, 2, 3]}', None)
     assert sent[0]["status"] == 200 and json.loads(sent[1]["body"])["step"] == 1
     *headers, (name, request_id) = sent[0]["headers"]
