@@ -164,13 +164,14 @@ def test_two_processes_on_one_redis_continue_each_other(
     ]
     try:
         a, b = (f"http://127.0.0.1:{p}" for p in ports)
-        sid = httpx.post(f"{a}/v1/models/stacked/sessions", json={"session_id": "roaming"}).json()[
-            "session_id"
-        ]
-        assert (
-            httpx.post(f"{b}/v1/models/stacked/sessions", json={"session_id": sid}).status_code
-            == 409
-        )
+        made = httpx.post(f"{a}/v1/models/stacked/sessions", json={"session_id": "roaming"})
+        sid = made.json()["session_id"]
+        # the other replica sees it: the same create resent there is that create (the first
+        # answer again, as after a lost reply), another model's create of the id is refused
+        again = httpx.post(f"{b}/v1/models/stacked/sessions", json={"session_id": sid})
+        assert again.status_code == 201 and again.json() == made.json()
+        taken = httpx.post(f"{b}/v1/models/simple/sessions", json={"session_id": sid})
+        assert taken.status_code == 409 and taken.json()["error"]["type"] == "SessionExists"
         x = rng.normal(size=(1, 8, 3)).astype(np.float32)
         outputs = []
         for t in range(8):  # alternate replicas: each continues where the other left off
