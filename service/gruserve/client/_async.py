@@ -134,16 +134,9 @@ class AsyncClient:
         Raises:
             SessionNotFound, InvalidInput (naming ``version`` or ``replay``), ConnectionLost.
         """
-        body: dict[str, Any] = {}
-        if version is not None:
-            body["version"] = version
-        if replay is not None:
-            body["replay"] = replay
-        return dict(
-            await self._json(
-                "POST", w.session_path(session_id, "/upgrade"), "upgrade", w.dumps(body)
-            )
-        )
+        body = w.upgrade_body(version, replay)
+        path = w.session_path(session_id, "/upgrade")
+        return dict(await self._json("POST", path, "upgrade", body))
 
     async def predict(
         self,

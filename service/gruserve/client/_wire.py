@@ -118,6 +118,12 @@ def step_body(
     return dumps(body)
 
 
+def upgrade_body(version: int | None, replay: int | None) -> bytes:
+    """The body of ``POST /v1/sessions/{id}/upgrade``: only what was given."""
+    given = {"version": version, "replay": replay}
+    return dumps({name: value for name, value in given.items() if value is not None})
+
+
 def _create(create: Create, model: str) -> dict[str, Any]:
     given: Mapping[str, Any] = {}
     if isinstance(create, str):
