@@ -28,9 +28,7 @@ from fault_helpers import (
     replicas,
     running_redis,
     server_env,
-    start_server,
-    stop,
-    wait_ready,
+    serving,
 )
 
 from gruserve.client import (
@@ -55,14 +53,7 @@ ATOL = RTOL = 1e-5  # demo outputs are in raw sunspot units (tens): float32 hold
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """One ``gruserve serve`` (memory store) with an API key, for the module."""
-    port, workdir = free_port(), tmp_path_factory.mktemp("client")
-    proc = start_server(port, server_env(GRUSERVE_API_KEYS=KEY), workdir)
-    try:
-        wait_ready(proc, port)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        output = stop(proc)
-    assert "Traceback" not in output, output
+    yield from serving(server_env(GRUSERVE_API_KEYS=KEY), tmp_path_factory.mktemp("client"))
 
 
 def _chunks(rng: np.random.Generator, steps: int) -> list[np.ndarray]:

@@ -16,7 +16,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "faults"))
 
-from fault_helpers import free_port, server_env, start_server, stop, wait_ready
+from fault_helpers import server_env, serving
 
 from gruserve.client import AsyncClient, Client, SessionNotFound
 
@@ -27,14 +27,8 @@ ATOL = RTOL = 1e-5  # demo outputs are in raw sunspot units (tens)
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port, workdir = free_port(), tmp_path_factory.mktemp("client-lifecycle")
-    proc = start_server(port, server_env(GRUSERVE_API_KEYS=KEY), workdir)
-    try:
-        wait_ready(proc, port)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        output = stop(proc)
-    assert "Traceback" not in output, output
+    workdir = tmp_path_factory.mktemp("client-lifecycle")
+    yield from serving(server_env(GRUSERVE_API_KEYS=KEY), workdir)
 
 
 def _predict(url: str, x: np.ndarray, initial: dict[str, np.ndarray] | None = None) -> Any:

@@ -256,6 +256,19 @@ def wait_ready(proc: subprocess.Popen[bytes], port: int, timeout: float = 60) ->
     raise RuntimeError(f"server on port {port} did not become ready")
 
 
+def serving(env: dict[str, str], cwd: Path) -> Iterator[str]:
+    """A ready ``gruserve serve`` on a free port, as its base URL, for a fixture to ``yield
+    from``; stopped afterwards, and a traceback in what it printed fails the test."""
+    port = free_port()
+    proc = start_server(port, env, cwd)
+    try:
+        wait_ready(proc, port)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        output = stop(proc)
+    assert "Traceback" not in output, output
+
+
 def wait_for_port(port: int, proc: subprocess.Popen[Any], timeout: float = 15) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -30,6 +30,7 @@ from deploy_helpers import free_port, start_server, stop, wait_ready
 from deploy_helpers import nginx as nginx
 from deploy_helpers import reference as reference
 from deploy_helpers import server_env as server_env
+from deploy_helpers import serving as serving
 
 
 class RedisProcess:
