@@ -54,13 +54,29 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A private redis-server on a free port (no persistence) for the whole run."""
     binary = shutil.which("redis-server")
     if binary is None:
-        pytest.skip("redis-server is not installed (Debian: apt-get install redis-server); "
-                    "the Redis session store tests need a real server")
+        pytest.skip(
+            "redis-server is not installed (Debian: apt-get install redis-server); "
+            "the Redis session store tests need a real server"
+        )
     port = free_port()
     workdir = tmp_path_factory.mktemp("redis")
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", str(workdir)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"redis://127.0.0.1:{port}/0"
     import redis
 
@@ -119,8 +135,9 @@ def serving_settings(models_dir: Path, store: str = "memory", **overrides: Any) 
     from gruserve.settings import Settings
 
     overrides.setdefault("grpc_port", 0)  # no gRPC unless a test asks (8001 is one port)
-    return Settings(_env_file=None, models_dir=models_dir, provider="cpu", session_store=store,
-                    **overrides)
+    return Settings(
+        _env_file=None, models_dir=models_dir, provider="cpu", session_store=store, **overrides
+    )
 
 
 class Served:

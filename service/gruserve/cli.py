@@ -314,9 +314,7 @@ def serve(
     """
     from gruserve.server import run_server
 
-    run_server(
-        models_dir=models_dir, host=host, port=port, grpc_port=grpc_port, workers=workers
-    )
+    run_server(models_dir=models_dir, host=host, port=port, grpc_port=grpc_port, workers=workers)
 
 
 @app.command()

@@ -115,7 +115,8 @@ async def test_keep_alive_requests_and_a_stream_on_a_real_server(served: Served)
                     reader,
                     writer,
                     f"POST /v1/sessions/{sid}/step HTTP/1.1\r\nhost: x\r\n"
-                    f"content-length: {len(body)}\r\n\r\n".encode() + body,
+                    f"content-length: {len(body)}\r\n\r\n".encode()
+                    + body,
                 )
                 head, _, payload = reply.partition(b"\r\n\r\n")
                 assert head.startswith(b"HTTP/1.1 200 ") and b"server:" not in head.lower()
@@ -142,11 +143,15 @@ async def test_pipelined_requests_are_answered_whole_and_in_order(served: Served
     r = await served.client.post("/v1/models/simple/sessions", json={})
     sid = r.json()["session_id"]
     bodies = [json.dumps({"inputs": [0.1 * n, 0.2, 0.3], "step": n}).encode() for n in range(3)]
-    requests = b"".join(
-        f"POST /v1/sessions/{sid}/step HTTP/1.1\r\nhost: x\r\n"
-        f"content-length: {len(body)}\r\n\r\n".encode() + body
-        for body in bodies
-    ) + b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n"
+    requests = (
+        b"".join(
+            f"POST /v1/sessions/{sid}/step HTTP/1.1\r\nhost: x\r\n"
+            f"content-length: {len(body)}\r\n\r\n".encode()
+            + body
+            for body in bodies
+        )
+        + b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n"
+    )
     async for address in live_server(served.app):
         host, port = address.split(":")
         reader, writer = await asyncio.open_connection(host, int(port))

@@ -41,9 +41,7 @@ def _build(seed: int) -> Sequential:
 
 @pytest.fixture(scope="module")
 def versions_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return export_versions(
-        tmp_path_factory.mktemp("mover"), NAME, lambda v: _build(40 + v), (1, 2)
-    )
+    return export_versions(tmp_path_factory.mktemp("mover"), NAME, lambda v: _build(40 + v), (1, 2))
 
 
 @pytest.fixture(scope="module")
