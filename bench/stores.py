@@ -7,7 +7,8 @@ per store, from the same code: a private ``redis-server`` (no persistence) backs
 Redis server. Each round measures REST and then WebSocket C=64 closed loops on both
 servers back to back, so a machine whose speed drifts moves both sides of each ratio
 alike; the ratio reported is the median of the rounds'. The servers run on core 0 and the
-load generator on core 1 (when the machine has two cores or more); Redis floats.
+load generator on core 1 (when the machine has two cores or more); Redis floats, unless
+``--redis-core`` pins it (bench/README.md, "Where a Redis step's time goes").
 
 ``--other-bin`` adds a third server, the Redis store served by another installation of
 gruserve (an older commit's venv), for before/after figures in the same run.
@@ -34,15 +35,19 @@ from bench.run_all import BIN, Server
 PORT = 8321
 
 
-def _redis(workdir: Path, port: int, extra: list[str] | None = None) -> subprocess.Popen[bytes]:
+def _redis(
+    workdir: Path, port: int, extra: list[str] | None = None, core: int | None = None
+) -> subprocess.Popen[bytes]:
     """A private ``redis-server`` (no persistence), returned once it answers; ``extra``:
-    more of its options (``--replicaof``, bench/replicas.py)."""
+    more of its options (``--replicaof``, bench/replicas.py); ``core``: pinned there
+    (None: it floats)."""
     binary = shutil.which("redis-server")
     if binary is None:
         raise SystemExit("redis-server is not installed (Debian: apt-get install redis-server)")
+    pin = ["taskset", "-c", str(core)] if core is not None else []
+    options = ["--port", str(port), "--save", "", "--appendonly", "no", "--dir", str(workdir)]
     proc = subprocess.Popen(
-        [binary, "--port", str(port), "--save", "", "--appendonly", "no", "--dir", str(workdir)]
-        + (extra or []),
+        [*pin, binary, *options, *(extra or [])],
         stdout=subprocess.DEVNULL,
     )
     import redis
@@ -70,13 +75,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--other-bin", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=Path("bench/stores.json"))
+    parser.add_argument(
+        "--redis-core",
+        type=int,
+        default=None,
+        help="pin redis-server to this core (default: it floats over both)",
+    )
     args = parser.parse_args()
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="gruserve-stores-") as tmp:
         models_dir = Path(tmp) / "models"
         build(models_dir)
         redis_port = PORT + 9
-        redis = _redis(Path(tmp), redis_port)
+        redis = _redis(Path(tmp), redis_port, core=args.redis_core)
         env = {
             "GRUSERVE_MODELS_DIR": str(models_dir),
             "GRUSERVE_PROVIDER": "cpu",

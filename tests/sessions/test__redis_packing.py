@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import redis
 
+from gruserve.errors import SessionNotFound
 from gruserve.sessions._keyspace import Keyspace
 from gruserve.sessions._redis_packing import packed_write
 from gruserve.sessions.redis_store import WRITE_SCRIPT, RedisSessionStore
@@ -121,3 +122,27 @@ def test_a_newline_in_a_text_field_is_refused() -> None:
     packed_write(record, 0, 0, False)  # fine
     with pytest.raises(ValueError, match="newlines"):
         packed_write(bad, 0, 0, False)
+
+
+async def test_a_record_without_owner_or_result_reads_as_none(redis_url: str) -> None:
+    """A hash written before tenants and before results (no ``owner``, no ``result``
+    field) reads back with no owner and no result; a missing id
+    is SessionNotFound, next to a found one in the same wave."""
+    client = redis.Redis.from_url(redis_url)
+    store = RedisSessionStore(redis_url, 60.0, 100, prefix=PREFIX)
+    try:
+        state = np.frombuffer(b"\n" * 8, "<f4")
+        fields = {
+            "model": "m.1", "version": 2, "state": state.tobytes(), "step": 3,
+            "timesteps": 40, "revision": 5, "created_at": "1.5", "last_used_at": "2.25",
+        }  # fmt: skip
+        client.hset(f"{PREFIX}session:bare", mapping=fields)
+        got, missing = await store.get_many(["bare", "absent"])
+        assert isinstance(got, SessionRecord) and isinstance(missing, SessionNotFound)
+        assert (got.owner, got.last_result, got.history) == ("", None, None)
+        assert (got.step, got.timesteps, got.revision) == (3, 40, 5)
+        assert (got.created_at, got.last_used_at) == (1.5, 2.25)
+        assert got.state.tobytes() == state.tobytes()
+    finally:
+        client.close()
+        await store.close()
