@@ -33,13 +33,30 @@ from gruserve.sessions.service import SessionService, StepResult
 ATOL = 1e-5
 
 
-def _service(models_dir: Path, store: Any, executor: ThreadPoolExecutor) -> SessionService:
+def _service(
+    models_dir: Path, store: Any, executor: ThreadPoolExecutor, max_attempts: int = 16
+) -> SessionService:
     registry = ModelRegistry.load(models_dir, ["CPUExecutionProvider"])
     model = registry.get("stacked")
     batchers = {"stacked": Batcher(model, executor, max_batch_size=8, max_delay_s=0.001)}
     return SessionService(
-        registry, batchers, store, max_timesteps=100, metrics=Metrics(CollectorRegistry())
+        registry,
+        batchers,
+        store,
+        max_timesteps=100,
+        metrics=Metrics(CollectorRegistry()),
+        max_attempts=max_attempts,
     )
+
+
+@pytest.fixture
+async def two_stores(redis_url: str) -> AsyncIterator[list[RedisSessionStore]]:
+    """Two replicas' stores on one Redis, closed even when the test fails (an unclosed one's
+    connections would warn from the garbage collector during some later test)."""
+    stores = [RedisSessionStore(redis_url, 60, 10), RedisSessionStore(redis_url, 60, 10)]
+    yield stores
+    for store in stores:
+        await store.close()
 
 
 @pytest.fixture
@@ -77,11 +94,17 @@ async def test_steps_apply_in_arrival_order(
 
 
 async def test_two_replicas_continue_each_other_without_losing_steps(
-    models_dir: Path, tiny_models: dict[str, Any], redis_url: str, executor: ThreadPoolExecutor
+    models_dir: Path,
+    tiny_models: dict[str, Any],
+    two_stores: list[RedisSessionStore],
+    executor: ThreadPoolExecutor,
 ) -> None:
-    """Two services (two replicas' worth of objects) on one Redis hammer one session."""
-    stores = [RedisSessionStore(redis_url, 60, 10), RedisSessionStore(redis_url, 60, 10)]
-    replicas = [_service(models_dir, s, executor) for s in stores]
+    """Two services (two replicas' worth of objects) on one Redis hammer one session.
+
+    A step loses its compare-and-set only to a write of the other replica, which sends 20
+    steps: with more attempts than that, every step gets through however the machine
+    schedules the two (the default 16 could run out on a busy machine)."""
+    replicas = [_service(models_dir, s, executor, max_attempts=32) for s in two_stores]
     await replicas[0].create("stacked", "shared")
     x = np.array([0.4, -0.1, 0.7], np.float32)
     results = await asyncio.gather(*(replicas[i % 2].step("shared", x) for i in range(40)))
@@ -92,8 +115,6 @@ async def test_two_replicas_continue_each_other_without_losing_steps(
         np.testing.assert_allclose(final[key], states[key][0], atol=ATOL)
     conflicts = sum(r._metrics.cas_conflicts._value.get() for r in replicas)  # type: ignore[union-attr]
     assert conflicts > 0  # the race really happened and was resolved by re-reading
-    for s in stores:
-        await s.close()
 
 
 async def test_sequence_start_takes_over_the_id_and_later_steps_check_the_model(
@@ -116,10 +137,12 @@ async def test_sequence_start_takes_over_the_id_and_later_steps_check_the_model(
 
 
 async def test_replicas_starting_one_sequence_at_once_both_succeed(
-    models_dir: Path, tiny_models: dict[str, Any], redis_url: str, executor: ThreadPoolExecutor
+    models_dir: Path,
+    tiny_models: dict[str, Any],
+    two_stores: list[RedisSessionStore],
+    executor: ThreadPoolExecutor,
 ) -> None:
-    stores = [RedisSessionStore(redis_url, 60, 10), RedisSessionStore(redis_url, 60, 10)]
-    replicas = [_service(models_dir, s, executor) for s in stores]
+    replicas = [_service(models_dir, s, executor) for s in two_stores]
     x = np.array([[0.4, -0.1, 0.7]], np.float32)
     results = await asyncio.gather(
         *(
@@ -129,8 +152,6 @@ async def test_replicas_starting_one_sequence_at_once_both_succeed(
     )
     assert all(r.record.model == "stacked" for r in results)  # each start restarted or created
     assert (await replicas[0].get("v2:stacked:7")).step >= 1
-    for s in stores:
-        await s.close()
 
 
 # -- exactly-once steps -------------------------------------------------------------------------
@@ -235,12 +256,14 @@ async def test_duplicates_sent_at_once_apply_once(
 
 
 async def test_a_replica_that_loses_the_race_re_checks_the_step_number(
-    models_dir: Path, tiny_models: dict[str, Any], redis_url: str, executor: ThreadPoolExecutor
+    models_dir: Path,
+    tiny_models: dict[str, Any],
+    two_stores: list[RedisSessionStore],
+    executor: ThreadPoolExecutor,
 ) -> None:
     """Two replicas apply the same numbered step at once: one writes, the other re-reads the
     record, finds its step applied, and answers with the winner's outputs."""
-    stores = [RedisSessionStore(redis_url, 60, 10), RedisSessionStore(redis_url, 60, 10)]
-    replicas = [_service(models_dir, s, executor) for s in stores]
+    replicas = [_service(models_dir, s, executor) for s in two_stores]
     await replicas[0].create("stacked", "raced")
     rng = np.random.default_rng(11)
     x = rng.normal(size=(12, 3)).astype(np.float32)
@@ -258,8 +281,6 @@ async def test_a_replica_that_loses_the_race_re_checks_the_step_number(
     assert (record.step, record.timesteps) == (12, 12)
     for key, value in replicas[0].states_of(record).items():
         np.testing.assert_allclose(value, states[key][0], atol=ATOL)
-    for s in stores:
-        await s.close()
 
 
 async def test_sequence_steps_take_numbers_and_a_start_is_step_zero(
