@@ -85,14 +85,20 @@ async def step_once_each(
     """
     locks = service._locks
     held: list[Item] = []
+    keys: list[str] = []  # the store key of each held step's session
     rest: list[Item] = []
     for entry in heads:
-        (held if locks.try_acquire(caller.key(entry[1].session_id)) else rest).append(entry)
+        key = caller.key(entry[1].session_id)
+        if locks.try_acquire(key):
+            held.append(entry)
+            keys.append(key)
+        else:
+            rest.append(entry)
     try:
-        lost = await _apply(service, model_name, held, caller, outcomes)
+        lost = await _apply(service, model_name, held, keys, caller, outcomes)
     finally:
-        for _, item in held:
-            locks.release(caller.key(item.session_id))
+        for key in keys:
+            locks.release(key)
     return sorted(rest + lost, key=lambda entry: entry[0])
 
 
@@ -100,6 +106,7 @@ async def _apply(
     service: SessionService,
     model_name: str,
     held: list[Item],
+    keys: list[str],
     caller: Caller,
     outcomes: list[Any],
 ) -> list[Item]:
@@ -107,7 +114,7 @@ async def _apply(
         return []
     try:
         model = service.registry.get(model_name)
-        records = await service.store.get_many([caller.key(item.session_id) for _, item in held])
+        records = await service.store.get_many(keys)
     except Exception as exc:  # the model went away, the store is down: every step's error
         for index, _ in held:
             outcomes[index] = exc
