@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import subprocess
@@ -38,9 +39,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
+import redis
 
 from bench.models import build
 from bench.redis_topology import local_cluster
@@ -59,13 +61,14 @@ METRICS = (
     ("p99", "p99_ms"),
     ("server CPU/step", "server_us_per_step"),
     ("Redis CPU/step", "redis_us_per_step"),
+    ("Redis command time/step", "redis_command_us_per_step"),
 )
+COUNTED = ("evalsha", "wait")
+"""Commands counted per step on the masters (``INFO commandstats``): script calls, WAITs."""
 
 
 def _replica_of(workdir: Path, port: int, master: int) -> subprocess.Popen[bytes]:
     """A replica of ``master`` on ``port``, returned once it is in sync."""
-    import redis
-
     proc = _redis(workdir, port, ["--replicaof", "127.0.0.1", str(master)])
     client = redis.Redis(port=port)
     deadline = time.monotonic() + 30
@@ -118,7 +121,7 @@ def _summary(runs: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
         own = {name: [by[transport, name, k] for k in rounds] for name in names}
         figures = summary[transport] = {}
         for name in names:
-            for _, key in METRICS:
+            for key in [key for _, key in METRICS] + [f"{c}_per_step" for c in COUNTED]:
                 figures[f"{name} {key}"] = float(np.median([r[key] for r in own[name]]))
         for name, base in pairs:
             for label, key in METRICS:
@@ -127,16 +130,38 @@ def _summary(runs: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
     return summary
 
 
-def _measure(
-    server: Server, redis_pids: list[int], transport: str, seconds: float
-) -> dict[str, Any]:
-    """One C=64 closed-loop run, with the server's and its Redis processes' CPU per step."""
-    redis_before = sum(_cpu_seconds(pid) for pid in redis_pids)
+class Topology(NamedTuple):
+    """The Redis processes one server's store runs on: their pids (for CPU) and their
+    masters' clients (for ``INFO commandstats``)."""
+
+    pids: list[int]
+    masters: list[redis.Redis]
+
+    def commands(self) -> dict[str, tuple[int, int]]:
+        """Calls and microseconds so far per command, summed over the masters."""
+        total: dict[str, tuple[int, int]] = {}
+        for client in self.masters:
+            for key, stat in client.info("commandstats").items():
+                calls, usec = total.get(key.removeprefix("cmdstat_"), (0, 0))
+                total[key.removeprefix("cmdstat_")] = (calls + stat["calls"], usec + stat["usec"])
+        return total
+
+
+def _measure(server: Server, topology: Topology, transport: str, seconds: float) -> dict[str, Any]:
+    """One C=64 closed-loop run, with the server's and its Redis processes' CPU per step,
+    the masters' time in commands per step, and script calls and WAITs per step."""
+    cpu, commands = sum(_cpu_seconds(pid) for pid in topology.pids), topology.commands()
     run = server.measure(model="demo", transport=transport, sessions=64, seconds=seconds)
-    redis_s = sum(_cpu_seconds(pid) for pid in redis_pids) - redis_before
+    redis_s = sum(_cpu_seconds(pid) for pid in topology.pids) - cpu
+    after = topology.commands()
     steps = run["steps_per_s"] * (seconds + WARMUP_S)
     run["server_us_per_step"] = 1e6 * run["server_cpu_s"] / steps
     run["redis_us_per_step"] = 1e6 * redis_s / steps
+    usec = sum(u for _, u in after.values()) - sum(u for _, u in commands.values())
+    run["redis_command_us_per_step"] = usec / steps
+    for name in COUNTED:
+        calls = after.get(name, (0, 0))[0] - commands.get(name, (0, 0))[0]
+        run[f"{name}_per_step"] = calls / steps
     return run
 
 
@@ -183,15 +208,19 @@ def main() -> None:
             folder = Path(tmp) / str(replica)
             folder.mkdir()
             redis_procs.append(_replica_of(folder, replica, master))
-            pids = {BASELINE: [redis_procs[0].pid]}
-            pids[NOT_WAITING] = pids[WAITING] = [p.pid for p in redis_procs[1:]]
+            topologies = {
+                BASELINE: Topology([redis_procs[0].pid], [redis.Redis(port=alone)]),
+                NOT_WAITING: Topology([p.pid for p in redis_procs[1:]], [redis.Redis(port=master)]),
+            }
+            topologies[WAITING] = topologies[NOT_WAITING]
             if args.cluster:
                 cluster = stack.enter_context(local_cluster(Path(tmp) / "cluster"))
                 store = {"GRUSERVE_SESSION_STORE": cluster.url}
                 configs += [(CLUSTER_NOT_WAITING, store), (CLUSTER_WAITING, {**store, **waiting})]
-                pids[CLUSTER_NOT_WAITING] = pids[CLUSTER_WAITING] = [
-                    node.proc.pid for node in cluster.nodes.values()
-                ]
+                topologies[CLUSTER_NOT_WAITING] = topologies[CLUSTER_WAITING] = Topology(
+                    [node.proc.pid for node in cluster.nodes.values()],
+                    [node.client for node in cluster.masters()],
+                )
             two = (os.cpu_count() or 1) >= 2
             for i, (name, extra) in enumerate(configs):
                 port = PORT + i
@@ -204,6 +233,8 @@ def main() -> None:
                 )
             _pin(1)
             names = list(servers)
+            for name, transport in itertools.product(names, transports):  # none measured cold
+                servers[name].measure(model="demo", transport=transport, sessions=64, seconds=1)
             for round_ in range(args.rounds):
                 for transport in transports:
                     # each round starts with another server: no side always measured first
@@ -211,7 +242,7 @@ def main() -> None:
                         server = servers[name]
                         label = name if len(transports) == 1 else f"{name} {transport}"
                         spy = _spy(server, label, args) if round_ == args.rounds - 1 else None
-                        run = _measure(server, pids[name], transport, args.seconds)
+                        run = _measure(server, topologies[name], transport, args.seconds)
                         if spy is not None:
                             spy.wait(timeout=60)
                         runs.append({"store": name, "round": round_, **run})
@@ -219,7 +250,8 @@ def main() -> None:
                             f"round {round_} {transport:>4} {name:>15}: "
                             f"{run['steps_per_s']:8.0f} steps/s  p99 {run['p99_ms']:6.2f} ms  "
                             f"server {run['server_us_per_step']:5.0f} us/step  "
-                            f"Redis {run['redis_us_per_step']:5.0f} us/step",
+                            f"Redis {run['redis_us_per_step']:5.0f} us/step  "
+                            f"WAIT {run['wait_per_step']:5.3f}/step",
                             flush=True,
                         )
         finally:
