@@ -4,7 +4,8 @@
     python -m bench.replicas --cluster --transports rest,ws --seconds 3 --rounds 3
 
 Serves the benchmark's ``demo`` model (GRU(128) over 32 features, Dense(1)) three times
-from the same code, each on its own private ``redis-server`` database (no persistence):
+(five with ``--cluster``) from the same code, each on its own private ``redis-server``
+database (no persistence):
 
 - ``alone``: a master with no replica (the baseline);
 - ``replica, min 0``: a master with one replica (``--replicaof``), writes acknowledged
@@ -23,7 +24,8 @@ for each topology, waiting against not waiting (``--out``, per transport).
 The two replicated servers share the pair (databases 0 and 1) as two deployments of one
 Redis would. Each round measures every server back to back (each round starting with
 the next server in turn), so a machine whose speed drifts moves every side of each ratio
-alike; the ratios reported are the medians of the rounds'. Servers run on core 0 and the
+alike; the ratios reported are the medians of the rounds'. Every server and transport
+is measured once, unrecorded, before round 0. Servers run on core 0 and the
 load generator on core 1 (two cores or more); the Redis processes float.
 """
 
