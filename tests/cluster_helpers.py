@@ -1,196 +1,40 @@
-"""Real Redis topologies on free local ports: a Redis Cluster, and a master with a replica.
-
-Each node is its own ``redis-server`` process without persistence, in a folder of
-its own; the cluster is made by ``redis-cli --cluster create`` exactly as an
-operator would. Readiness is polled with deadlines (never a fixed sleep): a busy
-machine only makes the start slower.
-"""
+"""The tests' view of bench/redis_topology.py: the same real Redis topologies, skipping
+the test (rather than failing it) where ``redis-server`` or ``redis-cli`` is missing."""
 
 from __future__ import annotations
 
 import contextlib
-import shutil
-import socket
-import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
-import redis
+from bench import redis_topology
+from bench.redis_topology import LocalCluster, MissingRedis, Node, wait_for
 
-START_S = 60.0
-"""How long a topology may take to become ready (2 busy cores make it slow, not wrong)."""
+__all__ = ["local_cluster", "replicated_redis", "wait_for"]
 
-
-def _free_cluster_port() -> int:
-    """A free port whose cluster bus port (+10000) is free too."""
-    while True:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = int(sock.getsockname()[1])
-        if port + 10000 > 65535:
-            continue
-        with socket.socket() as bus:
-            try:
-                bus.bind(("127.0.0.1", port + 10000))
-            except OSError:
-                continue
-        return port
-
-
-def _binaries(*names: str) -> list[str]:
-    found = [shutil.which(name) for name in names]
-    missing = [name for name, path in zip(names, found, strict=True) if path is None]
-    if missing:
-        pytest.skip(
-            f"{', '.join(missing)} not installed (Debian: apt-get install redis-server "
-            "redis-tools); the Redis Cluster and replication tests need real servers"
-        )
-    return [str(path) for path in found]
-
-
-def wait_for(check: Callable[[], bool], what: str, timeout: float = START_S) -> None:
-    """Poll ``check`` until it holds; fail naming ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if check():
-                return
-        except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError):
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
-class _Node:
-    def __init__(self, binary: str, workdir: Path, args: list[str]) -> None:
-        self.port = _free_cluster_port()
-        self.dir = workdir / str(self.port)
-        self.dir.mkdir(parents=True)
-        self.command = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                        "--appendonly", "no", "--dir", str(self.dir), *args]  # fmt: skip
-        self.proc = self._start()
-        self.client = redis.Redis(port=self.port, socket_timeout=10)
-
-    def _start(self) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(self.command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def restart(self) -> None:
-        """Start it again on its port and folder (a cluster node rejoins from nodes.conf)."""
-        self.proc = self._start()
-
-    def info(self, section: str) -> dict[str, object]:
-        return dict(self.client.info(section))
-
-    def kill(self) -> None:
-        """``kill -9``."""
-        self.proc.kill()
-        self.proc.wait(timeout=10)
-
-    def stop(self) -> None:
-        self.client.close()
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
-
-
-class LocalCluster:
-    """A Redis Cluster of ``masters`` masters with one replica each.
-
-    Attributes:
-        url: the store URL naming every node (``redis+cluster://127.0.0.1:p1,...``).
-        nodes: the nodes by port.
-    """
-
-    def __init__(self, workdir: Path, masters: int = 3, node_timeout_ms: int = 1000) -> None:
-        server, cli = _binaries("redis-server", "redis-cli")
-        args = ["--cluster-enabled", "yes", "--cluster-node-timeout", str(node_timeout_ms)]
-        self.nodes: dict[int, _Node] = {}
-        try:
-            for _ in range(masters * 2):
-                node = _Node(server, workdir, [*args, "--cluster-config-file", "nodes.conf"])
-                self.nodes[node.port] = node
-            for node in self.nodes.values():
-                wait_for(node.client.ping, f"redis-server on port {node.port}")
-            subprocess.run(
-                [
-                    cli,
-                    "--cluster",
-                    "create",
-                    *(f"127.0.0.1:{p}" for p in self.nodes),
-                    "--cluster-replicas",
-                    "1",
-                    "--cluster-yes",
-                ],
-                check=True,
-                capture_output=True,
-                timeout=START_S,
-            )
-            self.wait_healthy(masters)
-        except BaseException:
-            self.stop()
-            raise
-        self.url = "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in self.nodes)
-
-    def alive(self) -> list[_Node]:
-        return [node for node in self.nodes.values() if node.proc.poll() is None]
-
-    def masters(self) -> list[_Node]:
-        """The live nodes that are masters now."""
-        return [node for node in self.alive() if node.info("replication")["role"] == "master"]
-
-    def wait_healthy(self, masters: int) -> None:
-        """Every live node sees the cluster ok, ``masters`` masters serve, and every live
-        replica is in sync with its master (so ``WAIT`` can count it)."""
-
-        def healthy() -> bool:
-            for node in self.alive():
-                if node.info("cluster").get("cluster_enabled") != 1:
-                    return False
-                if node.client.execute_command("CLUSTER INFO").get("cluster_state") != "ok":
-                    return False
-                replication = node.info("replication")
-                if replication["role"] == "slave" and replication["master_link_status"] != "up":
-                    return False
-            return len(self.masters()) == masters
-
-        wait_for(healthy, f"a healthy cluster of {masters} masters")
-
-    def flush(self) -> None:
-        for node in self.masters():
-            node.client.flushall()
-
-    def stop(self) -> None:
-        for node in self.nodes.values():
-            node.stop()
+T = TypeVar("T")
 
 
 @contextlib.contextmanager
-def local_cluster(workdir: Path, node_timeout_ms: int = 1000) -> Iterator[LocalCluster]:
-    cluster = LocalCluster(workdir, node_timeout_ms=node_timeout_ms)
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
+def _skipping(manager: contextlib.AbstractContextManager[T]) -> Iterator[T]:
+    """``manager``'s value; a missing Redis binary skips the test."""
+    with contextlib.ExitStack() as stack:
+        try:
+            value = stack.enter_context(manager)
+        except MissingRedis as exc:
+            pytest.skip(str(exc))
+        yield value
 
 
-@contextlib.contextmanager
-def replicated_redis(workdir: Path) -> Iterator[tuple[_Node, _Node]]:
-    """A master and one replica of it (``--replicaof``), the replica in sync."""
-    [server] = _binaries("redis-server")
-    master = _Node(server, workdir, [])
-    replica = None
-    try:
-        wait_for(master.client.ping, "the master")
-        replica = _Node(server, workdir, ["--replicaof", "127.0.0.1", str(master.port)])
-        wait_for(
-            lambda: replica.info("replication")["master_link_status"] == "up",  # type: ignore[union-attr]
-            "the replica to sync",
-        )
-        yield master, replica
-    finally:
-        master.stop()
-        if replica is not None:
-            replica.stop()
+def local_cluster(
+    workdir: Path, node_timeout_ms: int = 1000
+) -> contextlib.AbstractContextManager[LocalCluster]:
+    """A Redis Cluster of 3 masters and 3 replicas (:class:`bench.redis_topology.LocalCluster`)."""
+    return _skipping(redis_topology.local_cluster(workdir, node_timeout_ms))
+
+
+def replicated_redis(workdir: Path) -> contextlib.AbstractContextManager[tuple[Node, Node]]:
+    """A master and one replica of it, the replica in sync."""
+    return _skipping(redis_topology.replicated_redis(workdir))
