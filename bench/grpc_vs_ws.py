@@ -12,10 +12,13 @@ generator on core 1 (when the machine has two cores or more).
 
 Each round also measures, with the same load generator, a bare ``ModelStreamInfer`` echo
 server (``bench.grpc_echo``, no gruserve code) in each handler form grpcio offers, on the
-same core: grpcio's own ceiling; and gruserve's per-message answer with grpcio taken out
-(``bench.grpc_dataplane``, in-process). Every run records the server's CPU seconds, so the
-summary gives server CPU per step (``server_us_per_step``, warm-up included), the figure
-that says what a step costs whichever side is saturated.
+same core: grpcio's own ceiling; the same echo served by an asyncio HTTP/2 protocol instead
+of grpcio (``bench.grpc_h2echo``: ``h2``, ``h2-lean``, and ``h2-lean-gruserve``, which
+answers with gruserve's real per-message answer; ``--echoes`` picks the echo servers); and
+gruserve's per-message answer with grpcio taken out (``bench.grpc_dataplane``,
+in-process). Every run records the server's CPU seconds, so the summary gives server CPU
+per step (``server_us_per_step``, warm-up included), the figure that says what a
+step costs whichever side is saturated.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import numpy as np
 
 from bench import grpc_loadgen
 from bench.grpc_echo import FORMS as ECHOES
+from bench.grpc_h2echo import FORMS as H2_ECHOES
 from bench.models import build
 from bench.run_all import BIN, Server, _cpu_seconds, _machine_busy_seconds
 
@@ -42,9 +46,13 @@ DATAPLANE = "v2 dataplane, no grpcio"
 WARMUP_S = 1.0  # bench.loadgen's and bench.grpc_loadgen's default
 
 
-def _echo(form: str, seconds: float, sessions: int, pin: bool) -> dict[str, Any]:
-    """One run against a fresh ``bench.grpc_echo`` server in handler ``form``."""
-    command = [sys.executable, "-m", "bench.grpc_echo", "--port", str(ECHO_PORT), "--form", form]
+def _echo(form: str, seconds: float, sessions: int, pin: bool, models_dir: Path) -> dict[str, Any]:
+    """One run against a fresh echo server: ``bench.grpc_echo`` (grpcio) in handler
+    ``form``, or ``bench.grpc_h2echo`` (an asyncio HTTP/2 protocol) for its forms."""
+    module = "bench.grpc_h2echo" if form in H2_ECHOES else "bench.grpc_echo"
+    command = [sys.executable, "-m", module, "--port", str(ECHO_PORT), "--form", form]
+    if form in H2_ECHOES:
+        command += ["--models-dir", str(models_dir)]
     proc = subprocess.Popen(["taskset", "-c", "0", *command] if pin else command)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{ECHO_PORT}") as channel:
@@ -89,6 +97,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--sessions", type=int, default=64)
     parser.add_argument("--out", type=Path, default=Path("bench/grpc_vs_ws.json"))
+    parser.add_argument(
+        "--echoes",
+        nargs="*",
+        default=[*ECHOES, *H2_ECHOES],
+        choices=[*ECHOES, *H2_ECHOES],
+        help="the echo servers to run each round (bench.grpc_echo, bench.grpc_h2echo forms)",
+    )
     args = parser.parse_args()
     two_cores = (os.cpu_count() or 1) >= 2
     runs: list[dict[str, Any]] = []
@@ -122,7 +137,10 @@ def main() -> None:
                 )
                 stream["server_cpu_s"] = _cpu_seconds(server.proc.pid) - before
                 stream["machine_busy_s"] = _machine_busy_seconds() - busy
-                echoes = [_echo(form, args.seconds, args.sessions, two_cores) for form in ECHOES]
+                echoes = [
+                    _echo(form, args.seconds, args.sessions, two_cores, models_dir)
+                    for form in args.echoes
+                ]
                 for run in (ws, stream, *echoes):
                     run["server_us_per_step"] = _per_step_us(run, args.seconds)
                     runs.append({"round": round_, **run})
@@ -159,7 +177,7 @@ def main() -> None:
         "grpc_stream p99_ms": float(np.median([g["p99_ms"] for g, _ in pairs])),
     }
     summary["goal_0.8x_ws"] = summary["grpc_stream / ws steps_per_s"] >= 0.8
-    echo_names = [f"grpc-echo {form}" for form in ECHOES]
+    echo_names = [f"grpc-echo {form}" for form in args.echoes]
     for transport in ("ws", "grpc-stream", *echo_names, DATAPLANE):
         mine = [r for r in runs if r["transport"] == transport]
         summary[f"{transport} server_us_per_step"] = float(
