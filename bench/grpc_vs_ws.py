@@ -119,9 +119,10 @@ def main() -> None:
     parser.add_argument(
         "--echoes",
         nargs="*",
-        default=[*ECHOES, *H2_ECHOES],
+        default=list(ECHOES),
         choices=[*ECHOES, *H2_ECHOES],
-        help="the echo servers to run each round (bench.grpc_echo, bench.grpc_h2echo forms)",
+        help="the echo servers to run each round (bench.grpc_echo, bench.grpc_h2echo forms); "
+        "default: grpcio's forms",
     )
     parser.add_argument(
         "--other-bin",
