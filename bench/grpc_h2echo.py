@@ -14,16 +14,17 @@ cost gruserve with its own HTTP/2 data path instead of grpcio's asyncio server:
   WINDOW_UPDATE read by hand, and each reply written as one hand-made DATA frame (the
   response HEADERS once per stream and the trailers still through ``h2``). Flow control
   of the hand path is kept here: inbound windows are topped up once half is used,
-  outbound windows are counted and a reply waits when the client's window is spent.
-
+  outbound windows are counted. A prototype: a reply fails (it does not wait) when the
+  client's window is spent, and a later SETTINGS_INITIAL_WINDOW_SIZE change is not applied
+  to open streams' windows; neither happens with the benchmark's client.
 - ``h2-lean-gruserve``: ``h2-lean``, each request answered by gruserve's own per-message
   answer (``InferenceService._stream_answer``: decode, sequence step through the batcher
   and onnxruntime, reply; the production app built in this process, its telemetry on) in
   a task per message: a projection of what a native front-end's gRPC step would cost.
   Needs ``--models-dir`` (the benchmark's ``demo`` model).
 
-All parse each request (``ModelInferRequest.FromString``) and serialise the reply each
-time, as grpcio's handler does, so the comparison is of the transport only.
+Every form parses each request (``ModelInferRequest.FromString``) and serialises each
+reply, as grpcio's handler does, so the echoes differ from grpcio's in the transport only.
 """
 
 from __future__ import annotations
@@ -179,7 +180,7 @@ class LeanEcho(asyncio.Protocol):
                 self.send_window[stream_id] = conn.remote_settings.initial_window_size
                 self.unacked[stream_id] = 0
                 conn.send_headers(stream_id, RESPONSE_HEADERS)
-            elif kind is h2.events.DataReceived:  # the last DATA frame, END_STREAM set
+            elif kind is h2.events.DataReceived:  # END_STREAM or padded, or read with HEADERS
                 out: list[bytes] = []
                 if event.stream_id in self.streams:
                     self._data(event.stream_id, memoryview(event.data), 0, out)
