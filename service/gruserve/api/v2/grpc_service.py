@@ -200,12 +200,20 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         return pb.RepositoryModelUnloadResponse()
 
     # -- inference -------------------------------------------------------------------------
-    async def _infer(self, request: pb.ModelInferRequest, caller: Caller) -> pb.ModelInferResponse:
+    async def _infer(
+        self,
+        request: pb.ModelInferRequest,
+        caller: Caller,
+        into: pb.ModelInferResponse | None = None,
+    ) -> pb.ModelInferResponse:
+        """The answer to ``request``, written ``into`` an empty response if given."""
         model = await v2_infer.find_model(self.services, request.model_name, request.model_version)
         parsed = grpc_codec.parse(request)
         pinned = bool(request.model_version)
         done = await v2_infer.infer(self.services, model, parsed, caller, pinned=pinned)
-        return grpc_codec.reply(model.name, done.version, parsed.id, done.outputs, done.parameters)
+        return grpc_codec.reply(
+            model.name, done.version, parsed.id, done.outputs, done.parameters, into
+        )
 
     @_answers
     async def ModelInfer(
@@ -247,8 +255,10 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def _stream_answer(
         self, request: pb.ModelInferRequest, caller: Caller, call: Call
     ) -> pb.ModelStreamInferResponse:
+        answer = pb.ModelStreamInferResponse()
         try:
-            return pb.ModelStreamInferResponse(infer_response=await self._infer(request, caller))
+            await self._infer(request, caller, answer.infer_response)
+            return answer
         except Exception as exc:
             grpc_status.count(self.services.metrics, exc)
             call.code, message = grpc_status.status_of(exc)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 from weakref import WeakKeyDictionary
 
@@ -59,6 +60,11 @@ class WireModel:
     outputs: tuple[TensorSpec, ...]
     initial_states: tuple[TensorSpec, ...]
     final_states: tuple[TensorSpec, ...]
+
+    @cached_property
+    def input_specs(self) -> dict[str, TensorSpec]:
+        """Every input a request may carry, by name (made once: each request binds by it)."""
+        return {t.name: t for t in (self.values, self.mask, *self.initial_states)}
 
     def metadata(self, platform: str) -> dict[str, Any]:
         """``GET /v2/models/{m}``: what the config declares as inputs and outputs."""
@@ -151,7 +157,7 @@ def _check(spec: TensorSpec, array: np.ndarray, datatype: str, field: str, model
 
 def bind(wire: WireModel, request: InferRequest, binary_default: bool) -> Call:
     """Match the request's tensors and requested outputs to the model's, by name."""
-    specs = {t.name: t for t in (wire.values, wire.mask, *wire.initial_states)}
+    specs = wire.input_specs
     inputs = mask = None
     given: dict[str, np.ndarray] = {}
     for tensor in request.inputs:
@@ -209,11 +215,13 @@ def produced(
 def sequence_outputs(
     wire: WireModel, call: Call, step: StepResult, signature: ModelSignature
 ) -> Produced:
-    """A sequence step's requested outputs, with the batch axis (of 1) the request had."""
-    states = signature.split_state(step.record.state)
-    return produced(
-        wire,
-        call,
-        {name: array[np.newaxis] for name, array in step.outputs.items()},
-        {key: array[np.newaxis] for key, array in states.items()},
-    )
+    """A sequence step's requested outputs, with the batch axis (of 1) the request had.
+
+    Only the requested ones are sliced (a step asks for its outputs, rarely its state)."""
+    wanted = {name for name, _ in call.outputs}
+    outputs = {name: array[np.newaxis] for name, array in step.outputs.items() if name in wanted}
+    states: dict[str, np.ndarray] = {}
+    if any(spec.name in wanted for spec in wire.final_states):
+        split = signature.split_state(step.record.state)
+        states = {key: array[np.newaxis] for key, array in split.items()}
+    return produced(wire, call, outputs, states)

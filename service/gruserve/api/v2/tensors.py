@@ -49,7 +49,7 @@ _JSON_LEAVES: dict[str, tuple[type, ...]] = {
     "f": (int, float),
 }
 _LEAF_WORDS = {"b": "true or false", "u": "an integer", "i": "an integer", "f": "a number"}
-_MAX_RANK = 8
+MAX_RANK = 8
 
 
 @dataclass(frozen=True)
@@ -126,7 +126,7 @@ def decode_input(field: str, entry: Any, binary: bytes, offset: int) -> tuple[Te
 
 
 def _shape(value: Any, field: str, name: str) -> tuple[int, ...]:
-    ok = isinstance(value, list) and len(value) <= _MAX_RANK
+    ok = isinstance(value, list) and len(value) <= MAX_RANK
     if not ok or any(type(d) is not int or d < 0 for d in value):
         raise InvalidInput(
             field, f"input {name!r}: expected a list of sizes >= 0, got {show(value)}"
