@@ -75,7 +75,9 @@ def test_what_the_shortcut_leaves_is_refused_with_the_general_message() -> None:
     # BOOL bytes are checked (0 or 1) by the general path only
     flag = Tensor(name="x", datatype="BOOL", shape=[3])
     assert grpc_codec._raw_tensor("inputs[0]", flag, bytes([0, 1, 1])) is None
-    assert _refused(flag, bytes([0, 1, 2])).field == "raw_input_contents[0]"
+    not_a_flag = _refused(flag, bytes([0, 1, 2]))
+    assert not_a_flag.field == "raw_input_contents[0]"
+    assert "BOOL bytes must be 0 or 1" in str(not_a_flag), str(not_a_flag)
     both = Tensor(name="x", datatype="FP32", shape=[3])
     both.contents.fp32_contents.extend([1.0, 2.0, 3.0])
     assert _refused(both, three).field == "inputs[0].contents"

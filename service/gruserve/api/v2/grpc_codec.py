@@ -164,6 +164,8 @@ def _input(i: int, tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | N
                 raise
             dtype = DATATYPES[tensor.datatype]
             need = math.prod(tensor.shape) * (dtype.itemsize if dtype is not None else 0)
+            if need == len(raw):  # the size fits: the bytes themselves are wrong (BOOL 0/1)
+                raise InvalidInput(f"raw_input_contents[{i}]", exc.detail) from None
             raise InvalidInput(
                 f"raw_input_contents[{i}]",
                 f"input {tensor.name!r}: shape {list(tensor.shape)} of {tensor.datatype} takes "
