@@ -136,6 +136,33 @@ async def test_sequence_start_takes_over_the_id_and_later_steps_check_the_model(
         await service.get("v2:stacked:1")
 
 
+class _CountingReads(RedisSessionStore):
+    """The real Redis store, counting the session reads the service asks it for."""
+
+    reads = 0
+
+    async def get(self, session_id: str) -> Any:
+        self.reads += 1
+        return await super().get(session_id)
+
+
+async def test_a_later_sequence_request_reads_its_session_once(
+    models_dir: Path, redis_url: str, executor: ThreadPoolExecutor
+) -> None:
+    """On Redis a read is a round trip: the step's own read checks the sequence's model."""
+    store = _CountingReads(redis_url, 60, 10)
+    service = _service(models_dir, store, executor)
+    x = np.array([[0.4, -0.1, 0.7]], np.float32)
+    await service.sequence_step("stacked", "v2:stacked:7", x, start=True, end=False)
+    store.reads = 0
+    result = await service.sequence_step("stacked", "v2:stacked:7", x, start=False, end=False)
+    assert (result.step, store.reads) == (2, 1)
+    await service.create("simple", "v2:stacked:8")  # another model's session under the id
+    with pytest.raises(SequenceNotStarted):
+        await service.sequence_step("stacked", "v2:stacked:8", x, start=False, end=False)
+    await store.close()
+
+
 async def test_replicas_starting_one_sequence_at_once_both_succeed(
     models_dir: Path,
     tiny_models: dict[str, Any],

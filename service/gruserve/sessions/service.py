@@ -573,16 +573,11 @@ class SessionService:
         async with self._locks.hold(_SEQUENCE + key):
             if start:
                 await self._restart(model, session_id, initial_state, caller)
-            else:
-                try:
-                    record = await self.get(session_id, caller)
-                except SessionNotFound:
-                    raise SequenceNotStarted(session_id, model.name) from None
-                if record.model != model.name:
-                    raise SequenceNotStarted(session_id, model.name)
-            try:
-                result = await self.step(session_id, inputs, mask, step_number, caller)
-            except SessionNotFound:  # expired or deleted between the check and the step
+            try:  # the step's own read checks the model: one store read per request
+                result = await self.step(
+                    session_id, inputs, mask, step_number, caller, model_name=model.name
+                )
+            except (SessionNotFound, SessionNotOnModel):  # never started, ended or expired
                 raise SequenceNotStarted(session_id, model.name) from None
             if end:
                 async with self._locks.hold(key):
