@@ -90,6 +90,7 @@ class Tracing:
         for batcher in batchers:
             batcher.submit = self._remembering(batcher.submit)
             batcher.submit_many = self._remembering_many(batcher.submit_many)
+            batcher.submit_block = self._remembering_many(batcher.submit_block)
             batcher.tracer = self
         for name in STORE_CALLS:
             method = getattr(store, name, None)
