@@ -179,6 +179,7 @@ def binary_request(
     rows = rows.reshape(-1, features)
     length = _plain_length(steps, counts)
     decoded: list[BulkStep | BaseException | None] = []
+    sent: list[str | None] = []  # every step's id as sent
     positions: list[int] = []
     ids: list[str] = []
     starts: list[int] = []
@@ -190,11 +191,13 @@ def binary_request(
             ids.append(session_id)
             starts.append(row)
             decoded.append(None)
+            sent.append(session_id)
         else:
             try:
                 decoded.append(_binary_step(item, rows[row : row + count], i, model))
             except InvalidInput as exc:
                 decoded.append(exc)
+            sent.append(_id_of(item))
         row += count
     block = None
     if positions:
@@ -203,7 +206,7 @@ def binary_request(
         else:
             inputs = rows[np.asarray(starts)[:, None] + np.arange(length)]
         block = PlainBlock(positions, ids, inputs)
-    return BulkRequest([_id_of(item) for item in steps], decoded, block)
+    return BulkRequest(sent, decoded, block)
 
 
 def _plain_length(steps: list[Any], counts: list[int]) -> int:
