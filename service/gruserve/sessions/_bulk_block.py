@@ -31,9 +31,11 @@ import numpy as np
 
 from gruserve.errors import SessionNotFound, SessionNotOnModel
 from gruserve.runtime.batcher import BlockOutput
+from gruserve.runtime.model import LoadedModel
 from gruserve.sessions.history import appended
 from gruserve.sessions.owner import ANYONE, Caller, legacy_key
 from gruserve.sessions.service import SessionService
+from gruserve.sessions.store import SessionRecord
 
 if TYPE_CHECKING:
     from gruserve.sessions.bulk import BulkStep
@@ -113,7 +115,10 @@ async def step_block(
         return answer, []
     if not _fits(service, model, block):
         return answer, [(block.positions[row], block.step(row)) for row in heads]
-    locks, keys, held, left = service._locks, [], [], []
+    locks = service._locks
+    keys: list[str] = []
+    held: list[int] = []
+    left: list[int] = []
     for row in heads:
         key = caller.key(block.ids[row])
         if locks.try_acquire(key):
@@ -130,7 +135,7 @@ async def step_block(
     return answer, [(block.positions[row], block.step(row)) for row in left]
 
 
-def _fits(service: SessionService, model: Any, block: PlainBlock) -> bool:
+def _fits(service: SessionService, model: LoadedModel, block: PlainBlock) -> bool:
     """The checks :func:`~gruserve.runtime.validation.check_chunk` and the reply limit
     make of each step, made once for the block: a model of float features, no fixed
     length, T within the limit, finite values in float32's range, a reply within its
@@ -154,7 +159,7 @@ def _fits(service: SessionService, model: Any, block: PlainBlock) -> bool:
 
 async def _apply(
     service: SessionService,
-    model: Any,
+    model: LoadedModel,
     block: PlainBlock,
     held: list[int],
     keys: list[str],
@@ -174,7 +179,7 @@ async def _apply(
         return []
     left: list[int] = []
     rows: list[int] = []
-    taken: list[Any] = []  # the record of each row in ``rows``
+    taken: list[SessionRecord] = []  # the record of each row in ``rows``
     name, version = model.name, model.version
     for row, key, record in zip(held, keys, records, strict=True):
         if isinstance(record, Exception):
@@ -216,7 +221,7 @@ async def _write(
     service: SessionService,
     block: PlainBlock,
     rows: list[int],
-    taken: list[Any],
+    taken: list[SessionRecord],
     inputs: np.ndarray,
     runs: list[BlockOutput | BaseException],
     size: int,
