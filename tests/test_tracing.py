@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import struct
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 
 from conftest import free_port, serving_settings
@@ -117,6 +119,34 @@ async def test_a_bulk_request_traces_its_batch_pass(traced: Traced) -> None:
     assert children.count("gruserve.queue_wait") == STEPS
     batches = [s for s in spans if s.name == "gruserve.batch"]
     assert sum(b.attributes["gruserve.batch.size"] for b in batches) == STEPS
+    assert {link.context.span_id for b in batches for link in b.links} == {request.context.span_id}
+
+
+async def test_a_binary_bulk_traces_its_block(traced: Traced) -> None:
+    """A binary bulk request's plain steps run as one block: one store read and one store
+    write span, one queue wait for the block's run (not one per step), and the batch span
+    counts the block's steps."""
+    sids = [
+        (await traced.client.post("/v1/models/simple/sessions", json={})).json()["session_id"]
+        for _ in range(STEPS)
+    ]
+    traced.exporter.clear()
+    head = json.dumps({"steps": [{"session_id": sid, "timesteps": 1} for sid in sids]}).encode()
+    values = np.ones((STEPS, 3), "<f4").tobytes()
+    reply = await traced.client.post(
+        "/v1/models/simple/steps",
+        content=struct.pack("<I", len(head)) + head + values,
+        headers={"content-type": "application/x-gruserve-steps"},
+    )
+    assert reply.status_code == 200
+    spans = list(traced.exporter.get_finished_spans())
+    (request,) = [s for s in spans if s.name == "POST /v1/models/{model}/steps"]
+    children = [s.name for s in _children(spans, request.context)]
+    assert children.count("gruserve.store.get_many") == 1
+    assert children.count("gruserve.store.compare_and_set_many") == 1
+    assert children.count("gruserve.queue_wait") == 1
+    batches = [s for s in spans if s.name == "gruserve.batch"]
+    assert [b.attributes["gruserve.batch.size"] for b in batches] == [STEPS]
     assert {link.context.span_id for b in batches for link in b.links} == {request.context.span_id}
 
 

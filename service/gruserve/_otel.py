@@ -90,6 +90,7 @@ class Tracing:
         for batcher in batchers:
             batcher.submit = self._remembering(batcher.submit)
             batcher.submit_many = self._remembering_many(batcher.submit_many)
+            batcher.submit_block = self._remembering_many(batcher.submit_block)
             batcher.tracer = self
         for name in STORE_CALLS:
             method = getattr(store, name, None)
@@ -164,7 +165,11 @@ class Tracing:
             context=otel_context.Context(),  # a root: not the request that started the task
             links=links,
             start_time=ns(started) if started is not None else now_ns,
-            attributes={"gruserve.model": model, "gruserve.batch.size": len(batch)},
+            attributes={
+                "gruserve.model": model,
+                # steps, not queue entries: a block (Batcher.submit_block) is one entry of many
+                "gruserve.batch.size": sum(getattr(item, "rows", 0) or 1 for item in batch),
+            },
         )
         if error is not None:
             span.record_exception(error)

@@ -18,6 +18,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from conftest import Served, live_server, serve
 from gruserve.api.v1.schemas import BulkStepsResponse
+from gruserve.runtime.batcher import Batcher
 
 ATOL = 1e-5
 MEDIA = "application/x-gruserve-steps"
@@ -421,3 +422,94 @@ async def test_bulk_requests_skip_the_framework_layers(served: Served) -> None:
     assert missing.status_code == 404 and missing.json()["error"]["type"] == "ModelNotFound"
     assert bad.status_code == 422 and bad.json()["error"]["field"] == "body"
     assert all(len(r.headers["x-request-id"]) == 32 for r in (ok, missing, bad))
+
+
+async def test_binary_mix_equals_single_steps_and_the_sequence(
+    served: Served,
+    tiny_models: dict[str, Any],
+    rng: np.random.Generator,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A binary request mixing plain steps (decoded as one array: most of them), a session
+    named twice, a numbered step, a step of another length, an unknown session, one on
+    another model and a bad entry: each answered step equals the same step sent alone and
+    each session's outputs the model run over its whole sequence; errors fail alone. A NaN
+    in a plain step sends the array back to the per-step checks, which name it."""
+    client = served.client
+    blocks: list[int] = []  # rows of each block run (the array path was taken)
+    real = Batcher.submit_block
+
+    async def submit_block(self: Batcher, inputs: np.ndarray, states: np.ndarray) -> Any:
+        blocks.append(inputs.shape[0])
+        return await real(self, inputs, states)
+
+    monkeypatch.setattr(Batcher, "submit_block", submit_block)
+    ids = [await _create(client) for _ in range(4)]
+    twins = [await _create(client) for _ in range(4)]
+    other = await _create(client, "simple")
+    x = rng.normal(size=(4, 5, 3)).astype(np.float32)
+    plan: list[tuple[dict[str, Any], np.ndarray]] = [
+        ({"session_id": ids[0], "timesteps": 2}, x[0, 0:2]),
+        ({"session_id": ids[1], "timesteps": 2}, x[1, 0:2]),
+        ({"session_id": ids[2], "timesteps": 2, "step": 0}, x[2, 0:2]),
+        ({"session_id": ids[0], "timesteps": 2}, x[0, 2:4]),  # twice: after its first
+        ({"session_id": "nobody", "timesteps": 2}, x[3, 0:2]),
+        ({"session_id": ids[3], "timesteps": 1}, x[3, 0:1]),  # another length
+        ({"session_id": other, "timesteps": 2}, x[3, 0:2]),
+        ({"session_id": ids[1], "timesteps": 2, "step": 1}, x[1, 2:4]),  # numbered, again
+        ({"session_id": 7, "timesteps": 2}, x[3, 0:2]),
+        ({"session_id": ids[0], "timesteps": 1}, x[0, 4:5]),  # a third time
+    ]
+    header = {"steps": [entry for entry, _ in plan]}
+    r = await client.post(
+        "/v1/models/stacked/steps",
+        content=_binary_body(header, [v for _, v in plan]),
+        headers={"content-type": MEDIA},
+    )
+    assert r.status_code == 200, r.text
+    results, got = _binary_reply(r.content)
+    errors = {
+        i: (res["error"]["type"], res["error"]["field"])
+        for i, res in enumerate(results)
+        if "error" in res
+    }
+    assert errors == {
+        4: ("SessionNotFound", None),
+        6: ("SessionNotOnModel", None),
+        8: ("InvalidInput", "steps[8].session_id"),
+    }
+    assert [res.get("step") for res in results] == [1, 1, 1, 2, None, 1, None, 2, None, 3]
+    assert blocks == [2]  # the first steps of ids[0] and ids[1]
+    twin = dict(zip(ids, twins, strict=True))
+    for i, (entry, values) in enumerate(plan):
+        if i in errors:
+            continue
+        body: dict[str, Any] = {"inputs": values.tolist()}
+        if "step" in entry:
+            body["step"] = entry["step"]
+        single = await client.post(f"/v1/sessions/{twin[entry['session_id']]}/step", json=body)
+        assert single.status_code == 200 and single.json()["step"] == results[i]["step"]
+        np.testing.assert_allclose(
+            got[i].reshape(-1, 2),
+            single.json()["outputs"],
+            atol=ATOL,  # type: ignore[union-attr]
+        )
+    sequences = {ids[0]: x[0, :5], ids[1]: x[1, :4], ids[2]: x[2, :2], ids[3]: x[3, :1]}
+    for sid, sequence in sequences.items():
+        mine = [g for (entry, _), g in zip(plan, got, strict=True) if entry["session_id"] == sid]
+        outs, _ = tiny_models["stacked"].reference(sequence[None])
+        streamed = np.concatenate([m.reshape(-1, 2) for m in mine if m is not None])
+        np.testing.assert_allclose(streamed, outs[0][0], atol=ATOL)
+    assert await _count(client, other) == 0
+
+    nan = x[:3, :1].copy()
+    nan[1, 0, 2] = np.nan
+    header = {"steps": [{"session_id": s, "timesteps": 1} for s in ids[:3]]}
+    r = await client.post(
+        "/v1/models/stacked/steps",
+        content=_binary_body(header, list(nan)),
+        headers={"content-type": MEDIA},
+    )
+    results, got = _binary_reply(r.content)
+    assert results[1]["error"]["field"] == "steps[1].inputs[0][2]"
+    assert [res.get("step") for res in results] == [4, None, 2]

@@ -381,3 +381,50 @@ async def test_steps_submitted_together_run_together_with_single_steps(
         np.testing.assert_allclose(
             got.state, np.concatenate([st[0] for st in alone.states]), atol=ATOL
         )
+
+
+async def test_a_block_runs_as_batches_of_its_own(
+    models_dir: Path, tiny_models: dict[str, Any], executor: Any, rng: np.random.Generator
+) -> None:
+    """``submit_block`` queues (n, T, F) inputs as runs of at most ``max_batch_size`` rows,
+    one future each, answered with the run's matrices: each row equals that step run
+    alone. A single step queued before the block runs first, alone (a block never shares
+    a run); one queued after it waits for the block's runs; a failed run fails its own
+    future only; the metrics count the block's rows."""
+    model = _model(models_dir, "stacked")
+    registry = CollectorRegistry()
+    metrics = Metrics(registry).for_model("stacked")
+    batcher = Batcher(model, executor, max_batch_size=4, max_delay_s=0.05, metrics=metrics)
+    sig = model.signature
+    x = rng.normal(size=(10, 2, 3)).astype(np.float32)
+    states = rng.normal(size=(10, sig.total_units)).astype(np.float32)
+    single_x = rng.normal(size=(2, 3)).astype(np.float32)
+    model.gate.clear()  # hold a run: the others queue behind it
+    held = batcher.submit(single_x, None, states[0])
+    await asyncio.sleep(0.05)
+    before = batcher.submit(single_x, None, states[1])
+    futures = await batcher.submit_block(x, states)
+    after = batcher.submit(single_x, None, states[2])
+    model.gate.set()
+    runs = [await f for f in futures]
+    await held, await before, await after
+    assert [s[0] for s in model.shapes] == [1, 1, 4, 4, 2, 1]
+    assert [r.states.shape for r in runs] == [(4, sig.total_units)] * 2 + [(2, sig.total_units)]
+    for row in range(10):
+        run, at = runs[row // 4], row % 4
+        alone = LoadedModel.run(
+            model, x[row : row + 1], None, [states[row : row + 1, sl] for sl in sig.state_slices]
+        )
+        for got, want in zip(run.outputs, alone.outputs, strict=True):
+            np.testing.assert_allclose(got[at], want[0], atol=ATOL)
+        flat = np.concatenate(alone.states, axis=1)[0]
+        np.testing.assert_allclose(run.states[at], flat, atol=ATOL)
+    steps = registry.get_sample_value("gruserve_steps_total", {"model": "stacked"})
+    model.fail_next = True
+    failing = await batcher.submit_block(x[:6], states[:6])
+    with pytest.raises(RuntimeError, match="boom"):
+        await failing[0]
+    assert (await failing[1]).states.shape == (2, sig.total_units)
+    again = registry.get_sample_value("gruserve_steps_total", {"model": "stacked"})
+    assert steps is not None and again == steps + 2
+    await batcher.close()

@@ -4,7 +4,10 @@ Steps of different sessions that arrive within a short window are stacked
 into one onnxruntime run: inputs (B, T, F) right-padded with ``mask=False``
 steps to the longest chunk (exact: a masked step carries the state), states
 (B, U). No other module knows that steps are batched; callers ``await
-submit(...)`` for one step and get that step's outputs and new state.
+submit(...)`` for one step and get that step's outputs and new state. A bulk
+request's usual steps come as one block (``submit_block``): (n, T, F) inputs and
+(n, U) states that run as batches of their own, answered as matrices, one future
+per batch rather than per step.
 
 Scheduling: a step that finds the model idle runs at once (waiting for
 company only pays when the model is busy). While a batch runs, new steps
@@ -60,6 +63,14 @@ class StepOutput(NamedTuple):
     state: np.ndarray
 
 
+class BlockOutput(NamedTuple):
+    """A block's share of a run (:meth:`Batcher.submit_block`): ``outputs`` (rows, T, D) or
+    (rows, D) each, ``states`` (rows, total_units)."""
+
+    outputs: list[np.ndarray]
+    states: np.ndarray
+
+
 class _Timed(NamedTuple):
     result: RunResult
     seconds: float
@@ -107,11 +118,15 @@ class RunTimes:
 
 @dataclass(slots=True)
 class _Item:
+    """A queued step, or (``rows`` > 0) a block of that many steps that runs as a batch of
+    its own: ``inputs`` (rows, T, F) and ``state`` (rows, total_units)."""
+
     inputs: np.ndarray
     mask: np.ndarray | None
     state: np.ndarray
-    future: asyncio.Future[StepOutput]
+    future: asyncio.Future[StepOutput] | asyncio.Future[BlockOutput]
     arrived: float
+    rows: int = 0
 
 
 class BatchTracer(Protocol):
@@ -126,6 +141,9 @@ class BatchTracer(Protocol):
 
 def _cells(batch: Sequence[_Item]) -> int:
     """Rows x timesteps of ``batch`` once padded to its longest step."""
+    first = batch[0]
+    if first.rows:  # a block: a batch of its own
+        return first.rows * first.inputs.shape[1]
     return len(batch) * max(item.inputs.shape[0] for item in batch)
 
 
@@ -232,6 +250,36 @@ class Batcher:
             self._schedule(loop)
         return futures
 
+    async def submit_block(
+        self, inputs: np.ndarray, states: np.ndarray
+    ) -> list[asyncio.Future[BlockOutput]]:
+        """Queue a block of validated steps, ``inputs`` (n, T, F) float32 with no mask and
+        ``states`` (n, total_units), as runs of its own of up to ``max_batch_size`` rows;
+        returns one future per run, in order, each answered with that run's
+        :class:`BlockOutput`.
+
+        A bulk request's usual steps: one queue entry, one future and one wake-up per run
+        instead of per step, and no per-step split of the outputs (the caller reads rows of
+        the run's matrices). Single steps queued before it run first; those queued after
+        it wait for its runs. Waits while the queue is full, as :meth:`submit_many`.
+        """
+        loop = asyncio.get_running_loop()
+        while len(self._pending) >= self._max_queue:
+            room = loop.create_future()
+            self._room.append(room)
+            await room
+        now, size, count = loop.time(), self.max_batch_size, inputs.shape[0]
+        futures: list[asyncio.Future[BlockOutput]] = []
+        for start in range(0, count, size):
+            end = min(count, start + size)
+            future: asyncio.Future[BlockOutput] = loop.create_future()
+            item = _Item(inputs[start:end], None, states[start:end], future, now, end - start)
+            self._pending.append(item)
+            futures.append(future)
+        if futures and len(self._running) < self._max_concurrent:
+            self._schedule(loop)
+        return futures
+
     async def _submit_when_room(
         self, inputs: np.ndarray, mask: np.ndarray | None, state: np.ndarray
     ) -> StepOutput:
@@ -261,7 +309,12 @@ class Batcher:
         pending = self._pending
         while pending and self._deferred is None and len(self._running) < self._max_concurrent:
             deadline = pending[0].arrived + self.max_delay_s
-            if self._running and len(pending) < self.max_batch_size and loop.time() < deadline:
+            if (
+                self._running
+                and len(pending) < self.max_batch_size
+                and not pending[-1].rows  # a block waiting is a full batch
+                and loop.time() < deadline
+            ):
                 self._timer = loop.call_at(deadline, self._schedule, loop)
                 return
             if self.inline_below_s and not (gathered or self._running):
@@ -300,6 +353,12 @@ class Batcher:
             item = pending.popleft()
             if item.future.done():
                 continue
+            if item.rows:  # a block runs alone: first in its batch, or left for the next
+                if batch:
+                    pending.appendleft(item)
+                else:
+                    batch.append(item)
+                break
             if same_length:  # padding is not exact for this model: batch equal lengths only
                 length = item.inputs.shape[0] if length is None else length
                 if item.inputs.shape[0] != length:
@@ -351,7 +410,9 @@ class Batcher:
             # onnxruntime works while the event loop answers them
             self._running.discard(asyncio.current_task())  # type: ignore[arg-type]
             self._schedule(loop, gathered=True)
-            shares = self._scatter(timed.result, launched.lengths, launched.longest)
+            shares = self._scatter(
+                timed.result, launched.lengths, launched.longest, batch[0].rows > 0
+            )
         except asyncio.CancelledError:
             launched.running.cancel()
             for item in batch:
@@ -372,8 +433,8 @@ class Batcher:
         try:
             inputs, mask, states, lengths = self._stack(batch)
             timed = self._timed_run(inputs, mask, states)
-            self.run_times.record(len(batch) * inputs.shape[1], timed.seconds)
-            shares = self._scatter(timed.result, lengths, inputs.shape[1])
+            self.run_times.record(len(lengths) * inputs.shape[1], timed.seconds)
+            shares = self._scatter(timed.result, lengths, inputs.shape[1], batch[0].rows > 0)
         except Exception as exc:
             self._fail(batch, exc)
         else:
@@ -394,20 +455,20 @@ class Batcher:
     def _resolve(
         self,
         batch: list[_Item],
-        shares: list[StepOutput],
+        shares: list[StepOutput] | list[BlockOutput],
         lengths: list[int],
         started: float,
         clock: float,
     ) -> None:
         for item, share in zip(batch, shares, strict=True):
             if not item.future.done():
-                item.future.set_result(share)
+                item.future.set_result(share)  # type: ignore[arg-type]
         if self._metrics is not None:
             m = self._metrics
-            m.batch_size.observe(len(batch))
+            m.batch_size.observe(len(lengths))
             m.batch_seconds.observe(time.perf_counter() - clock)
             m.queue_seconds.observe(started - batch[0].arrived)
-            m.steps.inc(len(batch))
+            m.steps.inc(len(lengths))
             m.timesteps.inc(int(sum(lengths)))
         if self.tracer is not None:
             self.tracer.batch_ran(self.model.name, batch, started, None)
@@ -415,6 +476,13 @@ class Batcher:
     def _stack(
         self, batch: Sequence[_Item]
     ) -> tuple[np.ndarray, np.ndarray | None, list[np.ndarray], list[int]]:
+        first = batch[0]
+        if first.rows:  # a block: its arrays are the batch's
+            inputs, flat = first.inputs, first.state
+            lengths = [inputs.shape[1]] * first.rows
+            if len(self._slices) == 1:
+                return inputs, None, [flat], lengths
+            return inputs, None, [np.ascontiguousarray(flat[:, s]) for s in self._slices], lengths
         lengths = [item.inputs.shape[0] for item in batch]
         longest = max(lengths)
         if longest == 1 and all(item.mask is None for item in batch):  # the common single-step case
@@ -439,7 +507,9 @@ class Batcher:
             states = [np.ascontiguousarray(flat[:, s]) for s in self._slices]
         return inputs, mask, states, lengths
 
-    def _scatter(self, result: RunResult, lengths: list[int], longest: int) -> list[StepOutput]:
+    def _scatter(
+        self, result: RunResult, lengths: list[int], longest: int, block: bool = False
+    ) -> list[StepOutput] | list[BlockOutput]:
         count = len(lengths)
         if any(o.shape[0] != count for o in result.outputs + result.states):
             raise RuntimeError(
@@ -448,6 +518,8 @@ class Batcher:
             )
         states = result.states
         flat = states[0] if len(states) == 1 else np.concatenate(states, axis=1)
+        if block:  # the block's caller reads rows of the run's matrices
+            return [BlockOutput(list(result.outputs), flat)]
         # each step keeps its own copy of its state row: a view would keep the whole batch alive
         rows = [row.copy() for row in flat]
         per_timestep = self.model.signature.per_timestep

@@ -5,10 +5,12 @@ step means exactly what the same single steps would (same limits, locks,
 compare-and-set and exactly-once numbers), at a fraction of the cost: the first step
 of each session named in the request goes through the batch path
 (:mod:`gruserve.sessions._bulk_batch`: one store read, one model submission and one
-store write for all of them), and whatever that path leaves (a session busy with
-another request, a write that lost a race to another replica) and every later step
-of a session named twice goes through :meth:`SessionService.step`, after that
-session's earlier steps, in request order. One step's failure is that step's
+store write for all of them; the request's plain steps, when the codec gives them as
+one array, through the array path of :mod:`gruserve.sessions._bulk_block` first, which
+hands what it does not finish to the batch path), and whatever the batch path leaves (a
+session busy with another request, a write that lost a race to another replica) and
+every later step of a session named twice goes through :meth:`SessionService.step`,
+after that session's earlier steps, in request order. One step's failure is that step's
 result and never touches the others.
 """
 
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gruserve.sessions._bulk_batch import step_once_each
+from gruserve.sessions._bulk_block import BlockAnswer, PlainBlock, step_block
 from gruserve.sessions.lifecycle import STEP_ONLY, Lifecycle
 from gruserve.sessions.owner import ANYONE, Caller
 from gruserve.sessions.service import SessionService, StepResult
@@ -65,10 +68,50 @@ async def step_all(
     Returns:
         One outcome per entry of ``steps``: a :class:`StepResult` or an exception.
     """
+    outcomes, _ = await step_bulk(sessions, model, steps, caller)
+    return [o if o is not None else RuntimeError("bulk step not run") for o in outcomes]
+
+
+async def step_bulk(
+    sessions: SessionService,
+    model: str,
+    steps: Sequence[BulkStep | BaseException | None],
+    caller: Caller = ANYONE,
+    block: PlainBlock | None = None,
+) -> tuple[list[Outcome | None], BlockAnswer | None]:
+    """:func:`step_all`, with the request's plain steps given as one array.
+
+    Args:
+        sessions, model, caller: as :func:`step_all`.
+        steps: one entry per step of the request, as :func:`step_all`'s, None where the
+            step is a row of ``block``.
+        block: the plain steps as arrays (rows in request order), or None.
+
+    Returns:
+        One outcome per entry of ``steps`` (None: answered in the block answer, or a
+        step that was not run, which only a bug leaves), and the block's answer (None
+        without a block). The first step of a session whose steps are rows of the block
+        goes through the array path; its later steps, and the rows that path leaves, are
+        decided as :func:`step_all` decides other steps, in request order.
+    """
     outcomes: list[Outcome | None] = [s if isinstance(s, BaseException) else None for s in steps]
     heads: list[tuple[int, BulkStep]] = []
     later: dict[str, list[tuple[int, BulkStep]]] = {}
+    block_heads: list[int] = []  # rows of the block that are their session's first step
+    row = 0
     for i, item in enumerate(steps):
+        if item is None:  # the block's next row
+            if block is None:
+                raise ValueError(f"bulk step {i} is None without a block to find it in")
+            session_id = block.ids[row]
+            chain = later.get(session_id)
+            if chain is None:
+                later[session_id] = []
+                block_heads.append(row)
+            else:
+                chain.append((i, block.step(row)))
+            row += 1
+            continue
         if isinstance(item, BaseException):
             continue
         chain = later.get(item.session_id)
@@ -79,6 +122,11 @@ async def step_all(
                 continue
             chain = later[item.session_id]
         chain.append((i, item))
+    answer = None
+    if block is not None:
+        answer, back = await step_block(sessions, model, block, block_heads, caller, outcomes)
+        if back:
+            heads = sorted(heads + back, key=lambda entry: entry[0])
     left = await step_once_each(sessions, model, heads, caller, outcomes)
     for entry in reversed(left):  # a head the batch path left runs before its session's others
         later[entry[1].session_id].insert(0, entry)
@@ -105,4 +153,4 @@ async def step_all(
         for task in tasks:
             task.cancel()
         raise
-    return [o if o is not None else RuntimeError("bulk step not run") for o in outcomes]
+    return outcomes, answer

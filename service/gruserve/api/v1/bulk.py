@@ -30,7 +30,7 @@ from gruserve.api.v1.fast_step import _body
 from gruserve.api.v1.ws import CLOSE_NOT_FOUND
 from gruserve.errors import GruServeError, PayloadTooLarge
 from gruserve.services import Services
-from gruserve.sessions.bulk import step_all
+from gruserve.sessions.bulk import BlockAnswer, step_bulk
 from gruserve.sessions.owner import Caller
 
 router = APIRouter(prefix="/v1", responses=s.ERRORS)
@@ -52,7 +52,7 @@ _OPENAPI: dict[str, Any] = {
 
 async def _run(
     services: Services, model: str, data: bytes | str, binary: bool, caller: Caller
-) -> tuple[bulk_codec.BulkRequest, list[Any]]:
+) -> tuple[bulk_codec.BulkRequest, list[Any], BlockAnswer | None]:
     """Decode a bulk request, apply its steps; whole-request faults raise."""
     features = services.registry.get(model).signature.features
     limit = services.settings.max_bulk_steps
@@ -61,7 +61,14 @@ async def _run(
         if binary
         else bulk_codec.json_request(data, limit, model)
     )
-    return decoded, await step_all(services.sessions, model, decoded.steps, caller)
+    outcomes, answer = await step_bulk(
+        services.sessions, model, decoded.steps, caller, decoded.block
+    )
+    return decoded, outcomes, answer
+
+
+def _binary_reply(decoded: bulk_codec.BulkRequest, outcomes: list[Any], answer: Any) -> bytes:
+    return bulk_codec.binary_reply(decoded.ids, outcomes, decoded.block, answer)
 
 
 @router.post(
@@ -83,11 +90,11 @@ async def bulk_steps(model: str, request: Request) -> Response:
     services: Services = request.app.state.services
     media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
     binary = media == bulk_codec.MEDIA_TYPE
-    decoded, outcomes = await unless_disconnected(
+    decoded, outcomes, answer = await unless_disconnected(
         request, _run(services, model, await request.body(), binary, caller_of(request.scope))
     )
     if binary:
-        reply = bulk_codec.binary_reply(decoded.ids, outcomes)
+        reply = _binary_reply(decoded, outcomes, answer)
         return Response(reply, media_type=bulk_codec.MEDIA_TYPE)
     return Response(bulk_codec.json_reply(decoded.ids, outcomes), media_type="application/json")
 
@@ -124,12 +131,12 @@ class BulkEndpoint:
         try:
             body = await _body(receive)
             model, caller = scope["path_params"]["model"], caller_of(scope)
-            decoded, outcomes = await self.disconnects.run(
+            decoded, outcomes, answer = await self.disconnects.run(
                 receive, _run(self.services, model, body, binary, caller)
             )
             status = 200
             if binary:
-                content = bulk_codec.binary_reply(decoded.ids, outcomes)
+                content = _binary_reply(decoded, outcomes, answer)
             else:
                 content = bulk_codec.json_reply(decoded.ids, outcomes)
         except Exception as exc:  # every error gets the one JSON shape, as in api/errors.py
@@ -169,7 +176,7 @@ async def bulk_socket(websocket: WebSocket, model: str) -> None:
         try:
             if len(payload) > limit:
                 raise PayloadTooLarge("a WebSocket message (bytes)", len(payload), limit, SETTING)
-            decoded, outcomes = await _run(
+            decoded, outcomes, answer = await _run(
                 services, model, payload, binary, caller_of(websocket.scope)
             )
         except GruServeError as exc:
@@ -177,7 +184,7 @@ async def bulk_socket(websocket: WebSocket, model: str) -> None:
             continue
         try:
             if binary:
-                await websocket.send_bytes(bulk_codec.binary_reply(decoded.ids, outcomes))
+                await websocket.send_bytes(_binary_reply(decoded, outcomes, answer))
             else:
                 await websocket.send_text(bulk_codec.json_reply(decoded.ids, outcomes).decode())
         except WebSocketDisconnect:  # the client left before its reply: nobody to answer

@@ -13,6 +13,11 @@ the bulk WebSocket (``/v1/models/{model}/ws``):
   then each answered step's outputs, ``values`` float32 numbers each (every output in
   order, as a binary WebSocket step reply), errors taking none.
 
+A binary request's plain steps (a session id and timesteps, nothing else) of the most
+common length are decoded as one :class:`~gruserve.sessions.bulk.PlainBlock`, a view of
+the body's values, and answered from the run's output matrices: no object per step on
+either side beyond its header entries.
+
 A fault in one step is that step's error, named from the request (``steps[3].inputs``);
 only a fault in the request as a whole (not JSON, no ``steps`` list, too many steps, a
 binary header whose sizes do not add up to the body) fails the request.
@@ -30,7 +35,7 @@ import numpy as np
 from gruserve.api import decode, encode
 from gruserve.api.errors import error_payload
 from gruserve.errors import InvalidInput, PayloadTooLarge, StepOutOfOrder
-from gruserve.sessions.bulk import BulkStep, Outcome
+from gruserve.sessions.bulk import BlockAnswer, BulkStep, Outcome, PlainBlock
 
 MEDIA_TYPE = "application/x-gruserve-steps"
 HEADER = struct.Struct("<I")
@@ -43,10 +48,12 @@ SETTING = "GRUSERVE_MAX_BULK_STEPS"
 @dataclass(frozen=True, slots=True)
 class BulkRequest:
     """A decoded request: each step's session id as sent (None: not a string), and the
-    step or the error that decoding it raised."""
+    step or the error that decoding it raised, or None where the step is a row of
+    ``block`` (the plain steps of a binary request, as arrays; None: no such steps)."""
 
     ids: list[str | None]
-    steps: list[BulkStep | BaseException]
+    steps: list[BulkStep | BaseException | None]
+    block: PlainBlock | None = None
 
 
 def _steps(header: dict[str, Any], limit: int) -> list[Any]:
@@ -167,9 +174,58 @@ def binary_request(
             f"{expected} ({width} bytes per timestep)",
         )
     rows = np.frombuffer(data, dtype, offset=start)  # one view; each step a slice of it
-    if features is not None:
-        rows = rows.reshape(-1, features)
-    decoded: list[BulkStep | BaseException] = []
+    if features is None:  # token ids: every step on its own
+        return BulkRequest([_id_of(item) for item in steps], _each(steps, counts, rows, model))
+    rows = rows.reshape(-1, features)
+    length = _plain_length(steps, counts)
+    decoded: list[BulkStep | BaseException | None] = []
+    sent: list[str | None] = []  # every step's id as sent
+    positions: list[int] = []
+    ids: list[str] = []
+    starts: list[int] = []
+    row = 0
+    for i, (item, count) in enumerate(zip(steps, counts, strict=True)):
+        session_id = item.get("session_id")
+        if count == length and len(item) == 2 and type(session_id) is str:  # a block row
+            positions.append(i)
+            ids.append(session_id)
+            starts.append(row)
+            decoded.append(None)
+            sent.append(session_id)
+        else:
+            try:
+                decoded.append(_binary_step(item, rows[row : row + count], i, model))
+            except InvalidInput as exc:
+                decoded.append(exc)
+            sent.append(_id_of(item))
+        row += count
+    block = None
+    if positions:
+        if len(positions) == len(steps):  # every step: the body's values are the block
+            inputs = rows.reshape(len(steps), length, features)
+        else:
+            inputs = rows[np.asarray(starts)[:, None] + np.arange(length)]
+        block = PlainBlock(positions, ids, inputs)
+    return BulkRequest(sent, decoded, block)
+
+
+def _plain_length(steps: list[Any], counts: list[int]) -> int:
+    """The timesteps of the block's rows: the most common length among plain steps (the
+    first step's in the usual request, where every step has the same)."""
+    if counts and all(c == counts[0] for c in counts):
+        return counts[0]
+    seen: dict[int, int] = {}
+    for item, count in zip(steps, counts, strict=True):
+        if len(item) == 2 and type(item.get("session_id")) is str:
+            seen[count] = seen.get(count, 0) + 1
+    return max(seen, key=lambda c: seen[c]) if seen else 0
+
+
+def _each(
+    steps: list[Any], counts: list[int], rows: np.ndarray, model: str | None
+) -> list[BulkStep | BaseException | None]:
+    """Every step of a request decoded on its own (a token model's)."""
+    decoded: list[BulkStep | BaseException | None] = []
     row = 0
     for i, (item, count) in enumerate(zip(steps, counts, strict=True)):
         try:
@@ -177,7 +233,7 @@ def binary_request(
         except InvalidInput as exc:
             decoded.append(exc)
         row += count
-    return BulkRequest([_id_of(item) for item in steps], decoded)
+    return decoded
 
 
 def _error(exc: BaseException, where: str) -> dict[str, Any]:
@@ -203,13 +259,69 @@ def json_reply(ids: Sequence[str | None], outcomes: Sequence[Outcome]) -> bytes:
     return encode.dumps({"results": results})
 
 
-def binary_reply(ids: Sequence[str | None], outcomes: Sequence[Outcome]) -> bytes:
-    """The binary reply: u32 header length, JSON header, every answered step's float32 values."""
+def binary_reply(
+    ids: Sequence[str | None],
+    outcomes: Sequence[Outcome | None],
+    block: PlainBlock | None = None,
+    answer: BlockAnswer | None = None,
+) -> bytes:
+    """The binary reply: u32 header length, JSON header, every answered step's float32 values.
+
+    ``answer`` holds the outcomes of ``block``'s rows whose ``outcomes`` entry is None:
+    their values are read from its output matrices."""
+    if block is not None and answer is not None and answer.steps:
+        return _block_reply(ids, outcomes, block, answer)
     results: list[dict[str, Any]] = []
     values: list[bytes] = []
     for i, (session_id, outcome) in enumerate(zip(ids, outcomes, strict=True)):
+        if outcome is None:
+            outcome = RuntimeError("bulk step not run")
         if isinstance(outcome, BaseException):
             results.append({"session_id": session_id, "error": _error(outcome, f"steps[{i}]")})
+        else:
+            raw = encode.outputs_bytes(outcome)
+            values.append(raw)
+            results.append(
+                {"session_id": session_id, "step": outcome.step, "values": len(raw) // 4}
+            )
+    header = encode.dumps({"results": results})
+    return b"".join([HEADER.pack(len(header)), header, *values])
+
+
+def _block_reply(
+    ids: Sequence[str | None],
+    outcomes: Sequence[Outcome | None],
+    block: PlainBlock,
+    answer: BlockAnswer,
+) -> bytes:
+    """:func:`binary_reply` with block rows answered: each one's values are a row of the
+    outputs side by side (every output in order, as :func:`~gruserve.api.encode.outputs_bytes`
+    lays out a step's)."""
+    count = len(answer.steps)
+    matrices = [m.reshape(count, -1) for m in answer.outputs]
+    table = matrices[0] if len(matrices) == 1 else np.concatenate(matrices, axis=1)
+    width = table.shape[1]
+    blob = table.astype("<f4", copy=False).tobytes()
+    steps = answer.steps
+    if count == len(ids):  # every step answered here: the table is the values, in order
+        results = [
+            {"session_id": session_id, "step": step, "values": width}
+            for session_id, step in zip(ids, steps, strict=True)
+        ]
+        header = encode.dumps({"results": results})
+        return b"".join([HEADER.pack(len(header)), header, blob])
+    size = width * 4
+    slot_at = dict(zip(block.positions, answer.slot, strict=True))
+    results = []
+    values: list[bytes] = []
+    for i, (session_id, outcome) in enumerate(zip(ids, outcomes, strict=True)):
+        slot = slot_at.get(i, -1)
+        if slot >= 0:
+            results.append({"session_id": session_id, "step": steps[slot], "values": width})
+            values.append(blob[slot * size : (slot + 1) * size])
+        elif outcome is None or isinstance(outcome, BaseException):
+            exc = outcome if outcome is not None else RuntimeError("bulk step not run")
+            results.append({"session_id": session_id, "error": _error(exc, f"steps[{i}]")})
         else:
             raw = encode.outputs_bytes(outcome)
             values.append(raw)
