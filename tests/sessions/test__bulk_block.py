@@ -230,7 +230,7 @@ async def test_a_busy_session_waits_and_a_cancelled_block_releases_its_locks(
     nothing and releases every lock."""
     busy, free = await _new(sessions, 2)
     x = np.zeros((2, 1, 3), np.float32)
-    await sessions._locks.acquire(busy)
+    await sessions.parts.locks.acquire(busy)
     block = PlainBlock([0, 1], [busy, free], x)
     task = asyncio.ensure_future(step_bulk(sessions, "stacked", [None, None], block=block))
     for _ in range(200):
@@ -238,11 +238,11 @@ async def test_a_busy_session_waits_and_a_cancelled_block_releases_its_locks(
             break
         await asyncio.sleep(0.01)
     assert (await sessions.get(free)).step == 1 and not task.done()
-    sessions._locks.release(busy)
+    sessions.parts.locks.release(busy)
     outcomes, answer = await asyncio.wait_for(task, 10)
     assert answer is not None and answer.steps == [1] and outcomes[0].step == 1  # type: ignore[union-attr]
 
-    batcher = sessions._batchers["stacked"]
+    batcher = sessions.parts.batchers["stacked"]
     real, submitted = batcher.submit_block, asyncio.Event()
 
     async def stuck(*args: Any) -> Any:
@@ -257,5 +257,5 @@ async def test_a_busy_session_waits_and_a_cancelled_block_releases_its_locks(
     with pytest.raises(asyncio.CancelledError):
         await task
     monkeypatch.undo()
-    assert len(sessions._locks) == 0
+    assert len(sessions.parts.locks) == 0
     assert [(await sessions.get(s)).step for s in (busy, free)] == [1, 1]

@@ -220,7 +220,7 @@ async def test_a_session_busy_with_another_request_waits_its_turn(sessions: Any)
     """A session whose lock another request holds is stepped after that request, through
     the single path; the rest of the batch does not wait for it."""
     busy, free = await _new(sessions, 2)
-    await sessions._locks.acquire(busy)
+    await sessions.parts.locks.acquire(busy)
     task = asyncio.ensure_future(
         step_all(sessions, "stacked", [BulkStep(busy, X), BulkStep(free, X)])
     )
@@ -229,7 +229,7 @@ async def test_a_session_busy_with_another_request_waits_its_turn(sessions: Any)
             break
         await asyncio.sleep(0.01)
     assert (await sessions.get(free)).step == 1 and not task.done()
-    sessions._locks.release(busy)
+    sessions.parts.locks.release(busy)
     outcomes = await asyncio.wait_for(task, 10)
     assert [o.step for o in outcomes] == [1, 1]
 
@@ -240,7 +240,7 @@ async def test_cancelled_batch_releases_its_sessions(
     """A client gone while its batch waits for the model: nothing is written, every
     session's lock is released and the sessions step normally afterwards."""
     ids = await _new(sessions, 3)
-    batcher = sessions._batchers["stacked"]
+    batcher = sessions.parts.batchers["stacked"]
     real = batcher.submit_many
     submitted = asyncio.Event()
 
@@ -256,7 +256,7 @@ async def test_cancelled_batch_releases_its_sessions(
     with pytest.raises(asyncio.CancelledError):
         await task
     monkeypatch.undo()
-    assert len(sessions._locks) == 0
+    assert len(sessions.parts.locks) == 0
     assert [(await sessions.get(s)).step for s in ids] == [0, 0, 0]
     outcomes = await step_all(sessions, "stacked", [BulkStep(s, X) for s in ids])
     assert [o.step for o in outcomes] == [1, 1, 1]

@@ -113,7 +113,7 @@ async def test_two_replicas_continue_each_other_without_losing_steps(
     final = replicas[1].states_of(await replicas[1].get("shared"))
     for key in states:
         np.testing.assert_allclose(final[key], states[key][0], atol=ATOL)
-    conflicts = sum(r._metrics.cas_conflicts._value.get() for r in replicas)  # type: ignore[union-attr]
+    conflicts = sum(r.parts.metrics.cas_conflicts._value.get() for r in replicas)  # type: ignore[union-attr]
     assert conflicts > 0  # the race really happened and was resolved by re-reading
 
 
@@ -189,7 +189,7 @@ def _store(store_url: str) -> Any:
 
 
 def _count(service: SessionService, name: str) -> float:
-    return float(getattr(service._metrics, name)._value.get())  # type: ignore[union-attr]
+    return float(getattr(service.parts.metrics, name)._value.get())  # type: ignore[union-attr]
 
 
 async def test_numbered_steps_apply_once_and_a_resend_gets_the_same_reply(
@@ -203,7 +203,7 @@ async def test_numbered_steps_apply_once_and_a_resend_gets_the_same_reply(
     service = _service(models_dir, store, executor)
     await service.create("stacked", "once")
     x = rng.normal(size=(4, 3)).astype(np.float32)
-    batcher, submitted = service._batchers["stacked"], []
+    batcher, submitted = service.parts.batchers["stacked"], []
     submit = batcher.submit
 
     async def counted(*args: Any) -> Any:

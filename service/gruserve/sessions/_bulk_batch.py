@@ -83,7 +83,7 @@ async def step_once_each(
         The heads left to the per-step path (lock held elsewhere, compare-and-set lost),
         in request order.
     """
-    locks = service._locks
+    locks = service.parts.locks
     held: list[Item] = []
     keys: list[str] = []  # the store key of each held step's session
     rest: list[Item] = []
@@ -123,7 +123,7 @@ async def _apply(
     ready = _checked(service, model, held, records, caller, outcomes, others)
     if not ready:
         return others
-    futures = await service._batcher(model).submit_many(
+    futures = await service.parts.batcher(model).submit_many(
         [(r.inputs, r.mask, r.record.state) for r in ready]
     )
     try:
@@ -160,7 +160,7 @@ def _checked(
     # values are checked and made float32 once for all such steps (one block, each step a
     # view of it), and the reply limit once per T; anything else gets the per-step check
     plain_ok = not sig.takes_token_ids and sig.static_timesteps is None
-    max_t = service._max_timesteps
+    max_t = service.parts.max_timesteps
     candidates: list[list[Any]] = []  # [index, item, record, inputs, mask, single]
     plain: list[int] = []  # positions in candidates whose values are checked as one block
     reply_checked: set[int] = set()
@@ -189,12 +189,12 @@ def _checked(
             ):
                 x = x.reshape(1, features) if single else x
                 if x.shape[0] not in reply_checked:
-                    service._limits.check_reply(sig, 1, x.shape[0])
+                    service.parts.limits.check_reply(sig, 1, x.shape[0])
                     reply_checked.add(x.shape[0])
                 plain.append(len(candidates))
                 candidates.append([index, item, record, x, None, single])
             else:
-                chunk = service._chunk(sig, x, mask)
+                chunk = service.parts.chunk(sig, x, mask)
                 candidates.append([index, item, record, chunk.inputs, chunk.mask, chunk.single])
         except Exception as exc:
             outcomes[index] = exc
@@ -245,7 +245,7 @@ def _block_checked(
     for p in plain:
         entry = candidates[p]
         try:
-            entry[3] = service._chunk(sig, entry[1].inputs, None).inputs
+            entry[3] = service.parts.chunk(sig, entry[1].inputs, None).inputs
         except Exception as exc:
             outcomes[entry[0]] = exc
             bad.add(p)
@@ -263,7 +263,7 @@ async def _write(
     sig = model.signature
     names, per_timestep = sig.output_names, sig.per_timestep
     one, first = len(names) == 1, names[0]
-    now, history = service._clock(), service.history
+    now, history = service.parts.clock(), service.history
     written: list[tuple[_Ready, SessionRecord, list[np.ndarray]]] = []
     for step, share in zip(ready, shares, strict=True):
         if isinstance(share, BaseException):
@@ -298,6 +298,6 @@ async def _write(
             named = {first: outputs[0]} if one else dict(zip(names, outputs, strict=True))
             outcomes[step.index] = StepResult(named, updated.step, updated)
         else:  # another replica advanced it: the per-step path re-reads and recomputes
-            service._conflict()
+            service.parts.conflict()
             lost.append((step.index, step.item))
     return lost

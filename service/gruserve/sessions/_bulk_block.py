@@ -115,7 +115,7 @@ async def step_block(
         return answer, []
     if not _fits(service, model, block):
         return answer, [(block.positions[row], block.step(row)) for row in heads]
-    locks = service._locks
+    locks = service.parts.locks
     keys: list[str] = []
     held: list[int] = []
     left: list[int] = []
@@ -146,12 +146,12 @@ def _fits(service: SessionService, model: LoadedModel, block: PlainBlock) -> boo
     if sig.takes_token_ids or sig.static_timesteps is not None or inputs.dtype != np.float32:
         return False
     timesteps = inputs.shape[1]
-    if inputs.shape[2] != sig.features or not 1 <= timesteps <= service._max_timesteps:
+    if inputs.shape[2] != sig.features or not 1 <= timesteps <= service.parts.max_timesteps:
         return False
     if not np.isfinite(inputs).all():
         return False
     try:
-        service._limits.check_reply(sig, 1, timesteps)
+        service.parts.limits.check_reply(sig, 1, timesteps)
     except Exception:  # too large a reply: the batch path answers it per step
         return False
     return True
@@ -200,7 +200,7 @@ async def _apply(
         return left
     inputs = block.inputs if len(rows) == len(block.ids) else block.inputs[rows]
     states = np.concatenate([record.state for record in taken]).reshape(len(rows), -1)
-    batcher = service._batcher(model)
+    batcher = service.parts.batcher(model)
     futures = await batcher.submit_block(inputs, states)
     try:
         runs: list[BlockOutput | BaseException] = []
@@ -248,7 +248,7 @@ async def _write(
         return []
     # each record keeps its own copy of its row: a view would keep the whole run alive
     new = states[0] if len(states) == 1 else np.concatenate(states)
-    timesteps, now, history = inputs.shape[1], service._clock(), service.history
+    timesteps, now, history = inputs.shape[1], service.parts.clock(), service.history
     writes = []
     for k, i in enumerate(ran):
         record = taken[i]
@@ -275,7 +275,7 @@ async def _write(
         elif isinstance(written, Exception):
             outcomes[positions[row]] = written
         else:  # another replica advanced it: the batch path re-reads and recomputes
-            service._conflict()
+            service.parts.conflict()
             lost.append(row)
     if len(keep) == len(ran):
         answer.outputs = list(matrices)

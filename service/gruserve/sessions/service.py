@@ -56,10 +56,10 @@ from gruserve.runtime.batcher import Batcher
 from gruserve.runtime.limits import WorkLimits
 from gruserve.runtime.model import LoadedModel
 from gruserve.runtime.registry import ModelRegistry
-from gruserve.runtime.signature import ModelSignature
-from gruserve.runtime.validation import Chunk, StateValue, check_chunk, flat_state
+from gruserve.runtime.validation import StateValue, flat_state
 from gruserve.sessions import _result, upgrade
 from gruserve.sessions._locks import KeyedLocks
+from gruserve.sessions._parts import SessionParts, seen
 from gruserve.sessions.history import appended
 from gruserve.sessions.lifecycle import STEP_ONLY, Lifecycle
 from gruserve.sessions.owner import ANYONE, Caller, legacy_key, scoped, tenant_of
@@ -128,11 +128,16 @@ class SessionService:
         if max_attempts < 1:
             raise ValueError(f"SessionService needs max_attempts >= 1. Received: {max_attempts!r}")
         self.registry, self.store = registry, store
-        self._batchers = batchers
-        self._max_timesteps, self._max_attempts = max_timesteps, max_attempts
-        self._metrics, self._clock = metrics, clock
-        self._locks = KeyedLocks()
-        self._limits = limits if limits is not None else WorkLimits()
+        self.parts = SessionParts(
+            store=store,
+            batchers=batchers,
+            locks=KeyedLocks(),
+            clock=clock,
+            limits=limits if limits is not None else WorkLimits(),
+            metrics=metrics,
+            max_timesteps=max_timesteps,
+            max_attempts=max_attempts,
+        )
         self.history, self._on_gone = history, on_version_gone
 
     # -- lookups -------------------------------------------------------------------------
@@ -175,10 +180,6 @@ class SessionService:
             )
         return await self.registry.ensure(model_name, version, field=field)
 
-    def _batcher(self, model: LoadedModel) -> Batcher:
-        of = getattr(self._batchers, "of", None)  # runtime.versions.Batchers: per version
-        return of(model) if of is not None else self._batchers[model.name]
-
     def states_of(self, record: SessionRecord) -> dict[str, np.ndarray]:
         """The record's state as ``{state key: (units,)}``."""
         return self.model_of(record).signature.split_state(record.state)
@@ -187,35 +188,7 @@ class SessionService:
         """The session ``caller`` names ``session_id``, if it may see it (else it does not
         exist for them). Its ``session_id`` is its store key (:meth:`Caller.shown` names it
         back)."""
-        return self._seen(await self._fetch(caller.key(session_id)), caller)
-
-    async def _fetch(self, key: str) -> SessionRecord:
-        """The record at store key ``key``, or the one its tenant had there before
-        namespaces (:func:`~gruserve.sessions.owner.legacy_key`; one more read, on a miss
-        only). Every lookup of a session by a client's id goes through here.
-
-        Raises:
-            SessionNotFound: neither exists (or the old one is another tenant's).
-        """
-        try:
-            return await self.store.get(key)
-        except SessionNotFound:
-            old = legacy_key(key)
-            if old is None:
-                raise
-        try:
-            record = await self.store.get(old)
-        except SessionNotFound:
-            raise SessionNotFound(key) from None
-        if record.owner != tenant_of(key):
-            raise SessionNotFound(key)
-        return record
-
-    @staticmethod
-    def _seen(record: SessionRecord, caller: Caller) -> SessionRecord:
-        if caller is not ANYONE and not caller.sees(record.owner):
-            raise SessionNotFound(record.session_id)
-        return record
+        return seen(await self.parts.fetch(caller.key(session_id)), caller)
 
     # -- lifecycle -----------------------------------------------------------------------
     async def create(
@@ -249,12 +222,12 @@ class SessionService:
                 if (await self.store.get(old)).owner == caller.name:
                     raise SessionExists(session_id)
         record = self._new(model, key, state, caller)
-        return await create_once(self.store, record, self._max_attempts)
+        return await create_once(self.store, record, self.parts.max_attempts)
 
     def _new(
         self, model: LoadedModel, key: str, state: np.ndarray, caller: Caller
     ) -> SessionRecord:
-        now = self._clock()
+        now = self.parts.clock()
         return SessionRecord(
             key,
             model.name,
@@ -267,7 +240,7 @@ class SessionService:
 
     async def delete(self, session_id: str, caller: Caller = ANYONE) -> None:
         key = caller.key(session_id)
-        async with self._locks.hold(key):
+        async with self.parts.locks.hold(key):
             if caller is ANYONE or tenant_of(key):  # a named namespace holds only its own
                 try:
                     await self.store.delete(key)
@@ -275,7 +248,7 @@ class SessionService:
                 except SessionNotFound:
                     if legacy_key(key) is None:
                         raise
-            record = self._seen(await self._fetch(key), caller)
+            record = seen(await self.parts.fetch(key), caller)
             await self.store.delete(record.session_id)
 
     async def reset(
@@ -283,15 +256,15 @@ class SessionService:
     ) -> SessionRecord:
         """Zero the state, or set it to ``states`` (tf-keras ``reset_states(states=...)``)."""
         key = caller.key(session_id)
-        async with self._locks.hold(key):
-            for _ in range(self._max_attempts):
-                record = self._seen(await self._fetch(key), caller)
+        async with self.parts.locks.hold(key):
+            for _ in range(self.parts.max_attempts):
+                record = seen(await self.parts.fetch(key), caller)
                 state = flat_state((await self.model_for(record)).signature, states, "states")
-                updated = record.reset(state, self._clock())
+                updated = record.reset(state, self.parts.clock())
                 if await self.store.compare_and_set(updated, record.revision):
                     return updated
-                self._conflict()
-        raise SessionConflict(session_id, self._max_attempts)
+                self.parts.conflict()
+        raise SessionConflict(session_id, self.parts.max_attempts)
 
     async def page(
         self,
@@ -422,14 +395,14 @@ class SessionService:
             state = flat_state(made.signature, create.initial_state, "create.initial_state")
             fresh = (made, state)
         key = caller.key(session_id)
-        locks = self._locks
+        locks = self.parts.locks
         if not locks.try_acquire(key):  # the `async with locks.hold()` of the other
             await locks.acquire(key)  # methods, without its two coroutine calls
         try:
             chunk, applied = None, b""
-            for _ in range(self._max_attempts):
+            for _ in range(self.parts.max_attempts):
                 try:
-                    record = await self._fetch(key)
+                    record = await self.parts.fetch(key)
                 except SessionNotFound:
                     if fresh is None:
                         raise
@@ -450,10 +423,10 @@ class SessionService:
                         model = await self.model_for(record)
                     except ModelVersionGone as gone:  # fail (410), or move it and re-read
                         if not await upgrade.after_gone(self, record, gone, self._on_gone):
-                            self._conflict()
+                            self.parts.conflict()
                         continue
                 if chunk is None:
-                    chunk = self._chunk(model.signature, inputs, mask)
+                    chunk = self.parts.chunk(model.signature, inputs, mask)
                     if step_number is not None:
                         applied = _result.digest(chunk.inputs, chunk.mask, chunk.single)
                 if step_number is not None and step_number != record.step:
@@ -462,9 +435,9 @@ class SessionService:
                     # resend after a 503 whose write reached the master alone gets 503 again)
                     if await self.store.compare_and_set(record, record.revision):
                         return replayed
-                    self._conflict()
+                    self.parts.conflict()
                     continue
-                out = await self._batcher(model).submit(chunk.inputs, chunk.mask, record.state)
+                out = await self.parts.batcher(model).submit(chunk.inputs, chunk.mask, record.state)
                 outputs = out.outputs
                 if chunk.single and model.signature.per_timestep:
                     outputs = [o[0] for o in outputs]
@@ -475,7 +448,7 @@ class SessionService:
                     else None
                 )
                 updated = record.advanced(
-                    out.state, chunk.timesteps, self._clock(), kept, kept_inputs
+                    out.state, chunk.timesteps, self.parts.clock(), kept, kept_inputs
                 )
                 if await self.store.compare_and_set(updated, expected, lifecycle.end):
                     return StepResult(
@@ -486,16 +459,10 @@ class SessionService:
                         if lifecycle.end and lifecycle.final_state
                         else None,
                     )
-                self._conflict()
+                self.parts.conflict()
         finally:
             locks.release(key)
-        raise SessionConflict(session_id, self._max_attempts)
-
-    def _chunk(self, sig: ModelSignature, inputs: np.ndarray, mask: np.ndarray | None) -> Chunk:
-        """The step's checked arrays; refused (413) if its reply would be too large."""
-        chunk = check_chunk(sig, inputs, mask, self._max_timesteps)
-        self._limits.check_reply(sig, 1, chunk.timesteps)
-        return chunk
+        raise SessionConflict(session_id, self.parts.max_attempts)
 
     def _replay(
         self, record: SessionRecord, model: LoadedModel, step_number: int, applied: bytes
@@ -506,17 +473,13 @@ class SessionService:
             stored = _result.digest_of(record.last_result)
             if stored is not None and stored != applied:  # None: kept before digests were
                 raise StepMismatch(record.session_id, step_number, record.step)
-            if self._metrics is not None:
-                self._metrics.step_replays.inc()
+            if self.parts.metrics is not None:
+                self.parts.metrics.step_replays.inc()
             outputs = _result.unpack(record.last_result or b"")
             return StepResult(
                 dict(zip(model.signature.output_names, outputs, strict=True)), record.step, record
             )
         raise StepOutOfOrder(record.session_id, step_number, record.step)
-
-    def _conflict(self) -> None:
-        if self._metrics is not None:
-            self._metrics.cas_conflicts.inc()
 
     # -- v2 (Triton / KServe) sequences ----------------------------------------------------
     async def sequence_step(
@@ -561,7 +524,7 @@ class SessionService:
         """
         model = await self.model_named(model_name, version)
         if start:  # a later request is checked against its session's own version, in step()
-            self._chunk(model.signature, inputs, mask)
+            self.parts.chunk(model.signature, inputs, mask)
         if initial_state is not None and not start:
             raise InvalidInput("initial_state", "a sequence's state is set only by its start")
         if start and step_number not in (None, 0):
@@ -570,7 +533,7 @@ class SessionService:
                 f"a sequence_start request is the sequence's step 0. Received: {step_number}",
             )
         key = caller.key(session_id)
-        async with self._locks.hold(_SEQUENCE + key):
+        async with self.parts.locks.hold(_SEQUENCE + key):
             if start:
                 await self._restart(model, session_id, initial_state, caller)
             try:  # the step's own read checks the model: one store read per request
@@ -580,7 +543,7 @@ class SessionService:
             except (SessionNotFound, SessionNotOnModel):  # never started, ended or expired
                 raise SequenceNotStarted(session_id, model.name) from None
             if end:
-                async with self._locks.hold(key):
+                async with self.parts.locks.hold(key):
                     with suppress(SessionNotFound):
                         await self.store.delete(result.record.session_id)
             return result
@@ -618,9 +581,9 @@ class SessionService:
         before namespaces)."""
         state = flat_state(model.signature, initial_state, "initial_state")
         key = caller.key(session_id)
-        for _ in range(self._max_attempts):
+        for _ in range(self.parts.max_attempts):
             try:
-                record = await self._fetch(key)
+                record = await self.parts.fetch(key)
             except SessionNotFound:
                 try:
                     await self.create(
@@ -635,12 +598,12 @@ class SessionService:
                 with suppress(SessionNotFound):
                     await self.store.delete(record.session_id)
                 continue
-            now = self._clock()
+            now = self.parts.clock()
             fresh = dataclasses.replace(record.reset(state, now), created_at=now)
             if await self.store.compare_and_set(fresh, record.revision):
                 return
-            self._conflict()
-        raise SessionConflict(session_id, self._max_attempts)
+            self.parts.conflict()
+        raise SessionConflict(session_id, self.parts.max_attempts)
 
 
 def _check_id(session_id: object) -> None:

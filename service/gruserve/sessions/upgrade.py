@@ -40,6 +40,7 @@ import numpy as np
 from gruserve.errors import InvalidInput, ModelVersionGone, SessionConflict
 from gruserve.runtime.model import LoadedModel
 from gruserve.sessions import history
+from gruserve.sessions._parts import seen
 from gruserve.sessions.owner import ANYONE, Caller, client_id
 from gruserve.sessions.store import SessionRecord
 
@@ -86,16 +87,16 @@ async def upgrade(
     if replay is not None and replay < 0:
         raise InvalidInput("replay", f"expected an integer >= 0. Received: {replay}")
     key = caller.key(session_id)
-    async with service._locks.hold(key):
-        for _ in range(service._max_attempts):
-            record = service._seen(await service._fetch(key), caller)
+    async with service.parts.locks.hold(key):
+        for _ in range(service.parts.max_attempts):
+            record = seen(await service.parts.fetch(key), caller)
             target = await service.model_named(record.model, version)
             moved = await _moved(service, record, target, replay or 0)
             if await service.store.compare_and_set(moved, record.revision):
                 _count(service, record, moved, "replay" if replay else "upgrade", replay or 0)
                 return Upgrade(moved, record.version, replay or 0)
-            service._conflict()
-    raise SessionConflict(session_id, service._max_attempts)
+            service.parts.conflict()
+    raise SessionConflict(session_id, service.parts.max_attempts)
 
 
 async def after_gone(
@@ -124,8 +125,9 @@ def _count(
     service: SessionService, record: SessionRecord, moved: SessionRecord, how: str, replayed: int
 ) -> None:
     """``gruserve_session_upgrades_total`` and the replayed timesteps of one move written."""
-    if service._metrics is not None:
-        service._metrics.count_upgrade(record.model, record.version, moved.version, how, replayed)
+    metrics = service.parts.metrics
+    if metrics is not None:
+        metrics.count_upgrade(record.model, record.version, moved.version, how, replayed)
 
 
 def _fits(kept: history.Kept, model: LoadedModel) -> bool:
@@ -159,7 +161,7 @@ async def _moved(
         version=target.version,
         state=state,
         revision=record.revision + 1,
-        last_used_at=service._clock(),
+        last_used_at=service.parts.clock(),
     )
 
 
@@ -172,11 +174,11 @@ async def warm_state(
     sig = model.signature
     inputs = kept.inputs[:, 0].astype(np.int64) if sig.takes_token_ids else kept.inputs
     mask = kept.mask
-    size = service._max_timesteps
+    size = service.parts.max_timesteps
     exact = sig.static_timesteps is not None and sig.pad_alignment is None
     if sig.static_timesteps is not None:
         size = min(size, sig.static_timesteps)
-    batcher = service._batcher(model)
+    batcher = service.parts.batcher(model)
     for start in range(0, len(kept), size):
         x = inputs[start : start + size]
         m = None if mask is None else mask[start : start + size]
