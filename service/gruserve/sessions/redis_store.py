@@ -85,8 +85,22 @@ _NOW_MS = (
 # KEYS[3] ids (every id, score 0: listed by ZRANGEBYLEX). A swept session's hash has already
 # expired (its PEXPIREAT is the earlier deadline); the DEL keeps that true whatever happened.
 _FORGET = """
+-- index entries of the writes of one call, added by one ZADD per set (flush) before
+-- anything reads or removes index entries, and at the end of the call
+local idle, lives, fresh = {}, {}, {}
+local function zadd(key, pairs)
+    for i = 1, #pairs, 400 do  -- bounded: unpack needs a stack slot per value
+        redis.call('ZADD', key, unpack(pairs, i, math.min(i + 399, #pairs)))
+    end
+end
+local function flush()
+    if #idle > 0 then zadd(KEYS[1], idle) idle = {} end
+    if #lives > 0 then zadd(KEYS[2], lives) lives = {} end
+    if #fresh > 0 then zadd(KEYS[3], fresh) fresh = {} end
+end
 local function forget(ids, prefix)
     if #ids == 0 then return end
+    flush()
     redis.call('ZREM', KEYS[1], unpack(ids))
     redis.call('ZREM', KEYS[2], unpack(ids))
     redis.call('ZREM', KEYS[3], unpack(ids))
@@ -105,6 +119,7 @@ end
 -- then evict least recently used sessions (lru == '1') or answer false. ended and evicted
 -- collect what went, for the caller to report.
 local function make_room(max, lru, now, prefix, evicted, ended)
+    flush()
     local sweeping = true
     while redis.call('ZCARD', KEYS[1]) >= max do
         local removed = 0
@@ -128,11 +143,13 @@ local function expire(key, id, now, ttl, deadline)
     local idle_at = now + ttl
     local expire_at = idle_at
     if deadline > 0 then
-        redis.call('ZADD', KEYS[2], deadline, id)
+        lives[#lives + 1] = deadline
+        lives[#lives + 1] = id
         if deadline < expire_at then expire_at = deadline end
     end
     redis.call('PEXPIREAT', key, expire_at)
-    redis.call('ZADD', KEYS[1], idle_at, id)
+    idle[#idle + 1] = idle_at
+    idle[#idle + 1] = id
 end
 """
 
@@ -158,7 +175,8 @@ for i = 4, #KEYS do
         elseif make_room(tonumber(ARGV[2]), ARGV[3], now, ARGV[4], evicted, ended) then
             redis.call('HSET', key, FIELDS, 'writer', writer)
             expire(key, w.id, now, ttl, tonumber(w.deadline))
-            redis.call('ZADD', KEYS[3], 0, w.id)
+            fresh[#fresh + 1] = 0
+            fresh[#fresh + 1] = w.id
             out[#out + 1] = 1
         else
             out[#out + 1] = -2
@@ -178,6 +196,7 @@ for i = 4, #KEYS do
         out[#out + 1] = 1
     end
 end
+flush()
 return {out, evicted, ended[1], ended[2]}
 """
 
