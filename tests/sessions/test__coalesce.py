@@ -71,31 +71,6 @@ async def test_a_call_made_while_a_wave_is_in_flight_does_not_wait_for_it() -> N
     assert send.chunks == [[1], [2]]
 
 
-async def test_with_bounded_waves_calls_made_meanwhile_leave_together() -> None:
-    """With ``waves=1``, calls made in three later passes while the first wave is out wait
-    for it and then go out as one wave, in order; a failed wave frees its place too."""
-    send = Recorder()
-    coalescer = Coalescer(send, waves=1)
-    send.release.clear()
-    first = asyncio.ensure_future(coalescer(1))
-    await asyncio.sleep(0.01)
-    later = []
-    for call in (2, 3, 4):
-        later.append(asyncio.ensure_future(coalescer(call)))
-        await asyncio.sleep(0)
-    assert send.chunks == [[1]]
-    send.release.set()
-    assert await asyncio.gather(first, *later) == [10, 20, 30, 40]
-    assert send.chunks == [[1], [2, 3, 4]]
-
-    broken = Recorder(broken=True)
-    coalescer = Coalescer(broken, waves=1)
-    with pytest.raises(ConnectionError):
-        await coalescer(5)
-    broken.broken = False
-    assert await coalescer(6) == 60
-
-
 async def test_a_per_call_error_fails_only_that_call() -> None:
     coalescer = Coalescer(Recorder(fail_on=3))
     results = await asyncio.gather(*(coalescer(i) for i in range(5)), return_exceptions=True)
@@ -125,8 +100,3 @@ async def test_a_caller_that_went_away_leaves_the_others_answered() -> None:
 def test_limit_must_be_positive() -> None:
     with pytest.raises(ValueError, match="limit >= 1"):
         Coalescer(Recorder(), limit=0)
-
-
-def test_waves_must_be_positive_or_none() -> None:
-    with pytest.raises(ValueError, match="waves"):
-        Coalescer(Recorder(), waves=0)

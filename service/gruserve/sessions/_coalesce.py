@@ -11,11 +11,7 @@ How a wave is cut: the first call of a pass creates a task; everything queued
 before that task first runs (the rest of the pass, and callers the pass woke)
 goes out in it, in chunks of at most ``limit``. Calls made while a wave is in
 flight start the next wave at once: waves overlap (each takes its own
-connection from the pool) instead of queueing behind a slow one. With ``waves``
-set, at most that many waves are in flight: calls made while all are out wait
-and leave together when one is answered (a group commit), which turns a closed
-loop's stragglers into fewer, larger waves at the cost of up to one more round
-trip of waiting for them.
+connection from the pool) instead of queueing behind a slow one.
 
 A failure of the batched call (the store is down) fails every call of its chunk;
 a per-call failure (an exception in the results list) fails that call only.
@@ -38,64 +34,47 @@ class Coalescer(Generic[Call, Result]):
         send: runs a chunk of calls at once; returns one result (or exception) per call,
             in order.
         limit: most calls in one ``send`` (a longer wave is sent as several, concurrently).
-        waves: most waves in flight (None: no bound, each pass's calls go out at once).
 
     Raises:
-        ValueError: ``limit`` < 1, or ``waves`` < 1.
+        ValueError: ``limit`` < 1.
     """
 
     def __init__(
         self,
         send: Callable[[Sequence[Call]], Awaitable[Sequence[Result | BaseException]]],
         limit: int = 256,
-        waves: int | None = None,
     ) -> None:
         if limit < 1:
             raise ValueError(f"Coalescer needs limit >= 1. Received: limit={limit!r}")
-        if waves is not None and waves < 1:
-            raise ValueError(f"Coalescer needs waves >= 1 or None. Received: waves={waves!r}")
-        self._send, self._limit, self._waves = send, limit, waves
+        self._send, self._limit = send, limit
         self._calls: list[Call] = []
         self._futures: list[asyncio.Future[Result]] = []
         self._tasks: set[asyncio.Task[None]] = set()
-        self._scheduled = False  # a wave task is made that has not taken the calls yet
-        self._flying = 0  # waves made and not yet answered
 
     def __call__(self, call: Call) -> asyncio.Future[Result]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Result] = loop.create_future()
+        if not self._calls:
+            task = loop.create_task(self._wave())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         self._calls.append(call)
         self._futures.append(future)
-        if not self._scheduled and (self._waves is None or self._flying < self._waves):
-            self._schedule(loop)
         return future
 
-    def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._scheduled = True
-        self._flying += 1
-        task = loop.create_task(self._wave())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
     async def _wave(self) -> None:
-        self._scheduled = False
         calls, futures = self._calls, self._futures
         self._calls, self._futures = [], []
         limit = self._limit
-        try:
-            if len(calls) <= limit:
-                await self._chunk(calls, futures)
-                return
-            await asyncio.gather(
-                *(
-                    self._chunk(calls[i : i + limit], futures[i : i + limit])
-                    for i in range(0, len(calls), limit)
-                )
+        if len(calls) <= limit:
+            await self._chunk(calls, futures)
+            return
+        await asyncio.gather(
+            *(
+                self._chunk(calls[i : i + limit], futures[i : i + limit])
+                for i in range(0, len(calls), limit)
             )
-        finally:
-            self._flying -= 1
-            if self._calls and not self._scheduled:  # calls that waited for this wave
-                self._schedule(asyncio.get_running_loop())
+        )
 
     async def _chunk(self, calls: Sequence[Call], futures: list[asyncio.Future[Result]]) -> None:
         try:

@@ -88,11 +88,6 @@ from gruserve.sessions.store import CREATE, SessionPage, SessionRecord, SessionS
 T = TypeVar("T")
 C = TypeVar("C")
 R = TypeVar("R")
-WAVES = 2
-"""Most read (and most write) script calls of the per-step path in flight on one Redis; the
-calls made meanwhile go out together when one is answered. Unbounded, the stragglers of
-a closed loop went out in waves of one to a few sessions, each paying a round trip's
-fixed cost (bench/README.md, "Where a Redis step's time goes")."""
 SCAN_PER_PAGE_REDIS = 2_000
 """Most ids one listing page examines in Redis (one Lua call: it holds Redis that long)."""
 
@@ -476,9 +471,8 @@ class RedisSessionStore:
         self._cas = self._redis.register_script(cas)
         self._read = self._redis.register_script(read)
         self._batch_limit = batch_limit
-        waves = None if self._cluster else WAVES  # a cluster's waves may wait on one master
-        self._reads: Coalescer[str, SessionRecord] = Coalescer(self._read_many, batch_limit, waves)
-        self._writes: Coalescer[_Write, bool] = Coalescer(self._write_many, batch_limit, waves)
+        self._reads: Coalescer[str, SessionRecord] = Coalescer(self._read_many, batch_limit)
+        self._writes: Coalescer[_Write, bool] = Coalescer(self._write_many, batch_limit)
         self._delete = self._redis.register_script(_DELETE)
         self._deletes: Coalescer[str, None] = Coalescer(self._delete_many, batch_limit)
         self._count = self._redis.register_script(_COUNT)
