@@ -34,15 +34,15 @@ def _make(url: str, ttl_s: float = 60.0, max_sessions: int = 100) -> Any:
     return RedisSessionStore(url, ttl_s, max_sessions)
 
 
-@pytest.fixture(params=["memory", "redis", "cluster", "packed"])
+@pytest.fixture(params=["memory", "redis", "cluster", "packed-redis", "packed-cluster"])
 def any_store_url(request: pytest.FixtureRequest) -> str:
     """Runs a test once per session store, once on a Redis Cluster, for the behaviour a
     cluster keeps exactly (limits and LRU hold per key bucket there: README, Redis Cluster),
-    and once on Redis with packed records."""
+    and on both with packed records."""
     if request.param == "memory":
         return "memory"
-    if request.param == "packed":
-        return PACKED + str(request.getfixturevalue("redis_url"))
+    if request.param.startswith("packed-"):
+        return PACKED + str(request.getfixturevalue(f"{request.param.removeprefix('packed-')}_url"))
     return str(request.getfixturevalue(f"{request.param}_url"))
 
 

@@ -33,7 +33,12 @@ The batcher wakes a batch's steps in one pass, so a batch of 64 steps costs two 
 trips instead of 128 (:mod:`gruserve.sessions._coalesce`; figures in bench/README.md).
 Each write travels as one packed argument (:mod:`gruserve.sessions._redis_packing`),
 which the script splits into the same hash fields, so redis-py packs two values per
-session (its key and that argument) instead of sixteen.
+session (its key and that argument) instead of sixteen. With ``packed`` records
+(``GRUSERVE_STORE_PACKED_RECORDS``, opt-in) the hash holds one binary ``record`` field
+beside ``revision`` and ``writer`` instead of the ten fields, which the script stores
+without splitting (:mod:`gruserve.sessions._redis_record`, which also says why it is
+opt-in); every store reads both layouts. Index entries of one call's writes are added
+with one ``ZADD`` per sorted set.
 Creates travel with the writes (a creating compare-and-set) and deletes with each other
 (one ``_DELETE`` call per wave), so short-lived sessions are batched as steps are.
 
@@ -340,7 +345,7 @@ def _record(session_id: str, values: list[bytes | None]) -> SessionRecord | None
         history = None  # written before a time with history off: stale
     return SessionRecord(
         session_id=session_id,
-        model=model.decode(),
+        model=model.decode(),  # type: ignore[union-attr]
         version=int(version),  # type: ignore[arg-type]
         state=np.frombuffer(state, "<f4"),  # type: ignore[arg-type]
         step=int(step),  # type: ignore[arg-type]
