@@ -11,7 +11,8 @@ load generator on core 1 (when the machine has two cores or more); Redis floats,
 ``--redis-core`` pins it (bench/README.md, "Where a Redis step's time goes").
 
 ``--other-bin`` adds a third server, the Redis store served by another installation of
-gruserve (an older commit's venv), for before/after figures in the same run.
+gruserve (an older commit's venv), for before/after figures in the same run; ``--packed``
+one more, the Redis store writing packed records (``GRUSERVE_STORE_PACKED_RECORDS``).
 """
 
 from __future__ import annotations
@@ -81,6 +82,11 @@ def main() -> None:
         default=None,
         help="pin redis-server to this core (default: it floats over both)",
     )
+    parser.add_argument(
+        "--packed",
+        action="store_true",
+        help="also serve the Redis store with GRUSERVE_STORE_PACKED_RECORDS=1",
+    )
     args = parser.parse_args()
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="gruserve-stores-") as tmp:
@@ -96,6 +102,10 @@ def main() -> None:
         }
         redis_env = {"GRUSERVE_SESSION_STORE": f"redis://127.0.0.1:{redis_port}/0"}
         configs = [("memory", BIN, {}), ("redis", BIN, redis_env)]
+        if args.packed:
+            configs.append(
+                ("redis (packed)", BIN, {**redis_env, "GRUSERVE_STORE_PACKED_RECORDS": "1"})
+            )
         if args.other_bin is not None:
             configs.append(("redis (other)", args.other_bin, redis_env))
         servers: dict[str, Server] = {}

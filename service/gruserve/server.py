@@ -64,6 +64,7 @@ def build_store(settings: Settings, events: SessionEvents | None = None) -> Sess
         min_replicas=settings.store_min_replicas,
         wait_ms=settings.store_wait_ms,
         history=settings.session_history > 0,
+        packed=settings.store_packed_records,
         **lifecycle,
     )
 

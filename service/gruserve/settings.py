@@ -117,6 +117,12 @@ class Settings(BaseSettings):
     """Redis only, with ``store_min_replicas``: how long a write waits for its replicas (ms).
     Must stay below ``store_timeout_s``."""
 
+    store_packed_records: bool = False
+    """Redis only, opt-in: write each session as one packed hash field instead of ten (less
+    Redis and server CPU per step). Servers before this setting existed cannot read such
+    records: turn it on only once every replica sharing the Redis runs a version that has
+    it (all of those read both layouts, so turning it on or off by rolling restart is safe)."""
+
     snapshot_path: Path | None = None
     """Memory store only, opt-in: on a graceful shutdown (SIGTERM) every live session is
     written to this file; the next start restores those whose model version is still served

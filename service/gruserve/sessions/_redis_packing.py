@@ -63,8 +63,7 @@ def packed_write(
     """
     binary = [np.ascontiguousarray(record.state, "<f4").tobytes(), record.last_result or b""]
     if history:
-        kept = record.history
-        binary.append(record.revision.to_bytes(8, "little") + kept if kept else b"")
+        binary.append(history_value(record))
     head = (
         f"{record.session_id}\n{expected}\n{deadline_ms}\n{1 if end else 0}\n"
         f"{record.model}\n{record.version}\n{record.step}\n{record.timesteps}\n"
@@ -74,6 +73,12 @@ def packed_write(
     if head.count("\n") != _LINES + history:
         raise ValueError(f"a session write's text fields may not hold newlines. Received: {head!r}")
     return head.encode() + b"".join(binary)
+
+
+def history_value(record: SessionRecord) -> bytes:
+    """The :data:`HISTORY_FIELD` value of ``record`` (empty: nothing kept)."""
+    kept = record.history
+    return record.revision.to_bytes(8, "little") + kept if kept else b""
 
 
 def binary_fields(history: bool = False) -> tuple[str, ...]:

@@ -33,7 +33,12 @@ The batcher wakes a batch's steps in one pass, so a batch of 64 steps costs two 
 trips instead of 128 (:mod:`gruserve.sessions._coalesce`; figures in bench/README.md).
 Each write travels as one packed argument (:mod:`gruserve.sessions._redis_packing`),
 which the script splits into the same hash fields, so redis-py packs two values per
-session (its key and that argument) instead of sixteen.
+session (its key and that argument) instead of sixteen. With ``packed`` records
+(``GRUSERVE_STORE_PACKED_RECORDS``, opt-in) the hash holds one binary ``record`` field
+beside ``revision`` and ``writer`` instead of the ten fields, which the script stores
+without splitting (:mod:`gruserve.sessions._redis_record`, which also says why it is
+opt-in); every store reads both layouts. Index entries of one call's writes are added
+with one ``ZADD`` per sorted set.
 Creates travel with the writes (a creating compare-and-set) and deletes with each other
 (one ``_DELETE`` call per wave), so short-lived sessions are batched as steps are.
 
@@ -53,6 +58,7 @@ about; the client's numbered resend then finds the step stored, or applies it an
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Literal, NamedTuple, TypeVar
@@ -66,7 +72,21 @@ from gruserve.errors import SessionExists, SessionNotFound, StoreUnavailable, To
 from gruserve.sessions._coalesce import Coalescer
 from gruserve.sessions._keyspace import CLUSTER_BUCKETS, Keyspace
 from gruserve.sessions._redis_client import UNAVAILABLE, connect, is_cluster_url, node_client
-from gruserve.sessions._redis_packing import HISTORY_FIELD, lua_hset_args, lua_unpack, packed_write
+from gruserve.sessions._redis_packing import (
+    HISTORY_FIELD,
+    history_value,
+    lua_hset_args,
+    lua_unpack,
+    packed_write,
+)
+from gruserve.sessions._redis_record import (
+    FIELD,
+    LUA_MODEL,
+    lua_cas,
+    lua_read,
+    packed_record_write,
+    unpack_record,
+)
 from gruserve.sessions.events import IDLE, LIFETIME, SessionEvents
 from gruserve.sessions.store import CREATE, SessionPage, SessionRecord, SessionSummary
 
@@ -85,8 +105,22 @@ _NOW_MS = (
 # KEYS[3] ids (every id, score 0: listed by ZRANGEBYLEX). A swept session's hash has already
 # expired (its PEXPIREAT is the earlier deadline); the DEL keeps that true whatever happened.
 _FORGET = """
+-- index entries of the writes of one call, added by one ZADD per set (flush) before
+-- anything reads or removes index entries, and at the end of the call
+local idle, lives, fresh = {}, {}, {}
+local function zadd(key, pairs)
+    for i = 1, #pairs, 400 do  -- bounded: unpack needs a stack slot per value
+        redis.call('ZADD', key, unpack(pairs, i, math.min(i + 399, #pairs)))
+    end
+end
+local function flush()
+    if #idle > 0 then zadd(KEYS[1], idle) idle = {} end
+    if #lives > 0 then zadd(KEYS[2], lives) lives = {} end
+    if #fresh > 0 then zadd(KEYS[3], fresh) fresh = {} end
+end
 local function forget(ids, prefix)
     if #ids == 0 then return end
+    flush()
     redis.call('ZREM', KEYS[1], unpack(ids))
     redis.call('ZREM', KEYS[2], unpack(ids))
     redis.call('ZREM', KEYS[3], unpack(ids))
@@ -105,6 +139,7 @@ end
 -- then evict least recently used sessions (lru == '1') or answer false. ended and evicted
 -- collect what went, for the caller to report.
 local function make_room(max, lru, now, prefix, evicted, ended)
+    flush()
     local sweeping = true
     while redis.call('ZCARD', KEYS[1]) >= max do
         local removed = 0
@@ -128,11 +163,13 @@ local function expire(key, id, now, ttl, deadline)
     local idle_at = now + ttl
     local expire_at = idle_at
     if deadline > 0 then
-        redis.call('ZADD', KEYS[2], deadline, id)
+        lives[#lives + 1] = deadline
+        lives[#lives + 1] = id
         if deadline < expire_at then expire_at = deadline end
     end
     redis.call('PEXPIREAT', key, expire_at)
-    redis.call('ZADD', KEYS[1], idle_at, id)
+    idle[#idle + 1] = idle_at
+    idle[#idle + 1] = id
 end
 """
 
@@ -158,7 +195,8 @@ for i = 4, #KEYS do
         elseif make_room(tonumber(ARGV[2]), ARGV[3], now, ARGV[4], evicted, ended) then
             redis.call('HSET', key, FIELDS, 'writer', writer)
             expire(key, w.id, now, ttl, tonumber(w.deadline))
-            redis.call('ZADD', KEYS[3], 0, w.id)
+            fresh[#fresh + 1] = 0
+            fresh[#fresh + 1] = w.id
             out[#out + 1] = 1
         else
             out[#out + 1] = -2
@@ -178,6 +216,7 @@ for i = 4, #KEYS do
         out[#out + 1] = 1
     end
 end
+flush()
 return {out, evicted, ended[1], ended[2]}
 """
 
@@ -214,9 +253,11 @@ return {redis.call('ZCARD', KEYS[1]), ended[1], ended[2]}
 """
 )
 
-# ARGV: cursor ('' = from the start), limit, ids to examine at most, model ('' = any), prefix
+# ARGV: cursor ('' = from the start), limit, ids to examine at most, model ('' = any), prefix.
+# Answers a row per session: its id and listing fields, or its id and packed record.
 _PAGE = (
     _FORGET
+    + LUA_MODEL
     + _NOW_MS
     + """
 local ended = sweep(now, ARGV[5])
@@ -229,8 +270,15 @@ for _, id in ipairs(ids) do
     last = id
     local h = redis.call('HMGET', ARGV[5] .. id,
         'model', 'version', 'step', 'timesteps', 'created_at', 'last_used_at')
-    if h[1] and (ARGV[4] == '' or h[1] == ARGV[4]) then
-        found[#found + 1] = {id, h[1], h[2], h[3], h[4], h[5], h[6]}
+    if h[1] then
+        if ARGV[4] == '' or h[1] == ARGV[4] then
+            found[#found + 1] = {id, h[1], h[2], h[3], h[4], h[5], h[6]}
+        end
+    else  -- a packed record (gruserve.sessions._redis_record), or none
+        local rec = redis.call('HGET', ARGV[5] .. id, 'record')
+        if rec and (ARGV[4] == '' or packed_model(rec) == ARGV[4]) then
+            found[#found + 1] = {id, rec}
+        end
     end
 end
 local more = ''
@@ -256,14 +304,20 @@ _FIELDS = (
 )
 """A session hash's fields in the order ``_READ`` answers them (the write script also
 stores ``writer``; :mod:`._redis_packing` says how a write sends them)."""
-_HISTORY_FIELDS = (*_FIELDS, HISTORY_FIELD)
+_READ_FIELDS = (*_FIELDS, FIELD)
+"""What a read asks for: the fields, and ``record`` in case the hash holds a packed record
+(:mod:`._redis_record`) written by a replica with packed records on."""
+_HISTORY_FIELDS = (*_READ_FIELDS, HISTORY_FIELD)
 """The fields with ``GRUSERVE_SESSION_HISTORY`` on (:data:`._redis_packing.HISTORY_FIELD`)."""
 
 
-def _scripts(history: bool) -> tuple[str, str]:
-    """The compare-and-set and read scripts of hashes without or with ``history``."""
+def _scripts(history: bool, packed: bool = False) -> tuple[str, str]:
+    """The compare-and-set and read scripts of hashes without or with ``history``, writing
+    field by field or ``packed`` (both read either layout)."""
+    fields = _HISTORY_FIELDS if history else _READ_FIELDS
+    if packed:
+        return _FORGET + _NOW_MS + lua_cas(history), lua_read(fields, history)
     cas = _FORGET + lua_unpack(history) + _NOW_MS + _CAS.replace("FIELDS", lua_hset_args(history))
-    fields = _HISTORY_FIELDS if history else _FIELDS
     return cas, _READ.replace("READ_FIELDS", ", ".join(f"'{name}'" for name in fields))
 
 
@@ -271,12 +325,22 @@ WRITE_SCRIPT, _READ_SCRIPT = _scripts(history=False)
 """The compare-and-set script's text: its SHA1 marks a step's write on the wire (fault tests)."""
 
 
-def _record(session_id: str, values: list[bytes | None]) -> SessionRecord:
-    """The record of one session from its :data:`_FIELDS` values, as ``_READ`` answers them."""
+def _record(session_id: str, values: list[bytes | None]) -> SessionRecord | None:
+    """The record of one session as ``_READ`` answers it: the :data:`_READ_FIELDS` values
+    (then ``history``), or a packed record's ``[record, nil(, history)]``; None: missing."""
+    if len(values) <= 3:  # a packed record (the packed layout's read script)
+        record = unpack_record(session_id, values[0])  # type: ignore[arg-type]
+        return _with_history(record, values[2] if len(values) > 2 else None)
+    if values[0] is None:  # no fields: a packed record read by the fields layout's script
+        packed = values[10]
+        if packed is None:
+            return None
+        record = unpack_record(session_id, packed)
+        return _with_history(record, values[11] if len(values) > 11 else None)
     model, version, state, step, timesteps, revision, created_at, last_used_at, result, owner = (
         values[:10]
     )
-    history = values[10] if len(values) > 10 else None  # absent: history off, or older record
+    history = values[11] if len(values) > 11 else None  # absent: history off, or older record
     if history and int.from_bytes(history[:8], "little") != int(revision):  # type: ignore[arg-type]
         history = None  # written before a time with history off: stale
     return SessionRecord(
@@ -292,6 +356,32 @@ def _record(session_id: str, values: list[bytes | None]) -> SessionRecord:
         last_result=result or None,
         owner=(owner or b"").decode(),  # absent in records written before tenants
         history=history[8:] if history else None,
+    )
+
+
+def _with_history(record: SessionRecord, history: bytes | None) -> SessionRecord:
+    """``record`` with the inputs ``history`` keeps, unless they are stale (written at
+    another revision: by a write with history off since)."""
+    if not history or int.from_bytes(history[:8], "little") != record.revision:
+        return record
+    return dataclasses.replace(record, history=history[8:])
+
+
+def _summary(row: list[bytes]) -> SessionSummary:
+    """A listing row of ``_PAGE``: an id and the six listing fields, or an id and a packed
+    record (no owner: the session service fills it in)."""
+    if len(row) == 2:
+        record = unpack_record(row[0].decode(), row[1])
+        return dataclasses.replace(SessionSummary.of(record), owner="")
+    session_id, model, version, step, timesteps, created_at, last_used_at = row
+    return SessionSummary(
+        session_id.decode(),
+        model.decode(),
+        int(version),
+        int(step),
+        int(timesteps),
+        float(created_at),
+        float(last_used_at),
     )
 
 
@@ -334,6 +424,9 @@ class RedisSessionStore:
         wait_ms: how long ``WAIT`` waits for them before the write raises StoreUnavailable.
         history: store each record's kept inputs (a ``history`` field); off, the hashes and
             scripts are those of a server without history.
+        packed: write each record as one ``record`` field (:mod:`._redis_record`) instead
+            of ten; reads take either layout. Older servers cannot read packed records:
+            turn it on once every replica sharing the Redis runs this version.
     """
 
     name = "redis"
@@ -353,6 +446,7 @@ class RedisSessionStore:
         min_replicas: int = 0,
         wait_ms: int = 1000,
         history: bool = False,
+        packed: bool = False,
     ) -> None:
         if not ttl_s > 0:
             raise ValueError(f"RedisSessionStore needs ttl_s > 0. Received: ttl_s={ttl_s!r}")
@@ -377,7 +471,8 @@ class RedisSessionStore:
         self._redis = connect(url, timeout_s)
         self._nodes: dict[str, aioredis.Redis] = {}  # cluster masters' own clients, by name
         self._history = history  # keep each session's ``history`` (GRUSERVE_SESSION_HISTORY)
-        cas, read = _scripts(history)
+        self._packed = packed
+        cas, read = _scripts(history, packed)
         self._cas = self._redis.register_script(cas)
         self._read = self._redis.register_script(read)
         self._batch_limit = batch_limit
@@ -537,10 +632,9 @@ class RedisSessionStore:
             for n, i in enumerate(positions):
                 if isinstance(found, StoreUnavailable):
                     results[i] = found
-                elif found[n][0] is None:
-                    results[i] = SessionNotFound(session_ids[i])
-                else:
-                    results[i] = _record(session_ids[i], found[n])
+                    continue
+                record = _record(session_ids[i], found[n])
+                results[i] = SessionNotFound(session_ids[i]) if record is None else record
         return results
 
     async def _write_many(self, writes: Sequence[_Write]) -> list[bool | Exception]:
@@ -557,7 +651,11 @@ class RedisSessionStore:
                 record, expected, end = writes[i]
                 keys.append(bucket.session_key(record.session_id))
                 deadline = self._deadline_ms(record)
-                args.append(packed_write(record, expected, deadline, end, self._history))
+                if self._packed:
+                    kept = history_value(record) if self._history else None
+                    args.append(packed_record_write(record, expected, deadline, end, kept))
+                else:
+                    args.append(packed_write(record, expected, deadline, end, self._history))
             calls.append(_Call(self._cas, keys, args))
 
         answers = await self._call(lambda: self._writes_of(calls))
@@ -644,18 +742,7 @@ class RedisSessionStore:
         rows = sorted(row for row in found if stop is None or row[0] <= stop)
         if len(rows) > limit:
             rows, stop = rows[:limit], rows[limit - 1][0]
-        sessions = [
-            SessionSummary(
-                session_id.decode(),
-                model_name.decode(),
-                int(version),
-                int(step),
-                int(timesteps),
-                float(created_at),
-                float(last_used_at),
-            )
-            for session_id, model_name, version, step, timesteps, created_at, last_used_at in rows
-        ]
+        sessions = [_summary(row) for row in rows]
         return SessionPage(sessions, stop.decode() if stop else None)
 
     async def ping(self) -> None:
