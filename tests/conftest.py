@@ -197,6 +197,34 @@ async def client(served: Served) -> httpx.AsyncClient:
     return served.client
 
 
+@pytest.fixture
+async def sessions(models_dir: Path, tiny_models: dict[str, Any]) -> AsyncIterator[Any]:
+    """The session service of an app built by the production factory (memory store)."""
+    async for s in serve(models_dir):
+        yield s.services.sessions
+
+
+@pytest.fixture
+def either(served: Served) -> Any:
+    """The same, once per store (memory, Redis)."""
+    return served.services.sessions
+
+
+async def new_sessions(sessions: Any, n: int, model: str = "stacked", **kw: Any) -> list[str]:
+    """``n`` new sessions of ``model`` on a session service, by the ids their clients use."""
+    from gruserve.sessions.owner import client_id
+
+    return [client_id((await sessions.create(model, **kw)).session_id) for _ in range(n)]
+
+
+def outputs_of(result: Any) -> list[np.ndarray]:
+    """A step result's outputs, in the model's order (and a failed one shown by assert)."""
+    from gruserve.sessions.service import StepResult
+
+    assert isinstance(result, StepResult), result
+    return [np.asarray(v) for v in result.outputs.values()]
+
+
 async def live_server(app: Any) -> AsyncIterator[str]:
     """Serve ``app`` with a real uvicorn on a free port inside this event loop, configured as
     ``gruserve serve`` configures it; yields its address."""

@@ -10,38 +10,21 @@ service, batcher or store around the real one.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from conftest import serve
+from conftest import new_sessions, outputs_of, serve
 from gruserve.errors import InvalidInput, SessionNotFound, SessionNotOnModel
 from gruserve.runtime.batcher import Batcher
 from gruserve.sessions.bulk import BulkStep, PlainBlock, step_bulk
-from gruserve.sessions.owner import Caller, client_id
+from gruserve.sessions.owner import Caller
 from gruserve.sessions.redis_store import RedisSessionStore
-from gruserve.sessions.service import SessionService, StepResult
+from gruserve.sessions.service import SessionService
 
 ATOL = 1e-6
-
-
-@pytest.fixture
-async def sessions(models_dir: Path, tiny_models: dict[str, Any]) -> AsyncIterator[Any]:
-    """The session service of an app built by the production factory (memory store)."""
-    async for served in serve(models_dir):
-        yield served.services.sessions
-
-
-@pytest.fixture
-async def either(
-    models_dir: Path, tiny_models: dict[str, Any], store_url: str
-) -> AsyncIterator[Any]:
-    """The same, once per store (memory, Redis)."""
-    async for served in serve(models_dir, store_url):
-        yield served.services.sessions
 
 
 @pytest.fixture
@@ -56,10 +39,6 @@ def blocks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
     monkeypatch.setattr(Batcher, "submit_block", submit_block)
     return seen
-
-
-async def _new(sessions: SessionService, n: int, model: str = "stacked", **kw: Any) -> list[str]:
-    return [client_id((await sessions.create(model, **kw)).session_id) for _ in range(n)]
 
 
 def _block(entries: list[tuple[int, str, np.ndarray]]) -> PlainBlock:
@@ -77,11 +56,6 @@ def _rows(answer: Any, block: PlainBlock, row: int) -> list[np.ndarray]:
     return [o[slot] for o in answer.outputs]
 
 
-def _outputs(result: Any) -> list[np.ndarray]:
-    assert isinstance(result, StepResult), result
-    return [np.asarray(v) for v in result.outputs.values()]
-
-
 async def test_block_and_other_steps_equal_single_steps(
     either: SessionService, rng: np.random.Generator, blocks: list[int]
 ) -> None:
@@ -89,8 +63,8 @@ async def test_block_and_other_steps_equal_single_steps(
     another length, an unknown session and one on another model gives, step for step,
     what the same steps sent one at a time give: outputs, step counts, states; the
     errors stay in their places and the rest apply."""
-    ids, twins = await _new(either, 4), await _new(either, 4)
-    elsewhere = (await _new(either, 1, "simple"))[0]
+    ids, twins = await new_sessions(either, 4), await new_sessions(either, 4)
+    elsewhere = (await new_sessions(either, 1, "simple"))[0]
     x = rng.normal(size=(9, 2, 3)).astype(np.float32)
     block = _block(
         [
@@ -129,9 +103,9 @@ async def test_block_and_other_steps_equal_single_steps(
                 answer.steps[answer.slot[row_of[position]]],
             )
         else:
-            got, step = _outputs(outcome), outcome.step  # type: ignore[union-attr]
+            got, step = outputs_of(outcome), outcome.step  # type: ignore[union-attr]
         assert step == single.step
-        for g, w in zip(got, _outputs(single), strict=True):
+        for g, w in zip(got, outputs_of(single), strict=True):
             assert g.shape == w.shape
             np.testing.assert_allclose(g, w, atol=ATOL)
     for b, s in zip(ids, twins, strict=True):
@@ -146,7 +120,7 @@ async def test_a_bad_value_sends_the_block_to_the_batch_path(
 ) -> None:
     """A NaN in one row: the block is not run as one; the batch path names the bad value
     as a single step does, and the other rows apply."""
-    a, b, c = await _new(sessions, 3)
+    a, b, c = await new_sessions(sessions, 3)
     x = np.zeros((3, 1, 3), np.float32)
     x[1, 0, 1] = np.nan
     block = PlainBlock([0, 1, 2], [a, b, c], x)
@@ -163,8 +137,8 @@ async def test_tenants_and_history(models_dir: Path, tiny_models: dict[str, Any]
     async for served in serve(models_dir, session_history=8):
         sessions = served.services.sessions
         acme, beta = Caller("acme"), Caller("beta")
-        mine, twin = await _new(sessions, 2, caller=acme)
-        theirs = (await _new(sessions, 1, caller=beta))[0]
+        mine, twin = await new_sessions(sessions, 2, caller=acme)
+        theirs = (await new_sessions(sessions, 1, caller=beta))[0]
         x = np.arange(12, dtype=np.float32).reshape(2, 2, 3) / 10
         for t in range(2):
             block = PlainBlock([0, 1], [mine, theirs], x[t : t + 1].repeat(2, axis=0))
@@ -206,8 +180,8 @@ async def test_a_write_lost_to_another_replica_is_recomputed(
     async for one in serve(models_dir, redis_url):
         async for two in serve(models_dir, redis_url):
             a, b = one.services.sessions, two.services.sessions
-            ids = await _new(a, 3)
-            ref = (await _new(a, 1))[0]
+            ids = await new_sessions(a, 3)
+            ref = (await new_sessions(a, 1))[0]
             store: RedisSessionStore = a.store
             monkeypatch.setattr(store, "get_many", _racing(store.get_many, b, ids[1]))
             x = np.ones((3, 1, 3), np.float32)
@@ -217,7 +191,7 @@ async def test_a_write_lost_to_another_replica_is_recomputed(
             assert answer.steps == [1, 1] and outcomes[1].step == 2  # type: ignore[union-attr]
             await a.step(ref, np.full((1, 3), 2, np.float32))
             want = await a.step(ref, x[1])
-            for got, expected in zip(_outputs(outcomes[1]), _outputs(want), strict=True):
+            for got, expected in zip(outputs_of(outcomes[1]), outputs_of(want), strict=True):
                 np.testing.assert_allclose(got, expected, atol=ATOL)
             np.testing.assert_allclose((await a.get(ids[1])).state, (await a.get(ref)).state)
 
@@ -228,7 +202,7 @@ async def test_a_busy_session_waits_and_a_cancelled_block_releases_its_locks(
     """A row whose session another request holds is stepped after it (the rest of the
     block does not wait); a client gone while its block waits for the model writes
     nothing and releases every lock."""
-    busy, free = await _new(sessions, 2)
+    busy, free = await new_sessions(sessions, 2)
     x = np.zeros((2, 1, 3), np.float32)
     await sessions.parts.locks.acquire(busy)
     block = PlainBlock([0, 1], [busy, free], x)

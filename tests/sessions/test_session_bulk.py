@@ -11,14 +11,13 @@ service or store around the real one.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from conftest import serve
+from conftest import new_sessions, outputs_of, serve
 from gruserve.errors import (
     InvalidInput,
     SessionNotFound,
@@ -35,31 +34,6 @@ X = np.zeros((1, 3), np.float32)
 ATOL = 1e-6
 
 
-@pytest.fixture
-async def sessions(models_dir: Path, tiny_models: dict[str, Any]) -> AsyncIterator[Any]:
-    """The session service of an app built by the production factory (memory store)."""
-    async for served in serve(models_dir):
-        yield served.services.sessions
-
-
-@pytest.fixture
-async def either(
-    models_dir: Path, tiny_models: dict[str, Any], store_url: str
-) -> AsyncIterator[Any]:
-    """The same, once per store (memory, Redis)."""
-    async for served in serve(models_dir, store_url):
-        yield served.services.sessions
-
-
-async def _new(sessions: SessionService, n: int, model: str = "stacked", **kw: Any) -> list[str]:
-    return [client_id((await sessions.create(model, **kw)).session_id) for _ in range(n)]
-
-
-def _outputs(result: Any) -> list[np.ndarray]:
-    assert isinstance(result, StepResult), result
-    return [np.asarray(v) for v in result.outputs.values()]
-
-
 async def test_batch_path_equals_single_steps(
     either: SessionService, rng: np.random.Generator
 ) -> None:
@@ -67,7 +41,7 @@ async def test_batch_path_equals_single_steps(
     several, float64 values, a mask, numbered and not), a session named three times,
     applied in bulk give the outputs, step counts and states that the same steps sent one
     at a time give, on both stores."""
-    bulk_ids, single_ids = await _new(either, 6), await _new(either, 6)
+    bulk_ids, single_ids = await new_sessions(either, 6), await new_sessions(either, 6)
     x = rng.normal(size=(8, 4, 3))
     mask = np.array([True, False, True, True])
     shapes: list[tuple[int, np.ndarray, np.ndarray | None, int | None]] = [
@@ -87,7 +61,7 @@ async def test_batch_path_equals_single_steps(
     for (s, inputs, m, n), outcome in zip(shapes, outcomes, strict=True):
         single = await either.step(single_ids[s], inputs, m, n)
         assert outcome.step == single.step  # type: ignore[union-attr]
-        for got, want in zip(_outputs(outcome), _outputs(single), strict=True):
+        for got, want in zip(outputs_of(outcome), outputs_of(single), strict=True):
             assert got.shape == want.shape
             np.testing.assert_allclose(got, want, atol=ATOL)
     assert [o.step for o in outcomes] == [1, 1, 1, 2, 1, 1, 3, 1]  # type: ignore[union-attr]
@@ -132,7 +106,7 @@ async def test_numbered_steps_in_a_batch(either: SessionService) -> None:
     """A resend of the last applied step gets its kept result (nothing runs again), the
     same number with other inputs is StepMismatch, a number ahead is StepOutOfOrder, and
     the next number applies, all in one batch."""
-    done, other, ahead, fresh = await _new(either, 4)
+    done, other, ahead, fresh = await new_sessions(either, 4)
     first = await either.step(done, X + 1, None, 0)
     await either.step(other, X + 1, None, 0)
     items: list[BulkStep | BaseException] = [
@@ -143,7 +117,7 @@ async def test_numbered_steps_in_a_batch(either: SessionService) -> None:
     ]
     replayed, mismatch, out_of_order, applied = await step_all(either, "stacked", items)
     assert isinstance(replayed, StepResult) and replayed.step == 1
-    for got, want in zip(_outputs(replayed), _outputs(first), strict=True):
+    for got, want in zip(outputs_of(replayed), outputs_of(first), strict=True):
         np.testing.assert_array_equal(got, want)
     assert isinstance(mismatch, StepMismatch) and isinstance(out_of_order, StepOutOfOrder)
     assert isinstance(applied, StepResult) and applied.step == 1
@@ -155,7 +129,7 @@ async def test_models_tenants_and_bad_values_fail_only_their_step(sessions: Any)
     float32 are each their own step's error (named as a single step names it); the others
     in the batch apply."""
     acme, beta = Caller("acme"), Caller("beta")
-    mine, mine2, mine3, bad_values = await _new(sessions, 4, caller=acme)
+    mine, mine2, mine3, bad_values = await new_sessions(sessions, 4, caller=acme)
     theirs = client_id((await sessions.create("stacked", caller=beta)).session_id)
     elsewhere = client_id((await sessions.create("simple", caller=acme)).session_id)
     nan = np.array([[0.0, np.nan, 0.0]], np.float32)
@@ -200,8 +174,8 @@ async def test_a_write_lost_to_another_replica_is_recomputed(
     async for one in serve(models_dir, redis_url):
         async for two in serve(models_dir, redis_url):
             a, b = one.services.sessions, two.services.sessions
-            ids = await _new(a, 3)
-            ref = await _new(a, 1)  # the same two steps, one after the other
+            ids = await new_sessions(a, 3)
+            ref = await new_sessions(a, 1)  # the same two steps, one after the other
             store: RedisSessionStore = a.store
             monkeypatch.setattr(store, "get_many", _racing(store.get_many, b, ids[1]))
             outcomes = await step_all(a, "stacked", [BulkStep(s, X + 1) for s in ids])
@@ -209,7 +183,7 @@ async def test_a_write_lost_to_another_replica_is_recomputed(
             assert [o.step for o in outcomes] == [1, 2, 1]  # type: ignore[union-attr]
             await a.step(ref[0], X + 2)
             want = await a.step(ref[0], X + 1)
-            for got, expected in zip(_outputs(outcomes[1]), _outputs(want), strict=True):
+            for got, expected in zip(outputs_of(outcomes[1]), outputs_of(want), strict=True):
                 np.testing.assert_allclose(got, expected, atol=ATOL)
             record = await a.get(ids[1])
             assert record.step == 2
@@ -219,7 +193,7 @@ async def test_a_write_lost_to_another_replica_is_recomputed(
 async def test_a_session_busy_with_another_request_waits_its_turn(sessions: Any) -> None:
     """A session whose lock another request holds is stepped after that request, through
     the single path; the rest of the batch does not wait for it."""
-    busy, free = await _new(sessions, 2)
+    busy, free = await new_sessions(sessions, 2)
     await sessions.parts.locks.acquire(busy)
     task = asyncio.ensure_future(
         step_all(sessions, "stacked", [BulkStep(busy, X), BulkStep(free, X)])
@@ -239,7 +213,7 @@ async def test_cancelled_batch_releases_its_sessions(
 ) -> None:
     """A client gone while its batch waits for the model: nothing is written, every
     session's lock is released and the sessions step normally afterwards."""
-    ids = await _new(sessions, 3)
+    ids = await new_sessions(sessions, 3)
     batcher = sessions.parts.batchers["stacked"]
     real = batcher.submit_many
     submitted = asyncio.Event()
