@@ -65,3 +65,14 @@ async def test_try_acquire_takes_only_a_free_key_and_queues_nobody() -> None:
     assert locks.try_acquire("k")  # free again
     locks.release("k")
     assert len(locks) == 0
+
+
+def test_take_free_takes_the_free_keys_and_returns_the_busy_items_in_order() -> None:
+    locks = KeyedLocks()
+    assert locks.try_acquire("b")
+    keys, taken, busy = locks.take_free([("a", 0), ("b", 1), ("c", 2), ("b", 3), ("a", 4)])
+    # "a" is free once, then held by this very pass: its second item waits like "b"'s
+    assert (keys, taken, busy) == (["a", "c"], [0, 2], [1, 3, 4])
+    for key in ("a", "b", "c"):
+        locks.release(key)
+    assert len(locks) == 0

@@ -84,16 +84,8 @@ async def step_once_each(
         in request order.
     """
     locks = service.parts.locks
-    held: list[Item] = []
-    keys: list[str] = []  # the store key of each held step's session
-    rest: list[Item] = []
-    for entry in heads:
-        key = caller.key(entry[1].session_id)
-        if locks.try_acquire(key):
-            held.append(entry)
-            keys.append(key)
-        else:
-            rest.append(entry)
+    # keys: the store key of each held step's session
+    keys, held, rest = locks.take_free((caller.key(e[1].session_id), e) for e in heads)
     try:
         lost = await _apply(service, model_name, held, keys, caller, outcomes)
     finally:

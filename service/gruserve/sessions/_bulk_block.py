@@ -116,16 +116,7 @@ async def step_block(
     if not _fits(service, model, block):
         return answer, [(block.positions[row], block.step(row)) for row in heads]
     locks = service.parts.locks
-    keys: list[str] = []
-    held: list[int] = []
-    left: list[int] = []
-    for row in heads:
-        key = caller.key(block.ids[row])
-        if locks.try_acquire(key):
-            keys.append(key)
-            held.append(row)
-        else:
-            left.append(row)
+    keys, held, left = locks.take_free((caller.key(block.ids[row]), row) for row in heads)
     try:
         left += await _apply(service, model, block, held, keys, caller, outcomes, answer)
     finally:

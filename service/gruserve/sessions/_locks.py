@@ -14,7 +14,11 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Iterable
 from types import TracebackType
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 class _Hold:
@@ -48,6 +52,20 @@ class KeyedLocks:
             return False
         self._waiters[key] = deque()  # held, nobody waiting
         return True
+
+    def take_free(self, keyed: Iterable[tuple[str, T]]) -> tuple[list[str], list[T], list[T]]:
+        """Of ``(key, item)`` pairs, take every free key without waiting (a bulk's first
+        pass): the keys taken, their items, and the items whose key was busy, in order."""
+        keys: list[str] = []
+        taken: list[T] = []
+        busy: list[T] = []
+        for key, item in keyed:
+            if self.try_acquire(key):
+                keys.append(key)
+                taken.append(item)
+            else:
+                busy.append(item)
+        return keys, taken, busy
 
     async def acquire(self, key: str) -> None:
         if self.try_acquire(key):

@@ -271,19 +271,28 @@ def binary_reply(
     their values are read from its output matrices."""
     if block is not None and answer is not None and answer.steps:
         return _block_reply(ids, outcomes, block, answer)
-    results: list[dict[str, Any]] = []
     values: list[bytes] = []
-    for i, (session_id, outcome) in enumerate(zip(ids, outcomes, strict=True)):
-        if outcome is None:
-            outcome = RuntimeError("bulk step not run")
-        if isinstance(outcome, BaseException):
-            results.append({"session_id": session_id, "error": _error(outcome, f"steps[{i}]")})
-        else:
-            raw = encode.outputs_bytes(outcome)
-            values.append(raw)
-            results.append(
-                {"session_id": session_id, "step": outcome.step, "values": len(raw) // 4}
-            )
+    results = [
+        _entry(i, session_id, outcome, values)
+        for i, (session_id, outcome) in enumerate(zip(ids, outcomes, strict=True))
+    ]
+    return _framed(results, values)
+
+
+def _entry(
+    i: int, session_id: str | None, outcome: Outcome | None, values: list[bytes]
+) -> dict[str, Any]:
+    """Step ``i``'s result entry of a binary reply; its values are appended to ``values``."""
+    if outcome is None or isinstance(outcome, BaseException):
+        exc = outcome if outcome is not None else RuntimeError("bulk step not run")
+        return {"session_id": session_id, "error": _error(exc, f"steps[{i}]")}
+    raw = encode.outputs_bytes(outcome)
+    values.append(raw)
+    return {"session_id": session_id, "step": outcome.step, "values": len(raw) // 4}
+
+
+def _framed(results: list[dict[str, Any]], values: Sequence[bytes]) -> bytes:
+    """A binary reply: the header's length, the JSON header, then the values."""
     header = encode.dumps({"results": results})
     return b"".join([HEADER.pack(len(header)), header, *values])
 
@@ -308,8 +317,7 @@ def _block_reply(
             {"session_id": session_id, "step": step, "values": width}
             for session_id, step in zip(ids, steps, strict=True)
         ]
-        header = encode.dumps({"results": results})
-        return b"".join([HEADER.pack(len(header)), header, blob])
+        return _framed(results, [blob])
     size = width * 4
     slot_at = dict(zip(block.positions, answer.slot, strict=True))
     results = []
@@ -319,14 +327,6 @@ def _block_reply(
         if slot >= 0:
             results.append({"session_id": session_id, "step": steps[slot], "values": width})
             values.append(blob[slot * size : (slot + 1) * size])
-        elif outcome is None or isinstance(outcome, BaseException):
-            exc = outcome if outcome is not None else RuntimeError("bulk step not run")
-            results.append({"session_id": session_id, "error": _error(exc, f"steps[{i}]")})
         else:
-            raw = encode.outputs_bytes(outcome)
-            values.append(raw)
-            results.append(
-                {"session_id": session_id, "step": outcome.step, "values": len(raw) // 4}
-            )
-    header = encode.dumps({"results": results})
-    return b"".join([HEADER.pack(len(header)), header, *values])
+            results.append(_entry(i, session_id, outcome, values))
+    return _framed(results, values)
