@@ -63,6 +63,14 @@ def _config() -> h2.config.H2Configuration:
     return h2.config.H2Configuration(client_side=False, header_encoding=None)
 
 
+def _open(conn: h2.connection.H2Connection, transport: Any) -> None:
+    """The server's preface, with windows large enough that the echo never waits on them."""
+    conn.initiate_connection()
+    conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: WINDOW})
+    conn.increment_flow_control_window(WINDOW)
+    transport.write(conn.data_to_send())
+
+
 class H2Echo(asyncio.Protocol):
     """Every frame through ``h2``."""
 
@@ -73,10 +81,7 @@ class H2Echo(asyncio.Protocol):
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
-        self.conn.initiate_connection()
-        self.conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: WINDOW})
-        self.conn.increment_flow_control_window(WINDOW)
-        transport.write(self.conn.data_to_send())
+        _open(self.conn, transport)
 
     def data_received(self, data: bytes) -> None:
         conn = self.conn
@@ -126,10 +131,7 @@ class LeanEcho(asyncio.Protocol):
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
-        self.conn.initiate_connection()
-        self.conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: WINDOW})
-        self.conn.increment_flow_control_window(WINDOW)
-        transport.write(self.conn.data_to_send())
+        _open(self.conn, transport)
 
     def data_received(self, data: bytes) -> None:
         buffer = self.buffer + data if self.buffer else data

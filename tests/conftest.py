@@ -217,6 +217,35 @@ async def new_sessions(sessions: Any, n: int, model: str = "stacked", **kw: Any)
     return [client_id((await sessions.create(model, **kw)).session_id) for _ in range(n)]
 
 
+async def until(check: Any, what: str, timeout: float = 60.0) -> None:
+    """Poll the coroutine function ``check`` until it answers true; fail naming ``what``
+    after ``timeout`` seconds (long: a busy machine makes the wait slower, not wrong)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await check():
+        assert asyncio.get_running_loop().time() < deadline, f"still not {what}"
+        await asyncio.sleep(0.01)
+
+
+async def cancel_while_waiting_on(
+    batcher: Any, method: str, request: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Start the coroutine ``request``, let it reach ``batcher.<method>`` (held there, as
+    a slow model would hold it), then cancel it as a client gone away would."""
+    submitted = asyncio.Event()
+
+    async def stuck(*args: Any) -> Any:
+        submitted.set()
+        await asyncio.Event().wait()  # until cancelled
+
+    monkeypatch.setattr(batcher, method, stuck)
+    task = asyncio.ensure_future(request)
+    await asyncio.wait_for(submitted.wait(), 60)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    monkeypatch.undo()
+
+
 def outputs_of(result: Any) -> list[np.ndarray]:
     """A step result's outputs, in the model's order (and a failed one shown by assert)."""
     from gruserve.sessions.service import StepResult

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from conftest import new_sessions, outputs_of, serve
+from conftest import cancel_while_waiting_on, new_sessions, outputs_of, serve, until
 from gruserve.errors import InvalidInput, SessionNotFound, SessionNotOnModel
 from gruserve.runtime.batcher import Batcher
 from gruserve.sessions.bulk import BulkStep, PlainBlock, step_bulk
@@ -207,29 +207,18 @@ async def test_a_busy_session_waits_and_a_cancelled_block_releases_its_locks(
     await sessions.parts.locks.acquire(busy)
     block = PlainBlock([0, 1], [busy, free], x)
     task = asyncio.ensure_future(step_bulk(sessions, "stacked", [None, None], block=block))
-    for _ in range(200):
-        if (await sessions.get(free)).step == 1:
-            break
-        await asyncio.sleep(0.01)
-    assert (await sessions.get(free)).step == 1 and not task.done()
+
+    async def free_stepped() -> bool:
+        return (await sessions.get(free)).step == 1
+
+    await until(free_stepped, "stepped the free session")
+    assert not task.done()
     sessions.parts.locks.release(busy)
     outcomes, answer = await asyncio.wait_for(task, 10)
     assert answer is not None and answer.steps == [1] and outcomes[0].step == 1  # type: ignore[union-attr]
 
     batcher = sessions.parts.batchers["stacked"]
-    real, submitted = batcher.submit_block, asyncio.Event()
-
-    async def stuck(*args: Any) -> Any:
-        submitted.set()
-        await asyncio.sleep(30)
-        return await real(*args)
-
-    monkeypatch.setattr(batcher, "submit_block", stuck)
-    task = asyncio.ensure_future(step_bulk(sessions, "stacked", [None, None], block=block))
-    await asyncio.wait_for(submitted.wait(), 10)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    monkeypatch.undo()
+    request = step_bulk(sessions, "stacked", [None, None], block=block)
+    await cancel_while_waiting_on(batcher, "submit_block", request, monkeypatch)
     assert len(sessions.parts.locks) == 0
     assert [(await sessions.get(s)).step for s in (busy, free)] == [1, 1]

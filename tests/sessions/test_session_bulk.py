@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from conftest import new_sessions, outputs_of, serve
+from conftest import cancel_while_waiting_on, new_sessions, outputs_of, serve, until
 from gruserve.errors import (
     InvalidInput,
     SessionNotFound,
@@ -198,11 +198,12 @@ async def test_a_session_busy_with_another_request_waits_its_turn(sessions: Any)
     task = asyncio.ensure_future(
         step_all(sessions, "stacked", [BulkStep(busy, X), BulkStep(free, X)])
     )
-    for _ in range(200):
-        if (await sessions.get(free)).step == 1:
-            break
-        await asyncio.sleep(0.01)
-    assert (await sessions.get(free)).step == 1 and not task.done()
+
+    async def free_stepped() -> bool:
+        return (await sessions.get(free)).step == 1
+
+    await until(free_stepped, "stepped the free session")
+    assert not task.done()
     sessions.parts.locks.release(busy)
     outcomes = await asyncio.wait_for(task, 10)
     assert [o.step for o in outcomes] == [1, 1]
@@ -215,21 +216,8 @@ async def test_cancelled_batch_releases_its_sessions(
     session's lock is released and the sessions step normally afterwards."""
     ids = await new_sessions(sessions, 3)
     batcher = sessions.parts.batchers["stacked"]
-    real = batcher.submit_many
-    submitted = asyncio.Event()
-
-    async def stuck(steps: Any) -> Any:
-        submitted.set()
-        await asyncio.sleep(30)
-        return await real(steps)
-
-    monkeypatch.setattr(batcher, "submit_many", stuck)
-    task = asyncio.ensure_future(step_all(sessions, "stacked", [BulkStep(s, X) for s in ids]))
-    await asyncio.wait_for(submitted.wait(), 10)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    monkeypatch.undo()
+    request = step_all(sessions, "stacked", [BulkStep(s, X) for s in ids])
+    await cancel_while_waiting_on(batcher, "submit_many", request, monkeypatch)
     assert len(sessions.parts.locks) == 0
     assert [(await sessions.get(s)).step for s in ids] == [0, 0, 0]
     outcomes = await step_all(sessions, "stacked", [BulkStep(s, X) for s in ids])
