@@ -127,8 +127,8 @@ class Settings(BaseSettings):
     """Redis only: how many sessions' records this server keeps of its own last successful
     writes, so that a session's next step here skips reading it (one round trip instead
     of two; the write still checks nobody wrote since, writer token included, and re-reads
-    if somebody did). Costs about 0.5 KB plus 4 bytes per state unit and a numbered step's
-    kept outputs per record (about 1 MB per 1,000 sessions of 128 units). 0 = off."""
+    if somebody did). Costs about 0.6 KB plus 4 bytes per state unit and a numbered step's
+    kept outputs per record: about 11 MB at 10,000 sessions of 128 units. 0 = off."""
 
     snapshot_path: Path | None = None
     """Memory store only, opt-in: on a graceful shutdown (SIGTERM) every live session is
