@@ -37,6 +37,9 @@ from bench.models import build
 from bench.run_all import BIN, Server
 
 PORT = 8321
+WARMUP_S = 1.0
+"""Each closed loop's warm-up (loadgen's default): its steps reach Redis but are not counted
+in ``steps``, so the per-step Redis counters divide by the steps of warm-up and window."""
 
 
 def _redis(
@@ -166,11 +169,16 @@ def main() -> None:
                     for name, server in servers.items():
                         before = _redis_counters(redis_port)
                         run = server.measure(
-                            model="demo", transport=transport, sessions=64, seconds=args.seconds
+                            model="demo",
+                            transport=transport,
+                            sessions=64,
+                            seconds=args.seconds,
+                            warmup=WARMUP_S,
                         )
                         if name != "memory":
                             after = _redis_counters(redis_port)
-                            steps = max(1, run["steps"])
+                            # the warm-up's steps too, at the window's rate
+                            steps = max(1.0, run["steps"] * (1 + WARMUP_S / args.seconds))
                             run["redis_per_step"] = {
                                 k: (after.get(k, 0.0) - before.get(k, 0.0)) / steps for k in after
                             }
