@@ -42,6 +42,13 @@ with one ``ZADD`` per sorted set.
 Creates travel with the writes (a creating compare-and-set) and deletes with each other
 (one ``_DELETE`` call per wave), so short-lived sessions are batched as steps are.
 
+Kept records (``recent``, ``GRUSERVE_STORE_RECENT_RECORDS``): the store remembers the
+records its successful writes stored, with each write's ``writer`` token
+(:mod:`gruserve.sessions._recent`); :meth:`RedisSessionStore.recent` hands one out once,
+and a compare-and-set with its token as ``base`` also requires the stored ``writer`` to be
+that token, so a step can skip reading a record this server wrote last and still never
+write over anybody else's write (not even a re-created session at the same revision).
+
 Idle times come from Redis's own clock (``TIME``), so replicas with skewed clocks
 agree; the lifetime counts from the record's ``created_at``, the creating replica's
 clock.

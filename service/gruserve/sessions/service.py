@@ -8,7 +8,10 @@ state as ``initial_state`` and stores ``final_state``. Three guarantees:
 - across processes sharing a store, a step is written only if nobody else
   advanced the session since it was read (compare-and-set on the record's
   revision); a loser re-reads the state and recomputes its step, so no step
-  is ever lost or applied twice;
+  is ever lost or applied twice. A step may start from the record this process
+  wrote last instead of reading it (a Redis store's kept records): its write then also
+  checks the stored writer token, and anything but a successful write is thrown away and
+  the step runs again from a fresh read, so every answer is decided on the stored record;
 - a step that carries the client's step number is applied exactly once even when
   the client resends it (after a lost reply, a timeout, a replica that died): the
   record keeps that step's outputs and a digest of its inputs, and a resend with the
