@@ -12,7 +12,10 @@ load generator on core 1 (when the machine has two cores or more); Redis floats,
 
 ``--other-bin`` adds a third server, the Redis store served by another installation of
 gruserve (an older commit's venv), for before/after figures in the same run; ``--packed``
-one more, the Redis store writing packed records (``GRUSERVE_STORE_PACKED_RECORDS``).
+one more, the Redis store writing packed records (``GRUSERVE_STORE_PACKED_RECORDS``);
+``--recent-off`` one more, this code's Redis store keeping no records
+(``GRUSERVE_STORE_RECENT_RECORDS=0``: every step reads). Each Redis run also records the
+Redis commands and Redis CPU per step (``INFO commandstats`` / ``cpu`` before and after).
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ from bench.models import build
 from bench.run_all import BIN, Server
 
 PORT = 8321
+WARMUP_S = 1.0
+"""Each closed loop's warm-up (loadgen's default): its steps reach Redis but are not counted
+in ``steps``, so the per-step Redis counters divide by the steps of warm-up and window."""
 
 
 def _redis(
@@ -65,6 +71,22 @@ def _redis(
             time.sleep(0.05)
 
 
+def _redis_counters(port: int) -> dict[str, float]:
+    """Redis's command calls by command (lowercase) and its CPU seconds (``used_cpu_s``),
+    so far."""
+    import redis
+
+    client = redis.Redis(port=port)
+    try:
+        stats = client.info("commandstats")
+        cpu = client.info("cpu")
+    finally:
+        client.close()
+    counts = {k.removeprefix("cmdstat_"): float(v["calls"]) for k, v in stats.items()}
+    counts["used_cpu_s"] = float(cpu["used_cpu_sys"]) + float(cpu["used_cpu_user"])
+    return counts
+
+
 def _pin(core: int) -> None:
     if (os.cpu_count() or 1) >= 2:
         os.sched_setaffinity(0, {core})
@@ -87,6 +109,11 @@ def main() -> None:
         action="store_true",
         help="also serve the Redis store with GRUSERVE_STORE_PACKED_RECORDS=1",
     )
+    parser.add_argument(
+        "--recent-off",
+        action="store_true",
+        help="also serve the Redis store with GRUSERVE_STORE_RECENT_RECORDS=0",
+    )
     args = parser.parse_args()
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="gruserve-stores-") as tmp:
@@ -106,6 +133,22 @@ def main() -> None:
             configs.append(
                 ("redis (packed)", BIN, {**redis_env, "GRUSERVE_STORE_PACKED_RECORDS": "1"})
             )
+        if args.recent_off:
+            configs.append(
+                ("redis (no kept)", BIN, {**redis_env, "GRUSERVE_STORE_RECENT_RECORDS": "0"})
+            )
+            if args.packed:
+                configs.append(
+                    (
+                        "redis (packed, no kept)",
+                        BIN,
+                        {
+                            **redis_env,
+                            "GRUSERVE_STORE_PACKED_RECORDS": "1",
+                            "GRUSERVE_STORE_RECENT_RECORDS": "0",
+                        },
+                    )
+                )
         if args.other_bin is not None:
             configs.append(("redis (other)", args.other_bin, redis_env))
         servers: dict[str, Server] = {}
@@ -124,14 +167,35 @@ def main() -> None:
             for round_ in range(args.rounds):
                 for transport in ("rest", "ws"):
                     for name, server in servers.items():
+                        before = _redis_counters(redis_port)
                         run = server.measure(
-                            model="demo", transport=transport, sessions=64, seconds=args.seconds
+                            model="demo",
+                            transport=transport,
+                            sessions=64,
+                            seconds=args.seconds,
+                            warmup=WARMUP_S,
                         )
+                        if name != "memory":
+                            after = _redis_counters(redis_port)
+                            # the warm-up's steps too, at the window's rate
+                            steps = max(1.0, run["steps"] * (1 + WARMUP_S / args.seconds))
+                            run["redis_per_step"] = {
+                                k: (after.get(k, 0.0) - before.get(k, 0.0)) / steps for k in after
+                            }
                         runs.append({"store": name, "round": round_, **run})
+                        per = run.get("redis_per_step", {})
                         print(
-                            f"round {round_} {transport:>4} {name:>14}: "
+                            f"round {round_} {transport:>4} {name:>24}: "
                             f"{run['steps_per_s']:8.0f} steps/s  p50 {run['p50_ms']:6.2f} ms  "
-                            f"p99 {run['p99_ms']:6.2f} ms",
+                            f"p99 {run['p99_ms']:6.2f} ms  cpu/step "
+                            f"{1e6 * run['server_cpu_s'] / max(1, run['steps']):5.0f} us"
+                            + (
+                                f"  redis: {per.get('evalsha', 0):.3f} evalsha "
+                                f"{per.get('hmget', 0):.2f} hmget "
+                                f"{1e6 * per.get('used_cpu_s', 0):.1f} us cpu /step"
+                                if per
+                                else ""
+                            ),
                             flush=True,
                         )
         finally:
@@ -159,6 +223,13 @@ def main() -> None:
             summary[f"{transport} {name} p99_ms"] = float(
                 np.median([r["p99_ms"] for r, _ in pairs])
             )
+            summary[f"{transport} {name} server_cpu_us_per_step"] = float(
+                np.median([1e6 * r["server_cpu_s"] / max(1, r["steps"]) for r, _ in pairs])
+            )
+            for counter in ("evalsha", "hmget", "used_cpu_s"):
+                summary[f"{transport} {name} redis {counter} per step"] = float(
+                    np.median([r["redis_per_step"].get(counter, 0.0) for r, _ in pairs])
+                )
         summary[f"{transport} memory p99_ms"] = float(
             np.median(
                 [

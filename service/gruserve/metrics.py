@@ -160,6 +160,12 @@ class Metrics:
             "Session updates retried because another server advanced the session first.",
             registry=registry,
         )
+        self.recent_misses = Counter(
+            "gruserve_session_recent_misses",
+            "Steps begun on this server's kept copy of their session's last write "
+            "(GRUSERVE_STORE_RECENT_RECORDS) that found it stale and read the session again.",
+            registry=registry,
+        )
         self.models = Gauge(
             "gruserve_model_loaded",
             "1 for each served model, 0 for one that failed to load.",

@@ -65,6 +65,7 @@ def build_store(settings: Settings, events: SessionEvents | None = None) -> Sess
         wait_ms=settings.store_wait_ms,
         history=settings.session_history > 0,
         packed=settings.store_packed_records,
+        recent=settings.store_recent_records,
         **lifecycle,
     )
 

@@ -123,6 +123,13 @@ class Settings(BaseSettings):
     records: turn it on only once every replica sharing the Redis runs a version that has
     it (all of those read both layouts, so turning it on or off by rolling restart is safe)."""
 
+    store_recent_records: int = Field(10_000, ge=0)
+    """Redis only: how many sessions' records this server keeps of its own last successful
+    writes, so that a session's next step here skips reading it (one round trip instead
+    of two; the write still checks nobody wrote since, writer token included, and re-reads
+    if somebody did). Costs about 0.6 KB plus 4 bytes per state unit and a numbered step's
+    kept outputs per record: about 11 MB at 10,000 sessions of 128 units. 0 = off."""
+
     snapshot_path: Path | None = None
     """Memory store only, opt-in: on a graceful shutdown (SIGTERM) every live session is
     written to this file; the next start restores those whose model version is still served

@@ -40,13 +40,19 @@ HISTORY_FIELD = "history"
 it was written at (u64, little-endian) and the kept inputs (:mod:`.history`); a write
 with history off leaves the field as it was, so a reader takes one whose revision is not
 the record's as stale."""
-HEAD = ("id", "expected", "deadline", "end")
-"""What a write carries before the record's fields (``expected``: -1 creates)."""
+HEAD = ("id", "expected", "deadline", "end", "base")
+"""What a write carries before the record's fields (``expected``: -1 creates; ``base``: the
+``writer`` the stored hash must also hold, or empty: see :func:`packed_write`)."""
 _LINES = len(HEAD) + len(TEXT_FIELDS) + len(BINARY_FIELDS)  # each binary field's length too
 
 
 def packed_write(
-    record: SessionRecord, expected: int, deadline_ms: int, end: bool, history: bool = False
+    record: SessionRecord,
+    expected: int,
+    deadline_ms: int,
+    end: bool,
+    history: bool = False,
+    base: str = "",
 ) -> bytes:
     """One write as the write script's argument (:func:`lua_unpack` reads it back).
 
@@ -57,6 +63,11 @@ def packed_write(
         end: remove the session instead of storing it.
         history: also send the record's kept inputs (:data:`HISTORY_FIELD`), for a store
             with ``GRUSERVE_SESSION_HISTORY`` on.
+        base: the ``writer`` token the stored hash must hold besides ``expected`` (a write
+            based on the record this server wrote last, not on one it read: revision alone
+            cannot tell that record from one a re-created session reached the same revision
+            with); empty: not checked. Only this server's own script reads it, so the hash
+            layout and older replicas are unaffected.
 
     Raises:
         ValueError: a text field holds a newline.
@@ -65,7 +76,7 @@ def packed_write(
     if history:
         binary.append(history_value(record))
     head = (
-        f"{record.session_id}\n{expected}\n{deadline_ms}\n{1 if end else 0}\n"
+        f"{record.session_id}\n{expected}\n{deadline_ms}\n{1 if end else 0}\n{base}\n"
         f"{record.model}\n{record.version}\n{record.step}\n{record.timesteps}\n"
         f"{record.revision}\n{record.created_at!r}\n{record.last_used_at!r}\n{record.owner}\n"
         + "".join(f"{len(value)}\n" for value in binary)

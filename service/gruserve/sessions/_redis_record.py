@@ -130,10 +130,11 @@ def packed_record_write(
     deadline_ms: int,
     end: bool,
     history: bytes | None = None,
+    base: str = "",
 ) -> bytes:
-    """One write of the packed layout's compare-and-set script: four text lines (expected
-    revision, lifetime deadline in ms, end flag, new revision), with ``history`` a fifth
-    (its length), then the packed record, then the history value.
+    """One write of the packed layout's compare-and-set script: five text lines (expected
+    revision, lifetime deadline in ms, end flag, new revision, base writer), with
+    ``history`` a sixth (its length), then the packed record, then the history value.
 
     Args:
         record: the record to store.
@@ -142,19 +143,21 @@ def packed_record_write(
         end: remove the session instead of storing it.
         history: None (history off: the field is left as it is), or the ``history``
             field's value (:data:`._redis_packing.HISTORY_FIELD`; empty: nothing kept).
+        base: the ``writer`` the stored hash must also hold (empty: not checked), as in
+            :func:`._redis_packing.packed_write`.
     """
     packed = pack_record(record)
+    fixed = (expected, deadline_ms, end, record.revision, base.encode())
     if history is None:
-        head = b"%d\n%d\n%d\n%d\n" % (expected, deadline_ms, end, record.revision)
-        return head + packed
-    head = b"%d\n%d\n%d\n%d\n%d\n" % (expected, deadline_ms, end, record.revision, len(history))
+        return b"%d\n%d\n%d\n%d\n%s\n" % fixed + packed
+    head = b"%d\n%d\n%d\n%d\n%s\n%d\n" % (*fixed, len(history))
     return head + packed + history
 
 
 def lua_cas(history: bool = False) -> str:
     """The packed layout's compare-and-set loop (the store puts its index helpers and
     ``now`` before it); with ``history``, each write carries the ``history`` field too."""
-    lines = 5 if history else 4
+    lines = 6 if history else 5
     pattern = "^" + "([^\\n]*)\\n" * lines + "()"
     if history:
         values = (
@@ -190,7 +193,7 @@ local function store(key, a, at{HLEN}, revision, writer, legacy)
 end
 for i = 4, #KEYS do
     local key, a = KEYS[i], ARGV[i + 2]
-    local expected, deadline, stop, revision{HLEN}, at = string.match(a, '{PATTERN}')
+    local expected, deadline, stop, revision, base{HLEN}, at = string.match(a, '{PATTERN}')
     local id = string.sub(key, skip)
     local writer = ARGV[5] .. ':' .. i  -- unique per write, and the same when it is retried
     local cur = redis.call('HMGET', key, 'revision', 'writer', 'model')
@@ -208,7 +211,7 @@ for i = 4, #KEYS do
         else
             out[#out + 1] = -2
         end
-    elseif cur[1] ~= expected then
+    elseif cur[1] ~= expected or (base ~= '' and cur[2] ~= base) then
         if cur[1] == revision and cur[2] == writer then
             out[#out + 1] = 1
         else

@@ -23,6 +23,7 @@ from gruserve.sessions.events import IDLE, LIFETIME, SessionEvents
 from gruserve.sessions.store import (
     CREATE,
     SCAN_PER_PAGE,
+    Kept,
     SessionPage,
     SessionRecord,
     SessionSummary,
@@ -160,9 +161,13 @@ class MemorySessionStore:
         return self._live(session_id)
 
     async def compare_and_set(
-        self, record: SessionRecord, expected_revision: int, end: bool = False
+        self, record: SessionRecord, expected_revision: int, end: bool = False, base: str = ""
     ) -> bool:
-        return self._swap(record, expected_revision, end)
+        return self._swap(record, expected_revision, end)  # recent() keeps none: no base
+
+    def recent(self, session_id: str) -> Kept | None:
+        """None: a read here is a dict lookup, so keeping records would save nothing."""
+        return None
 
     def _swap(self, record: SessionRecord, expected_revision: int, end: bool = False) -> bool:
         if expected_revision == CREATE:

@@ -42,6 +42,13 @@ with one ``ZADD`` per sorted set.
 Creates travel with the writes (a creating compare-and-set) and deletes with each other
 (one ``_DELETE`` call per wave), so short-lived sessions are batched as steps are.
 
+Kept records (``recent``, ``GRUSERVE_STORE_RECENT_RECORDS``): the store remembers the
+records its successful writes stored, with each write's ``writer`` token
+(:mod:`gruserve.sessions._recent`); :meth:`RedisSessionStore.recent` hands one out once,
+and a compare-and-set with its token as ``base`` also requires the stored ``writer`` to be
+that token, so a step can skip reading a record this server wrote last and still never
+write over anybody else's write (not even a re-created session at the same revision).
+
 Idle times come from Redis's own clock (``TIME``), so replicas with skewed clocks
 agree; the lifetime counts from the record's ``created_at``, the creating replica's
 clock.
@@ -71,6 +78,7 @@ from redis.commands.core import AsyncScript
 from gruserve.errors import SessionExists, SessionNotFound, StoreUnavailable, TooManySessions
 from gruserve.sessions._coalesce import Coalescer
 from gruserve.sessions._keyspace import CLUSTER_BUCKETS, Keyspace
+from gruserve.sessions._recent import RecentRecords
 from gruserve.sessions._redis_client import UNAVAILABLE, connect, is_cluster_url, node_client
 from gruserve.sessions._redis_packing import (
     HISTORY_FIELD,
@@ -88,7 +96,7 @@ from gruserve.sessions._redis_record import (
     unpack_record,
 )
 from gruserve.sessions.events import IDLE, LIFETIME, SessionEvents
-from gruserve.sessions.store import CREATE, SessionPage, SessionRecord, SessionSummary
+from gruserve.sessions.store import CREATE, Kept, SessionPage, SessionRecord, SessionSummary
 
 T = TypeVar("T")
 C = TypeVar("C")
@@ -177,7 +185,8 @@ end
 # lru (1/0), ARGV[4] hash key prefix, ARGV[5] a random token of this call, then one packed
 # write per key (gruserve.sessions._redis_packing: id, expected revision (-1: create if
 # absent), lifetime deadline_ms (0: none), end (1: remove the session instead of storing
-# it), and the record's fields). Answers {per write: 1 written (or already written by this
+# it), base (the writer the hash must also hold; empty: any), and the record's fields).
+# Answers {per write: 1 written (or already written by this
 # writer: a retry after a lost reply), 0 lost the race, -1 gone, -2 no room to create;
 # evicted, idle, lifetime ids}.
 _CAS = """
@@ -201,7 +210,7 @@ for i = 4, #KEYS do
         else
             out[#out + 1] = -2
         end
-    elseif cur[1] ~= w.expected then
+    elseif cur[1] ~= w.expected or (w.base ~= '' and cur[2] ~= w.base) then
         if cur[1] == w.revision and cur[2] == writer then
             out[#out + 1] = 1
         else
@@ -389,6 +398,7 @@ class _Write(NamedTuple):
     record: SessionRecord
     expected_revision: int
     end: bool = False
+    base: str = ""  # the writer the hash must also hold (a write based on a kept record)
 
 
 class _Call(NamedTuple):
@@ -427,6 +437,8 @@ class RedisSessionStore:
         packed: write each record as one ``record`` field (:mod:`._redis_record`) instead
             of ten; reads take either layout. Older servers cannot read packed records:
             turn it on once every replica sharing the Redis runs this version.
+        recent: most records this store keeps of its own last successful writes, so a
+            step can skip reading them (:meth:`recent`, :mod:`._recent`); 0: none.
     """
 
     name = "redis"
@@ -447,6 +459,7 @@ class RedisSessionStore:
         wait_ms: int = 1000,
         history: bool = False,
         packed: bool = False,
+        recent: int = 0,
     ) -> None:
         if not ttl_s > 0:
             raise ValueError(f"RedisSessionStore needs ttl_s > 0. Received: ttl_s={ttl_s!r}")
@@ -472,6 +485,7 @@ class RedisSessionStore:
         self._nodes: dict[str, aioredis.Redis] = {}  # cluster masters' own clients, by name
         self._history = history  # keep each session's ``history`` (GRUSERVE_SESSION_HISTORY)
         self._packed = packed
+        self._recent = RecentRecords(recent, history)
         cas, read = _scripts(history, packed)
         self._cas = self._redis.register_script(cas)
         self._read = self._redis.register_script(read)
@@ -591,9 +605,12 @@ class RedisSessionStore:
         return await self._reads(session_id)
 
     async def compare_and_set(
-        self, record: SessionRecord, expected_revision: int, end: bool = False
+        self, record: SessionRecord, expected_revision: int, end: bool = False, base: str = ""
     ) -> bool:
-        return await self._writes(_Write(record, expected_revision, end))
+        return await self._writes(_Write(record, expected_revision, end, base))
+
+    def recent(self, session_id: str) -> Kept | None:
+        return self._recent.take(session_id)
 
     async def get_many(self, session_ids: Sequence[str]) -> list[SessionRecord | Exception]:
         """One ``_READ`` call per ``batch_limit`` ids (a bulk step's reads, sent as they are
@@ -648,29 +665,42 @@ class RedisSessionStore:
             keys = list(bucket.sets)
             args: list[Any] = [self._ttl_ms, share, self._lru, bucket.prefix, writer]
             for i in positions:
-                record, expected, end = writes[i]
+                record, expected, end, base = writes[i]
                 keys.append(bucket.session_key(record.session_id))
                 deadline = self._deadline_ms(record)
                 if self._packed:
                     kept = history_value(record) if self._history else None
-                    args.append(packed_record_write(record, expected, deadline, end, kept))
+                    args.append(packed_record_write(record, expected, deadline, end, kept, base))
                 else:
-                    args.append(packed_write(record, expected, deadline, end, self._history))
+                    args.append(packed_write(record, expected, deadline, end, self._history, base))
             calls.append(_Call(self._cas, keys, args))
 
-        answers = await self._call(lambda: self._writes_of(calls))
+        recent = self._recent
+        try:
+            answers = await self._call(lambda: self._writes_of(calls))
+        except BaseException:
+            for write in writes:  # written or not: nobody knows, so keep nothing
+                recent.drop(write.record.session_id)
+            raise
         results: list[bool | Exception] = [False] * len(writes)
-        for positions, found in zip(groups.values(), answers, strict=True):
+        for (bucket, positions), found in zip(groups.items(), answers, strict=True):
             if isinstance(found, StoreUnavailable):
                 for i in positions:
                     results[i] = found
+                    recent.drop(writes[i].record.session_id)
                 continue
             outcomes, evicted, idle, lifetime = found
             if evicted or idle or lifetime:
                 self._ended(idle, lifetime)
                 self._events.evicted([i.decode() for i in evicted])
             for n, i in enumerate(positions):
-                results[i] = self._outcome(writes[i], outcomes[n])
+                write = writes[i]
+                results[i] = self._outcome(write, outcomes[n])
+                if outcomes[n] == 1 and not write.end:
+                    # the token the script stored: its 1-based KEYS position after the sets
+                    recent.keep(write.record, f"{writer}:{len(bucket.sets) + n + 1}")
+                else:
+                    recent.drop(write.record.session_id)
         return results
 
     def _outcome(self, write: _Write, outcome: int) -> bool | Exception:
@@ -691,6 +721,8 @@ class RedisSessionStore:
             ids = [session_ids[i] for i in positions]
             keys = [*bucket.sets, *(bucket.session_key(session_id) for session_id in ids)]
             calls.append(_Call(self._delete, keys, [bucket.prefix, *ids]))
+        for session_id in session_ids:  # gone, or going: nothing to step from
+            self._recent.drop(session_id)
         answers = await self._call(lambda: self._writes_of(calls))
         results: list[Exception | None] = [None] * len(session_ids)
         for positions, existed in zip(groups.values(), answers, strict=True):

@@ -8,7 +8,10 @@ state as ``initial_state`` and stores ``final_state``. Three guarantees:
 - across processes sharing a store, a step is written only if nobody else
   advanced the session since it was read (compare-and-set on the record's
   revision); a loser re-reads the state and recomputes its step, so no step
-  is ever lost or applied twice;
+  is ever lost or applied twice. A step may start from the record this process
+  wrote last instead of reading it (a Redis store's kept records): its write then also
+  checks the stored writer token, and anything but a successful write is thrown away and
+  the step runs again from a fresh read, so every answer is decided on the stored record;
 - a step that carries the client's step number is applied exactly once even when
   the client resends it (after a lost reply, a timeout, a replica that died): the
   record keeps that step's outputs and a digest of its inputs, and a resend with the
@@ -52,11 +55,11 @@ from gruserve.errors import (
     StepOutOfOrder,
 )
 from gruserve.metrics import Metrics
-from gruserve.runtime.batcher import Batcher
+from gruserve.runtime.batcher import Batcher, StepOutput
 from gruserve.runtime.limits import WorkLimits
 from gruserve.runtime.model import LoadedModel
 from gruserve.runtime.registry import ModelRegistry
-from gruserve.runtime.validation import StateValue, flat_state
+from gruserve.runtime.validation import Chunk, StateValue, flat_state
 from gruserve.sessions import _result, upgrade
 from gruserve.sessions._locks import KeyedLocks
 from gruserve.sessions._parts import SessionParts, seen
@@ -67,6 +70,7 @@ from gruserve.sessions.resend import create_once
 from gruserve.sessions.store import (
     CREATE,
     MAX_PAGE,
+    Kept,
     SessionPage,
     SessionRecord,
     SessionStore,
@@ -399,6 +403,13 @@ class SessionService:
         if not locks.try_acquire(key):  # the `async with locks.hold()` of the other
             await locks.acquire(key)  # methods, without its two coroutine calls
         try:
+            kept = self.store.recent(key)
+            if kept is not None:
+                done = await self._step_kept(
+                    kept, inputs, mask, step_number, caller, model_name, lifecycle, fresh
+                )
+                if done is not None:
+                    return done
             chunk, applied = None, b""
             for _ in range(self.parts.max_attempts):
                 try:
@@ -438,31 +449,96 @@ class SessionService:
                     self.parts.conflict()
                     continue
                 out = await self.parts.batcher(model).submit(chunk.inputs, chunk.mask, record.state)
-                outputs = out.outputs
-                if chunk.single and model.signature.per_timestep:
-                    outputs = [o[0] for o in outputs]
-                kept = None if step_number is None else _result.pack(step_number, outputs, applied)
-                kept_inputs = (
-                    appended(record.history, chunk.inputs, chunk.mask, self.history)
-                    if self.history
-                    else None
-                )
-                updated = record.advanced(
-                    out.state, chunk.timesteps, self.parts.clock(), kept, kept_inputs
-                )
+                outputs, updated = self._advanced(record, model, chunk, out, step_number, applied)
                 if await self.store.compare_and_set(updated, expected, lifecycle.end):
-                    return StepResult(
-                        dict(zip(model.signature.output_names, outputs, strict=True)),
-                        updated.step,
-                        updated,
-                        model.signature.split_state(updated.state)
-                        if lifecycle.end and lifecycle.final_state
-                        else None,
-                    )
+                    return _stepped(model, outputs, updated, lifecycle)
                 self.parts.conflict()
         finally:
             locks.release(key)
         raise SessionConflict(session_id, self.parts.max_attempts)
+
+    async def _step_kept(
+        self,
+        kept: Kept,
+        inputs: np.ndarray,
+        mask: np.ndarray | None,
+        step_number: int | None,
+        caller: Caller,
+        model_name: str | None,
+        lifecycle: Lifecycle,
+        fresh: tuple[LoadedModel, np.ndarray] | None,
+    ) -> StepResult | None:
+        """:meth:`step` on the record this server wrote last (``kept``), without reading it.
+
+        Only a step that writes can come of it: the compare-and-set checks the stored
+        revision *and* writer token against ``kept``'s, so it succeeds only if nobody wrote
+        the session since (not even a delete and re-create that reached the same revision).
+        Anything else (the record is another tenant's or on another model, its version is
+        not loaded, a step number that is not the next one, invalid inputs, a failed batch,
+        a lost or refused write) answers None and the caller does the whole step again
+        from a fresh read, so no answer is ever decided on a stale record. Only a store
+        failure of the write itself is raised: the write may have landed, and stepping
+        again could apply it twice (a plain step raises it too).
+        """
+        record = kept.record
+        model = self.registry.loaded(record.model, record.version)
+        if (
+            model is None
+            or (caller is not ANYONE and not caller.sees(record.owner))
+            or (fresh is not None and record.model != fresh[0].name)
+            or (model_name is not None and record.model != model_name)
+            or (step_number is not None and step_number != record.step)
+        ):
+            return self._missed()
+        try:
+            chunk = self.parts.chunk(model.signature, inputs, mask)
+            applied = (
+                b""
+                if step_number is None
+                else _result.digest(chunk.inputs, chunk.mask, chunk.single)
+            )
+            out = await self.parts.batcher(model).submit(chunk.inputs, chunk.mask, record.state)
+        except Exception:  # e.g. inputs that do not fit: decided again on the fresh record
+            return self._missed()
+        outputs, updated = self._advanced(record, model, chunk, out, step_number, applied)
+        try:
+            written = await self.store.compare_and_set(
+                updated, record.revision, lifecycle.end, kept.writer
+            )
+        except SessionNotFound:  # expired or deleted: the fresh read says which
+            written = False
+        if not written:
+            return self._missed()
+        return _stepped(model, outputs, updated, lifecycle)
+
+    def _missed(self) -> None:
+        """Count a step that could not go on from its kept record (it reads and runs again;
+        not a conflict: nobody raced it, its base was only older than this server knew)."""
+        if self.parts.metrics is not None:
+            self.parts.metrics.recent_misses.inc()
+
+    def _advanced(
+        self,
+        record: SessionRecord,
+        model: LoadedModel,
+        chunk: Chunk,
+        out: StepOutput,
+        step_number: int | None,
+        applied: bytes,
+    ) -> tuple[list[np.ndarray], SessionRecord]:
+        """A step's outputs as the client gets them and ``record`` advanced by the step (its
+        result kept when it is numbered, its inputs when history is on)."""
+        outputs = out.outputs
+        if chunk.single and model.signature.per_timestep:
+            outputs = [o[0] for o in outputs]
+        kept = None if step_number is None else _result.pack(step_number, outputs, applied)
+        kept_inputs = (
+            appended(record.history, chunk.inputs, chunk.mask, self.history)
+            if self.history
+            else None
+        )
+        updated = record.advanced(out.state, chunk.timesteps, self.parts.clock(), kept, kept_inputs)
+        return outputs, updated
 
     def _replay(
         self, record: SessionRecord, model: LoadedModel, step_number: int, applied: bytes
@@ -604,6 +680,19 @@ class SessionService:
                 return
             self.parts.conflict()
         raise SessionConflict(session_id, self.parts.max_attempts)
+
+
+def _stepped(
+    model: LoadedModel, outputs: list[np.ndarray], updated: SessionRecord, lifecycle: Lifecycle
+) -> StepResult:
+    """The result of a step whose write ``updated`` was stored."""
+    sig = model.signature
+    return StepResult(
+        dict(zip(sig.output_names, outputs, strict=True)),
+        updated.step,
+        updated,
+        sig.split_state(updated.state) if lifecycle.end and lifecycle.final_state else None,
+    )
 
 
 def _check_id(session_id: object) -> None:

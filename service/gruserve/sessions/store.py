@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
@@ -163,6 +163,20 @@ SCAN_PER_PAGE = 10_000
 """Most session ids a store examines for one page."""
 
 
+class Kept(NamedTuple):
+    """A record this server wrote last, as :meth:`SessionStore.recent` hands it back.
+
+    Attributes:
+        record: the record as written.
+        writer: the token its write stored beside it; a compare-and-set based on ``record``
+            passes it as ``base``, so it wins only if the stored record is still this very
+            write (the revision alone could be a re-created session's).
+    """
+
+    record: SessionRecord
+    writer: str
+
+
 class SessionStore(Protocol):
     """Async storage of :class:`SessionRecord` with expiry, a size limit and compare-and-set.
 
@@ -191,9 +205,10 @@ class SessionStore(Protocol):
         """
 
     async def compare_and_set(
-        self, record: SessionRecord, expected_revision: int, end: bool = False
+        self, record: SessionRecord, expected_revision: int, end: bool = False, base: str = ""
     ) -> bool:
-        """Replace the record if its stored revision still is ``expected_revision``.
+        """Replace the record if its stored revision still is ``expected_revision`` (and,
+        with ``base``, its write still is the one :meth:`recent` named so).
 
         Returns False when another writer got there first (re-read and retry).
         Refreshes the idle timer. With ``expected_revision`` :data:`CREATE` the record is
@@ -205,6 +220,12 @@ class SessionStore(Protocol):
             SessionNotFound: the session vanished (deleted or expired).
             TooManySessions: a create found the store full and it does not evict.
         """
+
+    def recent(self, session_id: str) -> Kept | None:
+        """Take the record this server's last successful write of ``session_id`` stored, if it
+        still keeps it (bounded; a store with nothing to save by it keeps none): a step may
+        start from it instead of reading, and must then write with ``base``. Taken, it is no
+        longer kept, until the next successful write."""
 
     async def get_many(self, session_ids: Sequence[str]) -> list[SessionRecord | Exception]:
         """:meth:`get` of each id at once (one round trip for a remote store): per id its
