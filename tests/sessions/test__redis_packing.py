@@ -11,7 +11,8 @@ import redis
 from gruserve.errors import SessionNotFound
 from gruserve.sessions._keyspace import Keyspace
 from gruserve.sessions._redis_packing import packed_write
-from gruserve.sessions.redis_store import WRITE_SCRIPT, RedisSessionStore
+from gruserve.sessions._redis_scripts import WRITE_SCRIPT
+from gruserve.sessions.redis_store import RedisSessionStore
 from gruserve.sessions.store import CREATE, SessionRecord
 
 PREFIX = "packing:"

@@ -10,7 +10,8 @@ import redis
 
 from gruserve.sessions._keyspace import Keyspace
 from gruserve.sessions._redis_record import pack_record, packed_record_write, unpack_record
-from gruserve.sessions.redis_store import RedisSessionStore, _scripts
+from gruserve.sessions._redis_scripts import scripts as _scripts
+from gruserve.sessions.redis_store import RedisSessionStore
 from gruserve.sessions.store import CREATE, SessionRecord
 
 PREFIX = "record:"

@@ -27,7 +27,8 @@ Writes are Lua scripts, atomic on the server:
 - delete: remove hashes and index entries, for every delete of one pass at once.
 
 Reads and compare-and-sets travel per batch, not per step: the reads issued in one pass
-of the event loop go out as one ``_READ`` call, and so do the writes (one ``_CAS`` call
+of the event loop go out as one ``READ`` script call (the scripts are
+:mod:`gruserve.sessions._redis_scripts`), and so do the writes (one ``CAS`` call
 deciding each session's write on its own, so a lost race fails only that session's).
 The batcher wakes a batch's steps in one pass, so a batch of 64 steps costs two round
 trips instead of 128 (:mod:`gruserve.sessions._coalesce`; figures in bench/README.md).
@@ -40,7 +41,7 @@ without splitting (:mod:`gruserve.sessions._redis_record`, which also says why i
 opt-in); every store reads both layouts. Index entries of one call's writes are added
 with one ``ZADD`` per sorted set.
 Creates travel with the writes (a creating compare-and-set) and deletes with each other
-(one ``_DELETE`` call per wave), so short-lived sessions are batched as steps are.
+(one ``DELETE`` call per wave), so short-lived sessions are batched as steps are.
 
 Kept records (``recent``, ``GRUSERVE_STORE_RECENT_RECORDS``): the store remembers the
 records its successful writes stored, with each write's ``writer`` token
@@ -81,19 +82,18 @@ from gruserve.sessions._keyspace import CLUSTER_BUCKETS, Keyspace
 from gruserve.sessions._recent import RecentRecords
 from gruserve.sessions._redis_client import UNAVAILABLE, connect, is_cluster_url, node_client
 from gruserve.sessions._redis_packing import (
-    HISTORY_FIELD,
     history_value,
-    lua_hset_args,
-    lua_unpack,
     packed_write,
 )
 from gruserve.sessions._redis_record import (
-    FIELD,
-    LUA_MODEL,
-    lua_cas,
-    lua_read,
     packed_record_write,
     unpack_record,
+)
+from gruserve.sessions._redis_scripts import (
+    COUNT,
+    DELETE,
+    PAGE,
+    scripts,
 )
 from gruserve.sessions.events import IDLE, LIFETIME, SessionEvents
 from gruserve.sessions.store import CREATE, Kept, SessionPage, SessionRecord, SessionSummary
@@ -104,238 +104,9 @@ R = TypeVar("R")
 SCAN_PER_PAGE_REDIS = 2_000
 """Most ids one listing page examines in Redis (one Lua call: it holds Redis that long)."""
 
-_NOW_MS = (
-    "local t = redis.call('TIME') "
-    "local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"
-)
-
-# KEYS[1] index (ids by idle deadline), KEYS[2] lifetimes (ids by lifetime deadline),
-# KEYS[3] ids (every id, score 0: listed by ZRANGEBYLEX). A swept session's hash has already
-# expired (its PEXPIREAT is the earlier deadline); the DEL keeps that true whatever happened.
-_FORGET = """
--- index entries of the writes of one call, added by one ZADD per set (flush) before
--- anything reads or removes index entries, and at the end of the call
-local idle, lives, fresh = {}, {}, {}
-local function zadd(key, pairs)
-    for i = 1, #pairs, 400 do  -- bounded: unpack needs a stack slot per value
-        redis.call('ZADD', key, unpack(pairs, i, math.min(i + 399, #pairs)))
-    end
-end
-local function flush()
-    if #idle > 0 then zadd(KEYS[1], idle) idle = {} end
-    if #lives > 0 then zadd(KEYS[2], lives) lives = {} end
-    if #fresh > 0 then zadd(KEYS[3], fresh) fresh = {} end
-end
-local function forget(ids, prefix)
-    if #ids == 0 then return end
-    flush()
-    redis.call('ZREM', KEYS[1], unpack(ids))
-    redis.call('ZREM', KEYS[2], unpack(ids))
-    redis.call('ZREM', KEYS[3], unpack(ids))
-    local keys = {}
-    for i, id in ipairs(ids) do keys[i] = prefix .. id end
-    redis.call('DEL', unpack(keys))
-end
-local function sweep(now, prefix)
-    local lifetime = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, 1000)
-    forget(lifetime, prefix)
-    local idle = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, 1000)
-    forget(idle, prefix)
-    return {idle, lifetime}
-end
--- room for one more session: sweep while the index is full and sweeping finds expired ids,
--- then evict least recently used sessions (lru == '1') or answer false. ended and evicted
--- collect what went, for the caller to report.
-local function make_room(max, lru, now, prefix, evicted, ended)
-    flush()
-    local sweeping = true
-    while redis.call('ZCARD', KEYS[1]) >= max do
-        local removed = 0
-        if sweeping then
-            local gone = sweep(now, prefix)
-            for _, id in ipairs(gone[1]) do ended[1][#ended[1] + 1] = id end
-            for _, id in ipairs(gone[2]) do ended[2][#ended[2] + 1] = id end
-            removed = #gone[1] + #gone[2]
-            sweeping = removed > 0
-        end
-        if removed == 0 then
-            if lru ~= '1' then return false end
-            local victim = redis.call('ZRANGE', KEYS[1], 0, 0)
-            forget(victim, prefix)
-            evicted[#evicted + 1] = victim[1]
-        end
-    end
-    return true
-end
-local function expire(key, id, now, ttl, deadline)
-    local idle_at = now + ttl
-    local expire_at = idle_at
-    if deadline > 0 then
-        lives[#lives + 1] = deadline
-        lives[#lives + 1] = id
-        if deadline < expire_at then expire_at = deadline end
-    end
-    redis.call('PEXPIREAT', key, expire_at)
-    idle[#idle + 1] = idle_at
-    idle[#idle + 1] = id
-end
-"""
-
-# KEYS[4..] the sessions' hashes, one per write. ARGV[1] ttl_ms, ARGV[2] max_sessions, ARGV[3]
-# lru (1/0), ARGV[4] hash key prefix, ARGV[5] a random token of this call, then one packed
-# write per key (gruserve.sessions._redis_packing: id, expected revision (-1: create if
-# absent), lifetime deadline_ms (0: none), end (1: remove the session instead of storing
-# it), base (the writer the hash must also hold; empty: any), and the record's fields).
-# Answers {per write: 1 written (or already written by this
-# writer: a retry after a lost reply), 0 lost the race, -1 gone, -2 no room to create;
-# evicted, idle, lifetime ids}.
-_CAS = """
-local ttl, out = tonumber(ARGV[1]), {}
-local ended, evicted = {{}, {}}, {}
-for i = 4, #KEYS do
-    local key, w = KEYS[i], unpack_write(ARGV[i + 2])
-    local writer = ARGV[5] .. ':' .. i  -- unique per write, and the same when it is retried
-    local cur = redis.call('HMGET', key, 'revision', 'writer')
-    if not cur[1] then
-        if w.expected ~= '-1' then
-            out[#out + 1] = -1
-        elseif w['end'] == '1' then  -- created and ended at once: nothing to keep
-            out[#out + 1] = 1
-        elseif make_room(tonumber(ARGV[2]), ARGV[3], now, ARGV[4], evicted, ended) then
-            redis.call('HSET', key, FIELDS, 'writer', writer)
-            expire(key, w.id, now, ttl, tonumber(w.deadline))
-            fresh[#fresh + 1] = 0
-            fresh[#fresh + 1] = w.id
-            out[#out + 1] = 1
-        else
-            out[#out + 1] = -2
-        end
-    elseif cur[1] ~= w.expected or (w.base ~= '' and cur[2] ~= w.base) then
-        if cur[1] == w.revision and cur[2] == writer then
-            out[#out + 1] = 1
-        else
-            out[#out + 1] = 0
-        end
-    elseif w['end'] == '1' then
-        forget({w.id}, ARGV[4])
-        out[#out + 1] = 1
-    else
-        redis.call('HSET', key, FIELDS, 'writer', writer)
-        expire(key, w.id, now, ttl, tonumber(w.deadline))
-        out[#out + 1] = 1
-    end
-end
-flush()
-return {out, evicted, ended[1], ended[2]}
-"""
-
-# KEYS: the sessions' hashes. Answers each one's _FIELDS (all nil for a missing session).
-_READ = """
-local out = {}
-for i, key in ipairs(KEYS) do
-    out[i] = redis.call('HMGET', key, READ_FIELDS)
-end
-return out
-"""
-
-# KEYS[4..] the sessions' hashes; ARGV[1] hash key prefix, ARGV[2..] their ids. Answers
-# per session 1 (it existed) or 0.
-_DELETE = (
-    _FORGET
-    + """
-local existed, ids = {}, {}
-for i = 4, #KEYS do
-    existed[#existed + 1] = redis.call('EXISTS', KEYS[i])
-    ids[#ids + 1] = ARGV[i - 2]
-end
-forget(ids, ARGV[1])
-return existed
-"""
-)
-
-_COUNT = (
-    _FORGET
-    + _NOW_MS
-    + """
-local ended = sweep(now, ARGV[1])
-return {redis.call('ZCARD', KEYS[1]), ended[1], ended[2]}
-"""
-)
-
-# ARGV: cursor ('' = from the start), limit, ids to examine at most, model ('' = any), prefix.
-# Answers a row per session: its id and listing fields, or its id and packed record.
-_PAGE = (
-    _FORGET
-    + LUA_MODEL
-    + _NOW_MS
-    + """
-local ended = sweep(now, ARGV[5])
-local low = '-'
-if ARGV[1] ~= '' then low = '(' .. ARGV[1] end
-local ids = redis.call('ZRANGEBYLEX', KEYS[3], low, '+', 'LIMIT', 0, tonumber(ARGV[3]))
-local limit, found, last = tonumber(ARGV[2]), {}, ''
-for _, id in ipairs(ids) do
-    if #found >= limit then break end
-    last = id
-    local h = redis.call('HMGET', ARGV[5] .. id,
-        'model', 'version', 'step', 'timesteps', 'created_at', 'last_used_at')
-    if h[1] then
-        if ARGV[4] == '' or h[1] == ARGV[4] then
-            found[#found + 1] = {id, h[1], h[2], h[3], h[4], h[5], h[6]}
-        end
-    else  -- a packed record (gruserve.sessions._redis_record), or none
-        local rec = redis.call('HGET', ARGV[5] .. id, 'record')
-        if rec and (ARGV[4] == '' or packed_model(rec) == ARGV[4]) then
-            found[#found + 1] = {id, rec}
-        end
-    end
-end
-local more = ''
-if last ~= '' and #redis.call('ZRANGEBYLEX', KEYS[3], '(' .. last, '+', 'LIMIT', 0, 1) > 0 then
-    more = last
-end
-return {more, found, ended[1], ended[2]}
-"""
-)
-
-
-_FIELDS = (
-    "model",
-    "version",
-    "state",
-    "step",
-    "timesteps",
-    "revision",
-    "created_at",
-    "last_used_at",
-    "result",
-    "owner",
-)
-"""A session hash's fields in the order ``_READ`` answers them (the write script also
-stores ``writer``; :mod:`._redis_packing` says how a write sends them)."""
-_READ_FIELDS = (*_FIELDS, FIELD)
-"""What a read asks for: the fields, and ``record`` in case the hash holds a packed record
-(:mod:`._redis_record`) written by a replica with packed records on."""
-_HISTORY_FIELDS = (*_READ_FIELDS, HISTORY_FIELD)
-"""The fields with ``GRUSERVE_SESSION_HISTORY`` on (:data:`._redis_packing.HISTORY_FIELD`)."""
-
-
-def _scripts(history: bool, packed: bool = False) -> tuple[str, str]:
-    """The compare-and-set and read scripts of hashes without or with ``history``, writing
-    field by field or ``packed`` (both read either layout)."""
-    fields = _HISTORY_FIELDS if history else _READ_FIELDS
-    if packed:
-        return _FORGET + _NOW_MS + lua_cas(history), lua_read(fields, history)
-    cas = _FORGET + lua_unpack(history) + _NOW_MS + _CAS.replace("FIELDS", lua_hset_args(history))
-    return cas, _READ.replace("READ_FIELDS", ", ".join(f"'{name}'" for name in fields))
-
-
-WRITE_SCRIPT, _READ_SCRIPT = _scripts(history=False)
-"""The compare-and-set script's text: its SHA1 marks a step's write on the wire (fault tests)."""
-
 
 def _record(session_id: str, values: list[bytes | None]) -> SessionRecord | None:
-    """The record of one session as ``_READ`` answers it: the :data:`_READ_FIELDS` values
+    """The record of one session as ``READ`` answers it: the :data:`READ_FIELDS` values
     (then ``history``), or a packed record's ``[record, nil(, history)]``; None: missing."""
     if len(values) <= 3:  # a packed record (the packed layout's read script)
         record = unpack_record(session_id, values[0])  # type: ignore[arg-type]
@@ -377,7 +148,7 @@ def _with_history(record: SessionRecord, history: bytes | None) -> SessionRecord
 
 
 def _summary(row: list[bytes]) -> SessionSummary:
-    """A listing row of ``_PAGE``: an id and the six listing fields, or an id and a packed
+    """A listing row of ``PAGE``: an id and the six listing fields, or an id and a packed
     record (no owner: the session service fills it in)."""
     if len(row) == 2:
         record = unpack_record(row[0].decode(), row[1])
@@ -486,16 +257,16 @@ class RedisSessionStore:
         self._history = history  # keep each session's ``history`` (GRUSERVE_SESSION_HISTORY)
         self._packed = packed
         self._recent = RecentRecords(recent, history)
-        cas, read = _scripts(history, packed)
+        cas, read = scripts(history, packed)
         self._cas = self._redis.register_script(cas)
         self._read = self._redis.register_script(read)
         self._batch_limit = batch_limit
         self._reads: Coalescer[str, SessionRecord] = Coalescer(self._read_many, batch_limit)
         self._writes: Coalescer[_Write, bool] = Coalescer(self._write_many, batch_limit)
-        self._delete = self._redis.register_script(_DELETE)
+        self._delete = self._redis.register_script(DELETE)
         self._deletes: Coalescer[str, None] = Coalescer(self._delete_many, batch_limit)
-        self._count = self._redis.register_script(_COUNT)
-        self._page = self._redis.register_script(_PAGE)
+        self._count = self._redis.register_script(COUNT)
+        self._page = self._redis.register_script(PAGE)
 
     def _key(self, session_id: str) -> str:
         return self._keyspace.bucket(session_id).session_key(session_id)
@@ -613,14 +384,14 @@ class RedisSessionStore:
         return self._recent.take(session_id)
 
     async def get_many(self, session_ids: Sequence[str]) -> list[SessionRecord | Exception]:
-        """One ``_READ`` call per ``batch_limit`` ids (a bulk step's reads, sent as they are
+        """One ``READ`` call per ``batch_limit`` ids (a bulk step's reads, sent as they are
         rather than through the per-pass coalescer)."""
         return await self._chunked(self._read_many, session_ids)
 
     async def compare_and_set_many(
         self, writes: Sequence[tuple[SessionRecord, int]]
     ) -> list[bool | Exception]:
-        """One ``_CAS`` call per ``batch_limit`` writes, each write decided on its own."""
+        """One ``CAS`` call per ``batch_limit`` writes, each write decided on its own."""
         return await self._chunked(
             self._write_many, [_Write(record, expected) for record, expected in writes]
         )
@@ -637,7 +408,7 @@ class RedisSessionStore:
         return [result for part in parts for result in part]
 
     async def _read_many(self, session_ids: Sequence[str]) -> list[SessionRecord | Exception]:
-        """One ``_READ`` call per bucket for the reads of one wave (one call on one Redis)."""
+        """One ``READ`` call per bucket for the reads of one wave (one call on one Redis)."""
         groups = self._keyspace.group_by(session_ids, lambda session_id: session_id)
         calls = [
             self._read(keys=[bucket.session_key(session_ids[i]) for i in positions])
@@ -655,7 +426,7 @@ class RedisSessionStore:
         return results
 
     async def _write_many(self, writes: Sequence[_Write]) -> list[bool | Exception]:
-        """One ``_CAS`` call per bucket for the compare-and-sets of one wave (every write
+        """One ``CAS`` call per bucket for the compare-and-sets of one wave (every write
         decided on its own: a lost race fails only that session's)."""
         groups = self._keyspace.group_by(writes, lambda write: write.record.session_id)
         share = self._keyspace.share(self.max_sessions)
@@ -714,7 +485,7 @@ class RedisSessionStore:
         await self._deletes(session_id)
 
     async def _delete_many(self, session_ids: Sequence[str]) -> list[Exception | None]:
-        """One ``_DELETE`` call per bucket for the deletes of one wave."""
+        """One ``DELETE`` call per bucket for the deletes of one wave."""
         groups = self._keyspace.group_by(session_ids, lambda session_id: session_id)
         calls = []
         for bucket, positions in groups.items():
