@@ -18,7 +18,7 @@ from gruserve.metrics import Metrics
 from gruserve.runtime.batcher import Batcher
 from gruserve.runtime.registry import ModelRegistry
 from gruserve.sessions._recent import RecentRecords
-from gruserve.sessions.bulk import PlainBlock, step_bulk
+from gruserve.sessions.bulk import BulkStep, PlainBlock, step_bulk
 from gruserve.sessions.redis_store import RedisSessionStore
 from gruserve.sessions.service import SessionService
 from gruserve.sessions.store import SessionRecord
@@ -370,3 +370,38 @@ async def test_a_bulk_on_a_session_deleted_and_made_again_at_the_same_revision(
         want = _reference(tiny_models, x[[0, 2], r, 0])
         np.testing.assert_allclose(np.concatenate([first[r], last[r]]), want, atol=ATOL)
     assert [(await a.get(session_id)).step for session_id in ids] == [2, 2, 2]
+
+
+async def test_a_numbered_bulk_goes_on_from_kept_records_and_reads_the_stale_ones(
+    models_dir: Path,
+    tiny_models: dict[str, Any],
+    stores: list[_Counting],
+    executor: ThreadPoolExecutor,
+) -> None:
+    """The batch path (numbered steps) too: A's second numbered bulk reads only the
+    sessions B stepped meanwhile (misses, not conflicts), and every session equals the
+    sequential run of its steps."""
+    a, b = (_service(models_dir, s, executor) for s in stores)
+    ids = [f"numbered{n}" for n in range(4)]
+    for session_id in ids:
+        await a.create("stacked", session_id)
+    x = np.random.default_rng(19).normal(size=(3, 4, 3)).astype(np.float32)
+
+    async def bulk(n: int, numbers: list[int]) -> list[np.ndarray]:
+        steps = [BulkStep(s, x[n, r], None, numbers[r]) for r, s in enumerate(ids)]
+        outcomes, _ = await step_bulk(a, "stacked", steps)
+        assert all(o is not None and not isinstance(o, BaseException) for o in outcomes)
+        return [o.outputs["outputs"] for o in outcomes]  # type: ignore[union-attr]
+
+    first = await bulk(0, [0, 0, 0, 0])
+    assert stores[0].reads == 0
+    between = [(await b.step(ids[r], x[1, r], step_number=1)).outputs["outputs"] for r in (0, 1)]
+    last = await bulk(2, [2, 2, 1, 1])
+    assert (_count(a, "recent_misses"), stores[0].reads) == (2, 2)
+    assert sum(_count(r, "cas_conflicts") for r in (a, b)) == 0
+    for r, session_id in enumerate(ids):
+        steps = [0, 1, 2] if r < 2 else [0, 2]
+        got = [first[r], *([between[r]] if r < 2 else []), last[r]]
+        want = _reference(tiny_models, x[steps, r])
+        np.testing.assert_allclose(np.stack(got), want, atol=ATOL)
+        assert (await a.get(session_id)).step == len(steps)
