@@ -4,10 +4,10 @@ Going through :meth:`SessionService.step` once per session costs a coroutine, a 
 a store read, a batcher submission and a store write per step, about 30 µs of event
 loop time each: a 64-step request spent more time there than in the model. Here the
 steps of distinct sessions share each stage: the locks are taken in one loop, the
-records read in one store call (one Redis round trip), the inputs checked for NaN in
-one reduction, queued to the batcher in one call (so they run together and still
-share batches with single steps), and the new records written in one
-compare-and-set call, each write decided on its own.
+records read in one store call (one Redis round trip; none for the sessions this server
+wrote last, see ``_apply``), the inputs checked for NaN in one reduction, queued to the
+batcher in one call (so they run together and still share batches with single steps),
+and the new records written in one compare-and-set call, each write decided on its own.
 
 The meaning is that of :meth:`SessionService.step`, checked in the same order:
 tenancy (another tenant's session is not found), the model in the URL, the model

@@ -10,7 +10,8 @@ steps stay arrays from the request's bytes to the reply's: the values are checke
 for the block, the sessions' states are stacked into one matrix, the block runs through
 the batcher as batches of its own (one future per batch), and the reply is read from the
 run's output matrices. What remains per step is what the store needs: the lock, the
-record read and the new record written.
+record read (none for a session this server wrote last: its kept record, see ``_apply``)
+and the new record written.
 
 The meaning is that of the batch path and so of :meth:`SessionService.step`: tenancy,
 the model in the URL, the model version, then the values, the timesteps limit and the
@@ -176,14 +177,14 @@ async def _apply(
         try:
             read = await store.get_many(reading)
         except Exception as exc:  # the store is down: every step's error
-            left = []
+            again: list[int] = []
             for row, found in zip(held, kept, strict=True):
                 if found is None:
                     outcomes[positions[row]] = exc
                 else:  # decided afresh, not on the kept record
                     parts.missed()
-                    left.append(row)
-            return left
+                    again.append(row)
+            return again
     left: list[int] = []
     rows: list[int] = []
     taken: list[SessionRecord] = []  # the record of each row in ``rows``
