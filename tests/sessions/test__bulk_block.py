@@ -184,6 +184,7 @@ async def test_a_write_lost_to_another_replica_is_recomputed(
             ref = (await new_sessions(a, 1))[0]
             store: RedisSessionStore = a.store
             monkeypatch.setattr(store, "get_many", _racing(store.get_many, b, ids[1]))
+            monkeypatch.setattr(store, "recent", lambda key: None)  # the path that reads
             x = np.ones((3, 1, 3), np.float32)
             block = PlainBlock([0, 1, 2], list(ids), x)
             outcomes, answer = await step_bulk(a, "stacked", [None] * 3, block=block)

@@ -18,6 +18,7 @@ from gruserve.metrics import Metrics
 from gruserve.runtime.batcher import Batcher
 from gruserve.runtime.registry import ModelRegistry
 from gruserve.sessions._recent import RecentRecords
+from gruserve.sessions.bulk import BulkStep, PlainBlock, step_bulk
 from gruserve.sessions.redis_store import RedisSessionStore
 from gruserve.sessions.service import SessionService
 from gruserve.sessions.store import SessionRecord
@@ -26,13 +27,18 @@ ATOL = 1e-5
 
 
 class _Counting(RedisSessionStore):
-    """The real Redis store, counting the session reads the service asks it for."""
+    """The real Redis store, counting the session reads the service asks it for (a bulk's
+    ``get_many`` counts each id)."""
 
     reads = 0
 
     async def get(self, session_id: str) -> Any:
         self.reads += 1
         return await super().get(session_id)
+
+    async def get_many(self, session_ids: Any) -> Any:
+        self.reads += len(session_ids)
+        return await super().get_many(session_ids)
 
 
 class _NoWriterCheck(RedisSessionStore):
@@ -265,3 +271,137 @@ def test_recent_records_are_bounded_and_taken_once() -> None:
     assert len(off) == 0
     with pytest.raises(ValueError, match="limit >= 0"):
         RecentRecords(-1)
+
+
+async def _bulk(service: SessionService, ids: list[str], x: np.ndarray) -> list[np.ndarray]:
+    """One bulk request of plain steps, ``x[r]`` (T, F) to ``ids[r]``; each step's outputs
+    (from the array path's answer, or the step's own outcome where it was left)."""
+    block = PlainBlock(list(range(len(ids))), ids, x)
+    outcomes, answer = await step_bulk(service, "stacked", [None] * len(ids), block=block)
+    assert answer is not None
+    got = []
+    for row, outcome in enumerate(outcomes):
+        if outcome is None:
+            got.append(answer.outputs[0][answer.slot[row]])
+        else:
+            assert not isinstance(outcome, BaseException), outcome
+            got.append(outcome.outputs["outputs"])  # type: ignore[union-attr]
+    return got
+
+
+async def test_a_second_bulk_on_the_same_sessions_reads_nothing(
+    models_dir: Path,
+    tiny_models: dict[str, Any],
+    stores: list[_Counting],
+    executor: ThreadPoolExecutor,
+) -> None:
+    """Bulk steps of sessions this replica wrote last go on from its kept records: the
+    second and third bulks read no session, and every session advances as one run."""
+    service, store = _service(models_dir, stores[0], executor), stores[0]
+    ids = [f"bulk{n}" for n in range(6)]
+    for session_id in ids:
+        await service.create("stacked", session_id)
+    x = np.random.default_rng(11).normal(size=(3, 6, 2, 3)).astype(np.float32)
+    got = [await _bulk(service, ids, x[n]) for n in range(3)]
+    assert store.reads == 0
+    assert (_count(service, "recent_misses"), _count(service, "cas_conflicts")) == (0, 0)
+    for r, session_id in enumerate(ids):
+        want = _reference(tiny_models, x[:, r].reshape(6, 3))
+        np.testing.assert_allclose(np.concatenate([got[n][r] for n in range(3)]), want, atol=ATOL)
+        assert (await service.get(session_id)).step == 3
+
+
+async def test_a_bulk_after_another_replica_stepped_some_sessions(
+    models_dir: Path,
+    tiny_models: dict[str, Any],
+    stores: list[_Counting],
+    executor: ThreadPoolExecutor,
+) -> None:
+    """Replica B steps half of the sessions A keeps: A's next bulk finds those kept records
+    stale (misses, read afresh, not conflicts) and every session equals the sequential
+    run of its steps; the rest go on from A's kept records without a read."""
+    a, b = (_service(models_dir, s, executor) for s in stores)
+    ids = [f"mixed{n}" for n in range(6)]
+    for session_id in ids:
+        await a.create("stacked", session_id)
+    x = np.random.default_rng(13).normal(size=(3, 6, 1, 3)).astype(np.float32)
+    first = await _bulk(a, ids, x[0])
+    between = [(await b.step(ids[r], x[1, r])).outputs["outputs"] for r in (0, 2, 4)]
+    last = await _bulk(a, ids, x[2])
+    assert (_count(a, "recent_misses"), stores[0].reads) == (3, 3)
+    assert sum(_count(r, "cas_conflicts") for r in (a, b)) == 0
+    for r, session_id in enumerate(ids):
+        steps = [0, 1, 2] if r % 2 == 0 else [0, 2]
+        got = [first[r], *([between[r // 2]] if r % 2 == 0 else []), last[r]]
+        want = _reference(tiny_models, x[steps, r, 0])
+        np.testing.assert_allclose(np.concatenate(got), want, atol=ATOL)
+        assert (await a.get(session_id)).step == len(steps)
+
+
+async def test_a_bulk_on_a_session_deleted_and_made_again_at_the_same_revision(
+    models_dir: Path,
+    tiny_models: dict[str, Any],
+    stores: list[_Counting],
+    executor: ThreadPoolExecutor,
+) -> None:
+    """ABA in a bulk: B deletes a session A keeps, creates it again and steps it to A's
+    kept revision. A's bulk goes on from B's state for it (the writer token refuses A's
+    kept base) and from its kept records for the others."""
+    a, b = (_service(models_dir, s, executor) for s in stores)
+    ids = ["aba-bulk0", "aba-bulk1", "aba-bulk2"]
+    for session_id in ids:
+        await a.create("stacked", session_id)
+    x = np.random.default_rng(17).normal(size=(3, 3, 1, 3)).astype(np.float32)
+    first = await _bulk(a, ids, x[0])
+    kept_revision = (await a.get(ids[1])).revision
+    await b.delete(ids[1])
+    await b.create("stacked", ids[1])
+    again = await b.step(ids[1], x[1, 1])
+    assert again.record.revision == kept_revision  # the same revision, another record
+    stores[0].reads = 0
+    last = await _bulk(a, ids, x[2])
+    assert (_count(a, "recent_misses"), stores[0].reads) == (1, 1)
+    np.testing.assert_allclose(
+        np.concatenate([again.outputs["outputs"], last[1]]),
+        _reference(tiny_models, x[1:, 1, 0]),
+        atol=ATOL,
+    )
+    for r in (0, 2):
+        want = _reference(tiny_models, x[[0, 2], r, 0])
+        np.testing.assert_allclose(np.concatenate([first[r], last[r]]), want, atol=ATOL)
+    assert [(await a.get(session_id)).step for session_id in ids] == [2, 2, 2]
+
+
+async def test_a_numbered_bulk_goes_on_from_kept_records_and_reads_the_stale_ones(
+    models_dir: Path,
+    tiny_models: dict[str, Any],
+    stores: list[_Counting],
+    executor: ThreadPoolExecutor,
+) -> None:
+    """The batch path (numbered steps) too: A's second numbered bulk reads only the
+    sessions B stepped meanwhile (misses, not conflicts), and every session equals the
+    sequential run of its steps."""
+    a, b = (_service(models_dir, s, executor) for s in stores)
+    ids = [f"numbered{n}" for n in range(4)]
+    for session_id in ids:
+        await a.create("stacked", session_id)
+    x = np.random.default_rng(19).normal(size=(3, 4, 3)).astype(np.float32)
+
+    async def bulk(n: int, numbers: list[int]) -> list[np.ndarray]:
+        steps = [BulkStep(s, x[n, r], None, numbers[r]) for r, s in enumerate(ids)]
+        outcomes, _ = await step_bulk(a, "stacked", steps)
+        assert all(o is not None and not isinstance(o, BaseException) for o in outcomes)
+        return [o.outputs["outputs"] for o in outcomes]  # type: ignore[union-attr]
+
+    first = await bulk(0, [0, 0, 0, 0])
+    assert stores[0].reads == 0
+    between = [(await b.step(ids[r], x[1, r], step_number=1)).outputs["outputs"] for r in (0, 1)]
+    last = await bulk(2, [2, 2, 1, 1])
+    assert (_count(a, "recent_misses"), stores[0].reads) == (2, 2)
+    assert sum(_count(r, "cas_conflicts") for r in (a, b)) == 0
+    for r, session_id in enumerate(ids):
+        steps = [0, 1, 2] if r < 2 else [0, 2]
+        got = [first[r], *([between[r]] if r < 2 else []), last[r]]
+        want = _reference(tiny_models, x[steps, r])
+        np.testing.assert_allclose(np.stack(got), want, atol=ATOL)
+        assert (await a.get(session_id)).step == len(steps)

@@ -178,6 +178,7 @@ async def test_a_write_lost_to_another_replica_is_recomputed(
             ref = await new_sessions(a, 1)  # the same two steps, one after the other
             store: RedisSessionStore = a.store
             monkeypatch.setattr(store, "get_many", _racing(store.get_many, b, ids[1]))
+            monkeypatch.setattr(store, "recent", lambda key: None)  # the path that reads
             outcomes = await step_all(a, "stacked", [BulkStep(s, X + 1) for s in ids])
             monkeypatch.undo()
             assert [o.step for o in outcomes] == [1, 2, 1]  # type: ignore[union-attr]

@@ -4,10 +4,10 @@ Going through :meth:`SessionService.step` once per session costs a coroutine, a 
 a store read, a batcher submission and a store write per step, about 30 µs of event
 loop time each: a 64-step request spent more time there than in the model. Here the
 steps of distinct sessions share each stage: the locks are taken in one loop, the
-records read in one store call (one Redis round trip), the inputs checked for NaN in
-one reduction, queued to the batcher in one call (so they run together and still
-share batches with single steps), and the new records written in one
-compare-and-set call, each write decided on its own.
+records read in one store call (one Redis round trip; none for the sessions this server
+wrote last, see ``_apply``), the inputs checked for NaN in one reduction, queued to the
+batcher in one call (so they run together and still share batches with single steps),
+and the new records written in one compare-and-set call, each write decided on its own.
 
 The meaning is that of :meth:`SessionService.step`, checked in the same order:
 tenancy (another tenant's session is not found), the model in the URL, the model
@@ -39,7 +39,7 @@ from gruserve.sessions import _result
 from gruserve.sessions.history import appended
 from gruserve.sessions.owner import ANYONE, Caller, legacy_key
 from gruserve.sessions.service import SessionService, StepResult
-from gruserve.sessions.store import SessionRecord
+from gruserve.sessions.store import SessionRecord, Write
 
 if TYPE_CHECKING:
     from gruserve.sessions.bulk import BulkStep
@@ -60,6 +60,7 @@ class _Ready:
     mask: np.ndarray | None
     single: bool
     applied: bytes  # the inputs' digest, for numbered steps
+    base: str = ""  # the writer of the kept record it starts from ("": read)
 
 
 async def step_once_each(
@@ -102,17 +103,39 @@ async def _apply(
     caller: Caller,
     outcomes: list[Any],
 ) -> list[Item]:
+    """Read, run and write the steps ``held`` (their locks taken); returns those left.
+
+    A session this server wrote last starts from its kept record instead of a read
+    (:meth:`~gruserve.sessions.store.SessionStore.recent`) and is written with its token as
+    ``base``. As in :meth:`SessionService.step`, only a successful write may come of such
+    a step: any other outcome (a failed check, run or write) is left to the per-step path,
+    which decides it on a fresh read (a kept record's miss)."""
     if not held:
         return []
+    store = service.store
     try:
         model = service.registry.get(model_name)
-        records = await service.store.get_many(keys)
-    except Exception as exc:  # the model went away, the store is down: every step's error
+    except Exception as exc:  # the model went away: every step's error
         for index, _ in held:
             outcomes[index] = exc
         return []
+    kept = [store.recent(key) for key in keys]
     others: list[Item] = []  # on another version than the default, or maybe stored unscoped
-    ready = _checked(service, model, held, records, caller, outcomes, others)
+    reading = [key for key, found in zip(keys, kept, strict=True) if found is None]
+    try:
+        read = await store.get_many(reading) if reading else []
+    except Exception as exc:  # the store is down: every step's error
+        for item, found in zip(held, kept, strict=True):
+            if found is None:
+                outcomes[item[0]] = exc
+            else:  # decided afresh, not on the kept record
+                service.parts.missed()
+                others.append(item)
+        return others
+    fresh = iter(read)
+    records = [next(fresh) if found is None else found.record for found in kept]
+    bases = ["" if found is None else found.writer for found in kept]
+    ready = _checked(service, model, held, records, bases, caller, outcomes, others)
     if not ready:
         return others
     futures = await service.parts.batcher(model).submit_many(
@@ -137,6 +160,7 @@ def _checked(
     model: LoadedModel,
     held: list[Item],
     records: Sequence[SessionRecord | Exception],
+    bases: Sequence[str],
     caller: Caller,
     outcomes: list[Any],
     others: list[Item],
@@ -145,18 +169,31 @@ def _checked(
     ``outcomes``, and steps of sessions on another version of the model than ``model`` (the
     default), a named tenant's misses (its session may be one kept from before
     namespaces) and numbered steps that are not the next one (resends) to ``others``, for
-    the per-step path."""
+    the per-step path. A step based on a kept record (its ``bases`` entry set) goes to
+    ``others`` instead of getting any error (its fresh record decides)."""
     sig = model.signature
+    missed = service.parts.missed
+
+    def again(index: int, item: BulkStep) -> None:  # a kept record's miss: read afresh
+        missed()
+        others.append((index, item))
+
+    def failed(index: int, item: BulkStep, base: str, exc: Exception) -> None:
+        if base:
+            again(index, item)
+        else:
+            outcomes[index] = exc
+
     features = sig.features
     # the usual step: (T, features) or (features,) numbers, no mask, T the model takes. Its
     # values are checked and made float32 once for all such steps (one block, each step a
     # view of it), and the reply limit once per T; anything else gets the per-step check
     plain_ok = not sig.takes_token_ids and sig.static_timesteps is None
     max_t = service.parts.max_timesteps
-    candidates: list[list[Any]] = []  # [index, item, record, inputs, mask, single]
+    candidates: list[list[Any]] = []  # [index, item, record, inputs, mask, single, base]
     plain: list[int] = []  # positions in candidates whose values are checked as one block
     reply_checked: set[int] = set()
-    for (index, item), record in zip(held, records, strict=True):
+    for (index, item), record, base in zip(held, records, bases, strict=True):
         try:
             if isinstance(record, Exception):
                 if isinstance(record, SessionNotFound) and legacy_key(caller.key(item.session_id)):
@@ -168,6 +205,8 @@ def _checked(
             if record.model != model.name:
                 raise SessionNotOnModel(record.session_id, record.model, model.name)
             if record.version != model.version:  # its own version: the per-step path
+                if base:
+                    missed()
                 others.append((index, item))
                 continue
             x, mask = item.inputs, item.mask
@@ -184,29 +223,35 @@ def _checked(
                     service.parts.limits.check_reply(sig, 1, x.shape[0])
                     reply_checked.add(x.shape[0])
                 plain.append(len(candidates))
-                candidates.append([index, item, record, x, None, single])
+                candidates.append([index, item, record, x, None, single, base])
             else:
                 chunk = service.parts.chunk(sig, x, mask)
-                candidates.append([index, item, record, chunk.inputs, chunk.mask, chunk.single])
+                entry = [index, item, record, chunk.inputs, chunk.mask, chunk.single, base]
+                candidates.append(entry)
         except Exception as exc:
-            outcomes[index] = exc
+            failed(index, item, base, exc)
     bad = _block_checked(service, sig, candidates, plain, outcomes) if plain else set()
     ready: list[_Ready] = []
-    for p, (index, item, record, inputs, mask, single) in enumerate(candidates):
+    for p, (index, item, record, inputs, mask, single, base) in enumerate(candidates):
         if p in bad:
+            if base:  # its error is decided again on the fresh record
+                outcomes[index] = None
+                again(index, item)
             continue
         number = item.step_number
         if number is not None and number != record.step:
             # a resend (or out of order): the per-step path answers it, writing the kept
             # result again first so WAIT counts it (gruserve.sessions.resend)
+            if base:
+                missed()
             others.append((index, item))
             continue
         try:
             applied = b"" if number is None else _result.digest(inputs, mask, single)
         except Exception as exc:
-            outcomes[index] = exc
+            failed(index, item, base, exc)
             continue
-        ready.append(_Ready(index, item, record, inputs, mask, single, applied))
+        ready.append(_Ready(index, item, record, inputs, mask, single, applied, base))
     return ready
 
 
@@ -257,9 +302,14 @@ async def _write(
     one, first = len(names) == 1, names[0]
     now, history = service.parts.clock(), service.history
     written: list[tuple[_Ready, SessionRecord, list[np.ndarray]]] = []
+    lost: list[Item] = []
     for step, share in zip(ready, shares, strict=True):
         if isinstance(share, BaseException):
-            outcomes[step.index] = share
+            if step.base:  # decided again on a fresh read
+                service.parts.missed()
+                lost.append((step.index, step.item))
+            else:
+                outcomes[step.index] = share
             continue
         outputs = share.outputs
         if step.single and per_timestep:
@@ -273,18 +323,22 @@ async def _write(
             (step, record.advanced(share.state, timesteps, now, kept, kept_inputs), outputs)
         )
     if not written:
-        return []
+        return lost
+    writes: list[Write] = [
+        (updated, step.record.revision, step.base) if step.base else (updated, step.record.revision)
+        for step, updated, _ in written
+    ]
     try:
-        answers = await service.store.compare_and_set_many(
-            [(updated, step.record.revision) for step, updated, _ in written]
-        )
+        answers = await service.store.compare_and_set_many(writes)
     except Exception as exc:  # the store failed: as a single step's write would
         for step, _, _ in written:
             outcomes[step.index] = exc
-        return []
-    lost: list[Item] = []
+        return lost
     for (step, updated, outputs), answer in zip(written, answers, strict=True):
-        if isinstance(answer, Exception):
+        if step.base and (answer is False or isinstance(answer, SessionNotFound)):
+            service.parts.missed()  # its kept record went stale: read afresh
+            lost.append((step.index, step.item))
+        elif isinstance(answer, Exception):
             outcomes[step.index] = answer
         elif answer:
             named = {first: outputs[0]} if one else dict(zip(names, outputs, strict=True))

@@ -10,7 +10,8 @@ steps stay arrays from the request's bytes to the reply's: the values are checke
 for the block, the sessions' states are stacked into one matrix, the block runs through
 the batcher as batches of its own (one future per batch), and the reply is read from the
 run's output matrices. What remains per step is what the store needs: the lock, the
-record read and the new record written.
+record read (none for a session this server wrote last: its kept record, see ``_apply``)
+and the new record written.
 
 The meaning is that of the batch path and so of :meth:`SessionService.step`: tenancy,
 the model in the URL, the model version, then the values, the timesteps limit and the
@@ -35,7 +36,7 @@ from gruserve.runtime.model import LoadedModel
 from gruserve.sessions.history import appended
 from gruserve.sessions.owner import ANYONE, Caller, legacy_key
 from gruserve.sessions.service import SessionService
-from gruserve.sessions.store import SessionRecord
+from gruserve.sessions.store import SessionRecord, Write
 
 if TYPE_CHECKING:
     from gruserve.sessions.bulk import BulkStep
@@ -158,21 +159,54 @@ async def _apply(
     outcomes: list[Any],
     answer: BlockAnswer,
 ) -> list[int]:
-    """Read, run and write the rows ``held`` (their locks taken); returns the rows left."""
+    """Read, run and write the rows ``held`` (their locks taken); returns the rows left.
+
+    A row whose record this server wrote last starts from the kept record instead of a
+    read (:meth:`~gruserve.sessions.store.SessionStore.recent`) and writes with its token
+    as ``base``. As in :meth:`SessionService.step`, only a successful write may come of
+    such a row: one that fails any check of its record, or whose run or write does not
+    succeed, is left to the batch path, which reads the session afresh (a kept record's
+    miss)."""
     if not held:
         return []
-    positions = block.positions
-    try:
-        records = await service.store.get_many(keys)
-    except Exception as exc:  # the store is down: every step's error
-        for row in held:
-            outcomes[positions[row]] = exc
-        return []
+    positions, store, parts = block.positions, service.store, service.parts
+    kept = [store.recent(key) for key in keys]
+    reading = [key for key, found in zip(keys, kept, strict=True) if found is None]
+    read: list[SessionRecord | Exception] = []
+    if reading:
+        try:
+            read = await store.get_many(reading)
+        except Exception as exc:  # the store is down: every step's error
+            again: list[int] = []
+            for row, found in zip(held, kept, strict=True):
+                if found is None:
+                    outcomes[positions[row]] = exc
+                else:  # decided afresh, not on the kept record
+                    parts.missed()
+                    again.append(row)
+            return again
     left: list[int] = []
     rows: list[int] = []
     taken: list[SessionRecord] = []  # the record of each row in ``rows``
+    bases: list[str] = []  # per row in ``rows``, its kept record's writer ("": read)
     name, version = model.name, model.version
-    for row, key, record in zip(held, keys, records, strict=True):
+    fresh = iter(read)
+    for row, key, found in zip(held, keys, kept, strict=True):
+        if found is not None:
+            record = found.record
+            if (
+                (caller is not ANYONE and not caller.sees(record.owner))
+                or record.model != name
+                or record.version != version
+            ):
+                parts.missed()
+                left.append(row)  # any answer but a write: decided on a fresh read
+            else:
+                rows.append(row)
+                taken.append(record)
+                bases.append(found.writer)
+            continue
+        record = next(fresh)
         if isinstance(record, Exception):
             if isinstance(record, SessionNotFound) and legacy_key(key):
                 left.append(row)  # maybe kept from before namespaces: the batch path looks
@@ -187,6 +221,7 @@ async def _apply(
         else:
             rows.append(row)
             taken.append(record)
+            bases.append("")
     if not rows:
         return left
     inputs = block.inputs if len(rows) == len(block.ids) else block.inputs[rows]
@@ -205,7 +240,9 @@ async def _apply(
             future.cancel()
         raise
     size = batcher.max_batch_size  # the rows of each run but the last
-    return left + await _write(service, block, rows, taken, inputs, runs, size, outcomes, answer)
+    return left + await _write(
+        service, block, rows, taken, bases, inputs, runs, size, outcomes, answer
+    )
 
 
 async def _write(
@@ -213,6 +250,7 @@ async def _write(
     block: PlainBlock,
     rows: list[int],
     taken: list[SessionRecord],
+    bases: list[str],
     inputs: np.ndarray,
     runs: list[BlockOutput | BaseException],
     size: int,
@@ -220,8 +258,10 @@ async def _write(
     answer: BlockAnswer,
 ) -> list[int]:
     """Write the new records of the rows that ran (``runs`` of ``size`` rows each, the last
-    one maybe fewer), in one call; answer those written."""
-    positions = block.positions
+    one maybe fewer), in one call; answer those written. A row based on a kept record
+    (its ``bases`` entry set) that is not written is left to the batch path."""
+    positions, parts = block.positions, service.parts
+    lost: list[int] = []
     ran: list[int] = []  # indices into rows whose run succeeded
     outputs: list[list[np.ndarray]] = []
     states: list[np.ndarray] = []
@@ -230,32 +270,38 @@ async def _write(
         chunk = range(start, min(len(rows), start + size))
         if isinstance(run, BaseException):
             for i in chunk:
-                outcomes[positions[rows[i]]] = run
+                if bases[i]:  # decided again on a fresh read
+                    parts.missed()
+                    lost.append(rows[i])
+                else:
+                    outcomes[positions[rows[i]]] = run
             continue
         ran.extend(chunk)
         outputs.append(run.outputs)
         states.append(run.states)
     if not ran:
-        return []
+        return lost
     # each record keeps its own copy of its row: a view would keep the whole run alive
     new = states[0] if len(states) == 1 else np.concatenate(states)
-    timesteps, now, history = inputs.shape[1], service.parts.clock(), service.history
-    writes = []
+    timesteps, now, history = inputs.shape[1], parts.clock(), service.history
+    writes: list[Write] = []
     for k, i in enumerate(ran):
         record = taken[i]
         kept = appended(record.history, inputs[i], None, history) if history else None
-        writes.append((record.advanced(new[k].copy(), timesteps, now, None, kept), record.revision))
+        updated = record.advanced(new[k].copy(), timesteps, now, None, kept)
+        writes.append(
+            (updated, record.revision, bases[i]) if bases[i] else (updated, record.revision)
+        )
     try:
         answers = await service.store.compare_and_set_many(writes)
     except Exception as exc:  # the store failed: as a single step's write would
         for i in ran:
             outcomes[positions[rows[i]]] = exc
-        return []
+        return lost
     matrices = (
         outputs[0] if len(outputs) == 1 else [np.concatenate(o) for o in zip(*outputs, strict=True)]
     )
     keep: list[int] = []  # rows of the matrices that are answered
-    lost: list[int] = []
     slot, steps = answer.slot, answer.steps
     for k, (i, written) in enumerate(zip(ran, answers, strict=True)):
         row = rows[i]
@@ -263,10 +309,13 @@ async def _write(
             slot[row] = len(keep)
             keep.append(k)
             steps.append(writes[k][0].step)
+        elif bases[i] and (written is False or isinstance(written, SessionNotFound)):
+            parts.missed()  # its kept record went stale: the batch path reads afresh
+            lost.append(row)
         elif isinstance(written, Exception):
             outcomes[positions[row]] = written
         else:  # another replica advanced it: the batch path re-reads and recomputes
-            service.parts.conflict()
+            parts.conflict()
             lost.append(row)
     if len(keep) == len(ran):
         answer.outputs = list(matrices)

@@ -71,6 +71,13 @@ class SessionParts:
         if self.metrics is not None:
             self.metrics.cas_conflicts.inc()
 
+    def missed(self) -> None:
+        """Count one step that could not go on from its kept record (it reads and runs
+        again; not a conflict: nobody raced it, its base was only older than this server
+        knew)."""
+        if self.metrics is not None:
+            self.metrics.recent_misses.inc()
+
     async def fetch(self, key: str) -> SessionRecord:
         """The record at store key ``key``, or the one its tenant had there before
         namespaces (:func:`~gruserve.sessions.owner.legacy_key`; one more read, on a miss

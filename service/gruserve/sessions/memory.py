@@ -27,6 +27,7 @@ from gruserve.sessions.store import (
     SessionPage,
     SessionRecord,
     SessionSummary,
+    Write,
 )
 
 
@@ -198,11 +199,9 @@ class MemorySessionStore:
                 out.append(exc)
         return out
 
-    async def compare_and_set_many(
-        self, writes: Sequence[tuple[SessionRecord, int]]
-    ) -> list[bool | Exception]:
+    async def compare_and_set_many(self, writes: Sequence[Write]) -> list[bool | Exception]:
         out: list[bool | Exception] = []
-        for record, expected_revision in writes:
+        for record, expected_revision, *_ in writes:  # recent() keeps none: no base
             try:
                 out.append(self._swap(record, expected_revision))
             except SessionNotFound as exc:

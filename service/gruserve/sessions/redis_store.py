@@ -96,7 +96,14 @@ from gruserve.sessions._redis_scripts import (
     scripts,
 )
 from gruserve.sessions.events import IDLE, LIFETIME, SessionEvents
-from gruserve.sessions.store import CREATE, Kept, SessionPage, SessionRecord, SessionSummary
+from gruserve.sessions.store import (
+    CREATE,
+    Kept,
+    SessionPage,
+    SessionRecord,
+    SessionSummary,
+    Write,
+)
 
 T = TypeVar("T")
 C = TypeVar("C")
@@ -388,12 +395,12 @@ class RedisSessionStore:
         rather than through the per-pass coalescer)."""
         return await self._chunked(self._read_many, session_ids)
 
-    async def compare_and_set_many(
-        self, writes: Sequence[tuple[SessionRecord, int]]
-    ) -> list[bool | Exception]:
-        """One ``CAS`` call per ``batch_limit`` writes, each write decided on its own."""
+    async def compare_and_set_many(self, writes: Sequence[Write]) -> list[bool | Exception]:
+        """One ``CAS`` call per ``batch_limit`` writes, each write decided on its own (one
+        with a ``base`` also on the stored writer token, as :meth:`compare_and_set`)."""
         return await self._chunked(
-            self._write_many, [_Write(record, expected) for record, expected in writes]
+            self._write_many,
+            [_Write(record, expected, False, *base) for record, expected, *base in writes],
         )
 
     async def _chunked(

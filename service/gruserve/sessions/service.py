@@ -512,10 +512,9 @@ class SessionService:
         return _stepped(model, outputs, updated, lifecycle)
 
     def _missed(self) -> None:
-        """Count a step that could not go on from its kept record (it reads and runs again;
-        not a conflict: nobody raced it, its base was only older than this server knew)."""
-        if self.parts.metrics is not None:
-            self.parts.metrics.recent_misses.inc()
+        """Count a kept record's miss (:meth:`SessionParts.missed`); None, the caller's cue to
+        read."""
+        self.parts.missed()
 
     def _advanced(
         self,

@@ -177,6 +177,11 @@ class Kept(NamedTuple):
     writer: str
 
 
+Write = tuple[SessionRecord, int] | tuple[SessionRecord, int, str]
+"""One write of :meth:`SessionStore.compare_and_set_many`: the record, the revision it
+expects, and optionally the ``base`` writer token of a kept record it was based on."""
+
+
 class SessionStore(Protocol):
     """Async storage of :class:`SessionRecord` with expiry, a size limit and compare-and-set.
 
@@ -231,11 +236,10 @@ class SessionStore(Protocol):
         """:meth:`get` of each id at once (one round trip for a remote store): per id its
         record, or the ``SessionNotFound`` it raised; a store failure raises for all."""
 
-    async def compare_and_set_many(
-        self, writes: Sequence[tuple[SessionRecord, int]]
-    ) -> list[bool | Exception]:
-        """:meth:`compare_and_set` of each ``(record, expected_revision)``, each decided on its
-        own (one lost race fails that write only): per write True, False or
+    async def compare_and_set_many(self, writes: Sequence[Write]) -> list[bool | Exception]:
+        """:meth:`compare_and_set` of each ``(record, expected_revision)`` or ``(record,
+        expected_revision, base)`` (a write based on a :meth:`recent` record), each decided
+        on its own (one lost race fails that write only): per write True, False or
         ``SessionNotFound``; a store failure raises for all."""
 
     async def delete(self, session_id: str) -> None:
