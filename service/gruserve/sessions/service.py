@@ -45,7 +45,6 @@ from gruserve.errors import (
     GruServeError,
     InvalidInput,
     ModelVersionGone,
-    SequenceNotStarted,
     SessionConflict,
     SessionExists,
     SessionModelMismatch,
@@ -60,7 +59,7 @@ from gruserve.runtime.limits import WorkLimits
 from gruserve.runtime.model import LoadedModel
 from gruserve.runtime.registry import ModelRegistry
 from gruserve.runtime.validation import Chunk, StateValue, flat_state
-from gruserve.sessions import _result, upgrade
+from gruserve.sessions import _result, sequences, upgrade
 from gruserve.sessions._locks import KeyedLocks
 from gruserve.sessions._parts import SessionParts, seen
 from gruserve.sessions.history import appended
@@ -82,7 +81,6 @@ SESSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 STORE_KEY = re.compile(rf"(~[A-Za-z0-9][A-Za-z0-9._-]{{0,63}}~)?{SESSION_ID.pattern}")
 """A key a store may hold: a session id, in a named tenant's namespace or not
 (:mod:`gruserve.sessions.owner`)."""
-_SEQUENCE = "sequence\x00"  # lock-key prefix no session id can have (see sequence_step)
 
 
 @dataclass(frozen=True, slots=True)
@@ -556,7 +554,7 @@ class SessionService:
             )
         raise StepOutOfOrder(record.session_id, step_number, record.step)
 
-    # -- v2 (Triton / KServe) sequences ----------------------------------------------------
+    # -- v2 (Triton / KServe) sequences: gruserve.sessions.sequences ---------------------
     async def sequence_step(
         self,
         model_name: str,
@@ -571,114 +569,27 @@ class SessionService:
         caller: Caller = ANYONE,
         version: int | None = None,
     ) -> StepResult:
-        """One request of a Triton-style sequence: a step framed by its start and end flags.
-
-        ``start`` creates the session, or starts a live one over at zero state (or at
-        ``initial_state``), as Triton does when a START arrives for a busy correlation
-        id. Without ``start`` the session must exist on ``model_name``. With ``end`` the
-        session is deleted once its step is applied; the step's result is still returned.
-        The inputs are checked before anything changes, so a rejected request leaves the
-        sequence as it was. Requests of one sequence run whole and in arrival order (a
-        FIFO lock of their own, around the session's usual one).
-
-        A ``step_number`` makes the step exactly-once as in :meth:`step`. A start always
-        starts over (as Triton does), so its number, if any, must be 0: resending a start
-        whose reply was lost starts over again and gives the same result.
-
-        Args:
-            inputs, mask: as :meth:`step`.
-            initial_state: only with ``start``.
-            step_number: as :meth:`step`; 0 (or None) with ``start``.
-            caller: the tenant: ``session_id`` is in its namespace, as on v1.
-            version: the model version a start starts the sequence on (the default when
-                None); later requests run on the version the sequence started on.
-
-        Raises:
-            SequenceNotStarted: no ``start`` and no such session on this model.
-            The errors of :meth:`create` and :meth:`step`.
-        """
-        model = await self.model_named(model_name, version)
-        if start:  # a later request is checked against its session's own version, in step()
-            self.parts.chunk(model.signature, inputs, mask)
-        if initial_state is not None and not start:
-            raise InvalidInput("initial_state", "a sequence's state is set only by its start")
-        if start and step_number not in (None, 0):
-            raise InvalidInput(
-                "step",
-                f"a sequence_start request is the sequence's step 0. Received: {step_number}",
-            )
-        key = caller.key(session_id)
-        async with self.parts.locks.hold(_SEQUENCE + key):
-            if start:
-                await self._restart(model, session_id, initial_state, caller)
-            try:  # the step's own read checks the model: one store read per request
-                result = await self.step(
-                    session_id, inputs, mask, step_number, caller, model_name=model.name
-                )
-            except (SessionNotFound, SessionNotOnModel):  # never started, ended or expired
-                raise SequenceNotStarted(session_id, model.name) from None
-            if end:
-                async with self.parts.locks.hold(key):
-                    with suppress(SessionNotFound):
-                        await self.store.delete(result.record.session_id)
-            return result
+        """One request of a Triton-style sequence (:func:`gruserve.sessions.sequences.step`)."""
+        return await sequences.step(
+            self,
+            model_name,
+            session_id,
+            inputs,
+            mask,
+            start=start,
+            end=end,
+            initial_state=initial_state,
+            step_number=step_number,
+            caller=caller,
+            version=version,
+        )
 
     async def sequence_model(
         self, model_name: str, session_id: str, caller: Caller = ANYONE
     ) -> LoadedModel:
-        """The model version a later (non-start) request of sequence ``session_id`` runs on.
-
-        That is its session's own version, not the model's default: after a rollout the
-        two may differ in their inputs, so a front-end binds the request's tensors against
-        this one (loaded first when it is on disk only). An unknown sequence gets the
-        default; its step then answers SequenceNotStarted.
-
-        Raises:
-            ModelNotFound, ModelUnavailable, ModelVersionGone.
-        """
-        try:
-            record = await self.get(session_id, caller)
-        except SessionNotFound:
-            return self.registry.get(model_name)
-        if record.model != model_name:
-            return self.registry.get(model_name)
-        return await self.model_for(record)
-
-    async def _restart(
-        self,
-        model: LoadedModel,
-        session_id: str,
-        initial_state: StateValue | None,
-        caller: Caller,
-    ) -> None:
-        """Create ``caller``'s ``session_id``, or reset it in place (replace it if another
-        model owns it; refuse it, SessionExists, if another tenant owns the unscoped id from
-        before namespaces)."""
-        state = flat_state(model.signature, initial_state, "initial_state")
-        key = caller.key(session_id)
-        for _ in range(self.parts.max_attempts):
-            try:
-                record = await self.parts.fetch(key)
-            except SessionNotFound:
-                try:
-                    await self.create(
-                        model.name, session_id, initial_state, caller, version=model.version
-                    )
-                    return
-                except SessionExists:  # another replica created it meanwhile: restart that
-                    continue
-            if caller is not ANYONE and not caller.sees(record.owner):
-                raise SessionExists(session_id)
-            if (record.model, record.version) != (model.name, model.version):
-                with suppress(SessionNotFound):
-                    await self.store.delete(record.session_id)
-                continue
-            now = self.parts.clock()
-            fresh = dataclasses.replace(record.reset(state, now), created_at=now)
-            if await self.store.compare_and_set(fresh, record.revision):
-                return
-            self.parts.conflict()
-        raise SessionConflict(session_id, self.parts.max_attempts)
+        """The model version a later request of sequence ``session_id`` runs on
+        (:func:`gruserve.sessions.sequences.model_of`)."""
+        return await sequences.model_of(self, model_name, session_id, caller)
 
 
 def _stepped(
