@@ -23,7 +23,7 @@ from gruserve.errors import (
 from gruserve.metrics import Metrics
 from gruserve.runtime.batcher import Batcher
 from gruserve.runtime.registry import ModelRegistry
-from gruserve.sessions import snapshot
+from gruserve.sessions import sequences, snapshot
 from gruserve.sessions.bulk import BulkStep, step_all
 from gruserve.sessions.memory import MemorySessionStore
 from gruserve.sessions.owner import ANYONE, Caller
@@ -126,12 +126,12 @@ async def test_sequence_start_takes_over_the_id_and_later_steps_check_the_model(
     x = np.array([[0.4, -0.1, 0.7]], np.float32)
     await service.create("simple", "v2:stacked:1")
     with pytest.raises(SequenceNotStarted):
-        await service.sequence_step("stacked", "v2:stacked:1", x, start=False, end=False)
-    result = await service.sequence_step("stacked", "v2:stacked:1", x, start=True, end=False)
+        await sequences.step(service, "stacked", "v2:stacked:1", x, start=False, end=False)
+    result = await sequences.step(service, "stacked", "v2:stacked:1", x, start=True, end=False)
     assert (result.record.model, result.step) == ("stacked", 1)
     expected, _ = tiny_models["stacked"].reference(x[None])
     np.testing.assert_allclose(result.outputs["outputs"], expected[0][0], atol=ATOL)
-    await service.sequence_step("stacked", "v2:stacked:1", x, start=False, end=True)
+    await sequences.step(service, "stacked", "v2:stacked:1", x, start=False, end=True)
     with pytest.raises(SessionNotFound):
         await service.get("v2:stacked:1")
 
@@ -153,13 +153,13 @@ async def test_a_later_sequence_request_reads_its_session_once(
     store = _CountingReads(redis_url, 60, 10)
     service = _service(models_dir, store, executor)
     x = np.array([[0.4, -0.1, 0.7]], np.float32)
-    await service.sequence_step("stacked", "v2:stacked:7", x, start=True, end=False)
+    await sequences.step(service, "stacked", "v2:stacked:7", x, start=True, end=False)
     store.reads = 0
-    result = await service.sequence_step("stacked", "v2:stacked:7", x, start=False, end=False)
+    result = await sequences.step(service, "stacked", "v2:stacked:7", x, start=False, end=False)
     assert (result.step, store.reads) == (2, 1)
     await service.create("simple", "v2:stacked:8")  # another model's session under the id
     with pytest.raises(SequenceNotStarted):
-        await service.sequence_step("stacked", "v2:stacked:8", x, start=False, end=False)
+        await sequences.step(service, "stacked", "v2:stacked:8", x, start=False, end=False)
     await store.close()
 
 
@@ -173,7 +173,7 @@ async def test_replicas_starting_one_sequence_at_once_both_succeed(
     x = np.array([[0.4, -0.1, 0.7]], np.float32)
     results = await asyncio.gather(
         *(
-            replicas[i % 2].sequence_step("stacked", "v2:stacked:7", x, start=True, end=False)
+            sequences.step(replicas[i % 2], "stacked", "v2:stacked:7", x, start=True, end=False)
             for i in range(6)
         )
     )
@@ -316,31 +316,37 @@ async def test_sequence_steps_take_numbers_and_a_start_is_step_zero(
     service = _service(models_dir, MemorySessionStore(60, 10), executor)
     x = np.array([[0.4, -0.1, 0.7]], np.float32)
     with pytest.raises(InvalidInput, match="step 0"):
-        await service.sequence_step("stacked", "v2:stacked:9", x, start=True, end=False,
+        await sequences.step(service, "stacked", "v2:stacked:9", x, start=True, end=False,
                                     step_number=3)  # fmt: skip
-    first = await service.sequence_step(
-        "stacked", "v2:stacked:9", x, start=True, end=False, step_number=0
+    first = await sequences.step(
+        service, "stacked", "v2:stacked:9", x, start=True, end=False, step_number=0
     )
-    again = await service.sequence_step(  # a resent start starts over: the same reply
-        "stacked", "v2:stacked:9", x, start=True, end=False, step_number=0
+    again = await sequences.step(
+        service,  # a resent start starts over: the same reply
+        "stacked",
+        "v2:stacked:9",
+        x,
+        start=True,
+        end=False,
+        step_number=0,
     )
     assert first.step == again.step == 1
     assert first.outputs["outputs"].tobytes() == again.outputs["outputs"].tobytes()
-    step = await service.sequence_step(
-        "stacked", "v2:stacked:9", x, start=False, end=False, step_number=1
+    step = await sequences.step(
+        service, "stacked", "v2:stacked:9", x, start=False, end=False, step_number=1
     )
     with pytest.raises(StepMismatch):
-        await service.sequence_step(
-            "stacked", "v2:stacked:9", 2 * x, start=False, end=False, step_number=1
+        await sequences.step(
+            service, "stacked", "v2:stacked:9", 2 * x, start=False, end=False, step_number=1
         )
-    replay = await service.sequence_step(
-        "stacked", "v2:stacked:9", x, start=False, end=False, step_number=1
+    replay = await sequences.step(
+        service, "stacked", "v2:stacked:9", x, start=False, end=False, step_number=1
     )
     assert step.step == replay.step == 2
     assert step.outputs["outputs"].tobytes() == replay.outputs["outputs"].tobytes()
     with pytest.raises(StepOutOfOrder):
-        await service.sequence_step(
-            "stacked", "v2:stacked:9", x, start=False, end=False, step_number=0
+        await sequences.step(
+            service, "stacked", "v2:stacked:9", x, start=False, end=False, step_number=0
         )
 
 

@@ -3,9 +3,8 @@
 A v2 client frames each request of a sequence with ``sequence_start`` and
 ``sequence_end`` instead of creating and deleting a session: a start creates the session
 or starts a live one over, an end deletes it once its step is applied. Both front-ends
-(:mod:`gruserve.api.v2`) call these through
-:meth:`~gruserve.sessions.service.SessionService.sequence_step`, so a sequence is an
-ordinary session underneath (``GET /v1/sessions/{id}`` shows it) with the same locks,
+reach :func:`step` and :func:`model_of` through :mod:`gruserve.api.v2.infer`, so a sequence
+is an ordinary session underneath (``GET /v1/sessions/{id}`` shows it) with the same locks,
 compare-and-set, exactly-once numbers and tenant namespaces as any step.
 """
 

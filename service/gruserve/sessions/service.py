@@ -59,7 +59,7 @@ from gruserve.runtime.limits import WorkLimits
 from gruserve.runtime.model import LoadedModel
 from gruserve.runtime.registry import ModelRegistry
 from gruserve.runtime.validation import Chunk, StateValue, flat_state
-from gruserve.sessions import _result, sequences, upgrade
+from gruserve.sessions import _result, upgrade
 from gruserve.sessions._locks import KeyedLocks
 from gruserve.sessions._parts import SessionParts, seen
 from gruserve.sessions.history import appended
@@ -553,43 +553,6 @@ class SessionService:
                 dict(zip(model.signature.output_names, outputs, strict=True)), record.step, record
             )
         raise StepOutOfOrder(record.session_id, step_number, record.step)
-
-    # -- v2 (Triton / KServe) sequences: gruserve.sessions.sequences ---------------------
-    async def sequence_step(
-        self,
-        model_name: str,
-        session_id: str,
-        inputs: np.ndarray,
-        mask: np.ndarray | None = None,
-        *,
-        start: bool,
-        end: bool,
-        initial_state: StateValue | None = None,
-        step_number: int | None = None,
-        caller: Caller = ANYONE,
-        version: int | None = None,
-    ) -> StepResult:
-        """One request of a Triton-style sequence (:func:`gruserve.sessions.sequences.step`)."""
-        return await sequences.step(
-            self,
-            model_name,
-            session_id,
-            inputs,
-            mask,
-            start=start,
-            end=end,
-            initial_state=initial_state,
-            step_number=step_number,
-            caller=caller,
-            version=version,
-        )
-
-    async def sequence_model(
-        self, model_name: str, session_id: str, caller: Caller = ANYONE
-    ) -> LoadedModel:
-        """The model version a later request of sequence ``session_id`` runs on
-        (:func:`gruserve.sessions.sequences.model_of`)."""
-        return await sequences.model_of(self, model_name, session_id, caller)
 
 
 def _stepped(

@@ -21,6 +21,7 @@ from gruserve.api.v2.triton_config import model_config
 from gruserve.errors import GruServeError, InvalidInput, ModelNotFound
 from gruserve.runtime.model import LoadedModel
 from gruserve.services import Services
+from gruserve.sessions import sequences
 from gruserve.sessions.owner import Caller
 
 T = TypeVar("T")
@@ -114,7 +115,7 @@ async def infer(
         # versions are loaded; a session on a version since unloaded binds against the
         # default, and its step then checks the inputs against its own version: a 4xx if
         # they do not fit, never another version's numbers).
-        model = await services.sessions.sequence_model(model.name, sequence.session_id, caller)
+        model = await sequences.model_of(services.sessions, model.name, sequence.session_id, caller)
     wire = wire_model(model)
     call = bind(wire, parsed, flag(parsed.parameters, "binary_data_output"))
     if sequence is None:
@@ -133,7 +134,8 @@ async def infer(
         return Inferred(model, model.version, outputs, None)
     one = call.one_sequence()
     step = await wait(
-        services.sessions.sequence_step(
+        sequences.step(
+            services.sessions,
             model.name,
             sequence.session_id,
             one.inputs,
