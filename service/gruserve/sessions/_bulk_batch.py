@@ -324,10 +324,8 @@ async def _write(
         )
     if not written:
         return lost
-    writes: list[Write] = [
-        (updated, step.record.revision, step.base) if step.base else (updated, step.record.revision)
-        for step, updated, _ in written
-    ]
+    # base "" (a step that read its record): the write checks the revision only
+    writes: list[Write] = [(new, step.record.revision, step.base) for step, new, _ in written]
     try:
         answers = await service.store.compare_and_set_many(writes)
     except Exception as exc:  # the store failed: as a single step's write would

@@ -289,9 +289,7 @@ async def _write(
         record = taken[i]
         kept = appended(record.history, inputs[i], None, history) if history else None
         updated = record.advanced(new[k].copy(), timesteps, now, None, kept)
-        writes.append(
-            (updated, record.revision, bases[i]) if bases[i] else (updated, record.revision)
-        )
+        writes.append((updated, record.revision, bases[i]))  # base "": not checked
     try:
         answers = await service.store.compare_and_set_many(writes)
     except Exception as exc:  # the store failed: as a single step's write would
