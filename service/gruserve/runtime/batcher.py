@@ -237,17 +237,13 @@ class Batcher:
         go past ``max_queue`` by one call's steps, which ``GRUSERVE_MAX_BULK_STEPS`` bounds).
         """
         loop = asyncio.get_running_loop()
-        while len(self._pending) >= self._max_queue:
-            room = loop.create_future()
-            self._room.append(room)
-            await room
-        now, pending, futures = loop.time(), self._pending, []
+        await self._room_in_queue(loop)
+        now, items, futures = loop.time(), [], []
         for inputs, mask, state in steps:
             future: asyncio.Future[StepOutput] = loop.create_future()
-            pending.append(_Item(inputs, mask, state, future, now))
+            items.append(_Item(inputs, mask, state, future, now))
             futures.append(future)
-        if futures and len(self._running) < self._max_concurrent:
-            self._schedule(loop)
+        self._queue(loop, items)
         return futures
 
     async def submit_block(
@@ -264,30 +260,38 @@ class Batcher:
         it wait for its runs. Waits while the queue is full, as :meth:`submit_many`.
         """
         loop = asyncio.get_running_loop()
-        while len(self._pending) >= self._max_queue:
-            room = loop.create_future()
-            self._room.append(room)
-            await room
+        await self._room_in_queue(loop)
         now, size, count = loop.time(), self.max_batch_size, inputs.shape[0]
+        items: list[_Item] = []
         futures: list[asyncio.Future[BlockOutput]] = []
         for start in range(0, count, size):
             end = min(count, start + size)
             future: asyncio.Future[BlockOutput] = loop.create_future()
-            item = _Item(inputs[start:end], None, states[start:end], future, now, end - start)
-            self._pending.append(item)
+            rows = end - start
+            items.append(_Item(inputs[start:end], None, states[start:end], future, now, rows))
             futures.append(future)
-        if futures and len(self._running) < self._max_concurrent:
-            self._schedule(loop)
+        self._queue(loop, items)
         return futures
 
-    async def _submit_when_room(
-        self, inputs: np.ndarray, mask: np.ndarray | None, state: np.ndarray
-    ) -> StepOutput:
-        loop = asyncio.get_running_loop()
+    async def _room_in_queue(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Wait while the queue is full (``max_queue``); a run taking steps off it wakes the
+        waiters (``_room``)."""
         while len(self._pending) >= self._max_queue:
             room = loop.create_future()
             self._room.append(room)
             await room
+
+    def _queue(self, loop: asyncio.AbstractEventLoop, items: list[_Item]) -> None:
+        """Append ``items`` to the queue and schedule a run if one may start now (else the
+        end of a run schedules)."""
+        self._pending.extend(items)
+        if items and len(self._running) < self._max_concurrent:
+            self._schedule(loop)
+
+    async def _submit_when_room(
+        self, inputs: np.ndarray, mask: np.ndarray | None, state: np.ndarray
+    ) -> StepOutput:
+        await self._room_in_queue(asyncio.get_running_loop())
         return await self._enqueue(inputs, mask, state)
 
     def _enqueue(
