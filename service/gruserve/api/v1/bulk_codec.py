@@ -193,10 +193,7 @@ def binary_request(
             decoded.append(None)
             sent.append(session_id)
         else:
-            try:
-                decoded.append(_binary_step(item, rows[row : row + count], i, model))
-            except InvalidInput as exc:
-                decoded.append(exc)
+            decoded.append(_step_or_error(item, rows[row : row + count], i, model))
             sent.append(_id_of(item))
         row += count
     block = None
@@ -228,12 +225,19 @@ def _each(
     decoded: list[BulkStep | BaseException | None] = []
     row = 0
     for i, (item, count) in enumerate(zip(steps, counts, strict=True)):
-        try:
-            decoded.append(_binary_step(item, rows[row : row + count], i, model))
-        except InvalidInput as exc:
-            decoded.append(exc)
+        decoded.append(_step_or_error(item, rows[row : row + count], i, model))
         row += count
     return decoded
+
+
+def _step_or_error(
+    item: dict[str, Any], inputs: np.ndarray, i: int, model: str | None
+) -> BulkStep | InvalidInput:
+    """Step ``i`` decoded, or the error that is its answer (never the whole request's)."""
+    try:
+        return _binary_step(item, inputs, i, model)
+    except InvalidInput as exc:
+        return exc
 
 
 def _error(exc: BaseException, where: str) -> dict[str, Any]:
