@@ -66,7 +66,7 @@ async def test_packed_and_field_writers_read_and_step_on_each_others_records(
     (a packed write removes the fields), and a listing shows both."""
     client = redis.Redis.from_url(redis_url)
     packed = RedisSessionStore(redis_url, 60.0, 100, prefix=PREFIX, packed=True)
-    fields = RedisSessionStore(redis_url, 60.0, 100, prefix=PREFIX)
+    fields = RedisSessionStore(redis_url, 60.0, 100, prefix=PREFIX, packed=False)
     try:
         record = _record("s", np.arange(4, dtype=np.float32), b"r")
         assert await packed.compare_and_set(record, CREATE)
@@ -103,7 +103,7 @@ async def test_fields_an_older_server_wrote_over_a_packed_record_win(redis_url: 
     the next packed write makes the hash packed again."""
     client = redis.Redis.from_url(redis_url)
     packed = RedisSessionStore(redis_url, 60.0, 100, prefix=PREFIX, packed=True)
-    fields = RedisSessionStore(redis_url, 60.0, 100, prefix=PREFIX)
+    fields = RedisSessionStore(redis_url, 60.0, 100, prefix=PREFIX, packed=False)
     try:
         record = _record("old", np.zeros(2, np.float32))
         assert await packed.compare_and_set(record, CREATE)
