@@ -56,7 +56,9 @@ clock.
 
 On a Redis Cluster (``redis+cluster://``) the keys are split into hash-tagged buckets
 (:mod:`gruserve.sessions._keyspace`): each script call touches one bucket, so a wave
-of reads or writes becomes one call per bucket it touches. With ``min_replicas`` set,
+of reads or writes becomes one call per bucket it touches, and a wave's calls go out as
+one pipeline per master, the masters at once (:mod:`gruserve.sessions._master_pipelines`,
+which also says what a redirection or a failed master does). With ``min_replicas`` set,
 a write counts as done only once ``WAIT`` says that many replicas have it: the write
 and its ``WAIT`` share one connection (one pipeline per master), and a shortfall
 raises StoreUnavailable (503), so a failover never loses a step a client was told
@@ -191,7 +193,9 @@ class RedisSessionStore:
         timeout_s: connect and socket timeout; a call that takes longer (Redis down or
             hung) raises StoreUnavailable. One retry on a fresh connection (what a Redis
             restart needs) means up to two reads and two connects: about 4x this at worst
-            when Redis hangs (measured 1-2 s at 0.5 s in tests/faults).
+            when Redis hangs (measured 1-2 s at 0.5 s in tests/faults). On a cluster a
+            master's pipeline without ``WAIT`` is not retried itself: its calls are sent
+            again through the cluster client, which retries once (up to three reads).
         max_lifetime_s: seconds from ``created_at`` after which a session expires (0: none).
         eviction: ``"reject"`` or ``"lru"`` (evict the least recently used session), atomic
             across replicas.
