@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import redis.cluster
+from redis.crc import key_slot
 
 from cluster_helpers import local_cluster, wait_for
 from conftest import until
@@ -153,3 +154,70 @@ def _owners(cluster: Any, ids: list[str]) -> dict[str, int]:
             )
             for sid in ids
         }
+
+
+def _move_slot(cluster: Any, slot: int, source: Any, target: Any) -> None:
+    """Move ``slot`` and its keys from master ``source`` to master ``target`` (as a
+    resharding does), every master told the new owner."""
+    source_id = source.client.execute_command("CLUSTER MYID").decode()
+    target_id = target.client.execute_command("CLUSTER MYID").decode()
+    target.client.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", source_id)
+    source.client.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", target_id)
+    keys = source.client.execute_command("CLUSTER GETKEYSINSLOT", slot, 1000)
+    source.client.execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *keys)
+    for node in cluster.masters():
+        node.client.execute_command("CLUSTER SETSLOT", slot, "NODE", target_id)
+
+
+def _moved(node: Any) -> int:
+    return int(node.info("errorstats").get("errorstat_MOVED", {"count": 0})["count"])
+
+
+@pytest.mark.slow
+async def test_a_moved_bucket_is_followed_and_the_slot_map_refreshed(tmp_path: Path) -> None:
+    """A bucket's slot moves to another master after the stores read the slot map: the
+    next wave's calls on it meet ``MOVED`` on the old master. Without ``WAIT`` they are sent
+    again through the cluster client and answered right; with ``WAIT`` the writes on that
+    bucket answer StoreUnavailable (never acknowledged off their connection), the others
+    are written. Later waves go straight to the new master."""
+    ids = [f"moved-{i}" for i in range(64)]
+    with local_cluster(tmp_path) as cluster:
+        store = RedisSessionStore(cluster.url, 60, 10_000)
+        waiting = RedisSessionStore(cluster.url, 60, 10_000, min_replicas=1)
+        try:
+            await asyncio.gather(*(store.create(_record(sid)) for sid in ids))
+            await waiting.get_many(ids)  # both know the slot map now
+            bucket = zlib.crc32(ids[0].encode()) % CLUSTER_BUCKETS
+            on_it = [sid for sid in ids if zlib.crc32(sid.encode()) % CLUSTER_BUCKETS == bucket]
+            owners = _owners(cluster, ids)
+            source = cluster.nodes[owners[ids[0]]]
+            target = next(n for n in cluster.masters() if n.port != source.port)
+            _move_slot(cluster, key_slot(f"gruserve:{{{bucket}}}:ids".encode()), source, target)
+
+            records = await store.get_many(ids)
+            assert [getattr(r, "session_id", r) for r in records] == ids
+            assert _moved(source) >= 1  # the pipeline met MOVED: the cluster client answered
+            written = await waiting.compare_and_set_many(
+                [(r.advanced(r.state, 1, 2.0), r.revision) for r in records]  # type: ignore[union-attr]
+            )
+            for sid, result in zip(ids, written, strict=True):
+                if sid in on_it:
+                    assert isinstance(result, StoreUnavailable), (sid, result)
+                else:
+                    assert result is True, (sid, result)
+            await waiting.get_many(ids)  # its reads follow MOVED too: its slot map is new
+            moved = _moved(source)
+            again = await waiting.compare_and_set_many(
+                [
+                    (r.advanced(r.state, 1, 2.0), r.revision)
+                    for sid, r in zip(ids, records, strict=True)  # type: ignore[union-attr]
+                    if sid in on_it
+                ]
+            )
+            assert again == [True] * len(on_it)
+            after = await store.get_many(ids)
+            assert [r.step for r in after] == [1] * len(ids)  # type: ignore[union-attr]
+            assert _moved(source) == moved  # both stores now send that bucket to its master
+        finally:
+            await store.close()
+            await waiting.close()

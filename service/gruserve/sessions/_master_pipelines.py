@@ -21,8 +21,10 @@ What an error means stays what it meant for one call:
 - ``NOSCRIPT`` (a node that restarted, or never ran the script): the scripts are loaded
   on that node and the calls it refused are sent again (they did not run).
 - With ``WAIT``: the writes and their ``WAIT`` must share one connection, so nothing is
-  redirected. Any of the errors above, or a ``WAIT`` that counted too few replicas, fails
-  that master's calls (StoreUnavailable: the client resends), as it always did.
+  redirected: a call answered with one of the errors above is StoreUnavailable (the client
+  resends), and a master that cannot be reached, or whose ``WAIT`` counted too few
+  replicas, fails all its calls. The calls it ran beside a redirected one stand: its
+  ``WAIT`` counted them.
 
 Why not redis-py's ``ClusterPipeline``: a node whose part of the pipeline cannot be sent
 makes ``execute`` raise for the whole pipeline (``PipelineStrategy._execute`` raises the
@@ -173,15 +175,16 @@ class MasterPipelines:
             acked = min(acked, acked_again)  # each pipeline's WAIT counts its own connection
         failed = [i for i, r in enumerate(replies) if r is _UNANSWERED or isinstance(r, RedisError)]
         if wait:  # the writes and their WAIT share one connection: nothing to resend elsewhere
-            if failed:  # NOSCRIPT again (a node flushing its scripts now): cannot answer now
-                error = replies[failed[0]]
-                raise self._unavailable(error) if isinstance(error, NoScriptError) else error
             if acked < self._min_replicas:
                 raise StoreUnavailable(
                     f"redis at {name}",
                     f"a write reached {acked} of the {self._min_replicas} replicas it needs "
                     f"within {self._wait_ms} ms",
                 )
+            for i in failed:  # the others ran, and WAIT counted them
+                if not isinstance(replies[i], (*UNAVAILABLE, NoScriptError)):
+                    raise replies[i]  # the script itself failed
+                replies[i] = self._unavailable(replies[i])
             return replies
         for i in failed:
             if replies[i] is not _UNANSWERED and not isinstance(
