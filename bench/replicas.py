@@ -1,7 +1,8 @@
 """What waiting for replicas costs: single steps at C=64 on Redis with and without ``WAIT``.
 
     python -m bench.replicas --seconds 5 --rounds 3 [--profile /tmp/spy]
-    python -m bench.replicas --cluster --transports rest,ws --seconds 3 --rounds 3
+    python -m bench.replicas --cluster --transports rest,ws --seconds 3 --rounds 3 \
+        [--other-bin /path/to/old/.venv/bin]
 
 Serves the benchmark's ``demo`` model (GRU(128) over 32 features, Dense(1)) three times
 (five with ``--cluster``) from the same code, each on its own private ``redis-server``
@@ -15,11 +16,16 @@ database (no persistence):
   masters and 3 replicas (bench/redis_topology.py, as the tests start it), both servers
   sharing it (a cluster has one database; session ids keep them apart), written
   without waiting and with one ``WAIT 1`` per master a write wave touches
-  (bench/README.md "What ``WAIT`` costs").
+  (bench/README.md "What ``WAIT`` costs");
+- with ``--other-bin``, ``alone (other)`` and (with ``--cluster``) ``cluster, min 0
+  (other)`` and ``cluster, min 1 (other)``: the same stores served by another
+  installation of gruserve (an older commit's venv), for before/after figures in the
+  same run (``alone (other)`` on database 2 of the ``alone`` Redis).
 
 Each run records the server's and the Redis processes' CPU per step (warm-up included)
 beside steps/s and p99, and the summary gives every figure as a ratio to ``alone`` and,
-for each topology, waiting against not waiting (``--out``, per transport).
+for each topology, waiting against not waiting, and each ``(other)`` server against
+this code's (``--out``, per transport).
 
 The two replicated servers share the pair (databases 0 and 1) as two deployments of one
 Redis would. Each round measures every server back to back (each round starting with
@@ -57,6 +63,8 @@ NOT_WAITING, WAITING = "replica, min 0", "replica, min 1"
 CLUSTER_NOT_WAITING, CLUSTER_WAITING = "cluster, min 0", "cluster, min 1"
 WAIT_PAIRS = ((WAITING, NOT_WAITING), (CLUSTER_WAITING, CLUSTER_NOT_WAITING))
 """Each topology's ``WAIT`` against no waiting on the same Redis processes."""
+OTHER = "{} (other)"
+"""A server of ``--other-bin`` serving the store of the name in braces."""
 WARMUP_S = 1.0  # the load generator's default warm-up, counted in the CPU per step
 METRICS = (
     ("steps/s", "steps_per_s"),
@@ -118,6 +126,10 @@ def _summary(runs: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
     rounds = sorted({r["round"] for r in runs})
     pairs = [(name, BASELINE) for name in names if name != BASELINE]
     pairs += [pair for pair in WAIT_PAIRS if set(pair) <= set(names)]
+    # the other installation: its cluster against its own alone, and this code against it
+    others = [name for name in names if name.endswith(OTHER[2:])]
+    pairs += [(name, OTHER.format(BASELINE)) for name in others if name != OTHER.format(BASELINE)]
+    pairs += [(name.removesuffix(OTHER[2:]), name) for name in others]
     summary: dict[str, Any] = {}
     for transport in dict.fromkeys(r["transport"] for r in runs):
         own = {name: [by[transport, name, k] for k in rounds] for name in names}
@@ -176,6 +188,8 @@ def main() -> None:
     parser.add_argument("--profile", type=Path, default=None, help="py-spy the last round here")
     parser.add_argument("--cluster", action="store_true", help="also 3 masters + 3 replicas")
     parser.add_argument("--transports", default="rest", help="comma-separated: rest,ws")
+    parser.add_argument("--other-bin", type=Path, default=None, help="also serve alone and "
+                        "the cluster from this venv's bin (before/after)")  # fmt: skip
     args = parser.parse_args()
     out = args.out or Path("bench/replicas_cluster.json" if args.cluster else "bench/replicas.json")
     transports = args.transports.split(",")
@@ -223,10 +237,25 @@ def main() -> None:
                     [node.proc.pid for node in cluster.nodes.values()],
                     [node.client for node in cluster.masters()],
                 )
+            bins = dict.fromkeys((name for name, _ in configs), BIN)
+            if args.other_bin is not None:
+                other = [
+                    (
+                        OTHER.format(BASELINE),
+                        {"GRUSERVE_SESSION_STORE": f"redis://127.0.0.1:{alone}/2"},
+                    )
+                ]
+                topologies[OTHER.format(BASELINE)] = topologies[BASELINE]
+                for name, extra in configs:
+                    if name.startswith("cluster"):
+                        other.append((OTHER.format(name), extra))
+                        topologies[OTHER.format(name)] = topologies[name]
+                configs += other
+                bins.update(dict.fromkeys((name for name, _ in other), args.other_bin))
             two = (os.cpu_count() or 1) >= 2
             for i, (name, extra) in enumerate(configs):
                 port = PORT + i
-                command = [str(BIN / "gruserve"), "serve", "--port", str(port)]
+                command = [str(bins[name] / "gruserve"), "serve", "--port", str(port)]
                 servers[name] = Server(
                     ["taskset", "-c", "0", *command] if two else command,
                     {**env, **extra},

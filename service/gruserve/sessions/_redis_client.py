@@ -70,9 +70,10 @@ def connect(url: str, timeout_s: float) -> aioredis.Redis | RedisCluster:
     )
 
 
-def node_client(url: str, node: ClusterNode, timeout_s: float) -> aioredis.Redis:
-    """A plain client of one node of the cluster ``url`` names, for a pipeline that must
-    share one connection (a write and the ``WAIT`` that counts the replicas it reached)."""
+def node_client(url: str, node: ClusterNode, timeout_s: float, retries: int = 1) -> aioredis.Redis:
+    """A plain client of one node of the cluster ``url`` names, for the pipelines of its
+    buckets' calls (:mod:`._master_pipelines`); ``retries``: sends again on a fresh
+    connection after a connection error or timeout."""
     parsed = parse_cluster_url(url)
     return aioredis.Redis(
         host=node.host,
@@ -82,5 +83,5 @@ def node_client(url: str, node: ClusterNode, timeout_s: float) -> aioredis.Redis
         ssl=parsed.tls,
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
-        retry=Retry(NoBackoff(), 1),
+        retry=Retry(NoBackoff(), retries),
     )

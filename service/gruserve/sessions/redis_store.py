@@ -56,7 +56,9 @@ clock.
 
 On a Redis Cluster (``redis+cluster://``) the keys are split into hash-tagged buckets
 (:mod:`gruserve.sessions._keyspace`): each script call touches one bucket, so a wave
-of reads or writes becomes one call per bucket it touches. With ``min_replicas`` set,
+of reads or writes becomes one call per bucket it touches, and a wave's calls go out as
+one pipeline per master, the masters at once (:mod:`gruserve.sessions._master_pipelines`,
+which also says what a redirection or a failed master does). With ``min_replicas`` set,
 a write counts as done only once ``WAIT`` says that many replicas have it: the write
 and its ``WAIT`` share one connection (one pipeline per master), and a shortfall
 raises StoreUnavailable (503), so a failover never loses a step a client was told
@@ -72,15 +74,14 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Literal, NamedTuple, TypeVar
 
 import numpy as np
-import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
-from redis.commands.core import AsyncScript
 
 from gruserve.errors import SessionExists, SessionNotFound, StoreUnavailable, TooManySessions
 from gruserve.sessions._coalesce import Coalescer
 from gruserve.sessions._keyspace import CLUSTER_BUCKETS, Keyspace
+from gruserve.sessions._master_pipelines import Call, MasterPipelines
 from gruserve.sessions._recent import RecentRecords
-from gruserve.sessions._redis_client import UNAVAILABLE, connect, is_cluster_url, node_client
+from gruserve.sessions._redis_client import UNAVAILABLE, connect, is_cluster_url
 from gruserve.sessions._redis_packing import (
     history_value,
     packed_write,
@@ -179,14 +180,6 @@ class _Write(NamedTuple):
     base: str = ""  # the writer the hash must also hold (a write based on a kept record)
 
 
-class _Call(NamedTuple):
-    """One script call on one bucket's keys."""
-
-    script: AsyncScript
-    keys: list[str]
-    args: list[Any]
-
-
 class RedisSessionStore:
     """Sessions in Redis with idle and lifetime expiry, a limit, and atomic compare-and-set.
 
@@ -200,7 +193,9 @@ class RedisSessionStore:
         timeout_s: connect and socket timeout; a call that takes longer (Redis down or
             hung) raises StoreUnavailable. One retry on a fresh connection (what a Redis
             restart needs) means up to two reads and two connects: about 4x this at worst
-            when Redis hangs (measured 1-2 s at 0.5 s in tests/faults).
+            when Redis hangs (measured 1-2 s at 0.5 s in tests/faults). On a cluster a
+            master's pipeline without ``WAIT`` is not retried itself: its calls are sent
+            again through the cluster client, which retries once (up to three reads).
         max_lifetime_s: seconds from ``created_at`` after which a session expires (0: none).
         eviction: ``"reject"`` or ``"lru"`` (evict the least recently used session), atomic
             across replicas.
@@ -257,10 +252,11 @@ class RedisSessionStore:
         self._events = events if events is not None else SessionEvents()
         self._cluster = is_cluster_url(url)
         self._keyspace = Keyspace(prefix, CLUSTER_BUCKETS if self._cluster else 1)
-        self._timeout_s = timeout_s
-        self._min_replicas, self._wait_ms = min_replicas, wait_ms
         self._redis = connect(url, timeout_s)
-        self._nodes: dict[str, aioredis.Redis] = {}  # cluster masters' own clients, by name
+        # a wave's script calls: one pipeline per master (on one Redis, one call as it is)
+        self._masters = MasterPipelines(
+            self._redis, url, timeout_s, min_replicas, wait_ms, self._unavailable
+        )
         self._history = history  # keep each session's ``history`` (GRUSERVE_SESSION_HISTORY)
         self._packed = packed
         self._recent = RecentRecords(recent, history)
@@ -298,77 +294,6 @@ class RedisSessionStore:
             return f"cluster {nodes[0]}{more}"
         kwargs = self._redis.connection_pool.connection_kwargs
         return str(kwargs.get("path") or f"{kwargs.get('host')}:{kwargs.get('port')}")
-
-    async def _each(self, calls: Sequence[Awaitable[T]]) -> list[T | StoreUnavailable]:
-        """Every call's answer, or StoreUnavailable for a call whose Redis cannot answer now:
-        on a cluster, a master failing over fails only the calls on its buckets."""
-        if len(calls) == 1:  # one Redis: no task to create
-            try:
-                return [await calls[0]]
-            except StoreUnavailable as exc:
-                return [exc]
-            except UNAVAILABLE as exc:
-                return [self._unavailable(exc)]
-        answers: list[Any] = list(await asyncio.gather(*calls, return_exceptions=True))
-        for i, answer in enumerate(answers):
-            if isinstance(answer, UNAVAILABLE):
-                answers[i] = self._unavailable(answer)
-            elif isinstance(answer, BaseException) and not isinstance(answer, StoreUnavailable):
-                raise answer
-        return answers
-
-    async def _writes_of(self, calls: Sequence[_Call]) -> list[Any]:
-        """Run write script calls (one per bucket); with ``min_replicas``, each master's
-        calls and a ``WAIT`` go down one connection as one pipeline, and a master whose
-        replicas fell short fails its calls (StoreUnavailable). Answers each call's reply
-        or its StoreUnavailable."""
-        if not self._min_replicas:
-            return await self._each([c.script(keys=c.keys, args=c.args) for c in calls])
-        await self._topology()
-        by_node: dict[str, list[int]] = {}
-        clients: dict[str, aioredis.Redis] = {}
-        for i, call in enumerate(calls):
-            name, client = self._master_of(call.keys[0])
-            by_node.setdefault(name, []).append(i)
-            clients[name] = client
-
-        async def run(name: str, positions: list[int]) -> list[Any]:
-            async with clients[name].pipeline(transaction=False) as pipe:
-                for i in positions:
-                    await calls[i].script(keys=calls[i].keys, args=calls[i].args, client=pipe)
-                pipe.execute_command("WAIT", self._min_replicas, self._wait_ms)
-                *found, acked = await pipe.execute()
-            if int(acked) < self._min_replicas:
-                raise StoreUnavailable(
-                    f"redis at {name}",
-                    f"a write reached {acked} of the {self._min_replicas} replicas it needs "
-                    f"within {self._wait_ms} ms",
-                )
-            return found
-
-        nodes = list(by_node.items())
-        answers: list[Any] = [None] * len(calls)
-        per_node = await self._each([run(name, positions) for name, positions in nodes])
-        for (_, positions), found in zip(nodes, per_node, strict=True):
-            for n, i in enumerate(positions):
-                answers[i] = found if isinstance(found, StoreUnavailable) else found[n]
-        return answers
-
-    def _master_of(self, key: str) -> tuple[str, aioredis.Redis]:
-        """The client of the master holding ``key`` (the store's own client on one Redis)."""
-        if not isinstance(self._redis, RedisCluster):
-            return self._redis_location(), self._redis
-        node = self._redis.get_node_from_key(key)
-        if node is None:  # no topology yet: the cluster client asks on its first command
-            raise StoreUnavailable(f"redis at {self._redis_location()}", "no slot map yet")
-        if node.name not in self._nodes:
-            self._nodes[node.name] = node_client(self.url, node, self._timeout_s)
-        return node.name, self._nodes[node.name]
-
-    async def _topology(self) -> None:
-        """Make sure a cluster client knows the slot map (:meth:`_master_of` reads it)."""
-        if isinstance(self._redis, RedisCluster):
-            await self._redis.initialize()
 
     def _ended(self, idle: list[bytes], lifetime: list[bytes]) -> None:
         self._events.expired(LIFETIME, [i.decode() for i in lifetime])
@@ -418,10 +343,10 @@ class RedisSessionStore:
         """One ``READ`` call per bucket for the reads of one wave (one call on one Redis)."""
         groups = self._keyspace.group_by(session_ids, lambda session_id: session_id)
         calls = [
-            self._read(keys=[bucket.session_key(session_ids[i]) for i in positions])
+            Call(self._read, [bucket.session_key(session_ids[i]) for i in positions], [])
             for bucket, positions in groups.items()
         ]
-        answers = await self._call(lambda: self._each(calls))
+        answers = await self._call(lambda: self._masters.run(calls))
         results: list[SessionRecord | Exception] = [SessionNotFound("")] * len(session_ids)
         for positions, found in zip(groups.values(), answers, strict=True):
             for n, i in enumerate(positions):
@@ -451,11 +376,11 @@ class RedisSessionStore:
                     args.append(packed_record_write(record, expected, deadline, end, kept, base))
                 else:
                     args.append(packed_write(record, expected, deadline, end, self._history, base))
-            calls.append(_Call(self._cas, keys, args))
+            calls.append(Call(self._cas, keys, args))
 
         recent = self._recent
         try:
-            answers = await self._call(lambda: self._writes_of(calls))
+            answers = await self._call(lambda: self._masters.run(calls, wait=True))
         except BaseException:
             for write in writes:  # written or not: nobody knows, so keep nothing
                 recent.drop(write.record.session_id)
@@ -498,10 +423,10 @@ class RedisSessionStore:
         for bucket, positions in groups.items():
             ids = [session_ids[i] for i in positions]
             keys = [*bucket.sets, *(bucket.session_key(session_id) for session_id in ids)]
-            calls.append(_Call(self._delete, keys, [bucket.prefix, *ids]))
+            calls.append(Call(self._delete, keys, [bucket.prefix, *ids]))
         for session_id in session_ids:  # gone, or going: nothing to step from
             self._recent.drop(session_id)
-        answers = await self._call(lambda: self._writes_of(calls))
+        answers = await self._call(lambda: self._masters.run(calls, wait=True))
         results: list[Exception | None] = [None] * len(session_ids)
         for positions, existed in zip(groups.values(), answers, strict=True):
             for n, i in enumerate(positions):
@@ -563,5 +488,4 @@ class RedisSessionStore:
         await self._writes.close()
         await self._deletes.close()
         await self._redis.aclose()
-        for client in self._nodes.values():
-            await client.aclose()
+        await self._masters.aclose()
