@@ -25,7 +25,6 @@ from gruserve.environment import load_settings, unknown_variables
 from gruserve.errors import SettingsError, SnapshotError
 from gruserve.metrics import Metrics
 from gruserve.runtime.batcher import Batcher
-from gruserve.runtime.cpus import inline_below_us, usable_cpus
 from gruserve.runtime.limits import WorkLimits
 from gruserve.runtime.model import LoadedModel
 from gruserve.runtime.predictor import Predictor
@@ -120,15 +119,6 @@ def build_services(
     )
     metrics.watch_versions(models)
     executor = ThreadPoolExecutor(settings.inference_threads, thread_name_prefix="gruserve-ort")
-    cpus = usable_cpus()
-    inline_us = inline_below_us(settings.batch_inline_below_us, cpus)
-    if settings.batch_inline_below_us is None and cpus <= 1.0:
-        log.info(
-            "%g CPU usable: batches measured under %g µs run on the event loop, not in the "
-            "inference threads (GRUSERVE_BATCH_INLINE_BELOW_US to choose)",
-            cpus,
-            inline_us,
-        )
 
     def make_batcher(model: LoadedModel) -> Batcher:
         batching = model.signature.manifest.batching or {}
@@ -142,7 +132,7 @@ def build_services(
             max_batch_size=size,
             max_delay_s=delay_ms / 1000,
             max_queue=settings.batch_queue_size,
-            inline_below_s=inline_us / 1e6,
+            inline_below_s=settings.batch_inline_below_us / 1e6,
             metrics=metrics.for_model(model.name),
         )
 

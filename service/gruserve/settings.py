@@ -196,14 +196,12 @@ class Settings(BaseSettings):
     """Override every model's ``batching.max_delay_ms``: how long the first waiting step
     waits for others to join its batch."""
 
-    batch_inline_below_us: float | None = Field(None, ge=0)
+    batch_inline_below_us: float = Field(250.0, ge=0)
     """Run a batch on the event loop instead of the inference threads when batches of its
     size recently took less than this many microseconds of CPU time (0 = always the
-    threads). Below it, the hand-off to a thread costs more than the run. Unset: 250 µs,
-    or 2,000 µs when the server may use only one CPU (``taskset``, a cpuset, a cgroup quota
-    such as a Kubernetes CPU limit of 1), where the threads cannot run beside the loop and
-    the hand-off buys nothing. The demo model runs inline; a large one (U=512) stays off the
-    loop so that it cannot stall other requests."""
+    threads). Below it, the hand-off to a thread costs more than the run: the demo model
+    runs inline, a large one (U=512) stays off the loop so that it cannot stall other
+    requests."""
 
     batch_queue_size: int = Field(4096, ge=1)
     """Steps that may wait per model before new ones wait for room (backpressure)."""

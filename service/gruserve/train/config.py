@@ -19,6 +19,7 @@ Checks that need the data file (columns, window length) are in
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,6 @@ import yaml
 from gruserve.errors import ConfigError, GruServeError
 from gruserve.layers.model import ModelSpec
 from gruserve.repository import validate_model_name
-from gruserve.runtime.cpus import available_cpus
 from gruserve.train._reader import Section
 from gruserve.train.callbacks import CallbackConfig, read_callbacks
 from gruserve.train.losses import Loss, get_loss
@@ -70,6 +70,15 @@ class TrainingConfig:
     progress: bool = True
     threads: int = 1
     """torch's intra-op threads (``torch.set_num_threads``); see :func:`default_threads`."""
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask: what ``taskset`` or a container's
+    cpuset leave it), not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity masks on this OS
+        return os.cpu_count() or 1
 
 
 def default_threads() -> int:
