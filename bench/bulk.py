@@ -12,11 +12,6 @@ Measures, one after the other on this machine:
    connections (4), each a closed loop sending one request of 64 single-timestep steps (its
    own 64 sessions) and waiting for the reply.
 
-The servers run on core 0, the load generator's processes and the in-process loop on core
-1 (on a machine with two cores or more; ``--no-pin`` lets everything float), as
-``bench.stores`` runs single steps: each side gets one core, so the server's figure is
-what one core of it does, beside the loop's one core.
-
 Steps/s counts session steps (64 per request); latency is per request. Figures are ratios
 to the in-process loop and memory/Redis, as bench/README.md reports them. With ``--rounds``
 every point is measured again in each round (both servers stay up), and the ratios are
@@ -209,19 +204,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="each round measures every point")
     parser.add_argument("--out", type=Path, default=Path("bench/bulk.json"))
     parser.add_argument("--other-bin", type=Path, default=None)
-    parser.add_argument(
-        "--no-pin",
-        dest="pin",
-        action="store_false",
-        help="let the servers and the load generator float over every core (default: as "
-        "bench.stores, servers on core 0, load generator and in-process loop on core 1)",
-    )
     args = parser.parse_args()
-    pin = args.pin and (os.cpu_count() or 1) >= 2
     redis_server = shutil.which("redis-server")
     if redis_server is None:
         sys.exit("bench.bulk needs redis-server (apt-get install redis-server)")
-    results: dict[str, Any] = {"load_before": os.getloadavg(), "pinned": pin, "rounds": []}
+    results: dict[str, Any] = {"load_before": os.getloadavg(), "rounds": []}
     with tempfile.TemporaryDirectory(prefix="gruserve-bulk-") as tmp:
         models_dir = Path(tmp)
         build(models_dir)
@@ -246,12 +233,7 @@ def main() -> None:
                     "GRUSERVE_SESSION_STORE": store,
                 }
                 name = store.split(":")[0] + tail
-                command = [str(bin_dir / "gruserve"), "serve"]
-                servers[name] = Server(
-                    ["taskset", "-c", "0", *command] if pin else command, env, port, "/readyz"
-                )
-            if pin:  # this process, its client processes and the in-process loop
-                os.sched_setaffinity(0, {1})
+                servers[name] = Server([str(bin_dir / "gruserve"), "serve"], env, port, "/readyz")
             for round_ in range(args.rounds):
                 limit, per_cpu = _in_process_cpu(models_dir)
                 print(
