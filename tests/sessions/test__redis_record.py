@@ -167,3 +167,27 @@ async def test_packed_history_is_kept_and_a_stale_one_dropped(redis_url: str) ->
     finally:
         await with_history.close()
         await without.close()
+
+
+@pytest.mark.parametrize(("value", "layout"), [(None, "packed"), ("false", "fields")])
+async def test_a_server_writes_packed_records_unless_told_otherwise(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch, value: str | None, layout: str
+) -> None:
+    """0.2.0's default: the store a server builds from its settings writes packed records;
+    ``GRUSERVE_STORE_PACKED_RECORDS=false`` (a fleet upgrading from 0.1.0) writes fields."""
+    from gruserve.server import build_store
+    from gruserve.settings import Settings
+
+    monkeypatch.delenv("GRUSERVE_STORE_PACKED_RECORDS", raising=False)
+    if value is not None:
+        monkeypatch.setenv("GRUSERVE_STORE_PACKED_RECORDS", value)
+    store = build_store(Settings(session_store=redis_url))
+    client = redis.Redis.from_url(redis_url)
+    try:
+        assert await store.compare_and_set(_record("d", np.zeros(2, np.float32)), CREATE)
+        [key] = client.keys("*session:d")
+        stored = set(client.hgetall(key))
+        assert stored == ({b"record", b"revision", b"writer"} if layout == "packed" else FIELDS)
+    finally:
+        client.close()
+        await store.close()
