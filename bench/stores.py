@@ -11,8 +11,9 @@ load generator on core 1 (when the machine has two cores or more); Redis floats,
 ``--redis-core`` pins it (bench/README.md, "Where a Redis step's time goes").
 
 ``--other-bin`` adds a third server, the Redis store served by another installation of
-gruserve (an older commit's venv), for before/after figures in the same run; ``--packed``
-one more, the Redis store writing packed records (``GRUSERVE_STORE_PACKED_RECORDS``);
+gruserve (an older commit's venv), for before/after figures in the same run; ``--fields``
+one more, the Redis store writing the record layout of servers before 0.2.0, ten fields
+(``GRUSERVE_STORE_PACKED_RECORDS=0``; packed records are the default);
 ``--recent-off`` one more, this code's Redis store keeping no records
 (``GRUSERVE_STORE_RECENT_RECORDS=0``: every step reads). Each Redis run also records the
 Redis commands and Redis CPU per step (``INFO commandstats`` / ``cpu`` before and after).
@@ -105,9 +106,9 @@ def main() -> None:
         help="pin redis-server to this core (default: it floats over both)",
     )
     parser.add_argument(
-        "--packed",
+        "--fields",
         action="store_true",
-        help="also serve the Redis store with GRUSERVE_STORE_PACKED_RECORDS=1",
+        help="also serve the Redis store with GRUSERVE_STORE_PACKED_RECORDS=0",
     )
     parser.add_argument(
         "--recent-off",
@@ -129,22 +130,22 @@ def main() -> None:
         }
         redis_env = {"GRUSERVE_SESSION_STORE": f"redis://127.0.0.1:{redis_port}/0"}
         configs = [("memory", BIN, {}), ("redis", BIN, redis_env)]
-        if args.packed:
+        if args.fields:
             configs.append(
-                ("redis (packed)", BIN, {**redis_env, "GRUSERVE_STORE_PACKED_RECORDS": "1"})
+                ("redis (fields)", BIN, {**redis_env, "GRUSERVE_STORE_PACKED_RECORDS": "0"})
             )
         if args.recent_off:
             configs.append(
                 ("redis (no kept)", BIN, {**redis_env, "GRUSERVE_STORE_RECENT_RECORDS": "0"})
             )
-            if args.packed:
+            if args.fields:
                 configs.append(
                     (
-                        "redis (packed, no kept)",
+                        "redis (fields, no kept)",
                         BIN,
                         {
                             **redis_env,
-                            "GRUSERVE_STORE_PACKED_RECORDS": "1",
+                            "GRUSERVE_STORE_PACKED_RECORDS": "0",
                             "GRUSERVE_STORE_RECENT_RECORDS": "0",
                         },
                     )

@@ -1,3 +1,3 @@
 """gruserve: serve Keras GRU models with per-session state."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

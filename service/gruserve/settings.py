@@ -117,11 +117,12 @@ class Settings(BaseSettings):
     """Redis only, with ``store_min_replicas``: how long a write waits for its replicas (ms).
     Must stay below ``store_timeout_s``."""
 
-    store_packed_records: bool = False
-    """Redis only, opt-in: write each session as one packed hash field instead of ten (less
-    Redis and server CPU per step). Servers before this setting existed cannot read such
-    records: turn it on only once every replica sharing the Redis runs a version that has
-    it (all of those read both layouts, so turning it on or off by rolling restart is safe)."""
+    store_packed_records: bool = True
+    """Redis only: write each session as one packed hash field instead of the ten fields
+    that servers before 0.2.0 wrote (less Redis and server CPU per step). Every server that
+    has this setting reads both layouts, so a rolling restart may turn it on or off. Servers
+    of 0.1.0 may not read packed records: when a fleet upgrades from 0.1.0, roll 0.2.0 out
+    with this set to false, then drop the setting in a second rolling restart."""
 
     store_recent_records: int = Field(10_000, ge=0)
     """Redis only: how many sessions' records this server keeps of its own last successful

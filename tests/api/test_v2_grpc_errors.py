@@ -21,6 +21,7 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from conftest import free_port  # noqa: E402
 from gruserve.api.v2 import grpc_status  # noqa: E402
+from redis_records import set_stored_field, stored_field  # noqa: E402
 from test_server import BIN, _env, _start, _stop  # noqa: E402
 
 ACME, GLOBEX, OPS = (
@@ -85,7 +86,7 @@ def test_a_sequence_id_an_old_record_of_another_tenant_holds_is_already_exists(
     assert taken.status_code == 201, taken.text
     store = redis.Redis.from_url(url)
     key = "gruserve:session:v2:simple:5"
-    store.hset(key, "owner", "acme")
+    set_stored_field(store, key, "owner", "acme")
     error = _status(
         lambda: client.infer(
             "simple", [tensor(X)], sequence_id=5, sequence_start=True, headers=plain
@@ -93,7 +94,7 @@ def test_a_sequence_id_an_old_record_of_another_tenant_holds_is_already_exists(
     )
     assert error.status() == "StatusCode.ALREADY_EXISTS", error
     assert "v2:simple:5" in error.message()
-    assert (store.hget(key, "owner"), store.hget(key, "step")) == (b"acme", b"0")
+    assert (stored_field(store, key, "owner"), stored_field(store, key, "step")) == ("acme", "0")
     # a named tenant's sequence 5 lives in its own namespace and starts
     out = client.infer("simple", [tensor(X)], sequence_id=5, sequence_start=True, headers=ACME)
     assert out.as_numpy("outputs").shape[:2] == (1, 1)
@@ -147,7 +148,7 @@ def test_a_lost_compare_and_set_is_aborted(serving: Any, redis_server: str) -> N
     error = _status(lambda: client.infer("simple", [tensor(X)], sequence_id=777))
     assert error.status() == "StatusCode.ABORTED", error
     assert "v2:simple:777" in error.message()
-    assert store.hget(key, "step") == b"2"  # the step was not applied
+    assert stored_field(store, key, "step") == "2"  # the step was not applied
     conflicts = [
         line
         for line in httpx.get(f"{http}/metrics").text.splitlines()

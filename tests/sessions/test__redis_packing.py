@@ -71,7 +71,7 @@ async def test_the_hash_layout_is_unchanged_and_older_records_step_on(redis_url:
     """The script stores the fields the earlier layout had, as text numbers; a record
     written field by field as the previous code wrote it reads and advances."""
     client = redis.Redis.from_url(redis_url)
-    store = RedisSessionStore(redis_url, 60.0, 100, prefix=PREFIX)
+    store = RedisSessionStore(redis_url, 60.0, 100, prefix=PREFIX, packed=False)
     try:
         record = _record("new", np.arange(4, dtype=np.float32), b"r")
         assert await store.compare_and_set(record, CREATE)

@@ -66,7 +66,7 @@ async def test_packed_and_field_writers_read_and_step_on_each_others_records(
     (a packed write removes the fields), and a listing shows both."""
     client = redis.Redis.from_url(redis_url)
     packed = RedisSessionStore(redis_url, 60.0, 100, prefix=PREFIX, packed=True)
-    fields = RedisSessionStore(redis_url, 60.0, 100, prefix=PREFIX)
+    fields = RedisSessionStore(redis_url, 60.0, 100, prefix=PREFIX, packed=False)
     try:
         record = _record("s", np.arange(4, dtype=np.float32), b"r")
         assert await packed.compare_and_set(record, CREATE)
@@ -103,7 +103,7 @@ async def test_fields_an_older_server_wrote_over_a_packed_record_win(redis_url: 
     the next packed write makes the hash packed again."""
     client = redis.Redis.from_url(redis_url)
     packed = RedisSessionStore(redis_url, 60.0, 100, prefix=PREFIX, packed=True)
-    fields = RedisSessionStore(redis_url, 60.0, 100, prefix=PREFIX)
+    fields = RedisSessionStore(redis_url, 60.0, 100, prefix=PREFIX, packed=False)
     try:
         record = _record("old", np.zeros(2, np.float32))
         assert await packed.compare_and_set(record, CREATE)
@@ -167,3 +167,27 @@ async def test_packed_history_is_kept_and_a_stale_one_dropped(redis_url: str) ->
     finally:
         await with_history.close()
         await without.close()
+
+
+@pytest.mark.parametrize(("value", "layout"), [(None, "packed"), ("false", "fields")])
+async def test_a_server_writes_packed_records_unless_told_otherwise(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch, value: str | None, layout: str
+) -> None:
+    """0.2.0's default: the store a server builds from its settings writes packed records;
+    ``GRUSERVE_STORE_PACKED_RECORDS=false`` (a fleet upgrading from 0.1.0) writes fields."""
+    from gruserve.server import build_store
+    from gruserve.settings import Settings
+
+    monkeypatch.delenv("GRUSERVE_STORE_PACKED_RECORDS", raising=False)
+    if value is not None:
+        monkeypatch.setenv("GRUSERVE_STORE_PACKED_RECORDS", value)
+    store = build_store(Settings(session_store=redis_url))
+    client = redis.Redis.from_url(redis_url)
+    try:
+        assert await store.compare_and_set(_record("d", np.zeros(2, np.float32)), CREATE)
+        [key] = client.keys("*session:d")
+        stored = set(client.hgetall(key))
+        assert stored == ({b"record", b"revision", b"writer"} if layout == "packed" else FIELDS)
+    finally:
+        client.close()
+        await store.close()

@@ -24,6 +24,7 @@ from cluster_helpers import replicated_redis, wait_for
 from conftest import Served, serve
 from gruserve.sessions.resend import same_create
 from gruserve.sessions.store import SessionRecord
+from redis_records import stored_field
 
 
 @pytest.fixture
@@ -83,7 +84,7 @@ async def test_a_create_resent_after_a_503_gets_the_first_answer(
     made = r.json()
     assert (made["session_id"], made["model"], made["step"]) == ("once", "simple", 0)
     # the first send's record (the resend's own would be newer: the resync came between)
-    stored = float(master.client.hget("gruserve:session:once", "created_at"))
+    stored = float(stored_field(master.client, "gruserve:session:once", "created_at") or "nan")
     shown = datetime.fromisoformat(made["created_at"].replace("Z", "+00:00")).timestamp()
     assert abs(shown - stored) < 1e-3, (made["created_at"], stored)
     assert _revision(replica, "once") == 0  # acknowledged: the replica has it now

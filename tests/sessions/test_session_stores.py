@@ -22,27 +22,28 @@ from gruserve.sessions.memory import MemorySessionStore
 from gruserve.sessions.redis_store import RedisSessionStore
 from gruserve.sessions.store import SessionPage, SessionRecord, SessionStore
 
-PACKED = "packed+"
-"""Marks a Redis URL whose store writes packed records (``GRUSERVE_STORE_PACKED_RECORDS``)."""
+FIELDS = "fields+"
+"""Marks a Redis URL whose store writes the field-by-field layout of servers before 0.2.0
+(``GRUSERVE_STORE_PACKED_RECORDS=false``); the default writes packed records."""
 
 
 def _make(url: str, ttl_s: float = 60.0, max_sessions: int = 100) -> Any:
     if url == "memory":
         return MemorySessionStore(ttl_s, max_sessions)
-    if url.startswith(PACKED):
-        return RedisSessionStore(url.removeprefix(PACKED), ttl_s, max_sessions, packed=True)
+    if url.startswith(FIELDS):
+        return RedisSessionStore(url.removeprefix(FIELDS), ttl_s, max_sessions, packed=False)
     return RedisSessionStore(url, ttl_s, max_sessions)
 
 
-@pytest.fixture(params=["memory", "redis", "cluster", "packed-redis", "packed-cluster"])
+@pytest.fixture(params=["memory", "redis", "cluster", "fields-redis", "fields-cluster"])
 def any_store_url(request: pytest.FixtureRequest) -> str:
     """Runs a test once per session store, once on a Redis Cluster, for the behaviour a
     cluster keeps exactly (limits and LRU hold per key bucket there: README, Redis Cluster),
-    and on both with packed records."""
+    and on both with the record layout of servers before 0.2.0."""
     if request.param == "memory":
         return "memory"
-    if request.param.startswith("packed-"):
-        return PACKED + str(request.getfixturevalue(f"{request.param.removeprefix('packed-')}_url"))
+    if request.param.startswith("fields-"):
+        return FIELDS + str(request.getfixturevalue(f"{request.param.removeprefix('fields-')}_url"))
     return str(request.getfixturevalue(f"{request.param}_url"))
 
 
@@ -217,8 +218,8 @@ def _lifecycle(url: str, events: SessionEvents, **kwargs: Any) -> Any:
     ttl_s, max_sessions = kwargs.pop("ttl_s", 60.0), kwargs.pop("max_sessions", 100)
     if url == "memory":
         return MemorySessionStore(ttl_s, max_sessions, events=events, **kwargs)
-    if url.startswith(PACKED):
-        url, kwargs = url.removeprefix(PACKED), {**kwargs, "packed": True}
+    if url.startswith(FIELDS):
+        url, kwargs = url.removeprefix(FIELDS), {**kwargs, "packed": False}
     return RedisSessionStore(url, ttl_s, max_sessions, events=events, **kwargs)
 
 

@@ -208,8 +208,8 @@ class RedisSessionStore:
         history: store each record's kept inputs (a ``history`` field); off, the hashes and
             scripts are those of a server without history.
         packed: write each record as one ``record`` field (:mod:`._redis_record`) instead
-            of ten; reads take either layout. Older servers cannot read packed records:
-            turn it on once every replica sharing the Redis runs this version.
+            of ten (False: the layout of servers before 0.2.0, some of which cannot read
+            packed records); reads take either layout.
         recent: most records this store keeps of its own last successful writes, so a
             step can skip reading them (:meth:`recent`, :mod:`._recent`); 0: none.
     """
@@ -231,7 +231,7 @@ class RedisSessionStore:
         min_replicas: int = 0,
         wait_ms: int = 1000,
         history: bool = False,
-        packed: bool = False,
+        packed: bool = True,
         recent: int = 0,
     ) -> None:
         if not ttl_s > 0:
