@@ -11,11 +11,13 @@ import redis
 from gruserve.errors import SessionNotFound
 from gruserve.sessions._keyspace import Keyspace
 from gruserve.sessions._redis_packing import packed_write
-from gruserve.sessions._redis_scripts import WRITE_SCRIPT
+from gruserve.sessions._redis_scripts import scripts
 from gruserve.sessions.redis_store import RedisSessionStore
 from gruserve.sessions.store import CREATE, SessionRecord
 
 PREFIX = "packing:"
+FIELDS_WRITE = scripts(history=False, packed=False)[0]
+"""The write script of the field-by-field layout, which these writes are packed for."""
 
 
 def _record(sid: str, state: np.ndarray, result: bytes | None) -> SessionRecord:
@@ -106,12 +108,12 @@ async def test_a_resent_call_finds_each_write_its_own(redis_url: str) -> None:
         create = [packed_write(r, CREATE, 0, False) for r in records]
         keys = [*bucket.sets, *(bucket.session_key(r.session_id) for r in records)]
         head = [60_000, 100, 0, bucket.prefix]
-        assert client.eval(WRITE_SCRIPT, len(keys), *keys, *head, "t1", *create)[0] == [1] * 3
+        assert client.eval(FIELDS_WRITE, len(keys), *keys, *head, "t1", *create)[0] == [1] * 3
         now = time.time()
         step = [packed_write(r.advanced(r.state + 1, 1, now), 5, 0, False) for r in records]
-        assert client.eval(WRITE_SCRIPT, len(keys), *keys, *head, "t2", *step)[0] == [1] * 3
-        assert client.eval(WRITE_SCRIPT, len(keys), *keys, *head, "t2", *step)[0] == [1] * 3
-        assert client.eval(WRITE_SCRIPT, len(keys), *keys, *head, "t3", *step)[0] == [0] * 3
+        assert client.eval(FIELDS_WRITE, len(keys), *keys, *head, "t2", *step)[0] == [1] * 3
+        assert client.eval(FIELDS_WRITE, len(keys), *keys, *head, "t2", *step)[0] == [1] * 3
+        assert client.eval(FIELDS_WRITE, len(keys), *keys, *head, "t3", *step)[0] == [0] * 3
         assert [client.hget(k, "revision") for k in keys[3:]] == [b"6"] * 3
     finally:
         client.close()

@@ -239,5 +239,6 @@ def scripts(history: bool, packed: bool = False) -> tuple[str, str]:
     return cas, READ.replace("READ_FIELDS", ", ".join(f"'{name}'" for name in fields))
 
 
-WRITE_SCRIPT = scripts(history=False)[0]
-"""The compare-and-set script's text: its SHA1 marks a step's write on the wire (fault tests)."""
+WRITE_SCRIPT = scripts(history=False, packed=True)[0]
+"""The compare-and-set script of a server with the default settings (packed records, no
+history): its SHA1 marks a step's write on the wire (fault tests)."""
