@@ -242,6 +242,7 @@ async def test_a_busy_session_still_ends_at_its_lifetime(any_store_url: str) -> 
     lifetime = 2 * SHORT_S
     store = _lifecycle(any_store_url, events, ttl_s=60.0, max_lifetime_s=lifetime)
     try:
+        await store.count()  # connected first: a cluster client's first call maps the cluster
         born = time.time()
         for sid in ("busy", "also", "restarted"):
             await store.create(dataclasses.replace(_record(sid), created_at=born))
