@@ -84,12 +84,42 @@ class Node:
     def _start(self) -> subprocess.Popen[bytes]:
         return subprocess.Popen(self.command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
+    def serving(self) -> bool:
+        """Whether this node's own process answers on its port.
+
+        Ports are picked free and then handed to ``redis-server``, so on a machine shared
+        with other test runs another process may take the port first: our server then
+        exits (it cannot bind), and a ping alone would be answered by theirs, whose data
+        their tests flush under ours. Raises once our process has exited.
+        """
+        if self.proc.poll() is not None:
+            raise RuntimeError(
+                f"redis-server on port {self.port} exited ({self.proc.returncode}): "
+                "is the port (or its cluster bus port, +10000) taken?"
+            )
+        return self.info("server")["process_id"] == self.proc.pid
+
     def restart(self) -> None:
         """Start it again on its port and folder (a cluster node rejoins from nodes.conf)."""
         self.proc = self._start()
 
     def info(self, section: str) -> dict[str, object]:
         return dict(self.client.info(section))
+
+    def online_replicas(self) -> int:
+        """How many replicas this master counts as online: the ones ``WAIT`` asks and counts.
+
+        A replica reports ``master_link_status:up`` as soon as it has loaded the master's
+        data, and only then sends the acknowledgement that puts it online on the master;
+        a write's ``WAIT`` in between neither asks it nor counts it, and the next
+        acknowledgement comes up to a second later (every replica sends one a second).
+        """
+        replication = self.info("replication")
+        return sum(
+            1
+            for key, value in replication.items()
+            if key.startswith("slave") and isinstance(value, dict) and value["state"] == "online"
+        )
 
     def kill(self) -> None:
         """``kill -9``."""
@@ -120,7 +150,7 @@ class LocalCluster:
                 node = Node(server, workdir, [*args, "--cluster-config-file", "nodes.conf"])
                 self.nodes[node.port] = node
             for node in self.nodes.values():
-                wait_for(node.client.ping, f"redis-server on port {node.port}")
+                wait_for(node.serving, f"redis-server on port {node.port}")
             subprocess.run(
                 [
                     cli,
@@ -149,19 +179,47 @@ class LocalCluster:
         return [node for node in self.alive() if node.info("replication")["role"] == "master"]
 
     def wait_healthy(self, masters: int) -> None:
-        """Every live node sees the cluster ok, ``masters`` masters serve, and every live
-        replica is in sync with its master (so ``WAIT`` can count it)."""
+        """Wait until the cluster has converged: every node is up, sees the cluster ok and
+        every other node connected and healthy, all of them agree on which master serves
+        which slots, ``masters`` masters serve, and every replica is in sync with its master
+        and online on it (so ``WAIT`` counts it: :meth:`Node.online_replicas`).
+
+        ``cluster_state:ok`` alone is not agreement: a node says ok once its own map covers
+        every slot, while another may still route a slot to a master that was replaced
+        (a client asking it would be sent to the wrong node). Raises if a node's process
+        exited.
+        """
 
         def healthy() -> bool:
-            for node in self.alive():
-                if node.info("cluster").get("cluster_enabled") != 1:
+            views = set()
+            for node in self.nodes.values():
+                if not node.serving():
                     return False
                 if node.client.execute_command("CLUSTER INFO").get("cluster_state") != "ok":
                     return False
                 replication = node.info("replication")
                 if replication["role"] == "slave" and replication["master_link_status"] != "up":
                     return False
-            return len(self.masters()) == masters
+                known = node.client.execute_command("CLUSTER NODES")
+                if len(known) != len(self.nodes) or any(
+                    "fail" in peer["flags"] or not peer["connected"] for peer in known.values()
+                ):
+                    return False
+                views.add(
+                    frozenset(
+                        (address.split("@")[0], str(peer["slots"]))
+                        for address, peer in known.items()
+                        if "master" in peer["flags"] and peer["slots"]
+                    )
+                )
+            serving = self.masters()
+            return (
+                len(views) == 1
+                and {address for address, _ in views.pop()}
+                == {f"127.0.0.1:{node.port}" for node in serving}
+                and len(serving) == masters
+                and sum(node.online_replicas() for node in serving) == len(self.nodes) - masters
+            )
 
         wait_for(healthy, f"a healthy cluster of {masters} masters")
 
@@ -190,11 +248,11 @@ def replicated_redis(workdir: Path) -> Iterator[tuple[Node, Node]]:
     master = Node(server, workdir, [])
     replica = None
     try:
-        wait_for(master.client.ping, "the master")
+        wait_for(master.serving, "the master")
         replica = Node(server, workdir, ["--replicaof", "127.0.0.1", str(master.port)])
         wait_for(
-            lambda: replica.info("replication")["master_link_status"] == "up",  # type: ignore[union-attr]
-            "the replica to sync",
+            lambda: replica.serving() and master.online_replicas() == 1,  # type: ignore[union-attr]
+            "the replica to sync (online on the master)",
         )
         yield master, replica
     finally:

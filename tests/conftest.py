@@ -81,16 +81,19 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     import redis
 
     client = redis.Redis.from_url(url)
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60
     while True:
         try:
-            client.ping()
-            break
+            # answered by this process: the port was free when picked, but another test run
+            # on the machine may have started its server there first (ours then exits)
+            if client.info("server")["process_id"] == proc.pid:
+                break
         except redis.ConnectionError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise RuntimeError(f"redis-server did not start on port {port}") from None
-            time.sleep(0.05)
+            pass
+        if time.monotonic() > deadline or proc.poll() is not None:
+            proc.kill()
+            raise RuntimeError(f"redis-server did not start on port {port}")
+        time.sleep(0.05)
     client.close()
     yield url
     proc.terminate()
@@ -107,18 +110,28 @@ def redis_url(redis_server: str) -> str:
     return redis_server
 
 
+SHARED_CLUSTER_NODE_TIMEOUT_MS = 15_000
+"""``cluster-node-timeout`` of the cluster the tests share (Redis's default). Nothing kills
+its nodes, so a failover there is never wanted; at the fault tests' 1 s, a node that a busy
+machine leaves without an answer to its peers' pings for a second can be voted out, and its
+last writes, not yet on its replica, are lost with it (asynchronous replication)."""
+
+
 @pytest.fixture(scope="session")
 def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """A private Redis Cluster (3 masters, 3 replicas) for the whole run; see cluster_helpers."""
     from cluster_helpers import local_cluster
 
-    with local_cluster(tmp_path_factory.mktemp("cluster")) as cluster:
+    workdir = tmp_path_factory.mktemp("cluster")
+    with local_cluster(workdir, node_timeout_ms=SHARED_CLUSTER_NODE_TIMEOUT_MS) as cluster:
         yield cluster
 
 
 @pytest.fixture
 def cluster_url(redis_cluster: Any) -> str:
-    """The private Redis Cluster's store URL, emptied for this test."""
+    """The private Redis Cluster's store URL, converged (every node agreeing on the slot
+    map, every replica in sync) and emptied for this test."""
+    redis_cluster.wait_healthy(3)
     redis_cluster.flush()
     return str(redis_cluster.url)
 
@@ -224,6 +237,15 @@ async def until(check: Any, what: str, timeout: float = 60.0) -> None:
     while not await check():
         assert asyncio.get_running_loop().time() < deadline, f"still not {what}"
         await asyncio.sleep(0.01)
+
+
+async def past(moment: float) -> None:
+    """Sleep until the wall clock (``time.time()``, the clock of records' ``created_at`` and
+    ``last_used_at``, and Redis's ``TIME`` on this machine) is past ``moment``, with a
+    margin for Redis's whole milliseconds: what must have expired by then has. A busy
+    machine only makes it return later."""
+    while (left := moment + 0.005 - time.time()) > 0:
+        await asyncio.sleep(left)
 
 
 async def cancel_while_waiting_on(

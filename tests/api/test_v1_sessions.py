@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import serve
+from conftest import past, serve
 from gruserve.api.v1.schemas import SessionInfo, SessionList, StepResponse
 
 ATOL = 1e-5
@@ -357,14 +358,16 @@ def _sample(text: str, name: str) -> float:
 async def test_idle_sessions_expire(
     models_dir: Path, tiny_models: dict[str, Any], store_url: str
 ) -> None:
-    # Sleeps only ever last longer, so "idle" is always past its TTL at the end; "busy"
-    # stays alive unless the machine stalls the test for 0.9 s between two steps.
-    async for s in serve(models_dir, store_url, session_ttl_s=1.0):
+    # "busy" is stepped every 0.2 s (each step well within its 1.5 s TTL of the one before)
+    # until "idle", never used since its create, is past its TTL
+    async for s in serve(models_dir, store_url, session_ttl_s=1.5):
         idle = (await create(s.client, "simple"))["session_id"]
+        idle_until = time.time() + 1.5
         busy = (await create(s.client, "simple"))["session_id"]
-        for _ in range(12):
-            await asyncio.sleep(0.1)
+        while time.time() <= idle_until:
+            await asyncio.sleep(0.2)
             await step(s.client, busy, [0.0, 0.0, 0.0])
+        await past(idle_until)
         r = await s.client.get(f"/v1/sessions/{idle}")
         assert r.status_code == 404 and "expired" in r.json()["error"]["message"]
         assert (await s.client.get(f"/v1/sessions/{busy}")).status_code == 200
@@ -384,20 +387,21 @@ async def test_max_sessions(models_dir: Path, tiny_models: dict[str, Any], store
 async def test_lru_eviction_and_lifetime_through_the_api(
     models_dir: Path, tiny_models: dict[str, Any], store_url: str
 ) -> None:
+    # a lifetime that what must live until the sleep outlasts however busy the machine
     async for s in serve(
-        models_dir, store_url, max_sessions=2, session_eviction="lru", session_max_lifetime_s=1.0
+        models_dir, store_url, max_sessions=2, session_eviction="lru", session_max_lifetime_s=3.0
     ):
         first = await create(s.client, "simple", session_id="first")
         # expires at the end of its lifetime, well before its idle TTL (1800 s)
         created = datetime.fromisoformat(first["created_at"])
         lives = datetime.fromisoformat(first["expires_at"]) - created
-        assert abs(lives - timedelta(seconds=1)) <= timedelta(milliseconds=1)  # ms resolution
+        assert abs(lives - timedelta(seconds=3)) <= timedelta(milliseconds=1)  # ms resolution
         await create(s.client, "simple", session_id="second")
         await step(s.client, "first", [0.0, 0.0, 0.0])  # "second" is now the least recently used
         await create(s.client, "simple", session_id="third")
         assert (await s.client.get("/v1/sessions/second")).status_code == 404
         assert (await s.client.get("/v1/sessions/first")).status_code == 200
-        await asyncio.sleep(1.1)
+        await past(time.time() + 3.0)  # "third", created last, is past its lifetime too
         for sid in ("first", "third"):
             r = await s.client.get(f"/v1/sessions/{sid}")
             assert r.status_code == 404, r.text

@@ -51,7 +51,7 @@ def _replica_away(master: Any, replica: Any) -> None:
 def _replica_back(master: Any, replica: Any) -> None:
     replica.restart()
     wait_for(lambda: replica.info("replication")["master_link_status"] == "up", "the resync")
-    wait_for(lambda: master.info("replication")["connected_slaves"] == 1, "the master to see it")
+    wait_for(lambda: master.online_replicas() == 1, "the master to count it (online)")
 
 
 def _revision(node: Any, sid: str) -> int | None:

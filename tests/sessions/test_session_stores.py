@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
+from conftest import past
 from gruserve.errors import SessionExists, SessionNotFound, TooManySessions
 from gruserve.metrics import Metrics
 from gruserve.sessions import memory as memory_module
@@ -25,6 +26,11 @@ from gruserve.sessions.store import SessionPage, SessionRecord, SessionStore
 FIELDS = "fields+"
 """Marks a Redis URL whose store writes the field-by-field layout of servers before 0.2.0
 (``GRUSERVE_STORE_PACKED_RECORDS=false``); the default writes packed records."""
+SHORT_S = 1.5
+"""The idle TTL (and half the lifetime) of the expiry tests: short enough to wait out, long
+enough that what must still live is checked at least a second before its end however busy
+the machine (creating a cluster client alone has taken most of a second there). What must
+have expired is checked only once its end has passed (``past``)."""
 
 
 def _make(url: str, ttl_s: float = 60.0, max_sessions: int = 100) -> Any:
@@ -139,28 +145,32 @@ async def test_the_owner_is_kept_through_every_write(store: SessionStore) -> Non
 
 
 async def test_expiry_counts_from_the_last_write(any_store_url: str) -> None:
-    # "idle" is past its TTL at the end whatever the load (sleeps only last longer); "busy"
-    # is written every 0.1 s, 0.9 s within its TTL.
-    store = _make(any_store_url, ttl_s=1.0)
+    # "busy" is written every 0.2 s (each write well within its TTL of the one before) until
+    # "idle", never written, is past its TTL
+    store = _make(any_store_url, ttl_s=SHORT_S)
     try:
         await store.create(_record("idle"))
+        idle_until = time.time() + SHORT_S  # after the write: past Redis's deadline too
         await store.create(_record("busy"))
-        for _ in range(12):
-            await asyncio.sleep(0.1)
+        steps = 0
+        while steps < 3 or time.time() <= idle_until:
+            await asyncio.sleep(0.2)
             busy = await store.get("busy")
             assert await store.compare_and_set(
                 busy.advanced(busy.state, 1, time.time()), busy.revision
             )
+            steps += 1
+        await past(idle_until)
         with pytest.raises(SessionNotFound):
             await store.get("idle")
-        assert (await store.get("busy")).step == 12
+        assert (await store.get("busy")).step == steps
         assert await store.count() == 1
     finally:
         await store.close()
 
 
 async def test_max_sessions(store_url: str) -> None:
-    store = _make(store_url, ttl_s=0.3, max_sessions=2)
+    store = _make(store_url, ttl_s=SHORT_S, max_sessions=2)
     try:
         await store.create(_record("a"))
         await store.create(_record("b"))
@@ -168,7 +178,7 @@ async def test_max_sessions(store_url: str) -> None:
             await store.create(_record("c"))
         await store.delete("a")
         await store.create(_record("c"))
-        await asyncio.sleep(0.4)  # expired sessions free their places
+        await past(time.time() + SHORT_S)  # expired sessions free their places
         await store.create(_record("d"))
         await store.create(_record("e"))
     finally:
@@ -224,33 +234,36 @@ def _lifecycle(url: str, events: SessionEvents, **kwargs: Any) -> Any:
 
 
 async def test_a_busy_session_still_ends_at_its_lifetime(any_store_url: str) -> None:
+    """Writes renew a session's idle time, never its lifetime; a restart (v2 sequence_start:
+    a new ``created_at``) gives it a new one. The three are created at one ``born`` with a
+    lifetime of 2 * SHORT_S and an idle TTL never near; the writes come at once, the restart
+    half a lifetime later, and every check of a session that must live comes at least half
+    a lifetime before its end."""
     events = Reported()
-    # Sleeps only last longer: what must have expired has, whatever the load; what must
-    # live is checked 0.4 s before its end.
-    store = _lifecycle(any_store_url, events, ttl_s=5.0, max_lifetime_s=1.0)
+    lifetime = 2 * SHORT_S
+    store = _lifecycle(any_store_url, events, ttl_s=60.0, max_lifetime_s=lifetime)
     try:
-        await store.create(_record("busy"))
-        await store.create(_record("also"))
-        for _ in range(3):  # used well within the idle TTL all along
-            await asyncio.sleep(0.1)
+        await store.count()  # connected first: a cluster client's first call maps the cluster
+        born = time.time()
+        for sid in ("busy", "also", "restarted"):
+            await store.create(dataclasses.replace(_record(sid), created_at=born))
+        for _ in range(3):  # in use all along
             busy = await store.get("busy")
             assert await store.compare_and_set(
                 busy.advanced(busy.state, 1, time.time()), busy.revision
             )
-        await asyncio.sleep(0.8)
-        with pytest.raises(SessionNotFound):
-            await store.get("busy")
-        assert await store.count() == 0  # the sweep finds the other one
-        assert sorted(events.expired_ids["lifetime"]) == ["also", "busy"]
-        assert events.expired_ids["idle"] == []
-        # a restart (v2 sequence_start) gives a session a new lifetime
-        await store.create(_record("restarted"))
-        await asyncio.sleep(0.6)
+        await past(born + lifetime / 2)
         current = await store.get("restarted")
         fresh = dataclasses.replace(current, revision=current.revision + 1, created_at=time.time())
         assert await store.compare_and_set(fresh, current.revision)
-        await asyncio.sleep(0.6)  # 1.2 s after its creation, 0.6 s after its restart
-        assert (await store.get("restarted")).revision == 1
+        await past(born + lifetime)  # the restart's new end is half a lifetime away
+        with pytest.raises(SessionNotFound):
+            await store.get("busy")
+        assert await store.count() == 1  # the sweep finds "also"
+        assert sorted(events.expired_ids["lifetime"]) == ["also", "busy"]
+        assert events.expired_ids["idle"] == []
+        restarted = await store.get("restarted")
+        assert (restarted.revision, restarted.step) == (1, 0)
     finally:
         await store.close()
 
@@ -311,11 +324,14 @@ async def test_events_count_in_metrics_and_log_ids_never_states(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     metrics = Metrics(CollectorRegistry())
-    store = MemorySessionStore(0.1, 1, eviction="lru", events=SessionEvents(metrics))
+    clock = [time.time()]  # the store's clock: "first" is evicted, never expired, however slow
+    store = MemorySessionStore(
+        0.1, 1, lambda: clock[0], eviction="lru", events=SessionEvents(metrics)
+    )
     caplog.set_level(logging.INFO, "gruserve.sessions")
     await store.create(_record("first", units=3))
     await store.create(_record("second", units=3))  # evicts "first"
-    await asyncio.sleep(0.15)
+    clock[0] = time.time() + 0.15  # past "second"'s TTL
     assert await store.count() == 0  # "second" expired
     assert metrics.sessions_evicted._value.get() == 1
     assert metrics.sessions_expired.labels("idle")._value.get() == 1
