@@ -69,6 +69,7 @@ class MasterPipelines:
         client: the store's client: a single Redis, or the cluster client whose slot map
             says which master holds each call's keys.
         url: the store URL (a cluster's nodes get clients with its credentials and TLS).
+        location: where a single Redis is, as errors name it (the store's own wording).
         timeout_s: connect and socket timeout of the masters' clients.
         min_replicas: with ``wait``, replicas a master's ``WAIT`` must count (0: no ``WAIT``).
         wait_ms: how long ``WAIT`` waits for them.
@@ -79,12 +80,14 @@ class MasterPipelines:
         self,
         client: aioredis.Redis | RedisCluster,
         url: str,
+        location: str,
         timeout_s: float,
         min_replicas: int,
         wait_ms: int,
         unavailable: Callable[[BaseException], StoreUnavailable],
     ) -> None:
         self._client, self._url, self._timeout_s = client, url, timeout_s
+        self._location = location
         self._min_replicas, self._wait_ms = min_replicas, wait_ms
         self._unavailable = unavailable
         # each master's clients by (name, waits): a waiting pipeline retries once on a
@@ -102,9 +105,9 @@ class MasterPipelines:
         """
         wait = wait and self._min_replicas > 0
         if not isinstance(self._client, RedisCluster) and not wait:
-            return await self.each([c.script(keys=c.keys, args=c.args) for c in calls])
+            return await self._each([c.script(keys=c.keys, args=c.args) for c in calls])
         masters = await self._by_master(calls, wait)
-        per_master = await self.each(
+        per_master = await self._each(
             [
                 self._master(name, client, [calls[i] for i in at], wait)
                 for name, client, at in masters
@@ -116,7 +119,7 @@ class MasterPipelines:
                 answers[i] = found if isinstance(found, StoreUnavailable) else found[n]
         return answers
 
-    async def each(self, calls: Sequence[Awaitable[Any]]) -> list[Any]:
+    async def _each(self, calls: Sequence[Awaitable[Any]]) -> list[Any]:
         """Every awaitable's answer, or StoreUnavailable for one whose Redis cannot answer."""
         if len(calls) == 1:  # one call: no task to create
             try:
@@ -138,9 +141,7 @@ class MasterPipelines:
     ) -> list[tuple[str, aioredis.Redis, list[int]]]:
         """The calls' positions by the master holding their keys, with its client."""
         if not isinstance(self._client, RedisCluster):
-            kwargs = self._client.connection_pool.connection_kwargs
-            name = str(kwargs.get("path") or f"{kwargs.get('host')}:{kwargs.get('port')}")
-            return [(name, self._client, list(range(len(calls))))]
+            return [(self._location, self._client, list(range(len(calls))))]
         await self._client.initialize()  # the slot map (refreshed when an error asked for it)
         masters: dict[str, tuple[aioredis.Redis, list[int]]] = {}
         for i, call in enumerate(calls):
@@ -193,7 +194,7 @@ class MasterPipelines:
                 raise replies[i]  # the script itself failed
         if failed:  # through the cluster client, as a call on its own goes: redirections
             # followed, the slot map refreshed, one retry
-            resent = await self.each(
+            resent = await self._each(
                 [calls[i].script(keys=calls[i].keys, args=calls[i].args) for i in failed]
             )
             for i, reply in zip(failed, resent, strict=True):

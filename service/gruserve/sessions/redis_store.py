@@ -255,7 +255,13 @@ class RedisSessionStore:
         self._redis = connect(url, timeout_s)
         # a wave's script calls: one pipeline per master (on one Redis, one call as it is)
         self._masters = MasterPipelines(
-            self._redis, url, timeout_s, min_replicas, wait_ms, self._unavailable
+            self._redis,
+            url,
+            self._redis_location(),
+            timeout_s,
+            min_replicas,
+            wait_ms,
+            self._unavailable,
         )
         self._history = history  # keep each session's ``history`` (GRUSERVE_SESSION_HISTORY)
         self._packed = packed
