@@ -20,7 +20,6 @@ def rng() -> np.random.Generator:
 import asyncio  # noqa: E402
 import shutil  # noqa: E402
 import socket  # noqa: E402
-import subprocess  # noqa: E402
 import time  # noqa: E402
 from collections.abc import AsyncIterator, Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -58,46 +57,16 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             "redis-server is not installed (Debian: apt-get install redis-server); "
             "the Redis session store tests need a real server"
         )
-    port = free_port()
-    workdir = tmp_path_factory.mktemp("redis")
-    proc = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(workdir),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    import redis
+    from bench.redis_topology import Node, wait_for
 
-    client = redis.Redis.from_url(url)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            # answered by this process: the port was free when picked, but another test run
-            # on the machine may have started its server there first (ours then exits)
-            if client.info("server")["process_id"] == proc.pid:
-                break
-        except redis.ConnectionError:
-            pass
-        if time.monotonic() > deadline or proc.poll() is not None:
-            proc.kill()
-            raise RuntimeError(f"redis-server did not start on port {port}")
-        time.sleep(0.05)
-    client.close()
-    yield url
-    proc.terminate()
-    proc.wait(timeout=10)
+    # Node.serving: answered by this process (the port was free when picked, but another
+    # test run on the machine may have started its server there first)
+    node = Node(binary, tmp_path_factory.mktemp("redis"), [])
+    try:
+        wait_for(node.serving, f"redis-server on port {node.port}")
+        yield f"redis://127.0.0.1:{node.port}/0"
+    finally:
+        node.stop()
 
 
 @pytest.fixture
