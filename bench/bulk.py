@@ -5,7 +5,9 @@
 Measures, one after the other on this machine:
 
 1. the in-process limit: ``LoadedModel.run`` in a loop at batch 64, single-timestep steps
-   (the same loop as ``bench.run_all``'s ``demo_b64``);
+   (the same loop as ``bench.run_all``'s ``demo_b64``), before and again after each round's
+   servers, the round's ratios taken to the mean of the two (a shared VM's speed drifts
+   within a round: the limit alone moved by 40 % between rounds on a busy day);
 2. ``gruserve serve`` (one process) with the memory store, then one with a Redis store (a
    private ``redis-server`` started here; both servers stay up for the run), each over
    ``POST /v1/models/demo/steps`` in the binary form and in JSON: ``--in-flight`` keep-alive
@@ -235,10 +237,10 @@ def main() -> None:
                 name = store.split(":")[0] + tail
                 servers[name] = Server([str(bin_dir / "gruserve"), "serve"], env, port, "/readyz")
             for round_ in range(args.rounds):
-                limit, per_cpu = _in_process_cpu(models_dir)
+                first = _in_process_cpu(models_dir)
                 print(
-                    f"round {round_ + 1}: in-process loop, batch 64: {limit:,.0f} steps/s "
-                    f"({per_cpu:,.0f} per CPU second), load average {os.getloadavg()[0]:.1f}"
+                    f"round {round_ + 1}: in-process loop, batch 64: {first[0]:,.0f} steps/s "
+                    f"({first[1]:,.0f} per CPU second), load average {os.getloadavg()[0]:.1f}"
                 )
                 runs = []
                 for name, server in servers.items():
@@ -249,12 +251,21 @@ def main() -> None:
                         }
                         runs.append(run)
                         _print(run)
+                # the loop again once the servers ran: a VM whose speed drifted during the
+                # round moves the limit as it moved the servers, so the ratio is to the mean
+                last = _in_process_cpu(models_dir)
+                print(
+                    f"round {round_ + 1}: in-process loop again: {last[0]:,.0f} steps/s "
+                    f"({last[1]:,.0f} per CPU second)"
+                )
+                limit, per_cpu = (first[0] + last[0]) / 2, (first[1] + last[1]) / 2
                 ratios, cpu_ratios = _ratios(runs, limit), _ratios(runs, per_cpu, per_cpu=True)
                 print(json.dumps({"wall": ratios, "per_cpu": cpu_ratios}, indent=2), flush=True)
                 results["rounds"].append(
                     {
                         "in_process_b64_steps_per_s": limit,
                         "in_process_b64_steps_per_cpu_s": per_cpu,
+                        "in_process_b64_before_after": [first[0], last[0]],
                         "load_average": os.getloadavg(),
                         "runs": runs,
                         "ratios": ratios,
