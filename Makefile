@@ -13,8 +13,10 @@ serve: $(VENV)/.serve  ## serve models/ (the bundled demo) on http://127.0.0.1:8
 test: $(VENV)/.test  ## run the whole test suite
 	$(BIN)/python -m pytest
 
-lint: $(VENV)/.test
+lint: $(VENV)/.test  ## ruff (rules and format) and mypy, as tests/test_static_checks.py runs them
 	$(BIN)/ruff check service tests bench
+	$(BIN)/ruff format --check service tests bench
+	$(BIN)/mypy service/gruserve
 
 bench: $(VENV)/.test
 	$(BIN)/python -m bench.run_all

@@ -154,6 +154,11 @@ def import_keras(
     console.print(f"[green]wrote[/] {result.path} ({_parity_line(result.manifest.parity)})")
 
 
+def _yes_no(flag: Any) -> str:
+    """A manifest's true/false as the table shows it; "-" where it has none."""
+    return "yes" if flag is True else "no" if flag is False else "-"
+
+
 def _parity_line(parity: dict[str, Any]) -> str:
     if not parity.get("verified", True):
         return "[yellow]unverified[/]: written without the parity check"
@@ -248,7 +253,7 @@ def _summary(chosen: Any, available: list[int]) -> Table:
             layer.name,
             layer.class_name,
             export.get("strategy", "-"),
-            {True: "yes", False: "no"}.get(export.get("cudnn_eligible"), "-"),
+            _yes_no(export.get("cudnn_eligible")),
             "; ".join(export.get("notes", [])),
         )
     parity = m.parity

@@ -245,6 +245,19 @@ def test_errors_are_typed_with_the_servers_type_and_message(server: str) -> None
             list(wrong_key.stream([[1.0]]))
 
 
+@pytest.mark.parametrize(
+    "body", [b"<html>502 Bad Gateway</html>", bytearray(b"<html>502 Bad Gateway</html>")]
+)
+def test_a_reply_that_is_not_gruserves_error_is_an_http_error_with_its_text(
+    body: bytes | bytearray,
+) -> None:
+    """A proxy's page in front of the server (the WebSocket client hands a refused
+    handshake's body over as a bytearray): its text, not its bytes, is the message."""
+    error = client_errors.api_error(502, body)
+    assert type(error) is ApiError and error.type == "HTTPError" and error.status == 502
+    assert error.message == "<html>502 Bad Gateway</html>"
+
+
 def test_no_server_raises_connection_lost_after_the_retries() -> None:
     port = free_port()  # nothing listens there
     with Client(f"http://127.0.0.1:{port}", retries=2) as c:

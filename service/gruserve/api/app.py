@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.routing import APIRoute
 from starlette.middleware import Middleware
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -158,7 +159,9 @@ def create_app(settings: Settings, services: Services) -> GruServeAPI:
             handler = cls(handler, *args, **kwargs)
         return handler
 
-    step_route = next(r for r in v1.router.routes if getattr(r, "endpoint", None) is v1.step)
+    step_route = next(
+        r for r in v1.router.routes if isinstance(r, APIRoute) and r.endpoint is v1.step
+    )
     step = StepEndpoint(services.sessions, services.metrics, settings)
     lifecycle = (_route(v1.create_session), _route(v1.delete_session))
     bulk_route = next(

@@ -143,7 +143,7 @@ _TYPES: dict[str, type[ApiError]] = {
 }
 
 
-def api_error(status: int, content: bytes | str) -> ApiError:
+def api_error(status: int, content: bytes | bytearray | str) -> ApiError:
     """The typed exception for an error reply: ``{"error": {"type", "message", ...}}``.
 
     A body that is not that shape (a proxy's HTML page, say) becomes a plain
@@ -154,7 +154,8 @@ def api_error(status: int, content: bytes | str) -> ApiError:
         error = body["error"]
         kind, message = str(error["type"]), str(error["message"])
     except (orjson.JSONDecodeError, KeyError, TypeError):
-        text = content.decode(errors="replace") if isinstance(content, bytes) else content
+        # a WebSocket handshake's refusal carries its body as a bytearray
+        text = content if isinstance(content, str) else content.decode(errors="replace")
         return ApiError(status, "HTTPError", text[:200], None, None)
     return _TYPES.get(kind, ApiError)(
         int(error.get("status", status)), kind, message, error.get("field"), error

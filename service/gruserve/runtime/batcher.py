@@ -349,7 +349,7 @@ class Batcher:
 
     def _take(self) -> list[_Item]:
         """Pop the next batch, dropping steps whose caller has gone."""
-        pending, batch = self._pending, []
+        pending, batch = self._pending, list[_Item]()
         same_length = self._pad_alignment is None
         length = None
         skipped: list[_Item] = []
@@ -490,16 +490,15 @@ class Batcher:
         lengths = [item.inputs.shape[0] for item in batch]
         longest = max(lengths)
         if longest == 1 and all(item.mask is None for item in batch):  # the common single-step case
-            first = batch[0].inputs
             inputs = np.concatenate([item.inputs for item in batch]).reshape(
-                len(batch), 1, *first.shape[1:]
+                len(batch), 1, *batch[0].inputs.shape[1:]
             )
             mask = None
         elif longest == min(lengths) and all(item.mask is None for item in batch):
             inputs, mask = np.stack([item.inputs for item in batch]), None
         else:
-            first = batch[0].inputs
-            inputs = np.zeros((len(batch), longest, *first.shape[1:]), first.dtype)
+            one = batch[0].inputs
+            inputs = np.zeros((len(batch), longest, *one.shape[1:]), one.dtype)
             mask = np.zeros((len(batch), longest), np.bool_)
             for row, item in enumerate(batch):
                 inputs[row, : lengths[row]] = item.inputs

@@ -218,7 +218,7 @@ def _checked(
                 and x.shape[-1] == features
                 and (single or (x.ndim == 2 and 1 <= x.shape[0] <= max_t))
             ):
-                x = x.reshape(1, features) if single else x
+                x = x.reshape(1, -1) if single else x
                 if x.shape[0] not in reply_checked:
                     service.parts.limits.check_reply(sig, 1, x.shape[0])
                     reply_checked.add(x.shape[0])

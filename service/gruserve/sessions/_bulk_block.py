@@ -206,13 +206,15 @@ async def _apply(
                 taken.append(record)
                 bases.append(found.writer)
             continue
-        record = next(fresh)
-        if isinstance(record, Exception):
-            if isinstance(record, SessionNotFound) and legacy_key(key):
+        got = next(fresh)
+        if isinstance(got, Exception):
+            if isinstance(got, SessionNotFound) and legacy_key(key):
                 left.append(row)  # maybe kept from before namespaces: the batch path looks
             else:
-                outcomes[positions[row]] = record
-        elif caller is not ANYONE and not caller.sees(record.owner):
+                outcomes[positions[row]] = got
+            continue
+        record = got
+        if caller is not ANYONE and not caller.sees(record.owner):
             outcomes[positions[row]] = SessionNotFound(record.session_id)
         elif record.model != name:
             outcomes[positions[row]] = SessionNotOnModel(record.session_id, record.model, name)

@@ -77,7 +77,7 @@ def node_client(url: str, node: ClusterNode, timeout_s: float, retries: int = 1)
     parsed = parse_cluster_url(url)
     return aioredis.Redis(
         host=node.host,
-        port=node.port,
+        port=int(node.port),
         username=parsed.username,
         password=parsed.password,
         ssl=parsed.tls,

@@ -487,7 +487,8 @@ class SessionService:
             or (model_name is not None and record.model != model_name)
             or (step_number is not None and step_number != record.step)
         ):
-            return self._missed()
+            self._missed()
+            return None
         try:
             chunk = self.parts.chunk(model.signature, inputs, mask)
             applied = (
@@ -497,7 +498,8 @@ class SessionService:
             )
             out = await self.parts.batcher(model).submit(chunk.inputs, chunk.mask, record.state)
         except Exception:  # e.g. inputs that do not fit: decided again on the fresh record
-            return self._missed()
+            self._missed()
+            return None
         outputs, updated = self._advanced(record, model, chunk, out, step_number, applied)
         try:
             written = await self.store.compare_and_set(
@@ -506,12 +508,13 @@ class SessionService:
         except SessionNotFound:  # expired or deleted: the fresh read says which
             written = False
         if not written:
-            return self._missed()
+            self._missed()
+            return None
         return _stepped(model, outputs, updated, lifecycle)
 
     def _missed(self) -> None:
-        """Count a kept record's miss (:meth:`SessionParts.missed`); None, the caller's cue to
-        read."""
+        """Count a kept record's miss (:meth:`SessionParts.missed`); the caller then answers
+        None, its cue to read."""
         self.parts.missed()
 
     def _advanced(

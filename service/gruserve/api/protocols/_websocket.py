@@ -122,7 +122,9 @@ class GruServeWebSocketProtocol(WebSocketsSansIOProtocol):
         super().__init__(*args, **kwargs)
         self._frames = 0  # frames of the fragmented message being read
         self._message_bytes = 0  # its frames' headers and payloads so far
-        self.queue = _Inbox()  # type: ignore[assignment]
+        # uvicorn's own methods put to and read ``queue``; this module reads the same object
+        # through ``_inbox``, typed as what it is
+        self.queue = self._inbox = _Inbox()  # type: ignore[assignment]
         self._max_size: int | None = self.config.ws_max_size
         self._framing = False  # True once the handshake request is parsed: frames are read here
         self._pending = bytearray()  # the start of a frame not yet whole
@@ -149,7 +151,7 @@ class GruServeWebSocketProtocol(WebSocketsSansIOProtocol):
     def _read_frames(self, data: bytes) -> None:
         """Turn the whole frames in ``data`` into events; keep the rest for the next read."""
         end, at = len(data), 0
-        conn, inbox = self.conn, self.queue
+        conn, inbox = self.conn, self._inbox
         self._needed = 0
         while end - at >= 2:
             first, second = data[at], data[at + 1]
@@ -237,7 +239,7 @@ class GruServeWebSocketProtocol(WebSocketsSansIOProtocol):
         super().data_received(data)
 
     async def receive(self) -> Any:
-        inbox = self.queue
+        inbox = self._inbox
         events = inbox.events
         event = events.popleft() if events else await inbox.get()
         if self.read_paused and not events:

@@ -170,9 +170,9 @@ async def bulk_socket(websocket: WebSocket, model: str) -> None:
         message = await websocket.receive()
         if message["type"] != "websocket.receive":
             return
-        data = message.get("bytes")
+        data: bytes | None = message.get("bytes")
         binary = data is not None
-        payload = data if binary else (message.get("text") or "")
+        payload: bytes | str = data if data is not None else (message.get("text") or "")
         try:
             if len(payload) > limit:
                 raise PayloadTooLarge("a WebSocket message (bytes)", len(payload), limit, SETTING)

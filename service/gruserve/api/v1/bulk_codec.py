@@ -110,7 +110,7 @@ def _json_step(item: Any, where: str, model: str | None = None) -> BulkStep:
 def json_request(data: bytes | str, limit: int, model: str | None = None) -> BulkRequest:
     """A JSON bulk request (REST body or WebSocket text message) of at most ``limit`` steps."""
     steps = _steps(decode.json_object(data, FIELDS), limit)
-    decoded: list[BulkStep | BaseException] = []
+    decoded: list[BulkStep | BaseException | None] = []
     for i, item in enumerate(steps):
         try:
             decoded.append(_json_step(item, f"steps[{i}]", model))

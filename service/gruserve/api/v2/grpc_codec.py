@@ -98,7 +98,7 @@ def parse(request: pb.ModelInferRequest) -> InferRequest:
         if any(t.name == decoded.name for t in tensors):
             raise InvalidInput(f"inputs[{i}].name", f"input {decoded.name!r} is given twice")
         tensors.append(decoded)
-    outputs = None
+    outputs: list[RequestedOutput] | None = None
     if request.outputs:
         outputs = []
         for i, wanted in enumerate(request.outputs):
