@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 from onnx import helper
@@ -41,6 +42,16 @@ from gruserve.layers.recurrent import BidirectionalSpec, GRUCellSpec, RNNSpec
 # ONNX activations that read an alpha / a beta from the attribute lists.
 _TAKES_ALPHA = {"Affine", "HardSigmoid", "LeakyRelu", "Elu", "ThresholdedRelu", "ScaledTanh"}
 _TAKES_BETA = {"Affine", "HardSigmoid", "ScaledTanh"}
+
+
+def _declared(value: float | None) -> float:
+    """An alpha/beta of an op above: every such activation declares it (layers.activations).
+
+    A missing one raises TypeError, as ``float(None)`` did, but names what is missing.
+    """
+    if value is None:
+        raise TypeError("an ONNX GRU activation lacks the alpha/beta its op reads")
+    return float(value)
 
 
 @dataclass
@@ -181,7 +192,7 @@ def _gru_node(
     def cat(parts: list[OnnxTensor]) -> OnnxTensor:
         return parts[0] if len(parts) == 1 else ob.concat(parts, axis=0)
 
-    attrs: dict[str, object] = {
+    attrs: dict[str, Any] = {
         "hidden_size": units,
         "direction": direction,
         "linear_before_reset": int(reset_after.pop()),
@@ -193,9 +204,9 @@ def _gru_node(
     alphas = [a.alpha for a in activations if a.op in _TAKES_ALPHA]
     betas = [a.beta for a in activations if a.op in _TAKES_BETA]
     if alphas:
-        attrs["activation_alpha"] = [float(v) for v in alphas]
+        attrs["activation_alpha"] = [_declared(v) for v in alphas]
     if betas:
-        attrs["activation_beta"] = [float(v) for v in betas]
+        attrs["activation_beta"] = [_declared(v) for v in betas]
     y, y_h = ob.op(
         "GRU", [x_tbf, cat(ws), cat(rs), cat(bs), lens, h0], rank=4, n_outputs=2, **attrs
     )

@@ -518,6 +518,8 @@ class OnnxBackend(LoopBackend):
         initial_output = self.zeros_like(initial_states[-1])
         scan_inputs = [inputs] + ([mask] if mask is not None else [])
         n_scan = len(scan_inputs)
+        # Any-valued: unpacked beside op()'s dtype/rank/n_outputs, which list[int] would not fit.
+        output_axes: dict[str, Any] = {"scan_output_axes": [1]} if return_sequences else {}
         results = self.op(
             "Scan",
             [*initial_states, initial_output, *scan_inputs],
@@ -527,7 +529,7 @@ class OnnxBackend(LoopBackend):
             num_scan_inputs=n_scan,
             scan_input_axes=[1] * n_scan,
             scan_input_directions=[1 if go_backwards else 0] * n_scan,
-            **({"scan_output_axes": [1]} if return_sequences else {}),
+            **output_axes,
         )
         final_states = results[:n_states]
         last_output = results[n_states]

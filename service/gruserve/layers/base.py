@@ -9,6 +9,7 @@ same arguments with the same messages.
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -38,6 +39,8 @@ class ArgReader:
         self.used.add(key)
         return self.config.get(key, default)
 
+    # The methods ``bool`` and ``int`` shadow the builtins for the rest of the class
+    # body, so annotations after them name ``builtins.bool`` and ``builtins.int``.
     def bool(self, key: str, default: bool) -> bool:
         """Keras stores any value given for a flag and only asks for its truth value."""
         return bool(self.raw(key, default))
@@ -48,8 +51,8 @@ class ArgReader:
         default: int | None = None,
         *,
         minimum: int | None = None,
-        integral_floats: bool = True,
-        allow_bool: bool = False,
+        integral_floats: builtins.bool = True,
+        allow_bool: builtins.bool = False,
     ) -> int:
         """An integer; ``2.0`` counts unless ``integral_floats`` is off, ``True`` only if allowed.
 
@@ -68,7 +71,7 @@ class ArgReader:
             raise InvalidArgument(self.where, key, value, f"an integer >= {minimum}")
         return value
 
-    def optional_int(self, key: str, *, minimum: int | None = None) -> int | None:
+    def optional_int(self, key: str, *, minimum: builtins.int | None = None) -> builtins.int | None:
         if self.raw(key) is None:
             return None
         return self.int(key, minimum=minimum)

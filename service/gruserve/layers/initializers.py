@@ -145,9 +145,13 @@ def _draw(
         if len(shape) != 2:
             raise InvalidArgument("identity initializer", "shape", shape, "a 2-D shape")
         return float(config["gain"]) * np.eye(*shape)
-    scale, mode, distribution = _FAMILY.get(
-        name, (config.get("scale"), config.get("mode"), config.get("distribution"))
+    # variance_scaling's own arguments as its config holds them; float()/str() convert them.
+    given: tuple[Any, Any, Any] = (
+        config.get("scale"),
+        config.get("mode"),
+        config.get("distribution"),
     )
+    scale, mode, distribution = _FAMILY.get(name, given)
     fans = compute_fans(shape, config.get("input_axes"), config.get("output_axes"))
     return _variance_scaling(shape, fans, float(scale), str(mode), str(distribution), rng)
 

@@ -22,6 +22,7 @@ from gruserve.layers.base import LayerSpec
 from gruserve.layers.constraints import Constraint
 from gruserve.layers.forward import LayerResult
 from gruserve.layers.initializers import Initializer
+from gruserve.layers.recurrent import GRUCellSpec
 from gruserve.layers.regularizers import Regularizer
 
 
@@ -39,9 +40,10 @@ def keras_kwargs(args: dict[str, Any]) -> dict[str, Any]:
 class KerasLayer(nn.Module):
     """Base of the torch layers: a spec, Keras-named parameters, losses."""
 
-    spec: LayerSpec
+    # A GRUCell shares this machinery but is no layer of a model: its spec is a GRUCellSpec.
+    spec: LayerSpec | GRUCellSpec
 
-    def __init__(self, spec: LayerSpec) -> None:
+    def __init__(self, spec: LayerSpec | GRUCellSpec) -> None:
         super().__init__()
         self.spec = spec
         self.built = False

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from gruserve.layers.base import LayerSpec
 from gruserve.layers.constraints import Constraint
 from gruserve.layers.core import DenseSpec, DropoutSpec, EmbeddingSpec, InputLayerSpec, MaskingSpec
 from gruserve.layers.forward import LayerResult, apply_layer
@@ -17,6 +18,8 @@ from gruserve.nn.base import KerasLayer, keras_kwargs
 
 class _Stateless(KerasLayer):
     """Layers whose inference math is :func:`apply_layer`."""
+
+    spec: LayerSpec
 
     def call_layer(self, x, mask, states=None, training=False):  # type: ignore[no-untyped-def]
         self.ensure_built(x)
@@ -81,7 +84,13 @@ class Dropout(_Stateless):
         self.generator = _seeded(seed)
         self.built = True
 
-    def call_layer(self, x, mask, states=None, training=False):  # type: ignore[no-untyped-def]
+    def call_layer(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None,
+        states: Sequence[torch.Tensor] | None = None,
+        training: bool = False,
+    ) -> LayerResult:
         spec: DropoutSpec = self.spec  # type: ignore[assignment]
         if not training or not 0.0 < spec.rate < 1.0:
             return LayerResult([x], mask)
@@ -94,6 +103,9 @@ class Dropout(_Stateless):
 
 class Embedding(_Stateless):
     """Keras ``Embedding``; ``mask_zero=True`` masks id 0 for the layers after it."""
+
+    # Registered by build() as an nn.Parameter; declared so it is not Module.__getattr__'s union.
+    embeddings: torch.Tensor
 
     def __init__(
         self,
@@ -124,6 +136,10 @@ class Embedding(_Stateless):
 
 class Dense(_Stateless):
     """Keras ``Dense``; on a (batch, time, features) input it applies per timestep."""
+
+    # Registered by build() as nn.Parameters; declared so they are not Module.__getattr__'s union.
+    kernel: torch.Tensor
+    bias: torch.Tensor
 
     def __init__(
         self,

@@ -10,7 +10,7 @@ stateful layers keep their last state, detached, like a Keras variable.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -37,6 +37,10 @@ class GRUCell(KerasLayer):
     """Keras ``GRUCell``: weights kernel (F, 3U), recurrent_kernel (U, 3U), bias."""
 
     spec: GRUCellSpec
+    # Registered by build() as nn.Parameters; declared so they are not Module.__getattr__'s union.
+    kernel: torch.Tensor
+    recurrent_kernel: torch.Tensor
+    bias: torch.Tensor
 
     def __init__(
         self,
@@ -196,7 +200,9 @@ class RNN(KerasLayer):
         self._attach_cells(cells)
 
     def _attach_cells(self, cells: list[GRUCell]) -> None:
-        self.cell: nn.Module = cells[0] if len(cells) == 1 else StackedRNNCells(cells)
+        self.cell: GRUCell | StackedRNNCells = (
+            cells[0] if len(cells) == 1 else StackedRNNCells(cells)
+        )
         self.states: list[torch.Tensor] | None = None
         self.built = all(c.built for c in cells)
 
@@ -214,7 +220,10 @@ class RNN(KerasLayer):
         return cls.from_spec(RNNSpec.from_config(config))
 
     def cells(self) -> list[GRUCell]:
-        return list(self.cell.cells) if isinstance(self.cell, StackedRNNCells) else [self.cell]  # type: ignore[list-item]
+        if isinstance(self.cell, StackedRNNCells):
+            # StackedRNNCells holds GRUCells; ModuleList iterates as plain Modules.
+            return cast("list[GRUCell]", list(self.cell.cells))
+        return [self.cell]
 
     # -- weights -------------------------------------------------------------------------
     def build(self, input_features: int) -> None:

@@ -9,8 +9,8 @@ exporter's parity check and the training loop use.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -19,7 +19,7 @@ from torch import nn
 from gruserve.errors import ConfigError
 from gruserve.layers.base import LayerSpec
 from gruserve.layers.core import InputLayerSpec
-from gruserve.layers.forward import run_layers
+from gruserve.layers.forward import LayerFn, run_layers
 from gruserve.layers.model import ModelSpec
 from gruserve.nn.base import KerasLayer
 from gruserve.nn.core import Dense, Dropout, Embedding, InputLayer, Masking
@@ -56,6 +56,10 @@ class Sequential(nn.Module):
         if self.input_spec is not None:
             self.build_all()
 
+    def _keras_layers(self) -> Iterable[KerasLayer]:
+        """``self.layers``, typed as the KerasLayers it holds (ModuleList yields plain Modules)."""
+        return cast("Iterable[KerasLayer]", self.layers)
+
     # -- construction ------------------------------------------------------------------
     @classmethod
     def from_spec(
@@ -85,9 +89,9 @@ class Sequential(nn.Module):
             raise ConfigError(
                 f"model {self.model_name!r}", "needs an InputLayer to describe its input"
             )
-        return ModelSpec(
-            self.model_name, self.input_spec, tuple(layer.spec for layer in self.layers)
-        )
+        # A model's layers hold LayerSpecs: only a GRUCell, never a model layer, holds another.
+        specs = tuple(cast(LayerSpec, layer.spec) for layer in self._keras_layers())
+        return ModelSpec(self.model_name, self.input_spec, specs)
 
     def get_config(self) -> dict[str, Any]:
         return self.to_spec().to_config()
@@ -95,39 +99,44 @@ class Sequential(nn.Module):
     def build_all(self) -> None:
         """Create every layer's parameters from the declared input shape."""
         spec = self.to_spec()
-        for layer, width in zip(self.layers, spec.layer_input_features(), strict=True):
+        for layer, width in zip(self._keras_layers(), spec.layer_input_features(), strict=True):
             if not layer.built:
                 layer.build(width)
 
     # -- weights -------------------------------------------------------------------------
     def get_weights(self) -> dict[str, dict[str, np.ndarray]]:
-        return {layer.name: layer.get_weights() for layer in self.layers if layer.keras_weights()}
+        return {
+            layer.name: layer.get_weights()
+            for layer in self._keras_layers()
+            if layer.keras_weights()
+        }
 
     def set_weights(self, weights: Mapping[str, Mapping[str, np.ndarray]]) -> None:
-        for layer in self.layers:
+        for layer in self._keras_layers():
             if layer.keras_weights() or layer.name in weights:
                 layer.set_keras_weights(weights.get(layer.name, {}))
 
     def initialize_weights(self, rng: np.random.Generator | None = None) -> None:
         """Redraw every weight from its Keras initializer, layer by layer, in order."""
-        for layer in self.layers:
+        for layer in self._keras_layers():
             layer.initialize_weights(rng)
 
     def regularization_loss(self) -> torch.Tensor | float:
         """Keras's ``sum(model.losses)``: weight penalties plus last call's activity penalties."""
         total: torch.Tensor | float = 0.0
-        for layer in self.layers:
+        for layer in self._keras_layers():
             total = total + layer.regularization_loss()
         return total
 
     def apply_constraints(self) -> None:
-        for layer in self.layers:
+        for layer in self._keras_layers():
             layer.apply_constraints()
 
     def reset_states(self) -> None:
-        for layer in self.layers:
+        for layer in self._keras_layers():
             if getattr(layer.spec, "stateful", False):
-                layer.reset_states()  # type: ignore[operator]
+                # Only RNNSpec and BidirectionalSpec have stateful; RNN and Bidirectional hold them.
+                cast("RNN | Bidirectional", layer).reset_states()
 
     # -- calls ---------------------------------------------------------------------------
     def forward_with_states(
@@ -139,14 +148,11 @@ class Sequential(nn.Module):
     ) -> tuple[list[torch.Tensor], dict[str, list[torch.Tensor]]]:
         """Outputs and the final state of every recurrent layer, by layer name."""
         training = self.training if training is None else training
-        chain = [
-            (
-                layer.name,
-                layer.state_count(),
-                lambda x, m, s, layer=layer: layer.call_layer(x, m, s, training),
-            )
-            for layer in self.layers
-        ]
+
+        def bind(layer: KerasLayer) -> LayerFn:
+            return lambda x, m, s: layer.call_layer(x, m, s, training)
+
+        chain = [(layer.name, layer.state_count(), bind(layer)) for layer in self._keras_layers()]
         return run_layers(chain, inputs, mask, states)
 
     def call_with_mask(
@@ -158,7 +164,7 @@ class Sequential(nn.Module):
         """
         training = self.training if training is None else training
         outputs, out_mask = [inputs], mask
-        for layer in self.layers:
+        for layer in self._keras_layers():
             result = layer.call_layer(outputs[0], out_mask, None, training)
             outputs, out_mask = result.outputs, result.mask
         return outputs, out_mask
