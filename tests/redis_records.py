@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from gruserve.sessions._redis_record import pack_record, unpack_record
+from gruserve.sessions.redis_store._record import pack_record, unpack_record
 
 
 def stored_field(client: Any, key: str, name: str) -> str | None:

@@ -25,7 +25,7 @@ import redis.cluster
 from fault_helpers import NumberedClient, assert_session_matches, replicas, sequence, server_env
 
 from cluster_helpers import local_cluster, wait_for
-from gruserve.sessions._keyspace import CLUSTER_BUCKETS
+from gruserve.sessions.redis_store._keyspace import CLUSTER_BUCKETS
 
 SESSIONS = 16
 STEPS = 30

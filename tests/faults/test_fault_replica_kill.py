@@ -36,7 +36,7 @@ from fault_helpers import (
     server_env,
 )
 
-from gruserve.sessions._redis_scripts import WRITE_SCRIPT
+from gruserve.sessions.redis_store._scripts import WRITE_SCRIPT
 
 SESSIONS = 6
 STEPS = 50

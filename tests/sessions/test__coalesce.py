@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from gruserve.sessions._coalesce import Coalescer
+from gruserve.sessions.redis_store._coalesce import Coalescer
 
 
 class Recorder:

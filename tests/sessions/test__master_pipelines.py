@@ -18,8 +18,8 @@ from redis.crc import key_slot
 from cluster_helpers import local_cluster, wait_for
 from conftest import until
 from gruserve.errors import StoreUnavailable
-from gruserve.sessions._keyspace import CLUSTER_BUCKETS
 from gruserve.sessions.redis_store import RedisSessionStore
+from gruserve.sessions.redis_store._keyspace import CLUSTER_BUCKETS
 from gruserve.sessions.store import SessionRecord
 
 WAVES = 10

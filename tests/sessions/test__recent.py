@@ -17,9 +17,9 @@ from gruserve.errors import SessionNotFound
 from gruserve.metrics import Metrics
 from gruserve.runtime.batcher import Batcher
 from gruserve.runtime.registry import ModelRegistry
-from gruserve.sessions._recent import RecentRecords
 from gruserve.sessions.bulk import BulkStep, PlainBlock, step_bulk
 from gruserve.sessions.redis_store import RedisSessionStore
+from gruserve.sessions.redis_store._recent import RecentRecords
 from gruserve.sessions.service import SessionService
 from gruserve.sessions.store import SessionRecord
 

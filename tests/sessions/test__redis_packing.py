@@ -9,10 +9,10 @@ import pytest
 import redis
 
 from gruserve.errors import SessionNotFound
-from gruserve.sessions._keyspace import Keyspace
-from gruserve.sessions._redis_packing import packed_write
-from gruserve.sessions._redis_scripts import scripts
 from gruserve.sessions.redis_store import RedisSessionStore
+from gruserve.sessions.redis_store._keyspace import Keyspace
+from gruserve.sessions.redis_store._packing import packed_write
+from gruserve.sessions.redis_store._scripts import scripts
 from gruserve.sessions.store import CREATE, SessionRecord
 
 PREFIX = "packing:"

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import redis
 
-from gruserve.sessions._keyspace import Keyspace
-from gruserve.sessions._redis_record import pack_record, packed_record_write, unpack_record
-from gruserve.sessions._redis_scripts import scripts as _scripts
 from gruserve.sessions.redis_store import RedisSessionStore
+from gruserve.sessions.redis_store._keyspace import Keyspace
+from gruserve.sessions.redis_store._record import pack_record, packed_record_write, unpack_record
+from gruserve.sessions.redis_store._scripts import scripts as _scripts
 from gruserve.sessions.store import CREATE, SessionRecord
 
 PREFIX = "record:"

@@ -17,8 +17,8 @@ import redis
 
 from cluster_helpers import replicated_redis, wait_for
 from gruserve.errors import StoreUnavailable, TooManySessions
-from gruserve.sessions._keyspace import CLUSTER_BUCKETS
 from gruserve.sessions.redis_store import RedisSessionStore
+from gruserve.sessions.redis_store._keyspace import CLUSTER_BUCKETS
 from gruserve.sessions.store import SessionRecord
 
 

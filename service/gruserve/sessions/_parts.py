@@ -2,7 +2,7 @@
 
 :class:`~gruserve.sessions.service.SessionService` is the only door the front-ends use,
 but some of its work lives in sibling modules of their own: the bulk paths
-(:mod:`gruserve.sessions._bulk_batch`, :mod:`gruserve.sessions._bulk_block`) and version
+(:mod:`gruserve.sessions.bulk._batch`, :mod:`gruserve.sessions.bulk._block`) and version
 upgrades (:mod:`gruserve.sessions.upgrade`). They must take the same per-session locks,
 count against the same limits, read through the same tenant fallback and count lost
 compare-and-sets the same way as a single step, or the guarantees the service states

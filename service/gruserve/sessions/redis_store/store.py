@@ -28,24 +28,24 @@ Writes are Lua scripts, atomic on the server:
 
 Reads and compare-and-sets travel per batch, not per step: the reads issued in one pass
 of the event loop go out as one ``READ`` script call (the scripts are
-:mod:`gruserve.sessions._redis_scripts`), and so do the writes (one ``CAS`` call
+:mod:`._scripts`), and so do the writes (one ``CAS`` call
 deciding each session's write on its own, so a lost race fails only that session's).
 The batcher wakes a batch's steps in one pass, so a batch of 64 steps costs two round
-trips instead of 128 (:mod:`gruserve.sessions._coalesce`; figures in bench/README.md).
-Each write travels as one packed argument (:mod:`gruserve.sessions._redis_packing`),
+trips instead of 128 (:mod:`._coalesce`; figures in bench/README.md).
+Each write travels as one packed argument (:mod:`._packing`),
 which the script splits into the same hash fields, so redis-py packs two values per
 session (its key and that argument) instead of sixteen. With ``packed`` records
-(``GRUSERVE_STORE_PACKED_RECORDS``, opt-in) the hash holds one binary ``record`` field
-beside ``revision`` and ``writer`` instead of the ten fields, which the script stores
-without splitting (:mod:`gruserve.sessions._redis_record`, which also says why it is
-opt-in); every store reads both layouts. Index entries of one call's writes are added
+(``GRUSERVE_STORE_PACKED_RECORDS``, the default from 0.2.0) the hash holds one binary
+``record`` field beside ``revision`` and ``writer`` instead of the ten fields of servers
+before it, which the script stores without splitting (:mod:`._record`, which also says
+what it saves); every store reads both layouts. Index entries of one call's writes are added
 with one ``ZADD`` per sorted set.
 Creates travel with the writes (a creating compare-and-set) and deletes with each other
 (one ``DELETE`` call per wave), so short-lived sessions are batched as steps are.
 
 Kept records (``recent``, ``GRUSERVE_STORE_RECENT_RECORDS``): the store remembers the
 records its successful writes stored, with each write's ``writer`` token
-(:mod:`gruserve.sessions._recent`); :meth:`RedisSessionStore.recent` hands one out once,
+(:mod:`._recent`); :meth:`RedisSessionStore.recent` hands one out once,
 and a compare-and-set with its token as ``base`` also requires the stored ``writer`` to be
 that token, so a step can skip reading a record this server wrote last and still never
 write over anybody else's write (not even a re-created session at the same revision).
@@ -55,9 +55,9 @@ agree; the lifetime counts from the record's ``created_at``, the creating replic
 clock.
 
 On a Redis Cluster (``redis+cluster://``) the keys are split into hash-tagged buckets
-(:mod:`gruserve.sessions._keyspace`): each script call touches one bucket, so a wave
+(:mod:`._keyspace`): each script call touches one bucket, so a wave
 of reads or writes becomes one call per bucket it touches, and a wave's calls go out as
-one pipeline per master, the masters at once (:mod:`gruserve.sessions._master_pipelines`,
+one pipeline per master, the masters at once (:mod:`._master_pipelines`,
 which also says what a redirection or a failed master does). With ``min_replicas`` set,
 a write counts as done only once ``WAIT`` says that many replicas have it: the write
 and its ``WAIT`` share one connection (one pipeline per master), and a shortfall
@@ -77,26 +77,26 @@ import numpy as np
 from redis.asyncio.cluster import RedisCluster
 
 from gruserve.errors import SessionExists, SessionNotFound, StoreUnavailable, TooManySessions
-from gruserve.sessions._coalesce import Coalescer
-from gruserve.sessions._keyspace import CLUSTER_BUCKETS, Keyspace
-from gruserve.sessions._master_pipelines import Call, MasterPipelines
-from gruserve.sessions._recent import RecentRecords
-from gruserve.sessions._redis_client import UNAVAILABLE, connect, is_cluster_url
-from gruserve.sessions._redis_packing import (
+from gruserve.sessions.events import IDLE, LIFETIME, SessionEvents
+from gruserve.sessions.redis_store._client import UNAVAILABLE, connect, is_cluster_url
+from gruserve.sessions.redis_store._coalesce import Coalescer
+from gruserve.sessions.redis_store._keyspace import CLUSTER_BUCKETS, Keyspace
+from gruserve.sessions.redis_store._master_pipelines import Call, MasterPipelines
+from gruserve.sessions.redis_store._packing import (
     history_value,
     packed_write,
 )
-from gruserve.sessions._redis_record import (
+from gruserve.sessions.redis_store._recent import RecentRecords
+from gruserve.sessions.redis_store._record import (
     packed_record_write,
     unpack_record,
 )
-from gruserve.sessions._redis_scripts import (
+from gruserve.sessions.redis_store._scripts import (
     COUNT,
     DELETE,
     PAGE,
     scripts,
 )
-from gruserve.sessions.events import IDLE, LIFETIME, SessionEvents
 from gruserve.sessions.store import (
     CREATE,
     Kept,
@@ -207,7 +207,7 @@ class RedisSessionStore:
         wait_ms: how long ``WAIT`` waits for them before the write raises StoreUnavailable.
         history: store each record's kept inputs (a ``history`` field); off, the hashes and
             scripts are those of a server without history.
-        packed: write each record as one ``record`` field (:mod:`._redis_record`) instead
+        packed: write each record as one ``record`` field (:mod:`._record`) instead
             of ten (False: the layout of servers before 0.2.0, some of which cannot read
             packed records); reads take either layout.
         recent: most records this store keeps of its own last successful writes, so a

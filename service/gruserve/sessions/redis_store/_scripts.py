@@ -4,14 +4,14 @@ Every read and write of a session is one of these scripts, so that a read sees a
 record and a compare-and-set, its index updates and its accounting (TTL, LRU,
 max-sessions) happen at once on the Redis side.
 :class:`~gruserve.sessions.redis_store.RedisSessionStore` registers them and sends them
-batches of sessions; the packed write they unpack is :mod:`._redis_packing`'s, and the
-packed record layout's own script parts are :mod:`._redis_record`'s.
+batches of sessions; the packed write they unpack is :mod:`._packing`'s, and the
+packed record layout's own script parts are :mod:`._record`'s.
 """
 
 from __future__ import annotations
 
-from gruserve.sessions._redis_packing import HISTORY_FIELD, lua_hset_args, lua_unpack
-from gruserve.sessions._redis_record import FIELD, LUA_MODEL, lua_cas, lua_read
+from gruserve.sessions.redis_store._packing import HISTORY_FIELD, lua_hset_args, lua_unpack
+from gruserve.sessions.redis_store._record import FIELD, LUA_MODEL, lua_cas, lua_read
 
 NOW_MS = (
     "local t = redis.call('TIME') "
@@ -92,7 +92,7 @@ end
 
 # KEYS[4..] the sessions' hashes, one per write. ARGV[1] ttl_ms, ARGV[2] max_sessions, ARGV[3]
 # lru (1/0), ARGV[4] hash key prefix, ARGV[5] a random token of this call, then one packed
-# write per key (gruserve.sessions._redis_packing: id, expected revision (-1: create if
+# write per key (gruserve.sessions.redis_store._packing: id, expected revision (-1: create if
 # absent), lifetime deadline_ms (0: none), end (1: remove the session instead of storing
 # it), base (the writer the hash must also hold; empty: any), and the record's fields).
 # Answers {per write: 1 written (or already written by this
@@ -192,7 +192,7 @@ for _, id in ipairs(ids) do
         if ARGV[4] == '' or h[1] == ARGV[4] then
             found[#found + 1] = {id, h[1], h[2], h[3], h[4], h[5], h[6]}
         end
-    else  -- a packed record (gruserve.sessions._redis_record), or none
+    else  -- a packed record (gruserve.sessions.redis_store._record), or none
         local rec = redis.call('HGET', ARGV[5] .. id, 'record')
         if rec and (ARGV[4] == '' or packed_model(rec) == ARGV[4]) then
             found[#found + 1] = {id, rec}
@@ -221,12 +221,12 @@ FIELDS_IN_ORDER = (
     "owner",
 )
 """A session hash's fields in the order ``READ`` answers them (the write script also
-stores ``writer``; :mod:`._redis_packing` says how a write sends them)."""
+stores ``writer``; :mod:`._packing` says how a write sends them)."""
 READ_FIELDS = (*FIELDS_IN_ORDER, FIELD)
 """What a read asks for: the fields, and ``record`` in case the hash holds a packed record
-(:mod:`._redis_record`) written by a replica with packed records on."""
+(:mod:`._record`) written by a replica with packed records on."""
 HISTORY_FIELDS = (*READ_FIELDS, HISTORY_FIELD)
-"""The fields with ``GRUSERVE_SESSION_HISTORY`` on (:data:`._redis_packing.HISTORY_FIELD`)."""
+"""The fields with ``GRUSERVE_SESSION_HISTORY`` on (:data:`._packing.HISTORY_FIELD`)."""
 
 
 def scripts(history: bool, packed: bool = False) -> tuple[str, str]:

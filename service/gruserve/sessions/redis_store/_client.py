@@ -1,4 +1,5 @@
-"""The Redis client a store URL names (:mod:`.store_url`): one server, or a Redis Cluster.
+"""The Redis client a store URL names (:mod:`gruserve.sessions.store_url`): one server, or a
+Redis Cluster.
 
 A cluster client asks the nodes the URL names for the slot map and follows it
 (``MOVED``, failovers) by itself. Also here: which redis-py errors mean "the store

@@ -1,7 +1,8 @@
-"""A session record as one Redis hash field (opt-in: ``GRUSERVE_STORE_PACKED_RECORDS``).
+"""A session record as one Redis hash field (``GRUSERVE_STORE_PACKED_RECORDS``, the default
+from 0.2.0).
 
-The default layout stores a record as ten hash fields, which costs Redis per write a Lua
-split of the packed write (:mod:`._redis_packing`) and a ``HSET`` of eleven fields, and
+The older layout stores a record as ten hash fields, which costs Redis per write a Lua
+split of the packed write (:mod:`._packing`) and a ``HSET`` of eleven fields, and
 per read an ``HMGET`` of ten that the client turns into ten objects, then numbers
 (bench/README.md, "Where a Redis step's time goes"). Packed, a record is one binary
 ``record`` field beside the two the compare-and-set needs as text (``revision`` and
@@ -142,9 +143,9 @@ def packed_record_write(
         deadline_ms: the lifetime deadline in Unix ms (0: none).
         end: remove the session instead of storing it.
         history: None (history off: the field is left as it is), or the ``history``
-            field's value (:data:`._redis_packing.HISTORY_FIELD`; empty: nothing kept).
+            field's value (:data:`._packing.HISTORY_FIELD`; empty: nothing kept).
         base: the ``writer`` the stored hash must also hold (empty: not checked), as in
-            :func:`._redis_packing.packed_write`.
+            :func:`._packing.packed_write`.
     """
     packed = pack_record(record)
     fixed = (expected, deadline_ms, end, record.revision, base.encode())
@@ -182,7 +183,7 @@ def lua_cas(history: bool = False) -> str:
 _LUA_CAS = """
 -- KEYS[4..] the sessions' hashes; ARGV[1] ttl_ms, ARGV[2] max_sessions, ARGV[3] lru,
 -- ARGV[4] hash key prefix, ARGV[5] a random token of this call, then one write per key
--- (gruserve.sessions._redis_record.packed_record_write). Answers as the field-by-field
+-- (gruserve.sessions.redis_store._record.packed_record_write). Answers as the field-by-field
 -- layout's script does.
 local ttl, out = tonumber(ARGV[1]), {}
 local ended, evicted = {{}, {}}, {}
@@ -254,7 +255,7 @@ return out
 """
 
 LUA_MODEL = f"""
--- the model name in a packed record (gruserve.sessions._redis_record)
+-- the model name in a packed record (gruserve.sessions.redis_store._record)
 local function packed_model(rec)
     local n = string.byte(rec, {MODEL_AT + 1}) + 256 * string.byte(rec, {MODEL_AT + 2})
     return string.sub(rec, {_HEAD.size + 1}, {_HEAD.size} + n)

@@ -2,7 +2,7 @@
 
 Most bulk requests are nothing but plain steps: a session id and T float32 timesteps
 each, no step number, mask or lifecycle. The batch path
-(:mod:`gruserve.sessions._bulk_batch`) still spends a dozen Python objects on each of
+(:mod:`._batch`) still spends a dozen Python objects on each of
 them (a decoded step, checks, a queue item and a future in the batcher, a result per
 output, a result object and its dict, the reply's pieces); at 64 steps a request that
 was ~12 µs per step against ~3.4 µs for the model itself (bench/README.md). Here such

@@ -4,9 +4,9 @@ A gateway forwarding thousands of streams sends their steps in one request. A bu
 step means exactly what the same single steps would (same limits, locks,
 compare-and-set and exactly-once numbers), at a fraction of the cost: the first step
 of each session named in the request goes through the batch path
-(:mod:`gruserve.sessions._bulk_batch`: one store read, one model submission and one
+(:mod:`._batch`: one store read, one model submission and one
 store write for all of them; the request's plain steps, when the codec gives them as
-one array, through the array path of :mod:`gruserve.sessions._bulk_block` first, which
+one array, through the array path of :mod:`._block` first, which
 hands what it does not finish to the batch path), and whatever the batch path leaves (a
 session busy with another request, a write that lost a race to another replica) and
 every later step of a session named twice goes through :meth:`SessionService.step`,
@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gruserve.sessions._bulk_batch import step_once_each
-from gruserve.sessions._bulk_block import BlockAnswer, PlainBlock, step_block
+from gruserve.sessions.bulk._batch import step_once_each
+from gruserve.sessions.bulk._block import BlockAnswer, PlainBlock, step_block
 from gruserve.sessions.lifecycle import STEP_ONLY, Lifecycle
 from gruserve.sessions.owner import ANYONE, Caller
 from gruserve.sessions.service import SessionService, StepResult

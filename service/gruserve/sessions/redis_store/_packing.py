@@ -37,9 +37,9 @@ BINARY_FIELDS = ("state", "result")
 """The hash fields sent as bytes after the text part, in packing order."""
 HISTORY_FIELD = "history"
 """The binary field a store with ``GRUSERVE_SESSION_HISTORY`` on sends last: the revision
-it was written at (u64, little-endian) and the kept inputs (:mod:`.history`); a write
-with history off leaves the field as it was, so a reader takes one whose revision is not
-the record's as stale."""
+it was written at (u64, little-endian) and the kept inputs
+(:mod:`gruserve.sessions.history`); a write with history off leaves the field as it was, so
+a reader takes one whose revision is not the record's as stale."""
 HEAD = ("id", "expected", "deadline", "end", "base")
 """What a write carries before the record's fields (``expected``: -1 creates; ``base``: the
 ``writer`` the stored hash must also hold, or empty: see :func:`packed_write`)."""
@@ -116,7 +116,7 @@ def lua_hset_args(history: bool = False) -> str:
 
 
 _LUA_UNPACK = """
--- a packed write (gruserve.sessions._redis_packing) as a table of its named values. One
+-- a packed write (gruserve.sessions.redis_store._packing) as a table of its named values. One
 -- string.match takes every line (a loop of string.find cost twice as much Lua time per
 -- write: bench/README.md, "Where a Redis step's time goes").
 local names, binary = {NAMES}, {BINARY}

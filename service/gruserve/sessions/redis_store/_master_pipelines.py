@@ -47,7 +47,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, RedisError
 
 from gruserve.errors import StoreUnavailable
-from gruserve.sessions._redis_client import UNAVAILABLE, node_client
+from gruserve.sessions.redis_store._client import UNAVAILABLE, node_client
 
 
 class Call(NamedTuple):
