@@ -17,10 +17,10 @@ from conftest import past
 from gruserve.errors import SessionExists, SessionNotFound, TooManySessions
 from gruserve.metrics import Metrics
 from gruserve.sessions import memory as memory_module
-from gruserve.sessions.redis_store import store as redis_module
 from gruserve.sessions.events import SessionEvents
 from gruserve.sessions.memory import MemorySessionStore
 from gruserve.sessions.redis_store import RedisSessionStore
+from gruserve.sessions.redis_store import store as redis_module
 from gruserve.sessions.store import SessionPage, SessionRecord, SessionStore
 
 FIELDS = "fields+"
