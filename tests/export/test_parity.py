@@ -63,6 +63,15 @@ def test_judge_matches_an_overflowed_reference_only_with_an_overflow() -> None:
     assert not judge(np.array([3.0e38, 1.0]), exact, exact)["passed"]
 
 
+def test_judge_admits_a_finite_output_where_float32_is_finite_too() -> None:
+    """float32 rounds a saturated gate to exactly 1, so its state stays finite where
+    float64's grows past its range: Keras's float32 misses the overflow as the export does."""
+    exact = np.array([np.nan, np.inf, 1.0])
+    float32 = np.array([26.52, 3.0e3, 1.0])
+    assert judge(np.array([26.52, 2.9e3, 1.0]), exact, [exact, float32])["passed"]
+    assert not judge(np.array([26.52, 2.9e3, 1.0]), exact, [exact, exact])["passed"]
+
+
 # ----------------------------------------------------------------------------- the check
 def test_chaotic_model_is_written_where_float32_itself_drifts(tmp_path: Path) -> None:
     """tanh as the recurrent activation: Keras float32 misses float64 by about the

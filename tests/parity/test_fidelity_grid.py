@@ -188,3 +188,37 @@ def test_extreme_inputs_match_keras_float64(role: str, name: str, tmp_path: Path
     x = x.reshape(-1, 3, 2).astype(np.float32)
     verdict = _check(spec, weights, x, tmp_path)
     assert verdict["passed"], verdict
+
+
+def test_float64_overflow_alone_is_no_refusal(tmp_path: Path) -> None:
+    """Found by fuzzing: a tanh update gate saturates at exactly 1 in float32 (Keras's and
+    the graph's), so an exponential candidate never enters the state, while in float64
+    1 - z is 3e-16 and the state grows to NaN. The export was refused although the graph
+    equals Keras; float32's own miss of the overflow is now its yardstick."""
+    spec = ModelSpec.from_layer_configs(
+        "saturated",
+        [
+            {"class_name": "InputLayer", "config": {"batch_shape": [None, None, 1]}},
+            {
+                "class_name": "GRU",
+                "config": {
+                    "name": "gru",
+                    "units": 1,
+                    "activation": "exponential",
+                    "recurrent_activation": "tanh",
+                    "use_bias": False,
+                    "reset_after": False,
+                    "return_sequences": True,
+                },
+            },
+        ],
+    )
+    weights = {
+        "gru": {
+            "kernel": np.array([[0.5454871, 0.45083797, -0.01532303]], np.float32),
+            "recurrent_kernel": np.array([[0.3915034, -0.3905722, -1.0976955]], np.float32),
+        }
+    }
+    x = np.array([[-0.457726, 0.220195, -1.009618, -0.209176, -0.159225, 0.540846, 0.214659]])
+    verdict = _check(spec, weights, x[..., None].astype(np.float32), tmp_path)
+    assert verdict["passed"], verdict
