@@ -349,7 +349,8 @@ class Batcher:
 
     def _take(self) -> list[_Item]:
         """Pop the next batch, dropping steps whose caller has gone."""
-        pending, batch = self._pending, list[_Item]()
+        pending = self._pending
+        batch: list[_Item] = []
         same_length = self._pad_alignment is None
         length = None
         skipped: list[_Item] = []
