@@ -321,3 +321,15 @@ def watchers(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
 
     monkeypatch.setattr(_disconnect, "_disconnected", counted)
     return started
+
+
+@pytest.fixture
+def keras_in_float64(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Keras float64 reference that is float64 all through. Keras follows JAX's default
+    and computes an op on float64 values in float32 on every backend but TensorFlow
+    (``keras.src.backend.common.dtypes.BIT64_TO_BIT32_DTYPE``): on torch a "float64" GRU
+    runs its matmuls in float32, a reference no better than the float32 runs it judges.
+    Found by fuzzing; tests/parity/test_fidelity_grid.py checks that it holds."""
+    from keras.src.backend.common import dtypes
+
+    monkeypatch.setitem(dtypes.BIT64_TO_BIT32_DTYPE, "float64", "float64")

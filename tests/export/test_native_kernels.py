@@ -22,6 +22,7 @@ from gruserve.layers import ModelSpec
 from gruserve.layers.activations import ACTIVATIONS
 from keras_helpers import keras, to_numpy
 
+pytestmark = pytest.mark.usefixtures("keras_in_float64")  # a float64 reference in float64
 NATIVE = sorted(name for name, a in ACTIVATIONS.items() if a.onnx_gru is not None)
 MAGNITUDES = [0.0, 1e-4, 0.03, 0.5, 1.0, 3.0, 9.0, 20.0, 45.0, 87.0, 89.0, 150.0, 1e3, 1e4]
 SWEEP = np.array(MAGNITUDES + [-m for m in MAGNITUDES[1:]], np.float32)

@@ -32,6 +32,19 @@ NAMES = sorted(ACTIVATIONS)
 GATES = ["sigmoid", "hard_sigmoid", "tanh", "sparse_sigmoid", "relu", "linear", "softsign"]
 
 
+pytestmark = pytest.mark.usefixtures("keras_in_float64")
+
+
+def test_the_keras_reference_is_float64() -> None:
+    """A float64 product that float32 cannot hold exactly comes out of Keras exact (with
+    ``keras_in_float64``: tests/conftest.py)."""
+    a = np.array([[1.0 + 2.0**-40]], np.float64)
+    product = to_numpy(
+        keras.ops.matmul(keras.ops.convert_to_tensor(a), keras.ops.ones((1, 1), "float64"))
+    )
+    assert product.dtype == np.float64 and float(product[0, 0]) == 1.0 + 2.0**-40
+
+
 def _as_dtype(config: Any, dtype: str) -> Any:
     """The Keras config with every layer computing in ``dtype``."""
     if isinstance(config, dict):
