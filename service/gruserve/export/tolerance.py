@@ -52,7 +52,10 @@ def judge(
     (torch's and numpy's): their largest error is the yardstick, since two
     float32 programs round differently and either is as right as the other.
     """
-    singles = [float32] if isinstance(float32, np.ndarray) else list(float32)
+    singles = [
+        np.asarray(f, np.float64)
+        for f in ([float32] if isinstance(float32, np.ndarray) else float32)
+    ]
     got64 = got.astype(np.float64)
     finite = np.isfinite(exact)
     # Where float64 itself overflowed, any overflow (inf or the NaN of inf - inf) agrees.
@@ -60,15 +63,11 @@ def judge(
     # The same miss by a float32 computation (its rounding saturated a gate at exactly 1
     # where float64's did not, so float64 alone grew past its range) is float32's own
     # error there: unbounded, so the export's miss is within the yardstick.
-    float32_missed_inf = any(
-        bool(np.any(~finite & np.isfinite(np.asarray(f, np.float64)))) for f in singles
-    )
+    float32_missed_inf = any(bool(np.any(~finite & np.isfinite(f))) for f in singles)
     bound = atol + rtol * np.abs(np.where(finite, exact, 0.0))
     with np.errstate(invalid="ignore", over="ignore"):
         diff = np.where(finite, np.abs(got64 - exact), 0.0)
-        f32_diff = np.max(
-            [np.where(finite, np.abs(f.astype(np.float64) - exact), 0.0) for f in singles], axis=0
-        )
+        f32_diff = np.max([np.where(finite, np.abs(f - exact), 0.0) for f in singles], axis=0)
     diff = np.where(np.isnan(diff), np.inf, diff)
     f32_diff = np.where(np.isnan(f32_diff), np.inf, f32_diff)
     ratio = float(np.max(diff / bound)) if diff.size else 0.0
