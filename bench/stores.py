@@ -15,8 +15,11 @@ gruserve (an older commit's venv), for before/after figures in the same run; ``-
 one more, the Redis store writing the record layout of servers before 0.2.0, ten fields
 (``GRUSERVE_STORE_PACKED_RECORDS=0``; packed records are the default);
 ``--recent-off`` one more, this code's Redis store keeping no records
-(``GRUSERVE_STORE_RECENT_RECORDS=0``: every step reads). Each Redis run also records the
-Redis commands and Redis CPU per step (``INFO commandstats`` / ``cpu`` before and after).
+(``GRUSERVE_STORE_RECENT_RECORDS=0``: every step reads); ``--local-writes`` one more, the
+Redis store with its step writes answered in the process instead of by Redis (a probe:
+``bench/_local_writes.py``). Each Redis run also records the Redis commands and Redis CPU
+per step (``INFO commandstats`` / ``cpu`` before and after), and every run how busy the
+servers' core was (``/proc/stat``) and the mean batch (``gruserve_batch_size``).
 """
 
 from __future__ import annotations
@@ -88,6 +91,32 @@ def _redis_counters(port: int) -> dict[str, float]:
     return counts
 
 
+def _core_busy(core: int, since: tuple[float, float] | None = None) -> Any:
+    """``core``'s busy and total jiffies so far from ``/proc/stat``; with ``since`` (an earlier
+    reading), the share of the time between that was busy (every state but idle and iowait)."""
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith(f"cpu{core} "):
+            values = [float(v) for v in line.split()[1:]]
+            busy, total = sum(values) - values[3] - values[4], sum(values)
+            if since is None:
+                return busy, total
+            return (busy - since[0]) / max(1.0, total - since[1])
+    return (0.0, 0.0) if since is None else float("nan")
+
+
+def _batch_totals(url: str) -> tuple[float, float]:
+    """The demo model's ``gruserve_batch_size`` sum and count so far (its mean batch between
+    two readings is their differences' ratio)."""
+    import httpx
+
+    totals = {"sum": 0.0, "count": 0.0}
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        for kind in totals:
+            if line.startswith(f'gruserve_batch_size_{kind}{{model="demo"}}'):
+                totals[kind] = float(line.split()[-1])
+    return totals["sum"], totals["count"]
+
+
 def _pin(core: int) -> None:
     if (os.cpu_count() or 1) >= 2:
         os.sched_setaffinity(0, {core})
@@ -115,6 +144,12 @@ def main() -> None:
         action="store_true",
         help="also serve the Redis store with GRUSERVE_STORE_RECENT_RECORDS=0",
     )
+    parser.add_argument(
+        "--local-writes",
+        action="store_true",
+        help="also serve the Redis store with its step writes answered in the process "
+        "(bench/_local_writes.py: a probe of what the round trip to Redis costs)",
+    )
     args = parser.parse_args()
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="gruserve-stores-") as tmp:
@@ -129,20 +164,21 @@ def main() -> None:
             "GRUSERVE_GRPC_PORT": "0",
         }
         redis_env = {"GRUSERVE_SESSION_STORE": f"redis://127.0.0.1:{redis_port}/0"}
-        configs = [("memory", BIN, {}), ("redis", BIN, redis_env)]
+        here = [str(BIN / "gruserve")]
+        configs = [("memory", here, {}), ("redis", here, redis_env)]
         if args.fields:
             configs.append(
-                ("redis (fields)", BIN, {**redis_env, "GRUSERVE_STORE_PACKED_RECORDS": "0"})
+                ("redis (fields)", here, {**redis_env, "GRUSERVE_STORE_PACKED_RECORDS": "0"})
             )
         if args.recent_off:
             configs.append(
-                ("redis (no kept)", BIN, {**redis_env, "GRUSERVE_STORE_RECENT_RECORDS": "0"})
+                ("redis (no kept)", here, {**redis_env, "GRUSERVE_STORE_RECENT_RECORDS": "0"})
             )
             if args.fields:
                 configs.append(
                     (
                         "redis (fields, no kept)",
-                        BIN,
+                        here,
                         {
                             **redis_env,
                             "GRUSERVE_STORE_PACKED_RECORDS": "0",
@@ -150,16 +186,18 @@ def main() -> None:
                         },
                     )
                 )
+        if args.local_writes:
+            probe = [sys.executable, "-m", "bench._local_writes"]
+            configs.append(("redis (local writes)", probe, redis_env))
         if args.other_bin is not None:
-            configs.append(("redis (other)", args.other_bin, redis_env))
+            configs.append(("redis (other)", [str(args.other_bin / "gruserve")], redis_env))
         servers: dict[str, Server] = {}
         try:
-            for i, (name, bin_dir, extra) in enumerate(configs):
+            pin = ["taskset", "-c", "0"] if (os.cpu_count() or 1) >= 2 else []
+            for i, (name, command, extra) in enumerate(configs):
                 port = PORT + i
                 servers[name] = Server(
-                    ["taskset", "-c", "0", str(bin_dir / "gruserve"), "serve", "--port", str(port)]
-                    if (os.cpu_count() or 1) >= 2
-                    else [str(bin_dir / "gruserve"), "serve", "--port", str(port)],
+                    [*pin, *command, "serve", "--port", str(port)],
                     {**env, **extra},
                     port,
                     "/readyz",
@@ -169,6 +207,7 @@ def main() -> None:
                 for transport in ("rest", "ws"):
                     for name, server in servers.items():
                         before = _redis_counters(redis_port)
+                        core, batches = _core_busy(0), _batch_totals(server.url)
                         run = server.measure(
                             model="demo",
                             transport=transport,
@@ -176,6 +215,9 @@ def main() -> None:
                             seconds=args.seconds,
                             warmup=WARMUP_S,
                         )
+                        run["server_core_busy"] = _core_busy(0, core)
+                        sums = _batch_totals(server.url)
+                        run["mean_batch"] = (sums[0] - batches[0]) / max(1.0, sums[1] - batches[1])
                         if name != "memory":
                             after = _redis_counters(redis_port)
                             # the warm-up's steps too, at the window's rate
@@ -189,7 +231,8 @@ def main() -> None:
                             f"round {round_} {transport:>4} {name:>24}: "
                             f"{run['steps_per_s']:8.0f} steps/s  p50 {run['p50_ms']:6.2f} ms  "
                             f"p99 {run['p99_ms']:6.2f} ms  cpu/step "
-                            f"{1e6 * run['server_cpu_s'] / max(1, run['steps']):5.0f} us"
+                            f"{1e6 * run['server_cpu_s'] / max(1, run['steps']):5.0f} us  "
+                            f"core 0 {run['server_core_busy']:4.0%}  batch {run['mean_batch']:4.1f}"
                             + (
                                 f"  redis: {per.get('evalsha', 0):.3f} evalsha "
                                 f"{per.get('hmget', 0):.2f} hmget "
@@ -240,6 +283,14 @@ def main() -> None:
                 ]
             )
         )
+        for name in servers:  # every server, memory too: the medians of its rounds
+            mine = [r for r in runs if r["store"] == name and r["transport"] == transport]
+            for key in ("server_core_busy", "mean_batch"):
+                summary[f"{transport} {name} {key}"] = float(np.median([r[key] for r in mine]))
+            if name == "memory":
+                summary[f"{transport} memory server_cpu_us_per_step"] = float(
+                    np.median([1e6 * r["server_cpu_s"] / max(1, r["steps"]) for r in mine])
+                )
     print(json.dumps(summary, indent=2))
     args.out.write_text(json.dumps({"runs": runs, "summary": summary}, indent=2) + "\n")
     print(f"wrote {args.out}", file=sys.stderr)
