@@ -22,9 +22,10 @@ from typing import Any
 from gruserve.sessions.redis_store import _master_pipelines
 from gruserve.sessions.redis_store._master_pipelines import Call, MasterPipelines
 from gruserve.sessions.redis_store._scripts import WRITE_SCRIPT
+from gruserve.sessions.store import CREATE
 
-_CREATE = b"-1\n"
-"""How a packed write that creates a session starts (its expected revision, -1)."""
+_CREATE = b"%d\n" % CREATE
+"""How a packed write that creates a session starts (its expected revision)."""
 _HEAD_ARGS = 5
 """The write script's arguments before the writes (``_scripts.py``: ttl ... token)."""
 _SETS = 3

@@ -44,10 +44,16 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _machine_busy_seconds() -> float:
-    """CPU seconds the whole machine has been busy (all cores, everything but idle and iowait)."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+def _machine_busy_seconds(core: int | None = None) -> float:
+    """CPU seconds the whole machine (or only ``core``) has been busy: every state but idle
+    and iowait."""
+    name = "cpu" if core is None else f"cpu{core}"
+    for line in Path("/proc/stat").read_text().splitlines():
+        label, *values = line.split()
+        if label == name:
+            fields = [int(v) for v in values]
+            return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+    raise ValueError(f"/proc/stat has no {name!r} line")
 
 
 class Server:
@@ -204,13 +210,20 @@ def main() -> None:
     print(f"wrote {args.out}")
 
 
-def _mean_batch(metrics: str, model: str) -> float:
-    values = {}
+def batch_totals(metrics: str, model: str) -> tuple[float, float]:
+    """``model``'s ``gruserve_batch_size`` sum and count in a ``/metrics`` text (0 before any
+    batch): the mean batch of a window is the ratio of their changes."""
+    values = {"sum": 0.0, "count": 0.0}
     for line in metrics.splitlines():
-        for kind in ("sum", "count"):
+        for kind in values:
             if line.startswith(f'gruserve_batch_size_{kind}{{model="{model}"}}'):
                 values[kind] = float(line.split()[-1])
-    return values["sum"] / values["count"] if values.get("count") else float("nan")
+    return values["sum"], values["count"]
+
+
+def _mean_batch(metrics: str, model: str) -> float:
+    total, count = batch_totals(metrics, model)
+    return total / count if count else float("nan")
 
 
 def _all(

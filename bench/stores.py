@@ -35,10 +35,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 
 from bench.models import build
-from bench.run_all import BIN, Server
+from bench.run_all import BIN, Server, _machine_busy_seconds, batch_totals
 
 PORT = 8321
 WARMUP_S = 1.0
@@ -89,32 +90,6 @@ def _redis_counters(port: int) -> dict[str, float]:
     counts = {k.removeprefix("cmdstat_"): float(v["calls"]) for k, v in stats.items()}
     counts["used_cpu_s"] = float(cpu["used_cpu_sys"]) + float(cpu["used_cpu_user"])
     return counts
-
-
-def _core_busy(core: int, since: tuple[float, float] | None = None) -> Any:
-    """``core``'s busy and total jiffies so far from ``/proc/stat``; with ``since`` (an earlier
-    reading), the share of the time between that was busy (every state but idle and iowait)."""
-    for line in Path("/proc/stat").read_text().splitlines():
-        if line.startswith(f"cpu{core} "):
-            values = [float(v) for v in line.split()[1:]]
-            busy, total = sum(values) - values[3] - values[4], sum(values)
-            if since is None:
-                return busy, total
-            return (busy - since[0]) / max(1.0, total - since[1])
-    return (0.0, 0.0) if since is None else float("nan")
-
-
-def _batch_totals(url: str) -> tuple[float, float]:
-    """The demo model's ``gruserve_batch_size`` sum and count so far (its mean batch between
-    two readings is their differences' ratio)."""
-    import httpx
-
-    totals = {"sum": 0.0, "count": 0.0}
-    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
-        for kind in totals:
-            if line.startswith(f'gruserve_batch_size_{kind}{{model="demo"}}'):
-                totals[kind] = float(line.split()[-1])
-    return totals["sum"], totals["count"]
 
 
 def _pin(core: int) -> None:
@@ -207,7 +182,8 @@ def main() -> None:
                 for transport in ("rest", "ws"):
                     for name, server in servers.items():
                         before = _redis_counters(redis_port)
-                        core, batches = _core_busy(0), _batch_totals(server.url)
+                        busy, since = _machine_busy_seconds(0), time.monotonic()
+                        batches = batch_totals(httpx.get(server.url + "/metrics").text, "demo")
                         run = server.measure(
                             model="demo",
                             transport=transport,
@@ -215,8 +191,10 @@ def main() -> None:
                             seconds=args.seconds,
                             warmup=WARMUP_S,
                         )
-                        run["server_core_busy"] = _core_busy(0, core)
-                        sums = _batch_totals(server.url)
+                        run["server_core_busy"] = (_machine_busy_seconds(0) - busy) / (
+                            time.monotonic() - since
+                        )
+                        sums = batch_totals(httpx.get(server.url + "/metrics").text, "demo")
                         run["mean_batch"] = (sums[0] - batches[0]) / max(1.0, sums[1] - batches[1])
                         if name != "memory":
                             after = _redis_counters(redis_port)
@@ -267,9 +245,6 @@ def main() -> None:
             summary[f"{transport} {name} p99_ms"] = float(
                 np.median([r["p99_ms"] for r, _ in pairs])
             )
-            summary[f"{transport} {name} server_cpu_us_per_step"] = float(
-                np.median([1e6 * r["server_cpu_s"] / max(1, r["steps"]) for r, _ in pairs])
-            )
             for counter in ("evalsha", "hmget", "used_cpu_s"):
                 summary[f"{transport} {name} redis {counter} per step"] = float(
                     np.median([r["redis_per_step"].get(counter, 0.0) for r, _ in pairs])
@@ -287,10 +262,9 @@ def main() -> None:
             mine = [r for r in runs if r["store"] == name and r["transport"] == transport]
             for key in ("server_core_busy", "mean_batch"):
                 summary[f"{transport} {name} {key}"] = float(np.median([r[key] for r in mine]))
-            if name == "memory":
-                summary[f"{transport} memory server_cpu_us_per_step"] = float(
-                    np.median([1e6 * r["server_cpu_s"] / max(1, r["steps"]) for r in mine])
-                )
+            summary[f"{transport} {name} server_cpu_us_per_step"] = float(
+                np.median([1e6 * r["server_cpu_s"] / max(1, r["steps"]) for r in mine])
+            )
     print(json.dumps(summary, indent=2))
     args.out.write_text(json.dumps({"runs": runs, "summary": summary}, indent=2) + "\n")
     print(f"wrote {args.out}", file=sys.stderr)
