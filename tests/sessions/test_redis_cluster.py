@@ -14,11 +14,12 @@ from typing import Any
 import numpy as np
 import pytest
 import redis
+from redis.crc import key_slot
 
-from cluster_helpers import replicated_redis, wait_for
+from cluster_helpers import local_cluster, replicated_redis, wait_for
 from gruserve.errors import StoreUnavailable, TooManySessions
 from gruserve.sessions.redis_store import RedisSessionStore
-from gruserve.sessions.redis_store._keyspace import CLUSTER_BUCKETS
+from gruserve.sessions.redis_store._keyspace import CLUSTER_BUCKETS, Keyspace
 from gruserve.sessions.store import SessionRecord
 
 
@@ -207,3 +208,44 @@ async def test_cluster_writes_wait_for_their_masters_replicas(
         assert on_replicas == dict.fromkeys(ids, 1)
     finally:
         await store.close()
+
+
+async def _create(store: RedisSessionStore, sid: str) -> BaseException | None:
+    try:
+        await store.create(_record(sid))
+    except Exception as exc:
+        return exc
+    return None
+
+
+@pytest.mark.slow
+async def test_a_store_started_while_a_master_is_down_serves_the_other_masters(
+    tmp_path: Path,
+) -> None:
+    # redis-py fetched its command table from slot 0's master alone, so a client started
+    # while that master was down failed every call, on every master, until a failover; the
+    # cluster's node timeout (30 s) keeps any failover out of this test's few seconds
+    with local_cluster(tmp_path / "cluster", node_timeout_ms=30_000) as cluster:
+        slot_map = next(iter(cluster.nodes.values())).client.execute_command("CLUSTER SLOTS")
+        first, last, (_, port, *_) = next(entry for entry in slot_map if entry[0] == 0)[:3]
+        keyspace = Keyspace("gruserve:", CLUSTER_BUCKETS)
+        ids = [f"outage-{i}" for i in range(48)]
+        down = {
+            sid
+            for sid in ids
+            if first <= key_slot(keyspace.bucket(sid).session_key(sid).encode()) <= last
+        }
+        assert 0 < len(down) < len(ids), "every session on one master: pick other ids"
+        cluster.nodes[port].kill()
+        store = RedisSessionStore(cluster.url, 60, 10_000)
+        try:
+            outcomes = {sid: await _create(store, sid) for sid in ids}
+            assert {sid for sid, exc in outcomes.items() if exc is None} == set(ids) - down
+            assert all(isinstance(outcomes[sid], StoreUnavailable) for sid in down), outcomes
+            # the master back: the same client serves its sessions too
+            cluster.nodes[port].restart()
+            cluster.wait_healthy(3)
+            assert [await _create(store, sid) for sid in sorted(down)] == [None] * len(down)
+            assert await store.count() == len(ids)
+        finally:
+            await store.close()

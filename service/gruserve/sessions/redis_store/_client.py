@@ -2,13 +2,15 @@
 Redis Cluster.
 
 A cluster client asks the nodes the URL names for the slot map and follows it
-(``MOVED``, failovers) by itself. Also here: which redis-py errors mean "the store
+(``MOVED``, failovers) by itself, and starts while one of the masters is down
+(:class:`_Cluster`). Also here: which redis-py errors mean "the store
 cannot answer now" (a 503 and a retry, never a 500), for one server and for a
 cluster in the middle of a failover.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -48,6 +50,46 @@ UNAVAILABLE: tuple[type[BaseException], ...] = (
 """Errors that mean the store cannot answer now (the caller gets 503 and retries)."""
 
 
+class _Cluster(RedisCluster):
+    """redis-py's cluster client, able to start while a master is down.
+
+    redis-py's first ``initialize`` reads the slot map from whichever startup node answers,
+    but then fetches the command table (``COMMAND``) from one node only: the first master
+    of the map, the one serving slot 0. While that master is dead (its failover takes
+    ``cluster-node-timeout`` and more), the first initialize fails, and with it every call,
+    the sessions on the healthy masters included: a replica started during a failover
+    (restarted by the same outage, or scaled up) would serve nothing until it ended.
+    Here the table is fetched first from the first startup node that answers; redis-py
+    then fetches it no more (it keeps one table per client), and the first initialize
+    needs only the slot map. Calls to the dead master's slots fail (503) until its
+    replica takes over, as they would on a client started before.
+    """
+
+    _table_lock: asyncio.Lock | None = None
+
+    async def initialize(self, *args: Any, **kwargs: Any) -> RedisCluster:
+        if not self.commands_parser.commands:
+            await self._command_table()
+        return await super().initialize(*args, **kwargs)
+
+    async def _command_table(self) -> None:
+        """Fetch the command table from the first startup node that answers (none: leave it
+        to ``initialize``, which then raises as it would have)."""
+        if self._table_lock is None:
+            self._table_lock = asyncio.Lock()
+        async with self._table_lock:
+            for seed in self.startup_nodes:
+                if self.commands_parser.commands:
+                    return
+                node = ClusterNode(seed.host, seed.port, **self.connection_kwargs)
+                try:
+                    await self.commands_parser.initialize(node)
+                except UNAVAILABLE:
+                    continue
+                finally:
+                    await node.disconnect()
+
+
 def connect(url: str, timeout_s: float) -> aioredis.Redis | RedisCluster:
     """A client for ``url`` (not connected yet: a cluster client connects on first use)."""
     options: dict[str, Any] = {
@@ -59,7 +101,7 @@ def connect(url: str, timeout_s: float) -> aioredis.Redis | RedisCluster:
             url, retry=Retry(NoBackoff(), 1), health_check_interval=30, **options
         )
     parsed = parse_cluster_url(url)
-    return RedisCluster(
+    return _Cluster(
         startup_nodes=[ClusterNode(host, port) for host, port in parsed.nodes],
         # one quick retry (a refreshed slot map), then 503: a failover takes seconds, and the
         # client's numbered resend is the retry that may wait that long
