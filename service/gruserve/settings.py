@@ -196,12 +196,13 @@ class Settings(BaseSettings):
     """Override every model's ``batching.max_delay_ms``: how long the first waiting step
     waits for others to join its batch."""
 
-    batch_inline_below_us: float = Field(250.0, ge=0)
+    batch_inline_below_us: float = Field(500.0, ge=0)
     """Run a batch on the event loop instead of the inference threads when batches of its
     size recently took less than this many microseconds of CPU time (0 = always the
-    threads). Below it, the hand-off to a thread costs more than the run: the demo model
-    runs inline, a large one (U=512) stays off the loop so that it cannot stall other
-    requests."""
+    threads). Below it, the hand-off to a thread costs more than the run: the demo model's
+    batches run inline (64 steps: 190-310 µs on 2-core VMs), a large one's (U=512) stay off
+    the loop so that they cannot stall other requests (bench/README.md, "Where a batch
+    runs")."""
 
     batch_queue_size: int = Field(4096, ge=1)
     """Steps that may wait per model before new ones wait for room (backpressure)."""

@@ -33,13 +33,16 @@ class Recording(LoadedModel):
         self.fail_next = False
         self.entered = 0
         self.busy_s = 0.0  # CPU time each run burns on top of the model's own
+        self.pool_busy_s = 0.0  # and more, off the loop's thread (what a hand-off adds)
+        self.loop_thread = threading.current_thread()
 
     def run(self, inputs: np.ndarray, mask: Any, states: Any) -> Any:
         self.entered += 1
         self.gate.wait(10)
         self.shapes.append(inputs.shape)
         self.threads.append(threading.current_thread())
-        until = time.thread_time() + self.busy_s
+        extra = self.pool_busy_s if threading.current_thread() is not self.loop_thread else 0.0
+        until = time.thread_time() + self.busy_s + extra
         while time.thread_time() < until:
             pass
         if self.fail_next:
@@ -269,6 +272,23 @@ def test_run_times_average_per_class_of_cells() -> None:
     assert times.expected(2) is None  # one cell's time says nothing about two
 
 
+def test_a_class_timed_near_the_limit_in_the_pool_is_probed_on_the_loop() -> None:
+    times = RunTimes()
+    limit = 0.010
+    times.record(3, 0.015)  # first run, in the pool: over the limit, under twice it
+    assert times.probe_due(3, limit)  # never measured on the loop: at once
+    times.record(3, 0.004, inline=True, probe=True)  # the probe's time replaces the average
+    assert times.expected(3) == 0.004 and not times.probe_due(3, limit)
+    times.record(3, 0.016, inline=True, probe=True)  # measured over the limit on the loop too
+    for _ in range(RunTimes.PROBE_EVERY - 1):
+        times.record(3, 0.016)
+        assert not times.probe_due(3, limit)
+    times.record(3, 0.016)
+    assert times.probe_due(3, limit)  # PROBE_EVERY pool runs later: measured there again
+    times.record(5, 0.025)  # twice the limit or more: a large model's, never probed
+    assert not times.probe_due(5, limit) and not times.probe_due(9, limit)
+
+
 async def _steps(batcher: Batcher, count: int, timesteps: int = 1) -> list[Any]:
     """``count`` steps submitted in one pass of the loop, as concurrent requests arrive."""
     x, s = np.full((timesteps, 3), 0.5, np.float32), np.zeros(4, np.float32)
@@ -306,6 +326,31 @@ async def test_cheap_batches_move_onto_the_loop_and_back_when_they_slow_down(
     for _ in range(12):
         await _steps(batcher, 3)
     assert model.threads[-1] is loop_thread
+    await batcher.close()
+
+
+async def test_runs_that_cost_more_in_the_pool_are_measured_on_the_loop(
+    models_dir: Path, tiny_models: dict[str, Any], executor: Any, monkeypatch: Any
+) -> None:
+    model = _model(models_dir, "simple")
+    monkeypatch.setattr(RunTimes, "PROBE_EVERY", 3)
+    batcher = Batcher(model, executor, inline_below_s=0.01, max_delay_s=0.0)
+    loop_thread = threading.current_thread()
+    model.pool_busy_s = 0.015  # the pool's runs take 15 ms of CPU, the loop's well under 10
+    for _ in range(4):
+        await _steps(batcher, 3)
+    # measured in the pool first (a size never run), then on the loop, where it fits
+    assert [t is loop_thread for t in model.threads] == [False, True, True, True]
+    model.busy_s, model.pool_busy_s = 0.016, 0.001  # over the limit in both places now
+    del model.threads[:]
+    for _ in range(14):
+        await _steps(batcher, 3)
+    # loop runs lift the average past the limit (a quarter of the way each); then the pool,
+    # and one probe on the loop after every 3 pool runs
+    where = [t is loop_thread for t in model.threads]
+    first = where.index(False)
+    assert all(where[:first]) and 0 < first <= 6, where
+    assert where[first : first + 8] == [False, False, False, True] * 2, where
     await batcher.close()
 
 

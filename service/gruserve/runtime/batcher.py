@@ -20,15 +20,21 @@ company. Every timer reads the event loop's clock, which is ``time.monotonic``.
 Where a batch runs: in the thread pool, unless ``inline_below_s`` is set and
 batches of its size (steps x padded timesteps) have recently taken less CPU time
 than that; then on the event loop itself. Handing a run to a thread and back
-costs the loop a wake-up and the GIL twice (~120 µs round trip on a 2-core VM),
-more than a small model's whole batch; a large model's run would stall every
-connection, so it stays in the pool, and so does a batch of a size not
-measured yet. Run times are measured in both places, per size class, so a
-model moves back to the pool when its runs grow slower (load, longer chunks)
-and returns when they shrink. With inline running on, a step that finds the
-model idle waits one pass of the event loop, so that the steps that pass reads
-join its batch before the size (and so the place) is chosen; steps that
-gathered while a run was in the pool leave as soon as it ends.
+costs the loop a wake-up and the GIL twice, and the run itself takes more CPU in
+the pool than on the loop (1.7-1.9 x for the demo model's 64-row runs on a 2-core
+VM, bench/README.md), which can outweigh a small model's whole batch; a
+large model's run would stall every connection, so it stays in the pool, and so
+does a batch of a size not measured yet. Run times are measured in both places,
+per size class, so a model moves back to the pool when its runs grow slower
+(load, longer chunks) and returns when they shrink. Because the pool's figure
+runs high, a class whose pool runs average between the limit and twice it is
+measured on the loop again every :attr:`RunTimes.PROBE_EVERY` pool runs (a probe,
+whose time replaces the average): without it, a run that fits the limit on the
+loop could stay in the pool for good on the strength of its pool times. With
+inline running on, a step that finds the model idle waits one pass of the event
+loop, so that the steps that pass reads join its batch before the size (and so
+the place) is chosen; steps that gathered while a run was in the pool leave as
+soon as it ends.
 
 Checklist (STYLE §3): futures are made inside the running loop; a bounded
 queue makes callers wait for room; a pooled batch runs as its own task, an
@@ -98,22 +104,47 @@ class RunTimes:
     """
 
     WEIGHT = 0.25
+    PROBE_EVERY = 64
+    """Pool runs of a class between two probes on the loop (:meth:`probe_due`)."""
 
     def __init__(self) -> None:
         self._seconds: dict[int, float] = {}
+        self._pooled: dict[int, int] = {}  # per class, pool runs since its last loop run
 
     @staticmethod
     def _size_class(cells: int) -> int:
         return (cells - 1).bit_length()
 
-    def record(self, cells: int, seconds: float) -> None:
+    def record(
+        self, cells: int, seconds: float, *, inline: bool = False, probe: bool = False
+    ) -> None:
+        """A run of ``cells`` took ``seconds`` of CPU, on the loop (``inline``) or in the
+        pool; a ``probe``'s time replaces the class's average instead of moving it."""
         key = self._size_class(cells)
         last = self._seconds.get(key)
-        self._seconds[key] = seconds if last is None else last + self.WEIGHT * (seconds - last)
+        if last is None or probe:
+            self._seconds[key] = seconds
+        else:
+            self._seconds[key] = last + self.WEIGHT * (seconds - last)
+        # a class never run on the loop counts as due for a probe after its first pool run
+        self._pooled[key] = 0 if inline else self._pooled.get(key, self.PROBE_EVERY - 1) + 1
 
     def expected(self, cells: int) -> float | None:
         """Seconds a batch of this many cells is expected to take; None before one has run."""
         return self._seconds.get(self._size_class(cells))
+
+    def probe_due(self, cells: int, limit: float) -> bool:
+        """Whether a batch of this many cells, expected at or over ``limit`` from its recent
+        runs, should run on the loop once to be measured there: its average is under twice
+        the limit (so within what the pool adds to a run that fits) and its class has had
+        :attr:`PROBE_EVERY` pool runs since it last ran on the loop (or never did)."""
+        key = self._size_class(cells)
+        seconds = self._seconds.get(key)
+        return (
+            seconds is not None
+            and seconds < 2 * limit
+            and self._pooled.get(key, self.PROBE_EVERY) >= self.PROBE_EVERY
+        )
 
 
 @dataclass(slots=True)
@@ -335,10 +366,15 @@ class Batcher:
     def _dispatch(self, batch: list[_Item], loop: asyncio.AbstractEventLoop) -> None:
         if not batch:
             return
-        if self.inline_below_s:
-            expected = self.run_times.expected(_cells(batch))
-            if expected is not None and expected < self.inline_below_s:
+        limit = self.inline_below_s
+        if limit:
+            cells = _cells(batch)
+            expected = self.run_times.expected(cells)
+            if expected is not None and expected < limit:
                 self._run_inline(batch, loop)
+                return
+            if expected is not None and self.run_times.probe_due(cells, limit):
+                self._run_inline(batch, loop, probe=True)
                 return
         self._start(batch, loop)
 
@@ -432,13 +468,18 @@ class Batcher:
                 self._running.discard(asyncio.current_task())  # type: ignore[arg-type]
                 self._schedule(loop)
 
-    def _run_inline(self, batch: list[_Item], loop: asyncio.AbstractEventLoop) -> None:
-        """Run ``batch`` on the event loop: only batches measured to be cheaper than a hand-off."""
+    def _run_inline(
+        self, batch: list[_Item], loop: asyncio.AbstractEventLoop, probe: bool = False
+    ) -> None:
+        """Run ``batch`` on the event loop: only batches measured to be cheaper than a
+        hand-off, and now and then one to measure it there (``probe``: :class:`RunTimes`)."""
         started, clock = loop.time(), time.perf_counter()
         try:
             inputs, mask, states, lengths = self._stack(batch)
             timed = self._timed_run(inputs, mask, states)
-            self.run_times.record(len(lengths) * inputs.shape[1], timed.seconds)
+            self.run_times.record(
+                len(lengths) * inputs.shape[1], timed.seconds, inline=True, probe=probe
+            )
             shares = self._scatter(timed.result, lengths, inputs.shape[1], batch[0].rows > 0)
         except Exception as exc:
             self._fail(batch, exc)
