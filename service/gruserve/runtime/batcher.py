@@ -140,11 +140,8 @@ class RunTimes:
         :attr:`PROBE_EVERY` pool runs since it last ran on the loop (or never did)."""
         key = self._size_class(cells)
         seconds = self._seconds.get(key)
-        return (
-            seconds is not None
-            and seconds < 2 * limit
-            and self._pooled.get(key, self.PROBE_EVERY) >= self.PROBE_EVERY
-        )
+        # ``record`` sets both entries of a class: one measured has its pool count
+        return seconds is not None and seconds < 2 * limit and self._pooled[key] >= self.PROBE_EVERY
 
 
 @dataclass(slots=True)
@@ -373,7 +370,7 @@ class Batcher:
             if expected is not None and expected < limit:
                 self._run_inline(batch, loop)
                 return
-            if expected is not None and self.run_times.probe_due(cells, limit):
+            if self.run_times.probe_due(cells, limit):
                 self._run_inline(batch, loop, probe=True)
                 return
         self._start(batch, loop)
