@@ -32,7 +32,7 @@ from websockets.uri import parse_uri
 from websockets.utils import apply_mask
 
 from conftest import live_server, serve
-from gruserve.api.protocols import _websocket
+from gruserve.api.protocols import _uvicorn_fit, _websocket
 from gruserve.api.protocols._websocket import (
     PAUSE_AT,
     GruServeWebSocketProtocol,
@@ -534,16 +534,39 @@ async def test_fragment_floods_are_cut_off(frames: int, payload: bytes, code: in
     assert run.events[-1]["type"] == "websocket.disconnect"
 
 
+async def test_a_uvicorn_without_a_piece_it_reads_serves_as_uvicorn_and_says_so(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A uvicorn release that renamed a piece: every frame goes through uvicorn's own
+    methods, with uvicorn's replies and events, and the first connection logs the piece."""
+    pieces = (*_websocket._UVICORN_PIECES, "renamed_piece")
+    monkeypatch.setattr(_websocket, "_UVICORN_PIECES", pieces)
+    monkeypatch.setattr(_uvicorn_fit, "_reported", set())
+    client = _client()
+    for message in MESSAGES:
+        _send(client, message)
+        client.flush()
+    ours, replies = await _compare(client)  # the same bytes and events as uvicorn's
+    theirs = await _serve(WebSocketsSansIOProtocol, client)
+    assert _echoed(replies) == MESSAGES
+    assert ours.parser_calls == theirs.parser_calls > 0  # nothing framed by the protocol
+    await _serve(GruServeWebSocketProtocol, client)  # a second connection logs nothing more
+    warnings = [r.getMessage() for r in caplog.records if r.name == _uvicorn_fit.__name__]
+    assert len(warnings) == 1
+    assert "renamed_piece" in warnings[0] and "websockets-sansio" in warnings[0]
+
+
 async def test_the_uvicorn_pieces_it_relies_on_are_there() -> None:
     """Fails if uvicorn or websockets change what the protocol reads of them."""
     config = uvicorn.Config(lambda *a: None, lifespan="off")
     config.load()
     protocol = GruServeWebSocketProtocol(config=config, server_state=ServerState(), app_state={})
-    for name in ("conn", "queue", "read_paused", "writable", "close_sent", "initial_response"):
+    for name in _websocket._UVICORN_PIECES:
         assert hasattr(protocol, name), name
     for name in ("handle_events", "handle_parser_exception"):
         assert callable(getattr(protocol, name)), name
-    for name in ("reader", "current_size", "extensions", "state", "parser_exc"):
+    for name in ("reader", "current_size", *_websocket._CONN_PIECES):
         assert hasattr(protocol.conn, name), name
+    assert protocol._fits
     assert isinstance(protocol.conn.reader.buffer, bytearray)
     assert isinstance(protocol.queue, _websocket._Inbox)

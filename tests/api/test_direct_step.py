@@ -262,6 +262,32 @@ async def test_with_the_access_log_on_every_request_goes_through_asgi(
         assert direct(s).taken == 0 and asgi_step(s).taken == 1
 
 
+async def test_a_uvicorn_without_a_piece_it_reads_answers_through_asgi_and_says_so(
+    served: Served, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A uvicorn release that renamed a piece: the step is answered as uvicorn would answer
+    it, and the first connection logs the piece (once, not per connection)."""
+    from gruserve.api.protocols import _http11, _uvicorn_fit
+
+    monkeypatch.setattr(_http11, "_UVICORN_PIECES", (*_http11._UVICORN_PIECES, "renamed_piece"))
+    monkeypatch.setattr(_uvicorn_fit, "_reported", set())
+    sid = await session(served)
+    replies = []
+    async for address in live_server(served.app):
+        host, port = address.split(":")
+        for n in range(2):  # two connections, one warning
+            reader, writer = await asyncio.open_connection(host, int(port))
+            try:
+                body = json.dumps({"inputs": [1, 2, 3], "step": n}).encode()
+                replies.append(parse(await http_exchange(reader, writer, step_request(sid, body))))
+            finally:
+                writer.close()
+    assert [(status, reply["step"]) for status, _, reply in replies] == [(200, 1), (200, 2)]
+    assert direct(served).taken == 0 and asgi_step(served).taken == 2
+    warnings = [r.getMessage() for r in caplog.records if r.name == _uvicorn_fit.__name__]
+    assert len(warnings) == 1 and "renamed_piece" in warnings[0] and "httptools" in warnings[0]
+
+
 async def test_shutdown_waits_for_a_step_in_flight(
     served: Served, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -32,10 +32,10 @@ with the server's :class:`~gruserve.api.protocols._http_limits.HttpLimits`.
 
 The protocol's own writes (a 400 for a malformed request, the WebSocket upgrade) go
 to the socket as before. This relies on pieces of uvicorn that are not public
-(``cycle``, ``cycle.transport``, ``pipeline``, ``_start_asgi_task``,
-``on_response_complete``): if a release changes them, the protocol leaves cycles
-alone and answers everything through ASGI, like uvicorn's own
-(``tests/api/test__http11.py`` and ``tests/api/test_direct_step.py`` fail, to say so).
+(:data:`_UVICORN_PIECES`, and ``cycle.transport``): if a release changes them, the
+protocol leaves cycles alone and answers everything through ASGI, like uvicorn's own,
+and says so once (:mod:`~gruserve.api.protocols._uvicorn_fit`;
+``tests/api/test__http11.py`` and ``tests/api/test_direct_step.py`` fail, to say so).
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ import httptools
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from gruserve.api.errors import ClientDisconnected
+from gruserve.api.protocols import _uvicorn_fit
 from gruserve.api.protocols._disconnect import Watch
 from gruserve.api.protocols._http_limits import HeadGuard, HttpLimits
 
@@ -220,7 +221,15 @@ class _DirectCycle:
 
 _PLAIN_500 = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", b"21")]
 # what the direct path needs of uvicorn's protocol beyond its public interface
-_UVICORN_PIECES = ("cycle", "pipeline", "flow", "_start_asgi_task", "on_response_complete")
+_UVICORN_PIECES = (
+    "cycle",
+    "pipeline",
+    "flow",
+    "parser",
+    "expect_100_continue",
+    "_start_asgi_task",
+    "on_response_complete",
+)
 
 
 class GruServeHttpProtocol(HttpToolsProtocol):
@@ -238,11 +247,10 @@ class GruServeHttpProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self.guard = HeadGuard(self.limits, self.loop)
         routes = getattr(self.app, "direct_routes", None)
-        usable = (
-            not self.access_log
-            and self.limit_concurrency is None
-            and all(hasattr(self, piece) for piece in _UVICORN_PIECES)
-        )
+        lacking = _uvicorn_fit.missing(self, _UVICORN_PIECES)
+        if lacking and routes is not None:
+            _uvicorn_fit.report("httptools", lacking)
+        usable = not lacking and not self.access_log and self.limit_concurrency is None
         self.direct: DirectRoutes | None = routes if usable else None
 
     # -- edge limits ----------------------------------------------------------------------

@@ -31,9 +31,11 @@ with its payload against the message size limit (more closes with 1009).
 
 The app sees the same ASGI events either way. The protocol relies on uvicorn
 passing it the handshake request alone as its first data (true of its HTTP
-protocols), and on attributes of uvicorn's class that are not public (``conn``,
-``queue``, ``read_paused``, ``writable``, ``handle_events``,
-``handle_parser_exception``); ``tests/api/test__websocket.py`` fails if they change.
+protocols), and on attributes of uvicorn's class that are not public
+(:data:`_UVICORN_PIECES`, and :data:`_CONN_PIECES` of ``websockets``' connection);
+``tests/api/test__websocket.py`` fails if they change. A connection that finds one
+missing is served by uvicorn's own methods alone, and says so once
+(:mod:`~gruserve.api.protocols._uvicorn_fit`).
 """
 
 from __future__ import annotations
@@ -53,11 +55,29 @@ try:  # websockets' C helper; the pure-Python one where it was not built
 except ImportError:  # pragma: no cover
     from websockets.utils import apply_mask
 
+from gruserve.api.protocols import _uvicorn_fit
+
 PAUSE_AT = 16
 """Events waiting for the app at which the protocol stops reading the socket."""
 
 _TEXT, _BINARY = 0x1, 0x2
 _SHORT, _LONG = struct.Struct("!BBH"), struct.Struct("!BBQ")
+# what the protocol reads of uvicorn's class, and of its ``websockets`` connection, beyond
+# their public interfaces
+_UVICORN_PIECES = (
+    "conn",
+    "queue",
+    "read_paused",
+    "writable",
+    "handshake_initiated",
+    "handshake_complete",
+    "close_sent",
+    "disconnected",
+    "initial_response",
+    "handle_events",
+    "handle_parser_exception",
+)
+_CONN_PIECES = ("state", "extensions", "parser_exc", "receive_data", "fail")
 
 
 class _Inbox:
@@ -122,20 +142,30 @@ class GruServeWebSocketProtocol(WebSocketsSansIOProtocol):
         super().__init__(*args, **kwargs)
         self._frames = 0  # frames of the fragmented message being read
         self._message_bytes = 0  # its frames' headers and payloads so far
-        # uvicorn's own methods put to and read ``queue``; this module reads the same object
-        # through ``_inbox``, typed as what it is
-        self.queue = self._inbox = _Inbox()  # type: ignore[assignment]
         self._max_size: int | None = self.config.ws_max_size
         self._framing = False  # True once the handshake request is parsed: frames are read here
         self._pending = bytearray()  # the start of a frame not yet whole
         self._needed = 0  # bytes that frame takes, once its header is in
+        lacking = _uvicorn_fit.missing(self, _UVICORN_PIECES) + _uvicorn_fit.missing(
+            getattr(self, "conn", None), _CONN_PIECES, prefix="conn."
+        )
+        self._fits = not lacking
+        if self._fits:
+            # uvicorn's own methods put to and read ``queue``; this module reads the same
+            # object through ``_inbox``, typed as what it is
+            self.queue = self._inbox = _Inbox()  # type: ignore[assignment]
+        else:  # this connection is uvicorn's: its methods, found before the class's
+            _uvicorn_fit.report("websockets-sansio", lacking)
+            self.receive = super().receive  # type: ignore[method-assign]
+            self.send = super().send  # type: ignore[method-assign]
 
     def data_received(self, data: bytes) -> None:
         if not self._framing:
             super().data_received(data)
             # uvicorn passes the handshake request alone: websockets' parser now waits for a frame
             self._framing = (
-                self.handshake_initiated
+                self._fits
+                and self.handshake_initiated
                 and not getattr(self.conn.reader, "buffer", True)
                 and hasattr(self.conn, "current_size")
             )
