@@ -6,6 +6,7 @@ worker writes its own samples (``counter_<pid>.db``).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -147,3 +148,71 @@ def test_two_workers_continue_each_others_sessions(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _scrape_lines(base: str, metric: str) -> list[str]:
+    text = httpx.get(f"{base}/metrics", timeout=10).text  # a new connection: either worker
+    return [line for line in text.splitlines() if line.startswith(metric + "{")]
+
+
+def test_a_scrape_shows_the_versions_loaded_now(
+    models_dir: Path, tiny_models: dict[str, Any], redis_url: str, tmp_path: Path
+) -> None:
+    """Under --workers 2 (prometheus-client's multiprocess mode), a version that a rollout
+    unloads leaves the scrape, as it does from one process (it used to stay as loaded, 1,
+    for good), and nothing warns of labels it cannot clear."""
+    repo = tmp_path / "repo"
+    (repo / "stacked").mkdir(parents=True)
+    shutil.copytree(models_dir / "stacked" / "1", repo / "stacked" / "1")
+    folder, port = tmp_path / "metrics", free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = _env(
+        redis_url,
+        repo,
+        PROMETHEUS_MULTIPROC_DIR=str(folder),
+        GRUSERVE_REPOSITORY_POLL_S="0.2",
+        GRUSERVE_VERSION_UNLOAD_GRACE_S="0",
+    )
+    with open(tmp_path / "serve.log", "wb") as log:
+        proc = subprocess.Popen(
+            [str(BIN / "gruserve"), "serve", "--port", str(port), "--workers", "2"],
+            env=env,
+            cwd=tmp_path,
+            stderr=log,
+        )
+    try:
+        _wait_ready(proc, base)
+        deadline = time.monotonic() + WAIT_S
+        while len(list(folder.glob("counter_*.db"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)  # the second worker is still building its app
+        v1 = 'gruserve_model_loaded{model="stacked",provider="cpu",version="1"} 1.0'
+        assert _scrape_lines(base, "gruserve_model_loaded") == [v1]
+
+        staging = repo / "stacked" / ".staging-2"  # version 2 appears whole, as deployed
+        shutil.copytree(repo / "stacked" / "1", staging)
+        manifest = json.loads((staging / "model.json").read_text())
+        (staging / "model.json").write_text(json.dumps({**manifest, "version": 2}))
+        staging.rename(repo / "stacked" / "2")
+
+        v2 = v1.replace('version="1"', 'version="2"')
+        scrapes: list[list[str]] = []
+        while time.monotonic() < deadline:  # each worker polls, loads 2, then unloads 1
+            scrapes = [
+                _scrape_lines(base, "gruserve_model_loaded")
+                + _scrape_lines(base, "gruserve_model_version_bytes")
+                for _ in range(6)
+            ]
+            if all(lines[0] == v2 and len(lines) == 2 for lines in scrapes):
+                break
+            time.sleep(0.2)
+        assert all(lines[0] == v2 and len(lines) == 2 for lines in scrapes), scrapes
+        assert all('version="2"' in lines[1] for lines in scrapes), scrapes
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    assert "multi-process mode" not in (tmp_path / "serve.log").read_text()

@@ -10,8 +10,9 @@ per event.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import (
     CollectorRegistry,
@@ -21,7 +22,9 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"
@@ -44,6 +47,70 @@ class ModelMetrics:
     inline_batches: Counter
 
 
+class VersionSource(Protocol):
+    """What :class:`ModelVersions` reads of the model registry
+    (:class:`~gruserve.runtime.registry.ModelRegistry`)."""
+
+    on_failure: Callable[[str, int, str], None] | None
+
+    def statuses(self) -> Iterable[Any]:
+        """One status per model (``name``, ``ready``)."""
+
+    def models(self) -> Iterable[Any]:
+        """Every loaded version (``name``, ``version``, ``provider``, ``size_bytes``)."""
+
+
+class SessionCounts(Protocol):
+    """Sessions per (model, version) (:class:`~gruserve.sessions.census.VersionCensus`)."""
+
+    def counts(self) -> dict[tuple[str, int], int] | None:
+        """The latest counts; None while none has been made."""
+
+
+class ModelVersions(Collector):
+    """``gruserve_model_loaded``, ``gruserve_model_version_bytes`` and
+    ``gruserve_model_version_sessions``, read from the model registry when scraped.
+
+    They describe what is loaded now, so they are made at each scrape rather than kept in
+    gauges: a gauge's label set outlives an unloaded version unless removed, and
+    prometheus-client cannot remove label sets in its multiprocess mode (``--workers N``),
+    where an unloaded version stayed in every scrape as loaded, and a model that failed and
+    then loaded stayed at 0 (its alert firing). Under ``--workers N`` a scrape shows the
+    versions of the worker that answers it; every worker loads the same repository.
+    """
+
+    def __init__(self, models: VersionSource, census: SessionCounts | None) -> None:
+        self.models, self.census = models, census
+
+    def collect(self) -> Iterator[Metric]:
+        loaded = GaugeMetricFamily(
+            "gruserve_model_loaded",
+            "1 for each served model version, 0 for a model that failed to load.",
+            labels=["model", "version", "provider"],
+        )
+        for status in self.models.statuses():
+            if not status.ready:
+                loaded.add_metric([status.name, "", ""], 0)
+        size = GaugeMetricFamily(
+            "gruserve_model_version_bytes",
+            "ONNX bytes of each loaded model version.",
+            labels=["model", "version"],
+        )
+        for model in self.models.models():
+            loaded.add_metric([model.name, str(model.version), model.provider], 1)
+            size.add_metric([model.name, str(model.version)], model.size_bytes)
+        sessions = GaugeMetricFamily(
+            "gruserve_model_version_sessions",
+            "Sessions on each model version (memory store: counted on every scrape; Redis: the "
+            "fleet's, counted every GRUSERVE_SESSION_CENSUS_INTERVAL_S).",
+            labels=["model", "version"],
+        )
+        counts = None if self.census is None else self.census.counts()
+        for (name, version), count in sorted((counts or {}).items()):
+            sessions.add_metric([name, str(version)], count)
+        yield from (loaded, size, sessions)
+
+
 class Metrics:
     """Every gruserve collector.
 
@@ -53,6 +120,7 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        self.versions: ModelVersions | None = None  # once watch_versions is called
         # process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, ...
         # (read from /proc at each scrape; nothing on systems without it)
         self.process = ProcessCollector(registry=registry)
@@ -166,29 +234,6 @@ class Metrics:
             "(GRUSERVE_STORE_RECENT_RECORDS) that found it stale and read the session again.",
             registry=registry,
         )
-        self.models = Gauge(
-            "gruserve_model_loaded",
-            "1 for each served model, 0 for one that failed to load.",
-            ["model", "version", "provider"],
-            registry=registry,
-            multiprocess_mode="max",  # every worker loads the same models
-        )
-
-        self.version_bytes = Gauge(
-            "gruserve_model_version_bytes",
-            "ONNX bytes of each loaded model version (updated on every scrape).",
-            ["model", "version"],
-            registry=registry,
-            multiprocess_mode="max",
-        )
-        self.version_sessions = Gauge(
-            "gruserve_model_version_sessions",
-            "Sessions on each model version (memory store: counted on every scrape; Redis: the "
-            "fleet's, counted every GRUSERVE_SESSION_CENSUS_INTERVAL_S).",
-            ["model", "version"],
-            registry=registry,
-            multiprocess_mode="mostrecent",
-        )
         self.version_failures = Counter(
             "gruserve_model_version_load_failures",
             "Model versions that failed to load, verify or warm up (never made the default).",
@@ -210,29 +255,12 @@ class Metrics:
             registry=registry,
         )
 
-    def watch_versions(self, registry: Any) -> None:
-        """Count ``registry``'s load failures and show its loaded versions."""
-        registry.on_failure = lambda name, version, reason: self.version_failures.labels(name).inc()
-        self.show_versions(registry)
-
-    def show_versions(
-        self, registry: Any, sessions: dict[tuple[str, int], int] | None = None
-    ) -> None:
-        """Set the per-version gauges to what ``registry`` holds now (a
-        :class:`~gruserve.runtime.registry.ModelRegistry`); ``sessions``: counts per
-        (model, version) when the store can tell."""
-        self.version_bytes.clear()
-        self.models.clear()
-        for status in registry.statuses():
-            if not status.ready:
-                self.models.labels(status.name, "", "").set(0)
-        for model in registry.models():
-            self.models.labels(model.name, str(model.version), model.provider).set(1)
-            self.version_bytes.labels(model.name, str(model.version)).set(model.size_bytes)
-        if sessions is not None:
-            self.version_sessions.clear()
-            for (name, version), count in sorted(sessions.items()):
-                self.version_sessions.labels(name, str(version)).set(count)
+    def watch_versions(self, models: VersionSource, census: SessionCounts | None = None) -> None:
+        """Count ``models``' load failures, and show its loaded versions (and ``census``'
+        sessions per version) on every scrape (:class:`ModelVersions`)."""
+        models.on_failure = lambda name, version, reason: self.version_failures.labels(name).inc()
+        self.versions = ModelVersions(models, census)
+        self.registry.register(self.versions)
 
     def count_upgrade(
         self, model: str, from_version: int, to_version: int, how: str, replayed: int
@@ -250,6 +278,8 @@ class Metrics:
         if os.environ.get(MULTIPROCESS_DIR):
             merged = CollectorRegistry()
             MultiProcessCollector(merged)
+            if self.versions is not None:  # what this worker has loaded (see ModelVersions)
+                merged.register(self.versions)
             return generate_latest(merged)
         return generate_latest(self.registry)
 

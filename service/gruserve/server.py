@@ -117,7 +117,6 @@ def build_services(
         settings.version_policies(),
         settings.version_unload_grace_s,
     )
-    metrics.watch_versions(models)
     executor = ThreadPoolExecutor(settings.inference_threads, thread_name_prefix="gruserve-ort")
 
     def make_batcher(model: LoadedModel) -> Batcher:
@@ -140,6 +139,8 @@ def build_services(
     for model in models.models():
         batchers.of(model)
     store = build_store(settings, SessionEvents(metrics))
+    census = VersionCensus(store, settings.session_census_interval_s)
+    metrics.watch_versions(models, census)
     limits = WorkLimits(
         settings.max_batch_timesteps, settings.max_reply_values, settings.predict_chunk_timesteps
     )
@@ -159,9 +160,7 @@ def build_services(
     if settings.snapshot_path is not None and isinstance(store, MemorySessionStore):
         restore_snapshot(settings.snapshot_path, store, sessions)
     predictor = Predictor(models, executor, settings.max_timesteps, metrics, limits)
-    watcher = RepositoryWatcher(
-        models, batchers, settings.repository_poll_s, lambda: metrics.show_versions(models)
-    )
+    watcher = RepositoryWatcher(models, batchers, settings.repository_poll_s)
     return Services(
         settings,
         models,
@@ -174,7 +173,7 @@ def build_services(
         tracing,
         Sweeper(store, settings.session_sweep_interval_s),
         watcher,
-        VersionCensus(store, settings.session_census_interval_s),
+        census,
     )
 
 

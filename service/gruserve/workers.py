@@ -14,7 +14,8 @@ and exits, and the supervisor exits once all have. A worker that dies is replace
 Metrics use prometheus-client's multiprocess mode: every worker writes its samples to
 files in ``PROMETHEUS_MULTIPROC_DIR`` (a fresh temporary folder unless set; when set,
 its old sample files are removed at start) and a scrape of ``/metrics``, whichever
-worker answers it, reports the sum over all workers.
+worker answers it, reports the sum over all workers; the per-version gauges are that
+worker's own (:class:`gruserve.metrics.ModelVersions`).
 """
 
 from __future__ import annotations

@@ -62,6 +62,4 @@ async def metrics(request: Request) -> Response:
     services: Services = request.app.state.services
     with contextlib.suppress(GruServeError):  # the scrape reports the rest; /readyz the store
         services.metrics.sessions.set(await services.store.count())
-    per_version = None if services.census is None else services.census.counts()
-    services.metrics.show_versions(services.registry, per_version)
     return Response(services.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

@@ -76,7 +76,6 @@ class RepositoryWatcher:
     Args:
         registry, batchers: what it updates.
         poll_s: seconds between rescans (0: only through the repository API).
-        on_change: called after each pass (metrics refresh).
     """
 
     def __init__(
@@ -84,14 +83,12 @@ class RepositoryWatcher:
         registry: ModelRegistry,
         batchers: Batchers,
         poll_s: float,
-        on_change: Callable[[], None] | None = None,
     ) -> None:
         self._registry, self._batchers = registry, batchers
         self.poll_s = poll_s
         grace = registry.grace_s
         candidates = [s for s in (poll_s, grace / 4) if s > 0]
         self.tick_s = max(0.05, min(candidates)) if candidates else 1.0
-        self._on_change = on_change
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -127,7 +124,5 @@ class RepositoryWatcher:
                     await self.rescan()
                 self._registry.sweep()
                 self._batchers.prune()
-                if self._on_change is not None:
-                    self._on_change()
             except Exception:  # one bad pass must not end the watching
                 log.exception("repository watcher pass failed")

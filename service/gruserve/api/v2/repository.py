@@ -140,7 +140,6 @@ async def reload(services: Services, name: str) -> list[IndexEntry]:
     """Rescan model ``name``'s folder and apply its version policy (the ``load`` call)."""
     entries = await services.registry.refresh_async(name)
     services.batchers.prune()
-    services.metrics.show_versions(services.registry)
     return entries
 
 
@@ -148,7 +147,6 @@ def take_down(services: Services, name: str) -> None:
     """Unload every version of model ``name`` (the ``unload`` call)."""
     services.registry.unload(name)
     services.batchers.prune()
-    services.metrics.show_versions(services.registry)
 
 
 @router.post("/{repository_name}/index", include_in_schema=False)
