@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -146,6 +147,69 @@ def test_two_workers_continue_each_others_sessions(
             assert not Path(f"/proc/{pid}").exists(), f"worker {pid} outlived the supervisor"
     finally:
         if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_two_workers_serve_grpc_on_one_port_and_continue_each_others_sequences(
+    models_dir: Path, tiny_models: dict[str, Any], redis_url: str, tmp_path: Path
+) -> None:
+    """Every worker serves gRPC on the one port (SO_REUSEPORT); steps of one sequence over
+    fresh connections land on both and equal one sequence."""
+    grpcclient = pytest.importorskip("tritonclient.grpc")
+    folder, port, grpc_port = tmp_path / "metrics", free_port(), free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = _env(
+        redis_url,
+        models_dir,
+        PROMETHEUS_MULTIPROC_DIR=str(folder),
+        GRUSERVE_GRPC_PORT=str(grpc_port),
+    )
+    proc = subprocess.Popen(
+        [str(BIN / "gruserve"), "serve", "--port", str(port), "--workers", "2"],
+        env=env,
+        cwd=tmp_path,
+    )
+    try:
+        _wait_ready(proc, base)
+        deadline = time.monotonic() + WAIT_S
+        while len(list(folder.glob("counter_*.db"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)  # the second worker is still building its app
+        rng = np.random.default_rng(11)
+        sequence = int(rng.integers(1, 2**62))
+        x = rng.normal(size=(1, MOST_STEPS, 3)).astype(np.float32)
+        outputs, counts, n = [], {}, 0
+        while n < 20 or (
+            sum(c > 0 for c in counts.values()) < 2
+            and n < MOST_STEPS
+            and time.monotonic() < deadline
+        ):
+            # a channel with its own subchannel pool opens its own connection, which the
+            # kernel hands to either worker's listening socket
+            client = grpcclient.InferenceServerClient(
+                f"127.0.0.1:{grpc_port}", channel_args=[("grpc.use_local_subchannel_pool", 1)]
+            )
+            try:
+                tensor = grpcclient.InferInput("inputs", [1, 1, 3], "FP32")
+                tensor.set_data_from_numpy(x[:, n : n + 1])
+                result = client.infer(
+                    "stacked", [tensor], sequence_id=sequence, sequence_start=n == 0
+                )
+                outputs.append(result.as_numpy("outputs"))
+            finally:
+                client.close()
+            n += 1
+            if n % 10 == 0:
+                counts = _steps_by_worker(folder)
+        counts = _steps_by_worker(folder)
+        assert sum(c > 0 for c in counts.values()) == 2 and sum(counts.values()) == n, counts
+        expected, _ = tiny_models["stacked"].reference(x[:, :n])
+        np.testing.assert_allclose(np.concatenate(outputs, axis=1)[0], expected[0][0], atol=ATOL)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
 
