@@ -249,3 +249,30 @@ async def test_a_store_started_while_a_master_is_down_serves_the_other_masters(
             assert await store.count() == len(ids)
         finally:
             await store.close()
+
+
+def test_a_cluster_port_is_never_one_a_node_just_took(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel may hand out a port again until the ``redis-server`` given it has bound it;
+    a cluster's nodes must not share one (their folders and their ports would clash)."""
+    from bench import redis_topology
+
+    offered = iter([40001, 40002, 50002, 40003])  # 50002 is 40002's bus port
+
+    class Socket:
+        def __init__(self) -> None:
+            self.port = 0
+
+        def __enter__(self) -> Socket:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+        def bind(self, address: tuple[str, int]) -> None:
+            self.port = next(offered) if address[1] == 0 else address[1]
+
+        def getsockname(self) -> tuple[str, int]:
+            return ("127.0.0.1", self.port)
+
+    monkeypatch.setattr(redis_topology.socket, "socket", Socket)
+    assert redis_topology._free_cluster_port({40001, 50001, 40002, 50002}) == 40003
