@@ -23,16 +23,12 @@ import numpy as np
 import pytest
 from dockerfile_parse import DockerfileParser
 
+from conftest import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 NGINX_DIR = REPO / "deploy" / "nginx"
 K8S_DIR = REPO / "deploy" / "k8s"
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # -- Dockerfile ------------------------------------------------------------------------------
