@@ -146,6 +146,33 @@ async def test_two_replicas_alternating_equal_the_sequential_run(
     assert sum(s.reads for s in stores) == 9
 
 
+async def test_unnumbered_steps_that_hop_stop_being_kept_until_they_stay(
+    models_dir: Path,
+    tiny_models: dict[str, Any],
+    stores: list[_Counting],
+    executor: ThreadPoolExecutor,
+) -> None:
+    """An unnumbered step finds its kept record stale only at the compare-and-set, after its
+    run. Each replica pays that once; while the other replica writes the session between
+    its turns it keeps nothing of it (its steps read, as with no kept records), and once its
+    own writes follow each other it keeps the session again."""
+    replicas = [_service(models_dir, s, executor) for s in stores]
+    x = np.random.default_rng(8).normal(size=(14, 3)).astype(np.float32)
+    await replicas[0].create("stacked", "hops")
+    outputs = []
+    for i in range(10):
+        outputs.append((await replicas[i % 2].step("hops", x[i])).outputs["outputs"])
+    assert [_count(r, "recent_misses") for r in replicas] == [1, 1]
+    assert sum(s.reads for s in stores) == 9  # every step but replica 0's first
+    before = stores[0].reads
+    for i in range(10, 14):  # the session stays on replica 0
+        outputs.append((await replicas[0].step("hops", x[i])).outputs["outputs"])
+    assert stores[0].reads - before == 2  # two reads, then its write follows its own again
+    assert [_count(r, "recent_misses") for r in replicas] == [1, 1]
+    assert sum(_count(r, "cas_conflicts") for r in replicas) == 0
+    np.testing.assert_allclose(np.stack(outputs), _reference(tiny_models, x), atol=ATOL)
+
+
 async def test_a_session_deleted_and_made_again_at_the_same_revision_is_not_mistaken(
     models_dir: Path,
     tiny_models: dict[str, Any],
@@ -256,7 +283,8 @@ def test_recent_records_are_bounded_and_taken_once() -> None:
     base = np.arange(6, dtype=np.float64).reshape(2, 3)
     recent = RecentRecords(2)
     for n, sid in enumerate(("a", "b", "c")):
-        recent.keep(SessionRecord(sid, "m", 1, base[n % 2], 0, 0, n, now, now, history=b"h"), "w")
+        record = SessionRecord(sid, "m", 1, base[n % 2], 0, 0, n, now, now, history=b"h")
+        recent.keep(record, "w", n - 1)
     assert len(recent) == 2 and recent.take("a") is None  # the least recently written went
     kept = recent.take("c")
     assert kept is not None and recent.take("c") is None
@@ -267,7 +295,8 @@ def test_recent_records_are_bounded_and_taken_once() -> None:
     recent.drop("b")
     assert len(recent) == 0
     off = RecentRecords(0)
-    off.keep(SessionRecord("a", "m", 1, base[0], 0, 0, 0, now, now), "w")
+    off.keep(SessionRecord("a", "m", 1, base[0], 0, 0, 0, now, now), "w", -1)
+    off.stray("a")
     assert len(off) == 0
     with pytest.raises(ValueError, match="limit >= 0"):
         RecentRecords(-1)

@@ -407,9 +407,12 @@ class RedisSessionStore:
                 results[i] = self._outcome(write, outcomes[n])
                 if outcomes[n] == 1 and not write.end:
                     # the token the script stored: its 1-based KEYS position after the sets
-                    recent.keep(write.record, f"{writer}:{len(bucket.sets) + n + 1}")
+                    token = f"{writer}:{len(bucket.sets) + n + 1}"
+                    recent.keep(write.record, token, write.expected_revision)
                 else:
                     recent.drop(write.record.session_id)
+                    if outcomes[n] == 0 and write.base:  # its kept record was stale
+                        recent.stray(write.record.session_id)
         return results
 
     def _outcome(self, write: _Write, outcome: int) -> bool | Exception:
