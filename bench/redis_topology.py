@@ -15,7 +15,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import redis
@@ -24,21 +24,26 @@ START_S = 60.0
 """How long a topology may take to become ready (2 busy cores make it slow, not wrong)."""
 
 
-def _free_cluster_port(taken: Collection[int] = ()) -> int:
-    """A free port whose cluster bus port (+10000) is free too, neither of them in ``taken``:
-    the ports of nodes started a moment ago, which the kernel may still call free (their
-    ``redis-server`` has not bound them yet) and hand out again."""
+_HANDED_OUT: set[int] = set()
+"""Ports (and their bus ports) this process has handed to nodes."""
+
+
+def _free_cluster_port() -> int:
+    """A free port whose cluster bus port (+10000) is free too, neither of them handed to a
+    node before: a node started a moment ago may not have bound its port yet, and the
+    kernel may offer it again."""
     while True:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = int(sock.getsockname()[1])
-        if port + 10000 > 65535 or port in taken or port + 10000 in taken:
+        if port + 10000 > 65535 or port in _HANDED_OUT or port + 10000 in _HANDED_OUT:
             continue
         with socket.socket() as bus:
             try:
                 bus.bind(("127.0.0.1", port + 10000))
             except OSError:
                 continue
+        _HANDED_OUT.update((port, port + 10000))
         return port
 
 
@@ -72,13 +77,10 @@ def wait_for(check: Callable[[], bool], what: str, timeout: float = START_S) -> 
 
 
 class Node:
-    """One private ``redis-server`` process on a free port (not in ``taken``), in a folder
-    of its own."""
+    """One private ``redis-server`` process on a free port, in a folder of its own."""
 
-    def __init__(
-        self, binary: str, workdir: Path, args: list[str], taken: Collection[int] = ()
-    ) -> None:
-        self.port = _free_cluster_port(taken)
+    def __init__(self, binary: str, workdir: Path, args: list[str]) -> None:
+        self.port = _free_cluster_port()
         self.dir = workdir / str(self.port)
         self.dir.mkdir(parents=True)
         self.command = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
@@ -152,8 +154,7 @@ class LocalCluster:
         self.nodes: dict[int, Node] = {}
         try:
             for _ in range(masters * 2):
-                taken = {q for p in self.nodes for q in (p, p + 10000)}
-                node = Node(server, workdir, [*args, "--cluster-config-file", "nodes.conf"], taken)
+                node = Node(server, workdir, [*args, "--cluster-config-file", "nodes.conf"])
                 self.nodes[node.port] = node
             for node in self.nodes.values():
                 wait_for(node.serving, f"redis-server on port {node.port}")

@@ -275,4 +275,6 @@ def test_a_cluster_port_is_never_one_a_node_just_took(monkeypatch: pytest.Monkey
             return ("127.0.0.1", self.port)
 
     monkeypatch.setattr(redis_topology.socket, "socket", Socket)
-    assert redis_topology._free_cluster_port({40001, 50001, 40002, 50002}) == 40003
+    monkeypatch.setattr(redis_topology, "_HANDED_OUT", {40001, 50001, 40002, 50002})
+    assert redis_topology._free_cluster_port() == 40003
+    assert {40003, 50003} <= redis_topology._HANDED_OUT
