@@ -79,7 +79,7 @@ class ModelVersions(Collector):
     versions of the worker that answers it; every worker loads the same repository.
     """
 
-    def __init__(self, models: VersionSource, census: SessionCounts | None) -> None:
+    def __init__(self, models: VersionSource, census: SessionCounts) -> None:
         self.models, self.census = models, census
 
     def collect(self) -> Iterator[Metric]:
@@ -105,8 +105,7 @@ class ModelVersions(Collector):
             "fleet's, counted every GRUSERVE_SESSION_CENSUS_INTERVAL_S).",
             labels=["model", "version"],
         )
-        counts = None if self.census is None else self.census.counts()
-        for (name, version), count in sorted((counts or {}).items()):
+        for (name, version), count in sorted((self.census.counts() or {}).items()):
             sessions.add_metric([name, str(version)], count)
         yield from (loaded, size, sessions)
 
@@ -255,7 +254,7 @@ class Metrics:
             registry=registry,
         )
 
-    def watch_versions(self, models: VersionSource, census: SessionCounts | None = None) -> None:
+    def watch_versions(self, models: VersionSource, census: SessionCounts) -> None:
         """Count ``models``' load failures, and show its loaded versions (and ``census``'
         sessions per version) on every scrape (:class:`ModelVersions`)."""
         models.on_failure = lambda name, version, reason: self.version_failures.labels(name).inc()
