@@ -63,7 +63,16 @@ def render(name: str) -> tuple[dict[str, Any], ...]:
 
 
 def find(docs: tuple[dict[str, Any], ...], kind: str, name: str) -> dict[str, Any]:
-    matches = [d for d in docs if d["kind"] == kind and d["metadata"]["name"].startswith(name)]
+    """The one ``kind`` object named ``name`` (a generated ConfigMap: ``name-<hash>``)."""
+    matches = [
+        d
+        for d in docs
+        if d["kind"] == kind
+        and (
+            d["metadata"]["name"] == name
+            or (kind == "ConfigMap" and d["metadata"]["name"].startswith(name + "-"))
+        )
+    ]
     assert len(matches) == 1, f"{kind}/{name}: {len(matches)} found"
     return matches[0]
 
@@ -80,8 +89,8 @@ def test_rendered_objects_validate(name: str, version: str) -> None:
     docs = render(name)
     kinds = sorted(d["kind"] for d in docs)
     assert kinds == sorted(
-        ["Namespace", "ConfigMap", "Deployment", "Deployment", "Service", "Service",
-         "HorizontalPodAutoscaler", "PodDisruptionBudget", "Ingress"]
+        ["Namespace", "ConfigMap", "Deployment", "Deployment", "Service", "Service", "Service",
+         "HorizontalPodAutoscaler", "PodDisruptionBudget", "Ingress", "Ingress"]
     )  # fmt: skip
     for doc in docs:
         kubernetes_validate.validate(doc, version, strict=True)
@@ -139,6 +148,12 @@ def test_probes_ports_and_labels_fit_together() -> None:
 
     backend = find(docs, "Ingress", "gruserve")["spec"]["rules"][0]["http"]["paths"][0]["backend"]
     assert backend["service"] == {"name": "gruserve", "port": {"name": "http"}}
+    # the session Ingress's own Service: the same pods, HTTP only
+    sessions = find(docs, "Service", "gruserve-sessions")
+    assert sessions["spec"]["selector"] == POD_LABELS
+    assert [(p["name"], p["port"], p["targetPort"]) for p in sessions["spec"]["ports"]] == [
+        ("http", port, "http")
+    ]
 
 
 def test_pods_run_unprivileged_on_a_read_only_root() -> None:
@@ -200,14 +215,31 @@ def test_gpu_overlay_asks_for_a_gpu_and_cuda() -> None:
 
 
 def test_ingress_mirrors_the_nginx_configuration() -> None:
-    annotations = find(render("base"), "Ingress", "gruserve")["metadata"]["annotations"]
+    docs = render("base")
     prefix = "nginx.ingress.kubernetes.io/"
     nginx = (NGINX_DIR / "gruserve.conf").read_text()
     body = nginx_size(directive(nginx, "client_max_body_size")[0])
-    assert nginx_size(annotations[prefix + "proxy-body-size"]) == body
     assert body == Settings.model_fields["max_request_bytes"].default
-    assert annotations[prefix + "proxy-buffering"] == "off"
-    assert annotations[prefix + "proxy-request-buffering"] == "off"
+    everything, sessions = (
+        find(docs, "Ingress", "gruserve"),
+        find(docs, "Ingress", "gruserve-sessions"),
+    )
+    for ingress in (everything, sessions):
+        annotations = ingress["metadata"]["annotations"]
+        assert nginx_size(annotations[prefix + "proxy-body-size"]) == body
+        assert annotations[prefix + "proxy-buffering"] == "off"
+        assert annotations[prefix + "proxy-request-buffering"] == "off"
+    # as deploy/nginx: requests naming a session hash onto one pod, the rest round robin
+    assert prefix + "upstream-hash-by" not in everything["metadata"]["annotations"]
+    assert sessions["metadata"]["annotations"][prefix + "upstream-hash-by"] == "$uri"
+    (path,) = sessions["spec"]["rules"][0]["http"]["paths"]
+    assert (path["path"], path["pathType"]) == ("/v1/sessions/", "Prefix")
+    assert path["backend"]["service"] == {"name": "gruserve-sessions", "port": {"name": "http"}}
+    assert "~^/v1/sessions/([^/]+) $1;" in nginx
+    hosts = {
+        rule["host"] for ingress in (everything, sessions) for rule in ingress["spec"]["rules"]
+    }
+    assert len(hosts) == 1, hosts
 
 
 READ_ONLY_ROOT = """

@@ -87,13 +87,15 @@ def test_the_dashboard_is_well_formed() -> None:
 
 def test_scrapes_reach_the_metrics_port() -> None:
     monitor = yaml.safe_load((MONITORING / "servicemonitor.yaml").read_text())
-    service = yaml.safe_load((K8S_DIR / "base" / "service.yaml").read_text())
+    services = list(yaml.safe_load_all((K8S_DIR / "base" / "service.yaml").read_text()))
+    (service,) = [s for s in services if s["metadata"]["name"] == "gruserve"]
     kustomization = yaml.safe_load((K8S_DIR / "base" / "kustomization.yaml").read_text())
     deployment = yaml.safe_load((K8S_DIR / "base" / "deployment.yaml").read_text())
     assert monitor["metadata"]["namespace"] == kustomization["namespace"]
     assert monitor["spec"]["namespaceSelector"]["matchNames"] == [kustomization["namespace"]]
     selector = monitor["spec"]["selector"]["matchLabels"]
-    assert selector.items() <= service["metadata"]["labels"].items()
+    scraped = [s for s in services if selector.items() <= s["metadata"]["labels"].items()]
+    assert scraped == [service], "each pod scraped once: through the one Service"
     # the job label comes from the Service's label: the job the alert rules name
     assert service["metadata"]["labels"][monitor["spec"]["jobLabel"]] == "gruserve"
     (endpoint,) = monitor["spec"]["endpoints"]

@@ -1,10 +1,13 @@
 """Three ``gruserve serve`` replicas on one Redis behind a real nginx running the repository's
-server block (deploy/nginx/gruserve.conf): sessions hop between replicas request by request
-and still give exactly what one process gives.
+configuration (deploy/nginx/gruserve.conf and upstream-compose.conf): sessions that hop
+between replicas request by request still give exactly what one process gives; nginx keeps
+each session on one replica and spreads the requests that name none; a replica stops and
+its sessions go on elsewhere.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import subprocess
@@ -32,6 +35,7 @@ from websockets.sync.client import connect
 
 ATOL = RTOL = 1e-5  # outputs are in raw sunspot units (tens): float32 holds ~7 digits
 REPLICAS = 3
+SURVIVOR = "/v1/sessions/survivor/step"
 
 
 class Cluster:
@@ -42,11 +46,11 @@ class Cluster:
         self.client = httpx.Client(base_url=f"http://{lb}", timeout=10)
 
     def reference(self, x: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """Outputs [T, 1] and final states of one predict call on one replica, no nginx.
-
-        The last replica: the failover test stops the first.
-        """
-        return reference(f"http://{self.replicas[-1]}", x, timeout=10)
+        """Outputs [T, 1] and final states of one predict call on one running replica, no
+        nginx (the failover test stops one)."""
+        pairs = zip(self.replicas, self.procs, strict=True)
+        running = next(replica for replica, proc in pairs if proc.poll() is None)
+        return reference(f"http://{running}", x, timeout=10)
 
     def create(self, sid: str) -> None:
         reply = self.client.post("/v1/models/demo/sessions", json={"session_id": sid})
@@ -86,24 +90,31 @@ def _assert_close(got: Any, expected: np.ndarray) -> None:
 
 
 def test_sessions_hop_between_replicas_and_match_one_process(cluster: Cluster) -> None:
+    """Each step goes to the next replica directly (nginx would keep a session on one): every
+    step is continued by a replica that did not write the session last."""
     rng = np.random.default_rng(7)
     chunks = [1, 3, 2, 1, 1, 2, 3, 1, 2, 1]  # timesteps per step
-    sids = [f"rr-{i}" for i in range(4)]  # 4 sessions over 3 replicas: each one rotates
+    sids = [f"rr-{i}" for i in range(4)]
     xs = {sid: _sequence(rng, sum(chunks)) for sid in sids}
     for sid in sids:
         cluster.create(sid)
     outputs: dict[str, list[Any]] = {sid: [] for sid in sids}
     start = 0
-    for step, size in enumerate(chunks, start=1):  # sessions interleaved, nginx round robin
-        for sid in sids:
-            chunk = xs[sid][start : start + size]
-            reply = cluster.client.post(f"/v1/sessions/{sid}/step", json={"inputs": chunk.tolist()})
-            assert reply.status_code == 200, reply.text
-            assert reply.json()["step"] == step
-            outputs[sid].extend(reply.json()["outputs"])
-        start += size
+    with contextlib.ExitStack() as clients:
+        replicas = [
+            clients.enter_context(httpx.Client(base_url=f"http://{r}", timeout=10))
+            for r in cluster.replicas
+        ]
+        for step, size in enumerate(chunks, start=1):  # sessions interleaved
+            for n, sid in enumerate(sids):
+                chunk = xs[sid][start : start + size]
+                replica = replicas[(step + n) % len(replicas)]
+                reply = replica.post(f"/v1/sessions/{sid}/step", json={"inputs": chunk.tolist()})
+                assert reply.status_code == 200, reply.text
+                assert reply.json()["step"] == step
+                outputs[sid].extend(reply.json()["outputs"])
+            start += size
 
-    served = upstreams_by_uri(cluster.access_log)
     for sid in sids:
         expected, states = cluster.reference(xs[sid])
         _assert_close(outputs[sid], expected)
@@ -111,12 +122,44 @@ def test_sessions_hop_between_replicas_and_match_one_process(cluster: Cluster) -
         assert got.keys() == states.keys()
         for key in states:
             np.testing.assert_allclose(got[key], states[key], atol=ATOL)
-        replicas = {tried[-1] for tried in served[f"/v1/sessions/{sid}/step"]}
-        assert len(replicas) >= 2, f"{sid} stayed on {replicas}"
-    steps = {
-        tried[-1] for uri, requests in served.items() if uri.endswith("/step") for tried in requests
-    }
-    assert steps == set(cluster.replicas), "nginx should use every replica"
+
+
+def test_nginx_keeps_each_session_on_one_replica_and_spreads_the_rest(cluster: Cluster) -> None:
+    """The shipped upstream hashes on the session in the path: every request naming a session
+    (steps, its state, a reset) reaches one replica, while sessions spread over the replicas
+    and requests that name none (creates, bulk steps) go round robin."""
+    sids = [f"sticky-{i}" for i in range(24)]
+    for sid in sids:
+        cluster.create(sid)
+    x = np.ones((1, 1), np.float32)
+    for _ in range(3):
+        for sid in sids:
+            reply = cluster.client.post(f"/v1/sessions/{sid}/step", json={"inputs": x.tolist()})
+            assert reply.status_code == 200, reply.text
+    for sid in sids[:4]:
+        cluster.states(sid)
+        reply = cluster.client.post(f"/v1/sessions/{sid}/reset", json={})
+        assert reply.status_code == 200, reply.text
+    bulk = {"steps": [{"session_id": sid, "inputs": [1.0]} for sid in sids[:2]]}
+    for _ in range(6):
+        reply = cluster.client.post("/v1/models/demo/steps", json=bulk)
+        assert reply.status_code == 200, reply.text
+
+    served = upstreams_by_uri(cluster.access_log)
+    homes = {}
+    for sid in sids:
+        answered = {
+            tried[-1]
+            for uri, requests in served.items()
+            if uri.startswith(f"/v1/sessions/{sid}/") or uri == f"/v1/sessions/{sid}"
+            for tried in requests
+        }
+        assert len(answered) == 1, f"{sid} was served by {answered}"
+        homes[sid] = answered.pop()
+    assert len(set(homes.values())) >= 2, "nginx put every session on one replica"
+    creates = {tried[-1] for tried in served["/v1/models/demo/sessions"]}
+    bulks = {tried[-1] for tried in served["/v1/models/demo/steps"]}
+    assert creates == bulks == set(cluster.replicas), "requests naming no session go round robin"
 
 
 def test_ndjson_stream_through_nginx_flushes_each_line(cluster: Cluster) -> None:
@@ -185,20 +228,22 @@ def test_nginx_passes_request_ids_and_enforces_the_body_limit(cluster: Cluster) 
 
 
 def test_a_replica_stops_and_the_others_carry_on(cluster: Cluster) -> None:
-    """Runs last in this module: it stops one replica for good."""
+    """Runs last in this module: it stops, for good, the replica the session is kept on."""
     rng = np.random.default_rng(10)
     x = _sequence(rng, 9)
     cluster.create("survivor")
-    outputs = []
+    outputs, home = [], None
     for t in range(9):
         if t == 3:
-            stop(cluster.procs[0])  # SIGTERM, as a rolling update does
-        reply = cluster.client.post("/v1/sessions/survivor/step", json={"inputs": [x[t].tolist()]})
+            (home,) = {tried[-1] for tried in upstreams_by_uri(cluster.access_log)[SURVIVOR]}
+            stop(cluster.procs[cluster.replicas.index(home)])  # SIGTERM, as a rolling update
+        reply = cluster.client.post(SURVIVOR, json={"inputs": [x[t].tolist()]})
         assert reply.status_code == 200, reply.text  # refused connections go to the next replica
         outputs.extend(reply.json()["outputs"])
-    after_stop = upstreams_by_uri(cluster.access_log)["/v1/sessions/survivor/step"][3:]
-    assert all(tried[-1] != cluster.replicas[0] for tried in after_stop)
-    assert any(tried[0] == cluster.replicas[0] for tried in after_stop), "nginx retried none"
+    after_stop = upstreams_by_uri(cluster.access_log)[SURVIVOR][3:]
+    assert all(tried[-1] != home for tried in after_stop)
+    assert any(tried[0] == home for tried in after_stop), "nginx retried none"
+    assert len({tried[-1] for tried in after_stop}) == 1, "the session moved to one replica"
     expected, states = cluster.reference(x)
     _assert_close(outputs, expected)
     got = cluster.states("survivor")
