@@ -23,8 +23,10 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import free_port
+from gruserve.metrics import SUPERVISOR_FILE, ServerProcesses
 
 BIN = Path(sys.executable).parent
 ATOL = 1e-5
@@ -174,6 +176,14 @@ def test_two_workers_continue_each_others_sessions(
             np.testing.assert_allclose(value, states[key][0], atol=ATOL)
         scraped = httpx.get(f"{base}/metrics").text  # any worker's scrape sums both
         assert f'gruserve_steps_total{{model="stacked"}} {float(n)}' in scraped
+        # process figures per process: the supervisor and both workers, as /proc has them
+        memory = _process_samples(scraped, "process_resident_memory_bytes")
+        assert sorted(memory) == sorted([proc.pid, *workers]), memory
+        for pid, resident in memory.items():
+            status = Path(f"/proc/{pid}/status").read_text()
+            kib = int(status.split("VmRSS:")[1].split()[0])
+            assert 0.5 < resident / (kib * 1024) < 2, (pid, resident, kib)
+        assert sorted(_process_samples(scraped, "process_cpu_seconds_total")) == sorted(memory)
 
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
@@ -226,6 +236,49 @@ def test_two_workers_serve_grpc_on_one_port_and_continue_each_others_sequences(
         np.testing.assert_allclose(np.concatenate(outputs, axis=1)[0], expected[0][0], atol=ATOL)
         got = httpx.get(f"{base}/v1/sessions/v2:stacked:{sequence}").json()
         assert got["step"] == n  # each step applied once
+
+
+def _process_samples(scraped: str, name: str) -> dict[int, float]:
+    """``name``'s value by its ``pid`` label in a scrape."""
+    return {
+        int(sample.labels["pid"]): sample.value
+        for family in text_string_to_metric_families(scraped)
+        for sample in family.samples
+        if sample.name == name
+    }
+
+
+def test_server_processes_are_the_supervisor_and_its_workers(tmp_path: Path) -> None:
+    """ServerProcesses reports ``process_*`` for the supervisor its file names (here this
+    process) and each child that wrote samples; not a process that ended, nor one that is
+    not the supervisor's child (a pid given again)."""
+    sleeper = [sys.executable, "-c", "import time; time.sleep(120)"]
+    workers = [subprocess.Popen(sleeper) for _ in range(2)]
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    try:
+        for pid in (*(w.pid for w in workers), ended.pid, 1):
+            (tmp_path / f"counter_{pid}.db").touch()
+        (tmp_path / f"histogram_{workers[0].pid}.db").touch()
+        (tmp_path / SUPERVISOR_FILE).write_text(str(os.getpid()))
+        collector = ServerProcesses(str(tmp_path))
+        expected = sorted([os.getpid(), *(w.pid for w in workers)])
+        assert collector.pids() == expected
+        registry = CollectorRegistry()
+        registry.register(collector)
+        for pid in expected:
+            labels = {"pid": str(pid)}
+            assert (registry.get_sample_value("process_resident_memory_bytes", labels) or 0) > 1e6
+            assert registry.get_sample_value("process_cpu_seconds_total", labels) is not None
+            assert registry.get_sample_value("process_open_fds", labels)
+        # without a supervisor file (multiprocess mode not set up by gruserve serve): every
+        # process that wrote samples and still runs
+        (tmp_path / SUPERVISOR_FILE).unlink()
+        assert collector.pids() == sorted([1, *(w.pid for w in workers)])
+    finally:
+        for worker in workers:
+            worker.kill()
+            worker.wait()
 
 
 def _scrape_lines(base: str, metric: str) -> list[str]:

@@ -10,8 +10,10 @@ per event.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from prometheus_client import (
@@ -108,6 +110,69 @@ class ModelVersions(Collector):
         for (name, version), count in sorted((self.census.counts() or {}).items()):
             sessions.add_metric([name, str(version)], count)
         yield from (loaded, size, sessions)
+
+
+SUPERVISOR_FILE = "supervisor.pid"
+"""In the multiprocess folder: the pid of the ``--workers N`` supervisor
+(:mod:`gruserve.workers` writes it), whose process figures a scrape reports too."""
+_SAMPLES_OF = re.compile(r"_(\d+)\.db$")  # prometheus-client's files: <kind>_<pid>.db
+
+
+class ServerProcesses(Collector):
+    """``process_*`` of every process of a ``--workers N`` server, labelled ``pid``: each
+    worker and the supervisor.
+
+    prometheus-client's multiprocess mode carries no process figures (a scrape merges the
+    sample files, and a ProcessCollector reads only the process it runs in), so under
+    workers ``/metrics`` had no CPU seconds or resident memory at all and the dashboard's
+    panels for them stayed empty. Here each process's figures are read from ``/proc`` at the
+    scrape by prometheus-client's own ProcessCollector: the workers are the processes that
+    wrote sample files to ``folder`` and still run (a replaced worker's files stay, its
+    figures go), the supervisor is the one :data:`SUPERVISOR_FILE` names. Summed by
+    instance, as the dashboard does, they are the whole server's.
+    """
+
+    def __init__(self, folder: str, proc: str = "/proc") -> None:
+        self.folder, self.proc = Path(folder), proc
+
+    def pids(self) -> list[int]:
+        """The server's running processes: the supervisor, and the workers with sample files
+        (its children: a pid the system gave again to another process is not one)."""
+        written = {
+            int(m.group(1)) for f in self.folder.glob("*.db") if (m := _SAMPLES_OF.search(f.name))
+        }
+        try:
+            supervisor = int((self.folder / SUPERVISOR_FILE).read_text())
+        except (OSError, ValueError):  # not `gruserve serve --workers`: every live writer
+            return sorted(pid for pid in written if self._parent(pid) is not None)
+        workers = [pid for pid in written if self._parent(pid) == supervisor]
+        alive = self._parent(supervisor) is not None
+        return sorted([supervisor, *workers] if alive else workers)
+
+    def _parent(self, pid: int) -> int | None:
+        """``pid``'s parent, from ``/proc``; None: no such process."""
+        try:
+            stat = Path(self.proc, str(pid), "stat").read_text()
+        except OSError:
+            return None
+        return int(stat.rpartition(")")[2].split()[1])
+
+    def collect(self) -> Iterator[Metric]:
+        merged: dict[str, Metric] = {}
+        for pid in self.pids():
+            reader = ProcessCollector(pid=_returning(pid), proc=self.proc, registry=None)
+            for family in reader.collect():  # nothing for a process that just went
+                into = merged.setdefault(
+                    family.name, Metric(family.name, family.documentation, family.type)
+                )
+                for sample in family.samples:
+                    into.add_sample(sample.name, {**sample.labels, "pid": str(pid)}, sample.value)
+        yield from merged.values()
+
+
+def _returning(pid: int) -> Callable[[], int]:
+    """``pid`` as ProcessCollector takes it: a function answering which process to read."""
+    return lambda: pid
 
 
 class Metrics:
@@ -274,9 +339,11 @@ class Metrics:
     def exposition(self) -> bytes:
         """What ``/metrics`` answers: this registry's samples or, in multiprocess mode (several
         workers, :data:`MULTIPROCESS_DIR`), every worker's, counters and histograms summed."""
-        if os.environ.get(MULTIPROCESS_DIR):
+        folder = os.environ.get(MULTIPROCESS_DIR)
+        if folder:
             merged = CollectorRegistry()
             MultiProcessCollector(merged)
+            merged.register(ServerProcesses(folder))
             if self.versions is not None:  # what this worker has loaded (see ModelVersions)
                 merged.register(self.versions)
             return generate_latest(merged)

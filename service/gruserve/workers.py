@@ -15,7 +15,8 @@ Metrics use prometheus-client's multiprocess mode: every worker writes its sampl
 files in ``PROMETHEUS_MULTIPROC_DIR`` (a fresh temporary folder unless set; when set,
 its old sample files are removed at start) and a scrape of ``/metrics``, whichever
 worker answers it, reports the sum over all workers; the per-version gauges are that
-worker's own (:class:`gruserve.metrics.ModelVersions`).
+worker's own (:class:`gruserve.metrics.ModelVersions`), and ``process_*`` come per process,
+labelled ``pid`` (:class:`gruserve.metrics.ServerProcesses`).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from gruserve.errors import GruServeError
-from gruserve.metrics import MULTIPROCESS_DIR
+from gruserve.metrics import MULTIPROCESS_DIR, SUPERVISOR_FILE
 from gruserve.settings import ENV_PREFIX, Settings
 
 APP = "gruserve.workers:worker_app"
@@ -96,6 +97,7 @@ def serve(settings: Settings, given: dict[str, Any]) -> None:
         raise SharedStoreRequired(settings.workers)
     _environment(given)
     folder, made = _metrics_dir()
+    (folder / SUPERVISOR_FILE).write_text(str(os.getpid()))  # its process figures too
     try:
         uvicorn.run(
             APP,
