@@ -211,6 +211,18 @@ def upstreams_by_uri(access_log: Path) -> dict[str, list[list[str]]]:
     return served
 
 
+def homes(lb: str, access_log: Path, session_ids: list[str]) -> dict[str, str]:
+    """The replica nginx sends each session's requests to (the shipped upstream hashes on the
+    session in the path), found by a GET of each through ``lb`` at ``host:port``: a session
+    that does not exist yet hashes as it will (404 from its replica), so a test can choose
+    ids by where they will live."""
+    with httpx.Client(base_url=f"http://{lb}", timeout=10) as client:
+        for session_id in session_ids:
+            client.get(f"/v1/sessions/{session_id}")
+    served = upstreams_by_uri(access_log)
+    return {sid: served[f"/v1/sessions/{sid}"][-1][-1] for sid in session_ids}
+
+
 # -- gruserve processes ----------------------------------------------------------------------
 def server_env(store: str = "memory", **extra: str) -> dict[str, str]:
     """The environment of a ``gruserve serve`` on the repository's models (the demo)."""

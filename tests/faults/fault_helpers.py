@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "deploy"))
 
 from deploy_helpers import find_nginx as find_nginx  # re-exported: tests/deploy is on the path
 from deploy_helpers import free_port, start_server, stop, wait_ready
+from deploy_helpers import homes as homes
 from deploy_helpers import nginx as nginx
 from deploy_helpers import reference as reference
 from deploy_helpers import server_env as server_env

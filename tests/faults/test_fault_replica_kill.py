@@ -1,8 +1,9 @@
 """``kill -9`` of one of three replicas behind nginx while clients stream numbered steps.
 
-Three ``gruserve serve`` on one durable Redis behind the repository's nginx server block;
+Three ``gruserve serve`` on one durable Redis behind the repository's nginx configuration;
 client threads each stream one session, a timestep per step, every step carrying its
-number. Mid-stream one replica is killed at the worst moment: it has just sent a step's
+number. nginx keeps each session on one replica, so the ids are chosen for two of the six
+sessions to live on the one that dies. Mid-stream one replica is killed at the worst moment: it has just sent a step's
 write to Redis (which applies it) and never hears back (a proxy between it and Redis
 loses the replies from then on, so the requests nginx hands it meanwhile hang in it
 too). nginx answers the requests that were in the dead replica with 502 (a POST is never
@@ -29,6 +30,7 @@ from fault_helpers import (
     assert_session_matches,
     counter,
     find_nginx,
+    homes,
     nginx,
     replicas,
     running_redis,
@@ -39,6 +41,7 @@ from fault_helpers import (
 from gruserve.sessions.redis_store._scripts import WRITE_SCRIPT
 
 SESSIONS = 6
+ON_VICTIM = 2
 STEPS = 50
 HOLD_S = 0.3  # the victim keeps what nginx sends it this long (< the 2 s store timeout)
 # a step's write: the compare-and-set script, called by its SHA1 (reads call another script)
@@ -49,7 +52,6 @@ CAS = hashlib.sha1(WRITE_SCRIPT.encode()).hexdigest().encode()
 def test_kill_9_of_a_replica_loses_and_doubles_no_step(tmp_path: Path) -> None:
     find_nginx()
     rng = np.random.default_rng(2024)
-    xs = {f"kill-{i}": sequence(rng, STEPS) for i in range(SESSIONS)}
     with (
         running_redis(tmp_path / "redis", durable=True) as redis,
         closing(ReplyTrap(redis.port)) as trap,
@@ -57,6 +59,13 @@ def test_kill_9_of_a_replica_loses_and_doubles_no_step(tmp_path: Path) -> None:
         replicas(2, server_env(redis.url), tmp_path) as survivors,
         nginx([victim.port, *(r.port for r in survivors)], tmp_path / "nginx") as (lb, log),
     ):
+        # nginx keeps each session on one replica: two of the sessions live on the victim
+        victim_address = f"127.0.0.1:{victim.port}"
+        home = homes(lb, log, [f"kill-{i}" for i in range(60)])
+        doomed = [sid for sid, at in home.items() if at == victim_address][:ON_VICTIM]
+        spared = [sid for sid, at in home.items() if at != victim_address]
+        assert len(doomed) == ON_VICTIM, home
+        xs = {sid: sequence(rng, STEPS) for sid in doomed + spared[: SESSIONS - ON_VICTIM]}
         clients = {sid: NumberedClient([f"http://{lb}"], sid) for sid in xs}
         for client in clients.values():
             client.create()
@@ -100,7 +109,6 @@ def test_kill_9_of_a_replica_loses_and_doubles_no_step(tmp_path: Path) -> None:
         assert {a.status for a in lost} <= {502}, lost
         replays = sum(counter(r.url, "gruserve_step_replays_total") for r in survivors)
         assert replays >= 1, "the step the victim wrote was not answered from the store"
-        victim_address = f"127.0.0.1:{victim.port}"
         requests = [line.rsplit(" ", 1) for line in log.read_text().splitlines()]
         assert any(  # `$uri $upstream_addr $status`, the last upstream tried the one that answered
             tried.endswith(victim_address) and "/step " in tried and status == "200"
