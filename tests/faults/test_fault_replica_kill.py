@@ -3,14 +3,15 @@
 Three ``gruserve serve`` on one durable Redis behind the repository's nginx configuration;
 client threads each stream one session, a timestep per step, every step carrying its
 number. nginx keeps each session on one replica, so the ids are chosen for two of the six
-sessions to live on the one that dies. Mid-stream one replica is killed at the worst moment: it has just sent a step's
-write to Redis (which applies it) and never hears back (a proxy between it and Redis
-loses the replies from then on, so the requests nginx hands it meanwhile hang in it
-too). nginx answers the requests that were in the dead replica with 502 (a POST is never
-passed on once sent) and sends new ones to the survivors; clients resend the same step
-number. The step the dead replica wrote is answered from the stored result, the ones it
-had not are applied: every session ends exactly where one predict call over its inputs
-ends, with the outputs its client was given equal to that call's, none lost or doubled.
+sessions to live on the one that dies. Mid-stream one replica is killed at the worst
+moment: it has just sent a step's write to Redis (which applies it) and never hears back (a
+proxy between it and Redis loses the replies from then on, so the requests nginx hands it
+meanwhile hang in it too). nginx answers the requests that were in the dead replica with
+502 (a POST is never passed on once sent) and sends new ones to the survivors; clients
+resend the same step number. The step the dead replica wrote is answered from the stored
+result, the ones it had not are applied: every session ends exactly where one predict call
+over its inputs ends, with the outputs its client was given equal to that call's, none lost
+or doubled.
 """
 
 from __future__ import annotations
