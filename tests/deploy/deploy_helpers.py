@@ -219,8 +219,14 @@ def homes(lb: str, access_log: Path, session_ids: list[str]) -> dict[str, str]:
     with httpx.Client(base_url=f"http://{lb}", timeout=10) as client:
         for session_id in session_ids:
             client.get(f"/v1/sessions/{session_id}")
-    served = upstreams_by_uri(access_log)
-    return {sid: served[f"/v1/sessions/{sid}"][-1][-1] for sid in session_ids}
+    uris = [f"/v1/sessions/{sid}" for sid in session_ids]
+    deadline = time.monotonic() + 10
+    while True:  # nginx logs a request once it is answered: the last line may trail the reply
+        served = upstreams_by_uri(access_log)
+        if all(uri in served for uri in uris) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    return {sid: served[uri][-1][-1] for sid, uri in zip(session_ids, uris, strict=True)}
 
 
 # -- gruserve processes ----------------------------------------------------------------------
