@@ -26,7 +26,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,18 +40,13 @@ import numpy as np
 
 from bench import loadgen
 from bench.models import build
-from bench.run_all import BIN, Server
+from bench.run_all import BIN, Server, free_port
+from bench.stores import _redis, _redis_counters
 
 NGINX_DIR = Path(__file__).resolve().parents[1] / "deploy" / "nginx"
 HASH = re.compile(r"(?m)^\s*hash\s+\$gruserve_session\s+consistent;\n")
 REPLICAS = 2
 SESSIONS = 64
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _upstream(ports: list[int], hashed: bool) -> str:
@@ -74,7 +68,7 @@ def _nginx(workdir: Path, ports: list[int], hashed: bool) -> Iterator[str]:
     if binary is None:
         raise SystemExit("bench.affinity needs nginx (Debian: apt-get install nginx-light)")
     workdir.mkdir(parents=True)
-    port = _free_port()
+    port = free_port()
     server = re.sub(
         r"(?m)^(\s*)listen\s+8080;",
         rf"\1listen 127.0.0.1:{port};",
@@ -123,17 +117,6 @@ def _replica_counters(url: str) -> dict[str, float]:
     return totals
 
 
-def _redis_calls(port: int) -> dict[str, float]:
-    import redis
-
-    client = redis.Redis(port=port)
-    try:
-        stats = client.info("commandstats")
-    finally:
-        client.close()
-    return {k.removeprefix("cmdstat_"): float(v["calls"]) for k, v in stats.items()}
-
-
 def _counted(before: dict[str, float], after: dict[str, float], name: str) -> float:
     return after.get(name, 0.0) - before.get(name, 0.0)
 
@@ -141,10 +124,10 @@ def _counted(before: dict[str, float], after: dict[str, float], name: str) -> fl
 def measure(lb: str, replicas: list[Server], redis_port: int, seconds: float) -> dict[str, Any]:
     """One REST C=64 closed loop through ``lb``, with what the replicas and Redis did."""
     before = [_replica_counters(r.url) for r in replicas]
-    calls = _redis_calls(redis_port)
+    calls = _redis_counters(redis_port)
     run = loadgen.run(lb, model="demo", transport="rest", sessions=SESSIONS, seconds=seconds)
     after = [_replica_counters(r.url) for r in replicas]
-    calls_after = _redis_calls(redis_port)
+    calls_after = _redis_counters(redis_port)
     # warm-up included, as in the counters: per step the replicas answered in the window
     answered = sum(a["runs"] - b["runs"] for a, b in zip(after, before, strict=True))
     misses = sum(a["misses"] - b["misses"] for a, b in zip(after, before, strict=True))
@@ -168,15 +151,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="gruserve-affinity-") as tmp:
         work = Path(tmp)
         build(work / "models")
-        redis_port = _free_port()
-        redis = subprocess.Popen(
-            ["redis-server", "--port", str(redis_port), "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL,
-        )
+        redis_port = free_port()
+        redis = _redis(work, redis_port)
         replicas: list[Server] = []
+        ports: list[int] = []
         try:
             for _ in range(REPLICAS):
-                port = _free_port()
+                port = free_port()
+                ports.append(port)
                 env = {
                     "GRUSERVE_MODELS_DIR": str(work / "models"),
                     "GRUSERVE_PROVIDER": "cpu",
@@ -188,7 +170,6 @@ def main() -> None:
                     Server([str(BIN / "gruserve"), "serve", "--port", str(port)], env, port,
                            "/readyz")
                 )  # fmt: skip
-            ports = [int(r.url.rsplit(":", 1)[1]) for r in replicas]
             for round_ in range(args.rounds):
                 for name, hashed in (("round robin", False), ("session hash", True)):
                     with _nginx(work / f"nginx-{round_}-{int(hashed)}", ports, hashed) as lb:

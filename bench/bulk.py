@@ -32,7 +32,6 @@ import json
 import multiprocessing as mp
 import os
 import shutil
-import socket
 import struct
 import subprocess
 import sys
@@ -46,15 +45,16 @@ import numpy as np
 
 from bench import loadgen
 from bench.models import FEATURES, build
-from bench.run_all import BIN, Server, _cpu_seconds, _machine_busy_seconds, in_process
+from bench.run_all import (
+    BIN,
+    Server,
+    _cpu_seconds,
+    _machine_busy_seconds,
+    free_port,
+    in_process,
+)
 
 PER_REQUEST = 64
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 MEDIA = "application/x-gruserve-steps"
@@ -214,7 +214,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="gruserve-bulk-") as tmp:
         models_dir = Path(tmp)
         build(models_dir)
-        redis_port = _free_port()
+        redis_port = free_port()
         redis = subprocess.Popen(
             [redis_server, "--port", str(redis_port), "--save", "", "--appendonly", "no"],
             stdout=subprocess.DEVNULL,
@@ -225,7 +225,7 @@ def main() -> None:
             for (bin_dir, tail), store in (
                 (b, s) for b in bins for s in ("memory", f"redis://127.0.0.1:{redis_port}/0")
             ):
-                port = _free_port()
+                port = free_port()
                 env = {
                     "GRUSERVE_MODELS_DIR": str(models_dir),
                     "GRUSERVE_PROVIDER": "cpu",

@@ -25,7 +25,6 @@ import json
 import multiprocessing as mp
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -38,7 +37,7 @@ import numpy as np
 
 from bench import loadgen
 from bench.models import build, export_large
-from bench.run_all import BIN, Server
+from bench.run_all import BIN, Server, free_port
 
 SESSIONS = 64
 
@@ -54,12 +53,6 @@ class _Timed(list):  # type: ignore[type-arg]
     def append(self, latency: float) -> None:
         self.done.append(time.perf_counter())
         super().append(latency)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _worker(url: str, ids: list[str], seconds: float, out: Any) -> None:
@@ -153,7 +146,7 @@ def main() -> None:
         repo = Path(tmp) / "models"
         (repo / "demo").mkdir(parents=True)
         shutil.copytree(staging / "demo" / "1", repo / "demo" / "1")
-        port = _free_port()  # the machine is shared: a fixed port may be another's server
+        port = free_port()  # the machine is shared: a fixed port may be another's server
         command = [str(BIN / "gruserve"), "serve", "--port", str(port)]
         env = {
             "GRUSERVE_MODELS_DIR": str(repo),

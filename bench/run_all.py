@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import socket
 import subprocess
 import sys
 import tempfile
@@ -54,6 +55,13 @@ def _machine_busy_seconds(core: int | None = None) -> float:
             fields = [int(v) for v in values]
             return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
     raise ValueError(f"/proc/stat has no {name!r} line")
+
+
+def free_port() -> int:
+    """A port nothing listens on now, for a server or Redis a bench starts."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 class Server:

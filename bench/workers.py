@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,13 +21,7 @@ from typing import Any
 
 from bench import loadgen
 from bench.models import build
-from bench.run_all import BIN, Server, _cpu_seconds, _machine_busy_seconds
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from bench.run_all import BIN, Server, _cpu_seconds, _machine_busy_seconds, free_port
 
 
 def _family(pid: int) -> list[int]:
@@ -72,7 +65,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="gruserve-workers-") as tmp:
         models_dir = Path(tmp)
         build(models_dir)
-        redis_port, port = _free_port(), _free_port()
+        redis_port, port = free_port(), free_port()
         redis = subprocess.Popen(
             [redis_server, "--port", str(redis_port), "--save", "", "--appendonly", "no"],
             stdout=subprocess.DEVNULL,
