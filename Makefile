@@ -16,7 +16,7 @@ test: $(VENV)/.test  ## run the whole test suite
 lint: $(VENV)/.test  ## ruff (rules and format) and mypy, as tests/test_static_checks.py runs them
 	$(BIN)/ruff check service tests bench
 	$(BIN)/ruff format --check service tests bench
-	$(BIN)/mypy service/gruserve
+	$(BIN)/mypy service/gruserve tests bench
 
 bench: $(VENV)/.test
 	$(BIN)/python -m bench.run_all

@@ -15,7 +15,6 @@ with it: an accepted write here is not stored.
 from __future__ import annotations
 
 import asyncio
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -48,7 +47,7 @@ def main() -> None:
     _master_pipelines.MasterPipelines.run = _run  # type: ignore[method-assign]
     from gruserve.cli import main as gruserve
 
-    sys.exit(gruserve())
+    gruserve()
 
 
 if __name__ == "__main__":

@@ -52,10 +52,14 @@ class GruHead(nn.Module):
             return np.concatenate([r, z, h], axis=-1)
 
         with torch.no_grad():
-            self.gru.weight_ih_l0.copy_(torch.from_numpy(reorder(kernel).T.copy()))
-            self.gru.weight_hh_l0.copy_(torch.from_numpy(reorder(recurrent).T.copy()))
-            self.gru.bias_ih_l0.copy_(torch.from_numpy(reorder(bias[0])))
-            self.gru.bias_hh_l0.copy_(torch.from_numpy(reorder(bias[1])))
+            gru = {
+                "weight_ih_l0": reorder(kernel).T,
+                "weight_hh_l0": reorder(recurrent).T,
+                "bias_ih_l0": reorder(bias[0]),
+                "bias_hh_l0": reorder(bias[1]),
+            }
+            for name, value in gru.items():
+                self.gru.get_parameter(name).copy_(torch.from_numpy(value.copy()))
             self.head.weight.copy_(torch.from_numpy(weights["head/kernel"].T.copy()))
             self.head.bias.copy_(torch.from_numpy(weights["head/bias"]))
 

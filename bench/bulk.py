@@ -184,7 +184,7 @@ def _ratios(runs: list[dict[str, Any]], limit: float, per_cpu: bool = False) -> 
         (r["store"], r["form"]): r["steps_per_s"] / (r["server_cpu"] if per_cpu else 1.0)
         for r in runs
     }
-    ratios = {}
+    ratios: dict[str, float] = {}
     for tail in ("", " (other)"):
         if ("memory" + tail, "binary") not in by:
             continue

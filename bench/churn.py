@@ -202,16 +202,16 @@ def main() -> None:
             redis.terminate()
             redis.wait(timeout=10)
 
-    def rate(mode: str, name: str, round_: int) -> float:
+    def rate_of(mode: str, name: str, round_: int) -> float:
         return next(
             r["rate"] for r in runs if (r["mode"], r["server"], r["round"]) == (mode, name, round_)
         )
 
     def median(mode: str, name: str) -> float:
-        return float(np.median([rate(mode, name, k) for k in range(args.rounds)]))
+        return float(np.median([rate_of(mode, name, k) for k in range(args.rounds)]))
 
     def ratio(a: tuple[str, str], b: tuple[str, str]) -> float:
-        return float(np.median([rate(*a, k) / rate(*b, k) for k in range(args.rounds)]))
+        return float(np.median([rate_of(*a, k) / rate_of(*b, k) for k in range(args.rounds)]))
 
     summary = {
         "explicit memory sessions/s": median("explicit", "memory"),

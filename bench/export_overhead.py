@@ -90,7 +90,8 @@ def _paired_medians(first, second, repeats: int) -> tuple[float, float]:  # type
     for _ in range(20):
         first()
         second()
-    a, b = [], []
+    a: list[float] = []
+    b: list[float] = []
     for _ in range(repeats):
         for run, samples in ((first, a), (second, b)):
             start = time.perf_counter()

@@ -86,17 +86,16 @@ class H2Echo(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         conn = self.conn
         for event in conn.receive_data(data):
-            kind = type(event)
-            if kind is h2.events.DataReceived:
+            if isinstance(event, h2.events.DataReceived):
                 self._data(event.stream_id, event.data)
                 conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
-            elif kind is h2.events.RequestReceived:
+            elif isinstance(event, h2.events.RequestReceived):
                 self.buffers[event.stream_id] = bytearray()
                 conn.send_headers(event.stream_id, RESPONSE_HEADERS)
-            elif kind is h2.events.StreamEnded:
+            elif isinstance(event, h2.events.StreamEnded):
                 self.buffers.pop(event.stream_id, None)
                 _end(conn, event.stream_id)
-            elif kind is h2.events.StreamReset:
+            elif isinstance(event, h2.events.StreamReset):
                 self.buffers.pop(event.stream_id, None)
         out = conn.data_to_send()
         if out:
@@ -175,23 +174,23 @@ class LeanEcho(asyncio.Protocol):
             return
         conn = self.conn
         for event in conn.receive_data(chunk):
-            kind = type(event)
-            if kind is h2.events.RequestReceived:
+            if isinstance(event, h2.events.RequestReceived):
                 stream_id = event.stream_id
                 self.streams[stream_id] = bytearray()
                 self.send_window[stream_id] = conn.remote_settings.initial_window_size
                 self.unacked[stream_id] = 0
                 conn.send_headers(stream_id, RESPONSE_HEADERS)
-            elif kind is h2.events.DataReceived:  # END_STREAM or padded, or read with HEADERS
+            elif isinstance(event, h2.events.DataReceived):
+                # END_STREAM or padded, or read with HEADERS
                 out: list[bytes] = []
                 if event.stream_id in self.streams:
                     self._data(event.stream_id, memoryview(event.data), 0, out)
                 conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
                 self.transport.write(conn.data_to_send() + b"".join(out))
-            elif kind is h2.events.StreamEnded:
+            elif isinstance(event, h2.events.StreamEnded):
                 self._forget(event.stream_id)
                 _end(conn, event.stream_id)
-            elif kind is h2.events.StreamReset:
+            elif isinstance(event, h2.events.StreamReset):
                 self._forget(event.stream_id)
         pending = conn.data_to_send()
         if pending:

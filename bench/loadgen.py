@@ -33,7 +33,7 @@ import numpy as np
 try:
     import uvloop
 except ImportError:  # pragma: no cover - uvloop comes with uvicorn[standard]
-    uvloop = None
+    uvloop = None  # type: ignore[assignment]  # the module or None, tested before use
 
 
 def create_session(base: str, model: str) -> str:
@@ -164,11 +164,10 @@ async def _session_loop(
     rows = rng.normal(size=(16, features)).astype(np.float32)
     if transport == "ws":
         conn = await _open(host, port, True, f"/v1/sessions/{session_id}/ws")
-        requests = [None] * len(rows)
+        requests: list[bytes] = []
         payloads = [row.tobytes() for row in rows]
     else:
         conn = await _open(host, port, False, "")
-        requests = []
         for row in rows:
             body = json.dumps({"inputs": [round(float(v), 6) for v in row]}).encode()
             requests.append(

@@ -50,7 +50,7 @@ def build(models_dir: Path) -> Path:
             source={"kind": "benchmark", "note": "random weights"},
         )
         if name == "demo":
-            flat = {
+            flat: dict[str, Any] = {
                 f"{layer}/{key}": value for layer, w in weights.items() for key, value in w.items()
             }
             np.savez(models_dir / "demo-weights.npz", **flat)

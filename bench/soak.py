@@ -51,7 +51,7 @@ from bench.run_all import BIN, Server, _cpu_seconds, _machine_busy_seconds
 try:
     import uvloop
 except ImportError:  # pragma: no cover - uvloop comes with uvicorn[standard]
-    uvloop = None
+    uvloop = None  # type: ignore[assignment]  # the module or None, tested before use
 
 REPO = Path(__file__).resolve().parents[1]
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 132)

@@ -21,14 +21,19 @@ import asyncio  # noqa: E402
 import shutil  # noqa: E402
 import socket  # noqa: E402
 import time  # noqa: E402
-from collections.abc import AsyncIterator, Iterator  # noqa: E402
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+from typing import TYPE_CHECKING, Any, TypeVar  # noqa: E402
 
 import httpx  # noqa: E402
 
 import fixtures  # noqa: E402
 
+if TYPE_CHECKING:  # the otel extra: imported by the tests that use it (importorskip)
+    from opentelemetry.sdk.trace import ReadableSpan
+    from opentelemetry.util.types import AnyValue
+
+_T = TypeVar("_T")
 _HANDED_OUT: set[int] = set()
 
 
@@ -253,6 +258,17 @@ def outputs_of(result: Any) -> list[np.ndarray]:
     return [np.asarray(v) for v in result.outputs.values()]
 
 
+def all_instances(kind: type[_T], items: Iterable[object]) -> list[_T]:
+    """``items``, each asserted to be a ``kind``: the per-item answers of a bulk call (a
+    result or the exception of that item) that must all be successes (a failed one shown by
+    assert)."""
+    checked: list[_T] = []
+    for item in items:
+        assert isinstance(item, kind), item
+        checked.append(item)
+    return checked
+
+
 async def live_server(app: Any) -> AsyncIterator[str]:
     """Serve ``app`` with a real uvicorn on a free port inside this event loop, configured as
     ``gruserve serve`` configures it; yields its address."""
@@ -341,3 +357,19 @@ def keras_in_float64(monkeypatch: pytest.MonkeyPatch) -> None:
     from keras.src.backend.common import dtypes
 
     monkeypatch.setitem(dtypes.BIT64_TO_BIT32_DTYPE, "float64", "float64")
+
+
+# -- tracing ---------------------------------------------------------------------------------
+def span_attributes(span: ReadableSpan) -> Mapping[str, AnyValue]:
+    """A finished span's attributes. The SDK's ReadableSpan always has a mapping there (its
+    annotation, OpenTelemetry's ``Attributes``, allows None)."""
+    assert span.attributes is not None, span
+    return span.attributes
+
+
+def span_attribute(span: ReadableSpan, key: str, kind: type[_T]) -> _T:
+    """Attribute ``key`` of a finished span, asserted to be a ``kind`` (an attribute value
+    may be any of str, bool, int, float, bytes or a sequence or mapping of them)."""
+    value = span_attributes(span)[key]
+    assert isinstance(value, kind), (key, value)
+    return value

@@ -192,7 +192,7 @@ def bidirectional(models_dir: Path, name: str = "bidi") -> TinyModel:
     return _export(models_dir, name, model, 7, FEATURES)
 
 
-PREPROCESSING = {
+PREPROCESSING: dict[str, dict[str, Any]] = {
     "inputs": {"names": ["a", "b", "c"], "mean": [10.0, -2.0, 0.5], "scale": [4.0, 0.5, 2.0]},
     "outputs": {"names": ["y0", "y1"], "mean": [100.0, -1.0], "scale": [10.0, 0.1]},
 }

@@ -6,6 +6,7 @@ import ast
 import inspect
 import itertools
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydantic import ValidationError
@@ -40,7 +41,7 @@ def test_environment_and_dotenv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         ("shutdown_grace_s", -1),
     ],
 )
-def test_invalid_values_are_rejected(field: str, value: object) -> None:
+def test_invalid_values_are_rejected(field: str, value: Any) -> None:
     with pytest.raises(ValidationError, match=field):
         Settings(_env_file=None, **{field: value})
 

@@ -1,6 +1,7 @@
 """The package's static checks run with the suite, so a clean clone's CI enforces them as it
-enforces the tests: ruff's rules and format, and mypy's types over the whole package (both
-configured in pyproject.toml). ``make lint`` runs the same commands."""
+enforces the tests: ruff's rules and format, and mypy's types over the whole package, its
+tests and its benchmarks (both configured in pyproject.toml). ``make lint`` runs the same
+commands."""
 
 from __future__ import annotations
 
@@ -27,5 +28,5 @@ def test_ruff_rules_and_format() -> None:
 
 
 @pytest.mark.slow
-def test_mypy_checks_the_package() -> None:
-    _clean("mypy", "service/gruserve")
+def test_mypy_checks_the_package_its_tests_and_benchmarks() -> None:
+    _clean("mypy", "service/gruserve", "tests", "bench")

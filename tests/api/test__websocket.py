@@ -172,7 +172,7 @@ async def _serve(
     run = _Run(b"", events, False, transport)
     receive_data = protocol.conn.receive_data
 
-    def counted(data: bytes) -> None:
+    def counted(data: bytes | bytearray) -> None:
         run.parser_calls += 1
         receive_data(data)
 
@@ -246,7 +246,7 @@ def _send(client: _Client, message: bytes | str) -> None:
 
 def _echoed(frames: list[Frame]) -> list[bytes | str]:
     return [
-        f.data.decode() if f.opcode is Opcode.TEXT else bytes(f.data)
+        bytes(f.data).decode() if f.opcode is Opcode.TEXT else bytes(f.data)
         for f in frames
         if f.opcode in (Opcode.TEXT, Opcode.BINARY)
     ]
@@ -416,13 +416,13 @@ async def test_random_traffic_reads_the_same() -> None:
     for _ in range(200):
         kind = rng.random()
         if kind < 0.45:
-            message: bytes | str = rng.randbytes(rng.choice([0, 3, 125, 126, 300, 70_000]))
-            protocol.send_binary(message)
-            sent.append(message)
+            data = rng.randbytes(rng.choice([0, 3, 125, 126, 300, 70_000]))
+            protocol.send_binary(data)
+            sent.append(data)
         elif kind < 0.75:
-            message = "".join(rng.choice("aé€😀") for _ in range(rng.randint(0, 40)))
-            protocol.send_text(message.encode())
-            sent.append(message)
+            text = "".join(rng.choice("aé€😀") for _ in range(rng.randint(0, 40)))
+            protocol.send_text(text.encode())
+            sent.append(text)
         elif kind < 0.9:
             data = rng.randbytes(rng.randint(1, 300))
             protocol.send_binary(data[:1], fin=False)
@@ -472,7 +472,7 @@ async def test_replies_wait_while_the_transport_is_full() -> None:
 async def test_compression_can_be_declined(models_dir: Path, tiny_models: dict[str, Any]) -> None:
     """``GRUSERVE_WS_COMPRESSION=false``: a client offering permessage-deflate gets plain frames."""
     x = np.arange(6, dtype="<f4").reshape(2, 3)
-    replies = {}
+    replies: dict[bool, bytes] = {}
     for compression in (True, False):
         async for served in serve(models_dir, ws_compression=compression):
             sid = (await served.client.post("/v1/models/simple/sessions", json={})).json()
@@ -481,7 +481,9 @@ async def test_compression_can_be_declined(models_dir: Path, tiny_models: dict[s
                 async with connect(url, compression="deflate") as ws:
                     assert bool(ws.protocol.extensions) == compression
                     await ws.send(x.tobytes())
-                    replies[compression] = await ws.recv()
+                    reply = await ws.recv()
+                    assert isinstance(reply, bytes)
+                    replies[compression] = reply
     assert replies[True] == replies[False]
     expected = tiny_models["simple"].reference(x[None])[0][0][0]
     np.testing.assert_allclose(np.frombuffer(replies[False], "<f4"), expected.ravel(), atol=1e-5)

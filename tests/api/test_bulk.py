@@ -68,6 +68,12 @@ def _binary_reply(data: bytes) -> tuple[list[dict[str, Any]], list[np.ndarray | 
     return results, values
 
 
+def _ok(values: np.ndarray | None) -> np.ndarray:
+    """The values of a result the test knows succeeded (an error's are None)."""
+    assert values is not None
+    return values
+
+
 async def test_bulk_equals_single_steps_and_the_whole_sequence(
     client: httpx.AsyncClient, tiny_models: dict[str, Any], rng: np.random.Generator
 ) -> None:
@@ -203,13 +209,14 @@ async def test_numbered_resends_apply_once(
 
 async def test_whole_request_errors(client: httpx.AsyncClient) -> None:
     sid = await _create(client)
-    for body, status, field in [
+    cases: list[tuple[bytes | str, int, str | None]] = [
         (b"[1]", 422, "body"),
         (b"{}", 422, "steps"),
         (b'{"steps": {}}', 422, "steps"),
         (b'{"steps": [], "extra": 1}', 422, "extra"),
         (json.dumps({"steps": [{"session_id": sid, "inputs": [0, 0, 0]}] * 1025}), 413, None),
-    ]:
+    ]
+    for body, status, field in cases:
         r = await client.post("/v1/models/stacked/steps", content=body)
         assert r.status_code == status, r.text
         assert r.json()["error"]["field"] == field
@@ -296,8 +303,7 @@ async def test_binary_token_ids(client: httpx.AsyncClient, tiny_models: dict[str
     assert [r["step"] for r in results] == [1, 1]
     outs, _ = tiny_models["tokens"].reference(ids)
     for i in range(2):
-        assert got[i] is not None
-        np.testing.assert_allclose(got[i].reshape(outs[0][i].shape), outs[0][i], atol=ATOL)
+        np.testing.assert_allclose(_ok(got[i]).reshape(outs[0][i].shape), outs[0][i], atol=ATOL)
 
 
 @pytest.fixture
@@ -322,11 +328,15 @@ async def test_websocket(
         assert json.loads(await ws.recv())["error"]["field"] == "body"
         header = {"steps": [{"session_id": s, "timesteps": 1, "step": 1} for s in ids]}
         await ws.send(_binary_body(header, [x[i, 1:] for i in range(3)]))
-        results, got = _binary_reply(await ws.recv())
+        reply = await ws.recv()
+        assert isinstance(reply, bytes)
+        results, got = _binary_reply(reply)
         assert [r["step"] for r in results] == [2, 2, 2]
     outs, _ = tiny_models["stacked"].reference(x)
     for i in range(3):
-        streamed = np.concatenate([np.reshape(first[i]["outputs"], (-1, 2)), got[i].reshape(-1, 2)])
+        streamed = np.concatenate(
+            [np.reshape(first[i]["outputs"], (-1, 2)), _ok(got[i]).reshape(-1, 2)]
+        )
         np.testing.assert_allclose(streamed, outs[0][i], atol=ATOL)
     async with connect(f"{ws_url}/v1/models/nothing/ws") as ws:
         assert json.loads(await ws.recv())["error"]["type"] == "ModelNotFound"
@@ -490,9 +500,9 @@ async def test_binary_mix_equals_single_steps_and_the_sequence(
         single = await client.post(f"/v1/sessions/{twin[entry['session_id']]}/step", json=body)
         assert single.status_code == 200 and single.json()["step"] == results[i]["step"]
         np.testing.assert_allclose(
-            got[i].reshape(-1, 2),
+            _ok(got[i]).reshape(-1, 2),
             single.json()["outputs"],
-            atol=ATOL,  # type: ignore[union-attr]
+            atol=ATOL,
         )
     sequences = {ids[0]: x[0, :5], ids[1]: x[1, :4], ids[2]: x[2, :2], ids[3]: x[3, :1]}
     for sid, sequence in sequences.items():

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from test_v2 import outputs_of, v2_body
 from websockets.asyncio.client import connect
+from websockets.typing import Subprotocol
 
 from conftest import Served, live_server
 
@@ -155,7 +156,9 @@ async def test_websocket_binary_framing(
     sid = await _create(served.client)
     x = rng.normal(size=(4, 3)).astype("<f4")
     frame = struct.Struct("<Q")
-    async with connect(f"{ws_url}/v1/sessions/{sid}/ws", subprotocols=["gruserve-step"]) as ws:
+    async with connect(
+        f"{ws_url}/v1/sessions/{sid}/ws", subprotocols=[Subprotocol("gruserve-step")]
+    ) as ws:
         assert ws.subprotocol == "gruserve-step"
         outputs = []
         for n in range(3):
@@ -169,7 +172,7 @@ async def test_websocket_binary_framing(
             _mismatch(json.loads(await ws.recv()), n, n + 1)
         await ws.send(frame.pack(2**64 - 1) + x[3].tobytes())  # no number: at-least-once
         reply = await ws.recv()
-        assert frame.unpack_from(reply)[0] == 4
+        assert isinstance(reply, bytes) and frame.unpack_from(reply)[0] == 4
         outputs.append(np.frombuffer(reply[8:], "<f4"))
         await ws.send(frame.pack(1) + x[3].tobytes())
         _out_of_order(json.loads(await ws.recv()), 4)

@@ -85,7 +85,10 @@ def test_what_the_shortcut_leaves_is_refused_with_the_general_message() -> None:
 
 def test_a_reply_written_into_a_stream_message_is_the_reply() -> None:
     big_endian = np.array([[1.5, -2.0]], np.dtype(">f4"))
-    outputs = [("outputs", big_endian, True), ("count", np.array([3], np.int64), True)]
+    outputs: list[tuple[str, np.ndarray, bool]] = [
+        ("outputs", big_endian, True),
+        ("count", np.array([3], np.int64), True),
+    ]
     about = {"sequence_id": 9, "session_id": "v2:m:9", "step": 4}
     alone = grpc_codec.reply("m", 2, "r-1", outputs, about)
     stream = pb.ModelStreamInferResponse()

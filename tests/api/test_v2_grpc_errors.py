@@ -143,7 +143,7 @@ def test_a_lost_compare_and_set_is_aborted(serving: Any, redis_server: str) -> N
     store = redis.Redis.from_url(url)
     key = "gruserve:session:v2:simple:777"
     revision = store.hget(key, "revision")
-    assert revision is not None
+    assert isinstance(revision, bytes)
     store.hset(key, "revision", b"0" + revision)
     error = _status(lambda: client.infer("simple", [tensor(X)], sequence_id=777))
     assert error.status() == "StatusCode.ABORTED", error

@@ -25,7 +25,7 @@ grpcclient = pytest.importorskip("tritonclient.grpc")
 import tritonclient.grpc.aio as grpcaio  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-from conftest import free_port, serving_settings  # noqa: E402
+from conftest import free_port, serving_settings, span_attribute, span_attributes  # noqa: E402
 from test_server import BIN, _env, _start, _stop  # noqa: E402
 
 STREAMED = 5
@@ -150,18 +150,19 @@ async def test_grpc_calls_and_stream_messages_are_spans(
     spans = list(exporter.get_finished_spans())
     infer = [s for s in spans if s.name == "inference.GRPCInferenceService/ModelInfer"]
     assert len(infer) == 2
-    ok, missing = sorted(infer, key=lambda s: s.attributes["rpc.grpc.status_code"])
+    ok, missing = sorted(infer, key=lambda s: span_attribute(s, "rpc.grpc.status_code", int))
     assert ok.context.trace_id == int(TRACE_ID, 16)
     assert ok.parent is not None and ok.parent.span_id == int(CALLER_SPAN, 16)
-    assert ok.attributes["gruserve.model"] == "simple"
-    assert ok.attributes["gruserve.request_id"] == "one"
-    assert ok.attributes["rpc.grpc.status_code"] == 0 and ok.status.is_ok
-    assert missing.attributes["rpc.grpc.status_code"] == 5  # NOT_FOUND
-    assert missing.attributes["gruserve.sequence_id"] == "404"
+    assert span_attributes(ok)["gruserve.model"] == "simple"
+    assert span_attributes(ok)["gruserve.request_id"] == "one"
+    assert span_attributes(ok)["rpc.grpc.status_code"] == 0 and ok.status.is_ok
+    assert span_attributes(missing)["rpc.grpc.status_code"] == 5  # NOT_FOUND
+    assert span_attributes(missing)["gruserve.sequence_id"] == "404"
     assert not missing.status.is_ok
     streamed = [s for s in spans if s.name == "inference.GRPCInferenceService/ModelStreamInfer"]
-    assert sorted(s.attributes["gruserve.request_id"] for s in streamed) == ["s0", "s1", "s2"]
-    assert {s.attributes["gruserve.sequence_id"] for s in streamed} == {"user-7"}
+    request_ids = sorted(span_attribute(s, "gruserve.request_id", str) for s in streamed)
+    assert request_ids == ["s0", "s1", "s2"]
+    assert {span_attributes(s)["gruserve.sequence_id"] for s in streamed} == {"user-7"}
     assert all(s.context.trace_id == int(TRACE_ID, 16) for s in streamed)
     # a stream message's step has its store calls and queue wait as children, as HTTP's has
     children = {

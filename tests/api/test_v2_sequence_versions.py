@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
+from tritonclient.grpc import InferResult  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from conftest import free_port  # noqa: E402
@@ -119,15 +120,15 @@ def test_http_sequence_keeps_its_version_inputs(server: Server, staged: Path) ->
     y = rng.normal(size=(3, 5)).astype(np.float32)
     new = _http_step(server, y, sequence_start=True, sequence_end=True)
     assert new.status_code == 200 and new.json()["model_version"] == "2"
-    got = np.asarray(new.json()["outputs"][0]["data"]).reshape(-1, 3)
-    np.testing.assert_allclose(got, _expected(2, y), atol=ATOL)
+    got_new = np.asarray(new.json()["outputs"][0]["data"]).reshape(-1, 3)
+    np.testing.assert_allclose(got_new, _expected(2, y), atol=ATOL)
 
 
 def test_grpc_sequence_keeps_its_version_inputs(server: Server, staged: Path) -> None:
     rng = np.random.default_rng(2)
     x = rng.normal(size=(1, 5, 3)).astype(np.float32)
 
-    def step(chunk: np.ndarray, **flags: object) -> grpcclient.InferResult:
+    def step(chunk: np.ndarray, **flags: object) -> InferResult:
         given = grpcclient.InferInput("inputs", list(chunk.shape), "FP32")
         given.set_data_from_numpy(chunk)
         return triton.infer(NAME, [given], sequence_id="g", **flags)

@@ -6,6 +6,9 @@
   several servers that accepts, as a load balancer skips a dead replica.
 
 Both count what they did, so a test can show the fault happened.
+
+:func:`array` and :func:`with_states` narrow what the client returns for the one-output
+demo model.
 """
 
 from __future__ import annotations
@@ -14,6 +17,28 @@ import contextlib
 import socket
 import threading
 from typing import BinaryIO
+
+import numpy as np
+
+from gruserve.client import Outputs
+
+
+def array(answer: Outputs | tuple[Outputs, dict[str, np.ndarray]]) -> np.ndarray:
+    """A step's, stream step's or predict's outputs for a model with one output: its array
+    (the client's return type also covers a dict of several outputs and the
+    ``(outputs, states)`` of ``return_state`` or an ending step)."""
+    assert isinstance(answer, np.ndarray), type(answer)
+    return answer
+
+
+def with_states(
+    answer: Outputs | tuple[Outputs, dict[str, np.ndarray]],
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The ``(outputs, states)`` of ``predict(..., return_state=True)`` or of a step with
+    ``end={"return_state": True}``, for a model with one output."""
+    assert isinstance(answer, tuple), type(answer)
+    outputs, states = answer
+    return array(outputs), states
 
 
 def _read_message(reader: BinaryIO) -> bytes | None:

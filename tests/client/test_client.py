@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from client_helpers import Failover, ReplyDropper
+from client_helpers import Failover, ReplyDropper, array, with_states
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "faults"))
 
@@ -131,21 +131,21 @@ def test_a_session_steps_streams_resets_and_deletes(server: str) -> None:
     with Client(server, api_key=KEY) as c:
         s = c.create_session("demo", session_id="api-1")
         assert (s.session_id, s.model, s.version, s.step_number) == ("api-1", "demo", 1, 0)
-        outputs = [s.step(x) for x in chunks[:4]]
+        outputs = [array(s.step(x)) for x in chunks[:4]]
         assert s.step_number == 4
-        outputs += list(s.stream(chunks[4:8]))  # one WebSocket, binary frames
+        outputs += [array(y) for y in s.stream(chunks[4:8])]  # one WebSocket, binary frames
         assert s.step_number == 8
-        outputs += [s.step(x) for x in chunks[8:]]  # numbering carries over
+        outputs += [array(s.step(x)) for x in chunks[8:]]  # numbering carries over
         assert all(
             o.dtype == np.float32 and o.shape == x.shape
             for o, x in zip(outputs, chunks, strict=True)
         )
         _assert_applied_once(server, "api-1", chunks, outputs)
 
-        one = s.step(np.array([95.0]))  # [features] in, [D] out, as the server answers
+        one = array(s.step(np.array([95.0])))  # [features] in, [D] out, as the server answers
         assert one.shape == (1,)
         (streamed,) = s.stream([np.array([95.0], np.float32)])
-        assert streamed.shape == (1,) and s.step_number == 14
+        assert array(streamed).shape == (1,) and s.step_number == 14
 
         info = s.info(include_state=True)
         assert info["step"] == 14 and set(info["states"]) == {"gru", "gru_1"}
@@ -161,10 +161,10 @@ def test_attach_reads_the_step_count_and_continues(server: str) -> None:
     chunks = _chunks(np.random.default_rng(2), 6)
     with Client(server, api_key=KEY) as c:
         first = c.create_session("demo")  # an id made by the client
-        outputs = [first.step(x) for x in chunks[:3]]
+        outputs = [array(first.step(x)) for x in chunks[:3]]
         attached = c.session(first.session_id)
         assert attached.step_number == 3
-        outputs += [attached.step(x) for x in chunks[3:]]
+        outputs += [array(attached.step(x)) for x in chunks[3:]]
         _assert_applied_once(server, first.session_id, chunks, outputs)
         with pytest.raises(StepOutOfOrder) as stale:  # the first object missed 3 steps
             first.step(chunks[0])
@@ -178,14 +178,16 @@ def test_initial_state_and_predict_with_states(server: str) -> None:
     initial = {"gru": rng.normal(size=32), "gru_1": rng.normal(size=16)}
     with Client(server, api_key=KEY) as c:
         s = c.create_session("demo", initial_state=initial)
-        stepped = s.step(x)
-        outputs, states = c.predict(
-            "demo",
-            x[None],
-            initial_state={k: v[None] for k, v in initial.items()},
-            return_state=True,
+        stepped = array(s.step(x))
+        outputs, states = with_states(
+            c.predict(
+                "demo",
+                x[None],
+                initial_state={k: v[None] for k, v in initial.items()},
+                return_state=True,
+            )
         )
-        plain = c.predict("demo", np.stack([x, x]))
+        plain = array(c.predict("demo", np.stack([x, x])))
         s.delete()
     raw = httpx.post(
         f"{server}/v1/models/demo/predict",
@@ -277,7 +279,7 @@ def test_100_steps_through_a_proxy_losing_every_5th_reply_apply_once(
     with closing(ReplyDropper(int(server.rsplit(":", 1)[1]), every=5, hold=hold)) as proxy:
         with Client(proxy.url, api_key=KEY, timeout=1.5 if hold else 5.0, retries=8) as c:
             s = c.create_session("demo", session_id=f"dropped-{hold}")
-            outputs = [s.step(x) for x in chunks]
+            outputs = [array(s.step(x)) for x in chunks]
         assert s.step_number == len(chunks)
         assert proxy.dropped >= len(chunks) // 5
     _assert_applied_once(server, s.session_id, chunks, outputs)
@@ -291,8 +293,8 @@ def test_async_client_through_a_proxy_losing_every_5th_reply(server: str) -> Non
     async def run(url: str) -> tuple[str, list[np.ndarray], list[np.ndarray]]:
         async with AsyncClient(url, api_key=KEY, timeout=5.0, retries=5) as c:
             s = await c.create_session("demo")
-            outputs = [await s.step(x) for x in chunks[:30]]
-            streamed = [y async for y in s.stream(chunks[30:])]
+            outputs = [array(await s.step(x)) for x in chunks[:30]]
+            streamed = [array(y) async for y in s.stream(chunks[30:])]
             assert s.step_number == 40 and (await s.info())["step"] == 40
             attached = await c.session(s.session_id)
             assert attached.step_number == 40
@@ -324,7 +326,7 @@ def test_a_stream_resumes_on_another_replica_after_kill_9(tmp_path: Path) -> Non
         s = c.create_session("demo", session_id="kill-stream")
         outputs = []
         for i, y in enumerate(s.stream(chunks)):
-            outputs.append(y)
+            outputs.append(array(y))
             if i == 19:
                 victim.kill()
         assert s.step_number == 60
@@ -334,7 +336,7 @@ def test_a_stream_resumes_on_another_replica_after_kill_9(tmp_path: Path) -> Non
         async def resume_async() -> list[np.ndarray]:  # the async stream, same failover
             async with AsyncClient(proxy.url, retries=6) as ac:
                 again = await ac.session("kill-stream")
-                return [y async for y in again.stream(chunks[:5])]
+                return [array(y) async for y in again.stream(chunks[:5])]
 
         more = asyncio.run(resume_async())
         assert _info(survivor.url, "kill-stream", None)["step"] == 65

@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from client_helpers import array, with_states
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "faults"))
 
@@ -63,13 +64,13 @@ def test_a_session_made_by_its_first_step_and_ended_by_its_last(server: str) -> 
     with Client(server, api_key=KEY) as c:
         s = c.session("visit-1", model="demo")  # no request: the first step creates it
         assert _status(server, "visit-1") == 404 and s.step_number == 0
-        outputs = [s.step(chunks[0], create=True)]
+        outputs = [array(s.step(chunks[0], create=True))]
         assert (s.step_number, s.version) == (1, 1) and _status(server, "visit-1") == 200
         # a resend of the create-step (as after a lost reply): the kept answer, nothing new
         again = c.session("visit-1", model="demo").step(chunks[0], create="demo")
         np.testing.assert_array_equal(again, outputs[0])
-        outputs.append(s.step(chunks[1]))
-        last, states = s.step(chunks[2], end={"return_state": True})
+        outputs.append(array(s.step(chunks[1])))
+        last, states = with_states(s.step(chunks[2], end={"return_state": True}))
         outputs.append(last)
         assert s.step_number == 3 and _status(server, "visit-1") == 404
         with pytest.raises(SessionNotFound):  # ended: its id is free, no session behind it
@@ -83,7 +84,7 @@ def test_a_one_request_session_with_an_initial_state(server: str) -> None:
     initial = {"gru": rng.normal(size=32), "gru_1": rng.normal(size=16)}
     with Client(server, api_key=KEY) as c:
         s = c.session("one-shot", model="demo")
-        outputs = s.step(x, create={"initial_state": initial}, end=True)
+        outputs = array(s.step(x, create={"initial_state": initial}, end=True))
     assert _status(server, "one-shot") == 404
     expected = _predict(server, x, {k: v.astype(np.float32) for k, v in initial.items()})
     np.testing.assert_allclose(outputs, expected["outputs"][0], rtol=RTOL, atol=ATOL)

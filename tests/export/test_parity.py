@@ -37,7 +37,7 @@ def _weights(spec: ModelSpec, seed: int, scale: float) -> dict[str, dict[str, np
 # ----------------------------------------------------------------------------- the rule
 def test_judge_accepts_within_tolerance() -> None:
     exact = np.array([0.5, -0.25])
-    verdict = judge(np.float32(exact + 5e-6), exact, np.float32(exact))
+    verdict = judge((exact + 5e-6).astype(np.float32), exact, exact.astype(np.float32))
     assert verdict["passed"] and verdict["error_ratio"] < 1
 
 

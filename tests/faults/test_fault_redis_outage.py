@@ -12,6 +12,7 @@ over everything they sent.
 
 from __future__ import annotations
 
+import functools
 import signal
 import threading
 import time
@@ -111,7 +112,7 @@ def test_service_answers_503_fast_and_resumes_by_itself(fault: str, tmp_path: Pa
                 _wait(progressed(5), "the service did not resume by itself")
                 for replica in servers:
                     assert replica.proc.poll() is None
-                    _wait(lambda r=replica: _ready(r), "/readyz did not recover")
+                    _wait(functools.partial(_ready, replica), "/readyz did not recover")
             finally:
                 done.set()
                 for s in streams:

@@ -12,10 +12,11 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
+from fastapi import FastAPI
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
@@ -48,6 +49,13 @@ def _raw(context: Any, value: Any) -> bytes:
     return bytes(data) if isinstance(data, bytes | bytearray) else str(value).encode()
 
 
+def _client(app: FastAPI) -> asgi.ASGIClient:
+    """schemathesis's in-process client of ``app``. The cast: schemathesis's ``ASGIApp`` types
+    the scope and messages as ``dict``, narrower than ASGI's (and Starlette's)
+    ``MutableMapping``, so no Starlette app matches it as annotated."""
+    return asgi.get_client(cast("asgi.ASGIApp", app))
+
+
 @pytest.mark.slow
 def test_no_generated_request_gets_a_server_error(
     models_dir: Path, tiny_models: dict[str, Any]
@@ -62,7 +70,7 @@ def test_no_generated_request_gets_a_server_error(
     statuses: Counter[tuple[str, int]] = Counter()
     failures: list[str] = []
 
-    with asgi.get_client(app) as client:
+    with _client(app) as client:
 
         def revive() -> None:  # a fuzzed DELETE, reset or repository unload may have ended it
             loaded = client.post(f"/v2/repository/models/{LIVE['model']}/load")
@@ -123,7 +131,9 @@ _value = st.one_of(
     st.integers(min_value=-(2**70), max_value=2**70),
     st.sampled_from([1e39, -1e39, 3.4e38, 1e-46, 0.0, -0.0]),
 )
-_odd = st.one_of(_value, st.sampled_from(["NaN", "Infinity", None, True, "1", [], {}]))
+_odd: st.SearchStrategy[object] = st.one_of(
+    _value, st.sampled_from(["NaN", "Infinity", None, True, "1", [], {}])
+)
 
 
 @st.composite
@@ -153,7 +163,7 @@ def test_well_shaped_bodies_with_any_values_get_no_server_error(
     """Out-of-range, huge, tiny and non-numeric values reach the handlers' own checks."""
     app = create_app(serving_settings(models_dir, "memory"))
     statuses: Counter[tuple[str, int]] = Counter()
-    with asgi.get_client(app) as client:
+    with _client(app) as client:
 
         @settings(max_examples=300, deadline=None, database=None, derandomize=True,
                   suppress_health_check=list(HealthCheck))  # fmt: skip

@@ -98,14 +98,14 @@ async def test_block_and_other_steps_equal_single_steps(
         single = await either.step(twin[sid], inputs, None, number)
         outcome = outcomes[position]
         if outcome is None:  # answered in the block
-            got, step = (
+            outs, step = (
                 _rows(answer, block, row_of[position]),
                 answer.steps[answer.slot[row_of[position]]],
             )
         else:
-            got, step = outputs_of(outcome), outcome.step  # type: ignore[union-attr]
+            outs, step = outputs_of(outcome), outcome.step  # type: ignore[union-attr]
         assert step == single.step
-        for g, w in zip(got, outputs_of(single), strict=True):
+        for g, w in zip(outs, outputs_of(single), strict=True):
             assert g.shape == w.shape
             np.testing.assert_allclose(g, w, atol=ATOL)
     for b, s in zip(ids, twins, strict=True):

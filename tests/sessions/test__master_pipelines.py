@@ -221,8 +221,8 @@ async def test_a_moved_bucket_is_followed_and_the_slot_map_refreshed(tmp_path: P
             moved = _moved(source)
             again = await waiting.compare_and_set_many(
                 [
-                    (r.advanced(r.state, 1, 2.0), r.revision)
-                    for sid, r in zip(ids, records, strict=True)  # type: ignore[union-attr]
+                    (r.advanced(r.state, 1, 2.0), r.revision)  # type: ignore[union-attr]
+                    for sid, r in zip(ids, records, strict=True)
                     if sid in on_it
                 ]
             )

@@ -262,7 +262,7 @@ async def test_the_kept_token_is_the_stored_writer_and_dead_sessions_are_dropped
     kept = store.recent("tok")
     assert kept is not None and store.recent("tok") is None  # taken once
     stored = await store._redis.hget(store._key("tok"), "writer")  # type: ignore[misc]
-    assert stored.decode() == kept.writer
+    assert isinstance(stored, bytes) and stored.decode() == kept.writer
     assert kept.record.state.dtype == np.float32
 
     advanced = kept.record.advanced(kept.record.state + 1, 1, now)

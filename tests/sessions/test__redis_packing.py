@@ -7,6 +7,7 @@ import time
 import numpy as np
 import pytest
 import redis
+from redis.typing import EncodableT, FieldT
 
 from gruserve.errors import SessionNotFound
 from gruserve.sessions.redis_store import RedisSessionStore
@@ -86,7 +87,8 @@ async def test_the_hash_layout_is_unchanged_and_older_records_step_on(redis_url:
         assert stored[b"created_at"] == repr(record.created_at).encode()
         assert stored[b"state"] == record.state.astype("<f4").tobytes()
 
-        old = dict(stored, writer=b"0123456789abcdef")  # the previous code's token
+        old: dict[FieldT, EncodableT] = {k: v for k, v in stored.items()}  # typed as hset takes it
+        old["writer"] = b"0123456789abcdef"  # the previous code's token
         client.hset(f"{PREFIX}session:old", mapping=old)
         got = await store.get("old")
         assert (got.step, got.revision, got.owner, got.last_result) == (3, 5, "acme", b"r")
@@ -107,7 +109,7 @@ async def test_a_resent_call_finds_each_write_its_own(redis_url: str) -> None:
         records = [_record(f"w{i}", np.zeros(2, np.float32), None) for i in range(3)]
         create = [packed_write(r, CREATE, 0, False) for r in records]
         keys = [*bucket.sets, *(bucket.session_key(r.session_id) for r in records)]
-        head = [60_000, 100, 0, bucket.prefix]
+        head: list[EncodableT] = [60_000, 100, 0, bucket.prefix]
         assert client.eval(FIELDS_WRITE, len(keys), *keys, *head, "t1", *create)[0] == [1] * 3
         now = time.time()
         step = [packed_write(r.advanced(r.state + 1, 1, now), 5, 0, False) for r in records]
@@ -135,7 +137,7 @@ async def test_a_record_without_owner_or_result_reads_as_none(redis_url: str) ->
     store = RedisSessionStore(redis_url, 60.0, 100, prefix=PREFIX)
     try:
         state = np.frombuffer(b"\n" * 8, "<f4")
-        fields = {
+        fields: dict[FieldT, EncodableT] = {
             "model": "m.1", "version": 2, "state": state.tobytes(), "step": 3,
             "timesteps": 40, "revision": 5, "created_at": "1.5", "last_used_at": "2.25",
         }  # fmt: skip

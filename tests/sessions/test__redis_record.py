@@ -7,6 +7,7 @@ import time
 import numpy as np
 import pytest
 import redis
+from redis.typing import EncodableT, FieldT
 
 from gruserve.sessions.redis_store import RedisSessionStore
 from gruserve.sessions.redis_store._keyspace import Keyspace
@@ -107,7 +108,7 @@ async def test_fields_an_older_server_wrote_over_a_packed_record_win(redis_url: 
     try:
         record = _record("old", np.zeros(2, np.float32))
         assert await packed.compare_and_set(record, CREATE)
-        older = {
+        older: dict[FieldT, EncodableT] = {
             "model": "m.1", "version": 2, "state": np.full(2, 7, "<f4").tobytes(), "step": 4,
             "timesteps": 41, "revision": 6, "created_at": repr(record.created_at),
             "last_used_at": "2.5", "result": b"", "owner": "acme", "writer": "0123456789abcdef",
@@ -138,7 +139,7 @@ async def test_a_resent_packed_call_finds_each_write_its_own(redis_url: str) -> 
         records = [_record(f"w{i}", np.zeros(2, np.float32)) for i in range(3)]
         create = [packed_record_write(r, CREATE, 0, False) for r in records]
         keys = [*bucket.sets, *(bucket.session_key(r.session_id) for r in records)]
-        head = [60_000, 100, 0, bucket.prefix]
+        head: list[EncodableT] = [60_000, 100, 0, bucket.prefix]
         assert client.eval(script, len(keys), *keys, *head, "t1", *create)[0] == [1] * 3
         now = time.time()
         step = [packed_record_write(r.advanced(r.state + 1, 1, now), 5, 0, False) for r in records]

@@ -45,7 +45,11 @@ def test_nothing_stored_or_an_unknown_format_answers_no_base() -> None:
 def test_a_result_kept_before_digests_still_answers() -> None:
     """Format 1 (no digest field), as records written by an older server hold it: its base
     and outputs read as before, and it has no digest to compare (the resend is trusted)."""
-    old = struct.pack("<BQB", 1, 7, 1) + struct.pack("<BI", 1, 2) + np.float32([1, 2]).tobytes()
+    old = (
+        struct.pack("<BQB", 1, 7, 1)
+        + struct.pack("<BI", 1, 2)
+        + np.array([1, 2], np.float32).tobytes()
+    )
     assert _result.base_of(old) == 7 and _result.digest_of(old) is None
     assert [a.tolist() for a in _result.unpack(old)] == [[1.0, 2.0]]
 

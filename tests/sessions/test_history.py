@@ -25,6 +25,7 @@ def test_appended_keeps_the_last_rows_exactly() -> None:
     kept = None
     for i in range(6):
         kept = history.appended(kept, _rows(4 * i, 4), None, 10)
+    assert kept is not None
     got = history.read(kept)
     np.testing.assert_array_equal(got.inputs, _rows(14, 10))
     assert got.mask is None and len(kept) == 4 + 10 * 3 * 4  # header + float32 rows
@@ -104,8 +105,8 @@ def test_snapshots_keep_history(tmp_path: Path) -> None:
     back = snapshot.read(path)
     assert [r.history for r in back] == [kept, None]
     assert [dataclasses.replace(r, state=None) for r in back] == [  # type: ignore[arg-type]
-        dataclasses.replace(r, state=None)
-        for r in records  # type: ignore[arg-type]
+        dataclasses.replace(r, state=None)  # type: ignore[arg-type]
+        for r in records
     ]
 
 

@@ -59,7 +59,8 @@ async def test_sessions_spread_over_every_master(redis_cluster: Any, cluster_url
 
 def _same_bucket(count: int) -> list[str]:
     """``count`` ids whose keys share one bucket (so one master, one index)."""
-    ids, i = [], 0
+    ids: list[str] = []
+    i = 0
     while len(ids) < count:
         sid = f"b-{i}"
         if zlib.crc32(sid.encode()) % CLUSTER_BUCKETS == 0:

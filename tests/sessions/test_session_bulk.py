@@ -17,7 +17,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-from conftest import cancel_while_waiting_on, new_sessions, outputs_of, serve, until
+from conftest import (
+    all_instances,
+    cancel_while_waiting_on,
+    new_sessions,
+    outputs_of,
+    serve,
+    until,
+)
 from gruserve.errors import (
     InvalidInput,
     SessionNotFound,
@@ -61,12 +68,12 @@ async def test_batch_path_equals_single_steps(
     for (s, inputs, m, n), outcome in zip(shapes, outcomes, strict=True):
         single = await either.step(single_ids[s], inputs, m, n)
         assert outcome.step == single.step  # type: ignore[union-attr]
-        for got, want in zip(outputs_of(outcome), outputs_of(single), strict=True):
-            assert got.shape == want.shape
-            np.testing.assert_allclose(got, want, atol=ATOL)
+        for g, w in zip(outputs_of(outcome), outputs_of(single), strict=True):
+            assert g.shape == w.shape
+            np.testing.assert_allclose(g, w, atol=ATOL)
     assert [o.step for o in outcomes] == [1, 1, 1, 2, 1, 1, 3, 1]  # type: ignore[union-attr]
-    for b, s in zip(bulk_ids, single_ids, strict=True):
-        got, want = await either.get(b), await either.get(s)
+    for bulk_id, single_id in zip(bulk_ids, single_ids, strict=True):
+        got, want = await either.get(bulk_id), await either.get(single_id)
         assert (got.step, got.timesteps, got.revision) == (want.step, want.timesteps, want.revision)
         np.testing.assert_allclose(got.state, want.state, atol=ATOL)
 
@@ -207,7 +214,7 @@ async def test_a_session_busy_with_another_request_waits_its_turn(sessions: Any)
     assert not task.done()
     sessions.parts.locks.release(busy)
     outcomes = await asyncio.wait_for(task, 10)
-    assert [o.step for o in outcomes] == [1, 1]
+    assert [o.step for o in all_instances(StepResult, outcomes)] == [1, 1]
 
 
 async def test_cancelled_batch_releases_its_sessions(
@@ -222,7 +229,7 @@ async def test_cancelled_batch_releases_its_sessions(
     assert len(sessions.parts.locks) == 0
     assert [(await sessions.get(s)).step for s in ids] == [0, 0, 0]
     outcomes = await step_all(sessions, "stacked", [BulkStep(s, X) for s in ids])
-    assert [o.step for o in outcomes] == [1, 1, 1]
+    assert [o.step for o in all_instances(StepResult, outcomes)] == [1, 1, 1]
 
 
 async def test_cancelling_cancels_every_step(

@@ -21,7 +21,7 @@ from gruserve.errors import (
     StepOutOfOrder,
 )
 from gruserve.metrics import Metrics
-from gruserve.runtime.batcher import Batcher
+from gruserve.runtime.batcher import Batcher, StepOutput
 from gruserve.runtime.registry import ModelRegistry
 from gruserve.sessions import sequences, snapshot
 from gruserve.sessions.bulk import BulkStep, step_all
@@ -206,9 +206,9 @@ async def test_numbered_steps_apply_once_and_a_resend_gets_the_same_reply(
     batcher, submitted = service.parts.batchers["stacked"], []
     submit = batcher.submit
 
-    async def counted(*args: Any) -> Any:
-        submitted.append(args)
-        return await submit(*args)
+    async def counted(inputs: np.ndarray, mask: np.ndarray | None, state: np.ndarray) -> StepOutput:
+        submitted.append((inputs, mask, state))
+        return await submit(inputs, mask, state)
 
     batcher.submit = counted  # type: ignore[method-assign]
     first = await service.step("once", x[0], step_number=0)
@@ -227,9 +227,9 @@ async def test_numbered_steps_apply_once_and_a_resend_gets_the_same_reply(
     second = await service.step("once", x[1], step_number=1)
     assert second.step == 2
     for sent, why in ((0, "behind"), (5, "ahead")):
-        with pytest.raises(StepOutOfOrder, match=why) as refused:
+        with pytest.raises(StepOutOfOrder, match=why) as out_of_order:
             await service.step("once", x[2], step_number=sent)
-        assert refused.value.current_step == 2 and refused.value.field == "step"
+        assert out_of_order.value.current_step == 2 and out_of_order.value.field == "step"
     third = await service.step("once", x[2], step_number=2)
     expected, states = tiny_models["stacked"].reference(x[None, :3])
     got = [first.outputs["outputs"], second.outputs["outputs"], third.outputs["outputs"]]

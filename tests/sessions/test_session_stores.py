@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from conftest import past
+from conftest import all_instances, past
 from gruserve.errors import SessionExists, SessionNotFound, TooManySessions
 from gruserve.metrics import Metrics
 from gruserve.sessions import memory as memory_module
@@ -121,7 +121,7 @@ async def test_redis_many_calls_go_in_chunks(redis_url: str) -> None:
         ids = [f"s{i}" for i in range(5)]
         for sid in ids:
             await store.create(_record(sid))
-        got = await store.get_many(list(reversed(ids)))
+        got = all_instances(SessionRecord, await store.get_many(list(reversed(ids))))
         assert [r.session_id for r in got] == list(reversed(ids))
         now = time.time()
         answers = await store.compare_and_set_many([(r.advanced(r.state, 1, now), 0) for r in got])

@@ -256,6 +256,7 @@ async def test_a_removed_version_fails_resets_or_upgrades(
                 assert path in message
                 continue
             assert (status, version) == (200, 2), message
+            assert outputs is not None
             np.testing.assert_allclose(outputs, _after(v2, kept, x), atol=ATOL)
             if path != "v2":  # (a v2 sequence's session id is scoped: not this one)
                 info = (await client.get(f"/v1/sessions/{path}")).json()

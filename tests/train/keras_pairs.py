@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from gruserve.nn.base import KerasLayer
 from gruserve.nn.sequential import Sequential
 from keras_helpers import keras
 
@@ -33,6 +34,7 @@ def weight_diff(model: keras.Model, ours: Sequential) -> float:
     mine = ours.get_weights()
     worst = 0.0
     for layer, ours_layer in zip(model.layers, ours.layers, strict=True):
+        assert isinstance(ours_layer, KerasLayer)
         values = layer.get_weights()
         if not values:
             continue

@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 
 from gruserve.cli import app
 from gruserve.errors import ConfigError
+from gruserve.layers.recurrent import RNNSpec
 from gruserve.train.command import run_training
 from gruserve.train.config import available_cpus, load_config, parse_config
 from gruserve.train.model_config import inference_spec
@@ -90,6 +91,7 @@ def test_keras_names_and_defaults(tmp_path: Path) -> None:
     assert config.training.batch_size == 32 and config.training.shuffle is True
     assert config.data.horizon == 1 and config.data.scaling == "standard"
     assert config.data.file == tmp_path / "series.csv"  # relative to the config file
+    assert config.training.callbacks is not None
     assert config.training.callbacks.checkpoint.monitor == "val_loss"
     rms = parse_config(
         _config(
@@ -136,12 +138,16 @@ def test_stateful_training_spec_and_the_exported_spec(tmp_path: Path) -> None:
         _config(tmp_path, **{"training.stateful": True, "training.batch_size": 2}), tmp_path
     )
     assert config.training.shuffle is False
-    assert config.model.layers[0].stateful and config.model.input.batch_size == 2
+    trained = config.model.layers[0]
+    assert isinstance(trained, RNNSpec)
+    assert trained.stateful and config.model.input.batch_size == 2
     exported = inference_spec(config.model)
-    assert not exported.layers[0].stateful and exported.input.batch_size is None
+    served = exported.layers[0]
+    assert isinstance(served, RNNSpec)
+    assert not served.stateful and exported.input.batch_size is None
 
 
-BAD = {
+BAD: dict[str, tuple[dict[str, Any], str]] = {
     "unknown optimizer": (
         {"training.optimizer": "adamw2"},
         "training.optimizer: unknown optimizer 'adamw2'; known: adagrad",
@@ -222,7 +228,7 @@ def test_bad_configs_name_the_field(case: str, tmp_path: Path) -> None:
     assert str(info.value).startswith(message), str(info.value)
 
 
-DATA_ERRORS = {
+DATA_ERRORS: dict[str, tuple[dict[str, Any], str]] = {
     "missing column": (
         {"data.features": ["a", "wind"]},
         "data.features: column(s) 'wind' not in series.csv; columns: t, a, b",

@@ -24,6 +24,7 @@ from typer.testing import CliRunner
 import gruserve
 from gruserve.cli import app
 from gruserve.errors import TrainingInterrupted
+from gruserve.layers.recurrent import RNNSpec
 from gruserve.manifest import Manifest
 from gruserve.train.checkpoints import load_weights
 from gruserve.train.command import run_training
@@ -54,7 +55,7 @@ def test_the_demo_config_is_valid_and_small() -> None:
     config = load_config(CONFIG)
     assert config.data.file == DEMO / "sunspots.csv"
     assert config.training.stateful and config.export.name == "demo"
-    units = [layer.units for layer in config.model.layers if hasattr(layer, "cells")]
+    units = [layer.units for layer in config.model.layers if isinstance(layer, RNNSpec)]
     assert len(units) == 2 and max(units) <= 64
 
 
@@ -62,6 +63,7 @@ def _stream(manifest: Manifest, onnx_path: Path, series: np.ndarray, chunk: int)
     """What the server does: scale, step through the ONNX graph carrying state, unscale."""
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     pre = manifest.preprocessing
+    assert pre is not None
     states = {s.input: np.zeros((1, s.units), np.float32) for s in manifest.states}
     forecasts = []
     for begin in range(0, len(series), chunk):
@@ -79,6 +81,7 @@ def test_the_shipped_model_beats_the_naive_forecast_when_streamed() -> None:
     manifest = Manifest.read(SHIPPED / "model.json")
     assert manifest.source["kind"] == "gruserve train"
     pre = manifest.preprocessing
+    assert pre is not None
     assert pre["inputs"]["names"] == ["SUNACTIVITY"] == pre["outputs"]["names"]
     assert len(pre["inputs"]["mean"]) == len(pre["inputs"]["scale"]) == 1
     assert pre["horizon"] == 1
@@ -130,6 +133,7 @@ def test_a_short_demo_run_writes_every_artefact(tmp_path: Path) -> None:
     assert set(best) == {"gru", "gru_1", "dense"} and meta["monitor"] == "val_loss"
     manifest = Manifest.read(tmp_path / "models" / "demo" / "1" / "model.json")
     assert manifest.parity["passed"]
+    assert manifest.preprocessing is not None
     assert set(manifest.preprocessing) >= {"inputs", "outputs", "window", "horizon"}
     assert {"heldout_mae", "naive_last_value_mae"} <= set(manifest.metrics)
     assert not any(layer.config.get("stateful") for layer in manifest.layers)

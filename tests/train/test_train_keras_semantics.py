@@ -19,7 +19,7 @@ import torch
 from keras_pairs import twin
 
 from gruserve.layers.forward import CellDropout
-from gruserve.nn.recurrent import GRU
+from gruserve.nn.recurrent import GRU, GRUCell
 from gruserve.nn.sequential import Sequential
 from keras_helpers import keras, to_numpy
 
@@ -106,12 +106,14 @@ def test_masks_are_drawn_once_per_call_with_the_configured_rate(
     layer(torch.ones(batch, steps, F), training=True)
     assert len(drawn) == 1  # one draw for the whole call, reused at every timestep
     masks = drawn[0]
+    assert masks.inputs is not None
     assert len(masks.inputs) == input_masks
     for mask in masks.inputs:
         assert tuple(mask.shape) == (batch, F)  # no time axis: shared by all timesteps
         np.testing.assert_allclose(np.unique(to_numpy(mask)), [0.0, 1 / (1 - rate)], rtol=1e-6)
         assert float((mask == 0).float().mean()) == pytest.approx(rate, abs=0.01)
     if recurrent_dropout:
+        assert masks.recurrent is not None
         assert len(masks.recurrent) == 3
         for mask in masks.recurrent:
             assert tuple(mask.shape) == (batch, 8)
@@ -156,7 +158,9 @@ def test_training_call_with_the_same_masks_equals_keras(
         if isinstance(queue[0], list)
         else keras.ops.convert_to_tensor(queue.pop(0))
     )
-    ours.layers[0].cell._masks = CellDropout(
+    gru = ours.layers[0]
+    assert isinstance(gru, GRU) and isinstance(gru.cell, GRUCell)
+    gru.cell._masks = CellDropout(
         [torch.from_numpy(m) for m in inputs],
         [torch.from_numpy(m) for m in recurrent] if recurrent_dropout else None,
     )
@@ -168,7 +172,7 @@ def test_training_call_with_the_same_masks_equals_keras(
     output = ours(torch.from_numpy(x), training=True)
     torch.sum(output * output).backward()
     np.testing.assert_allclose(to_numpy(output), to_numpy(expected), atol=1e-5)
-    for theirs, param in zip(keras_grads, ours.layers[0].keras_weights().values(), strict=True):
+    for theirs, param in zip(keras_grads, gru.keras_weights().values(), strict=True):
         np.testing.assert_allclose(to_numpy(param.grad), theirs, atol=1e-4)
 
 
@@ -194,4 +198,5 @@ def test_inference_ignores_dropout_and_seeds_reproduce_training_masks() -> None:
     assert np.abs(runs[0] - to_numpy(first)).max() > 1e-3  # and they do drop something
     seeded = [GRU(6, dropout=0.5, seed=4, input_dim=F, return_sequences=True) for _ in range(2)]
     seeded[1].set_keras_weights(seeded[0].get_weights())
-    np.testing.assert_array_equal(*(to_numpy(s(x, training=True)) for s in seeded))
+    first_seeded, second_seeded = (to_numpy(s(x, training=True)) for s in seeded)
+    np.testing.assert_array_equal(first_seeded, second_seeded)
