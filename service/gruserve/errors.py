@@ -354,6 +354,27 @@ class StoreUnavailable(GruServeError):
         super().__init__(f"session store {store} is unreachable ({reason}); retry shortly")
 
 
+class StoreFull(StoreUnavailable):
+    """The session store answers but refuses to store more: Redis reached its ``maxmemory``
+    with the ``noeviction`` policy.
+
+    A kind of :class:`StoreUnavailable` (503, and a client retries), since every write
+    fails until memory is freed, the steps of existing sessions included; its own type and
+    message tell an operator that Redis is full, not down. Nothing of a refused write was
+    stored, so a resend (with its step number) applies it once.
+    """
+
+    def __init__(self, store: str, reason: object) -> None:
+        self.store = store
+        GruServeError.__init__(
+            self,
+            f"session store {store} is full: it refuses writes above its memory limit "
+            f"({reason}); steps and new sessions fail until memory is freed: raise Redis's "
+            "maxmemory, lower GRUSERVE_MAX_SESSIONS or GRUSERVE_SESSION_TTL_S, or delete "
+            "finished sessions; retry later",
+        )
+
+
 # -- training ------------------------------------------------------------------------
 
 

@@ -51,6 +51,9 @@ async def test_ndjson_stops_at_the_first_bad_line(client: httpx.AsyncClient) -> 
     assert (await client.get(f"/v1/sessions/{sid}")).json()["step"] == 1
     r = await client.post("/v1/sessions/nobody/stream", content=body)
     assert r.status_code == 404 and r.json()["error"]["type"] == "SessionNotFound"
+    text = (await client.get("/metrics")).text  # the error line counts as a request's error
+    assert 'gruserve_errors_total{type="InvalidInput"} 1.0' in text
+    assert 'gruserve_errors_total{type="SessionNotFound"} 1.0' in text
 
 
 @pytest.fixture
@@ -79,7 +82,9 @@ async def test_websocket_binary_and_text(
             assert isinstance(reply, bytes)
             outputs.append(np.frombuffer(reply, "<f4").reshape(-1, 2))
         await ws.send(x[0, 3:5].astype("<f4").tobytes())  # binary: two timesteps
-        outputs.append(np.frombuffer(await ws.recv(), "<f4").reshape(-1, 2))
+        reply = await ws.recv()
+        assert isinstance(reply, bytes)
+        outputs.append(np.frombuffer(reply, "<f4").reshape(-1, 2))
         await ws.send(json.dumps({"inputs": x[0, 5:].tolist()}))  # text
         reply = json.loads(await ws.recv())
         assert reply["step"] == 5
@@ -102,6 +107,8 @@ async def test_websocket_binary_and_text(
         np.concatenate(outputs), tiny_models["stacked"].reference(x)[0][0][0], atol=ATOL
     )
     assert (await served.client.get(f"/v1/sessions/{sid}")).json()["step"] == 5
+    text = (await served.client.get("/metrics")).text  # error messages count as errors
+    assert 'gruserve_errors_total{type="InvalidInput"} 3.0' in text
 
 
 async def test_websocket_unknown_or_deleted_session(served: Served, ws_url: str) -> None:

@@ -182,7 +182,8 @@ def create_app(settings: Settings, services: Services) -> GruServeAPI:
 
 
 async def _check_store(services: Services) -> None:
-    """Say at start-up when the session store does not answer (the server starts anyway)."""
+    """Say at start-up when the session store does not answer (the server starts anyway),
+    or when its own configuration can lose sessions."""
     try:
         await services.store.ping()
     except GruServeError as exc:
@@ -192,6 +193,9 @@ async def _check_store(services: Services) -> None:
             services.store.name,
             exc,
         )
+        return
+    for caution in await services.store.cautions():
+        log.warning("session store: %s", caution)
 
 
 def keys_enabled(settings: Settings) -> bool:

@@ -21,6 +21,7 @@ found in the log: ``answered 409 StepOutOfOrder (request 3f2a...): session ...``
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 import orjson
@@ -89,11 +90,28 @@ def log_answer(status: int, kind: str, message: str) -> None:
     )
 
 
+def error_type(exc: BaseException) -> str:
+    """The ``type`` an error body names (and ``gruserve_errors_total`` counts) for ``exc``."""
+    return type(exc).__name__ if isinstance(exc, e.GruServeError) else "InternalError"
+
+
+def count_answered(metrics: Metrics | None, answers: Iterable[object]) -> None:
+    """Count in ``gruserve_errors_total`` each exception among ``answers``: the errors a
+    stream or a bulk reply carries inside a 200 (a WebSocket's error messages, NDJSON error
+    lines, a bulk request's failed steps), as a request's own error is counted, so that an
+    alert on an error type sees every client it answers."""
+    if metrics is None:
+        return
+    for answer in answers:
+        if isinstance(answer, BaseException):
+            metrics.errors.labels(error_type(answer)).inc()
+
+
 def error_payload(exc: BaseException) -> tuple[int, dict[str, Any]]:
     """``(status, body)`` for any exception; unexpected ones are logged and hidden, the
     others logged as :func:`log_answer` says."""
     if isinstance(exc, e.GruServeError):
-        status, kind, message = status_of(exc), type(exc).__name__, str(exc)
+        status, kind, message = status_of(exc), error_type(exc), str(exc)
         log_answer(status, kind, message)
     else:
         request_id = REQUEST_ID.get()

@@ -113,6 +113,11 @@ class StoreUnavailable(ApiError):
     """The session store (Redis) did not answer; retried before this is raised."""
 
 
+class StoreFull(StoreUnavailable):
+    """The session store (Redis) is full and refuses writes until memory is freed; retried
+    before this is raised, as any 503 is."""
+
+
 class ModelUnavailable(ApiError):
     """The model failed to load on the server."""
 
@@ -137,6 +142,7 @@ _TYPES: dict[str, type[ApiError]] = {
         InvalidApiKey,
         TooManySessions,
         StoreUnavailable,
+        StoreFull,
         ModelUnavailable,
         InternalError,
     )

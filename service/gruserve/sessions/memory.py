@@ -239,6 +239,9 @@ class MemorySessionStore:
     async def ping(self) -> None:
         return None
 
+    async def cautions(self) -> list[str]:
+        return []
+
     async def close(self) -> None:
         self._records.clear()
         self._born.clear()

@@ -265,5 +265,9 @@ class SessionStore(Protocol):
     async def ping(self) -> None:
         """Return when the store is reachable; raise ``StoreUnavailable`` otherwise."""
 
+    async def cautions(self) -> list[str]:
+        """What in the store's own configuration can lose sessions, one sentence each for
+        the start-up log (empty: nothing; a store that cannot tell says nothing)."""
+
     async def close(self) -> None:
         """Release connections and background tasks."""

@@ -21,7 +21,7 @@ from starlette.types import Receive, Scope, Send
 from gruserve.api import encode
 from gruserve.api._auth import caller_of
 from gruserve.api._request_id import HEADER, REQUEST_ID
-from gruserve.api.errors import error_payload
+from gruserve.api.errors import count_answered, error_payload
 from gruserve.api.protocols._disconnect import DisconnectWatch, unless_disconnected
 from gruserve.api.protocols._edge import SETTING
 from gruserve.api.v1 import bulk_codec
@@ -29,6 +29,7 @@ from gruserve.api.v1 import schemas as s
 from gruserve.api.v1.fast_step import _body
 from gruserve.api.v1.ws import CLOSE_NOT_FOUND
 from gruserve.errors import GruServeError, PayloadTooLarge
+from gruserve.metrics import Metrics
 from gruserve.services import Services
 from gruserve.sessions.bulk import BlockAnswer, step_bulk
 from gruserve.sessions.owner import Caller
@@ -64,6 +65,7 @@ async def _run(
     outcomes, answer = await step_bulk(
         services.sessions, model, decoded.steps, caller, decoded.block
     )
+    count_answered(services.metrics, outcomes)
     return decoded, outcomes, answer
 
 
@@ -148,7 +150,8 @@ class BulkEndpoint:
         await send({"type": "http.response.body", "body": content})
 
 
-def _error_text(exc: GruServeError) -> str:
+def _error_text(exc: GruServeError, metrics: Metrics) -> str:
+    count_answered(metrics, [exc])
     status, body = error_payload(exc)
     body["error"]["status"] = status
     return encode.dumps(body).decode()
@@ -163,7 +166,7 @@ async def bulk_socket(websocket: WebSocket, model: str) -> None:
     try:
         services.registry.get(model)
     except GruServeError as exc:
-        await websocket.send_text(_error_text(exc))
+        await websocket.send_text(_error_text(exc, services.metrics))
         await websocket.close(CLOSE_NOT_FOUND, "model not found")
         return
     while True:
@@ -180,7 +183,7 @@ async def bulk_socket(websocket: WebSocket, model: str) -> None:
                 services, model, payload, binary, caller_of(websocket.scope)
             )
         except GruServeError as exc:
-            await websocket.send_text(_error_text(exc))
+            await websocket.send_text(_error_text(exc, services.metrics))
             continue
         try:
             if binary:

@@ -21,10 +21,11 @@ from starlette.types import Receive, Scope, Send
 
 from gruserve.api import decode, encode
 from gruserve.api._auth import caller_of
-from gruserve.api.errors import error_payload
+from gruserve.api.errors import count_answered, error_payload
 from gruserve.api.protocols._edge import SETTING
 from gruserve.api.v1 import schemas as s
 from gruserve.errors import GruServeError, PayloadTooLarge
+from gruserve.metrics import Metrics
 from gruserve.sessions.owner import ANYONE, Caller
 from gruserve.sessions.service import SessionService
 
@@ -43,10 +44,11 @@ class StepStream(Response):
         session_id: str,
         max_line_bytes: int,
         caller: Caller = ANYONE,
+        metrics: Metrics | None = None,
     ) -> None:
         super().__init__(status_code=200, media_type=MEDIA_TYPE)
         self._sessions, self._session_id, self._limit = sessions, session_id, max_line_bytes
-        self._caller = caller
+        self._caller, self._metrics = caller, metrics
         self._line = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -99,6 +101,7 @@ class StepStream(Response):
         return True
 
     async def _send_error(self, exc: GruServeError, send: Send) -> None:
+        count_answered(self._metrics, [exc])
         status, body = error_payload(exc)
         body["error"]["status"] = status
         body["line"] = self._line
@@ -135,4 +138,10 @@ async def stream_steps(session_id: str, request: Request) -> Response:
         await services.sessions.get(session_id, caller)
     else:
         services.registry.get(model)
-    return StepStream(services.sessions, session_id, services.settings.max_request_bytes, caller)
+    return StepStream(
+        services.sessions,
+        session_id,
+        services.settings.max_request_bytes,
+        caller,
+        services.metrics,
+    )

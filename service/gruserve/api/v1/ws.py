@@ -40,7 +40,7 @@ from starlette.types import Receive, Scope, Send
 from gruserve.api import decode, encode
 from gruserve.api._auth import caller_of
 from gruserve.api._request_id import HEADER, REQUEST_ID
-from gruserve.api.errors import error_payload
+from gruserve.api.errors import count_answered, error_payload
 from gruserve.api.protocols._edge import SETTING
 from gruserve.errors import (
     GruServeError,
@@ -49,6 +49,7 @@ from gruserve.errors import (
     SessionModelMismatch,
     SessionNotFound,
 )
+from gruserve.metrics import Metrics
 from gruserve.services import Services
 from gruserve.sessions.owner import ANYONE, Caller
 from gruserve.sessions.service import SessionService
@@ -60,7 +61,8 @@ NUMBER = struct.Struct("<Q")
 NO_NUMBER = 2**64 - 1
 
 
-def _error(exc: GruServeError) -> dict[str, Any]:
+def _error(exc: GruServeError, metrics: Metrics) -> dict[str, Any]:
+    count_answered(metrics, [exc])
     status, body = error_payload(exc)
     body["error"]["status"] = status
     return {"type": "websocket.send", "text": encode.dumps(body).decode()}
@@ -113,7 +115,7 @@ class SessionSockets:
         try:
             features = await _features(sessions, session_id, caller, scope)
         except GruServeError as exc:
-            await send(_error(exc))
+            await send(_error(exc, self.services.metrics))
             await send(
                 {"type": "websocket.close", "code": CLOSE_NOT_FOUND, "reason": "session not found"}
             )
@@ -157,7 +159,7 @@ class SessionSockets:
                     )
                     text_count.inc()
             except (SessionNotFound, SessionModelMismatch) as exc:
-                await send(_error(exc))
+                await send(_error(exc, self.services.metrics))
                 await send(
                     {
                         "type": "websocket.close",
@@ -167,7 +169,7 @@ class SessionSockets:
                 )
                 return f"closed {CLOSE_NOT_FOUND} ({type(exc).__name__})"
             except GruServeError as exc:
-                await send(_error(exc))
+                await send(_error(exc, self.services.metrics))
 
 
 async def _features(

@@ -4,8 +4,8 @@ Redis Cluster.
 A cluster client asks the nodes the URL names for the slot map and follows it
 (``MOVED``, failovers) by itself, and starts while one of the masters is down
 (:class:`_Cluster`). Also here: which redis-py errors mean "the store
-cannot answer now" (a 503 and a retry, never a 500), for one server and for a
-cluster in the middle of a failover.
+cannot answer now" (a 503 and a retry, never a 500), for one server, for a
+cluster in the middle of a failover, and for a Redis that is full.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from redis.exceptions import (
     ClusterError,
     MasterDownError,
     MaxConnectionsError,
+    OutOfMemoryError,
     ReadOnlyError,
     RedisClusterException,
     TryAgainError,
@@ -46,6 +47,9 @@ UNAVAILABLE: tuple[type[BaseException], ...] = (
     MasterDownError,
     ReadOnlyError,
     MaxConnectionsError,
+    # Redis at its maxmemory with the noeviction policy: it refuses a script's first write,
+    # so nothing of the call was stored (the store answers StoreFull, a kind of 503)
+    OutOfMemoryError,
 )
 """Errors that mean the store cannot answer now (the caller gets 503 and retries)."""
 

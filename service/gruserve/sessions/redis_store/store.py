@@ -75,8 +75,15 @@ from typing import Any, Literal, NamedTuple, TypeVar
 
 import numpy as np
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import OutOfMemoryError, RedisError
 
-from gruserve.errors import SessionExists, SessionNotFound, StoreUnavailable, TooManySessions
+from gruserve.errors import (
+    SessionExists,
+    SessionNotFound,
+    StoreFull,
+    StoreUnavailable,
+    TooManySessions,
+)
 from gruserve.sessions.events import IDLE, LIFETIME, SessionEvents
 from gruserve.sessions.redis_store._client import UNAVAILABLE, connect, is_cluster_url
 from gruserve.sessions.redis_store._coalesce import Coalescer
@@ -291,6 +298,9 @@ class RedisSessionStore:
             raise self._unavailable(exc) from exc
 
     def _unavailable(self, exc: BaseException) -> StoreUnavailable:
+        if isinstance(exc, OutOfMemoryError):
+            said = str(exc).split(". script:")[0]  # not which script line: nobody acts on it
+            return StoreFull(f"redis at {self._redis_location()}", f"OOM {said}")
         return StoreUnavailable(f"redis at {self._redis_location()}", exc)
 
     def _redis_location(self) -> str:
@@ -491,6 +501,44 @@ class RedisSessionStore:
 
     async def ping(self) -> None:
         await self._call(self._redis.ping)
+
+    async def cautions(self) -> list[str]:
+        """A caution for each Redis (every master of a cluster) that evicts keys when full.
+
+        Under an evicting ``maxmemory-policy`` (any but ``noeviction``) a full Redis drops
+        keys on its own: sessions' records (they carry a TTL, so the ``volatile-*``
+        policies take them first) and, with ``allkeys-*``, the indexes that count and
+        list them. Their steps then answer 404 as if the sessions had expired. With
+        ``noeviction`` a full Redis refuses the write instead (:class:`StoreFull`, a 503),
+        and nothing is lost. Where ``CONFIG`` is not allowed (managed services often rename
+        it) nothing can be said, and nothing is.
+        """
+        configs: list[Any]
+        try:
+            if isinstance(self._redis, RedisCluster):
+                per_node: dict[Any, Any] = await self._redis.config_get(
+                    "maxmemory*", target_nodes=RedisCluster.PRIMARIES
+                )
+                configs = list(per_node.values())  # one answer per master
+            else:
+                configs = [await self._redis.config_get("maxmemory*")]
+        except UNAVAILABLE:
+            return []
+        except RedisError:  # CONFIG renamed or refused
+            return []
+        policies = {
+            str(config.get("maxmemory-policy"))
+            for config in configs
+            if isinstance(config, dict) and config.get("maxmemory", "0") != "0"
+        } - {"noeviction"}
+        return [
+            f"redis at {self._redis_location()} evicts keys when it reaches its maxmemory "
+            f"(maxmemory-policy {policy}): it would drop sessions without a word (their steps "
+            "then answer 404 as if expired); set maxmemory-policy noeviction, so that a full "
+            "Redis refuses writes instead (503 StoreFull, nothing lost), and bound the "
+            "sessions with GRUSERVE_MAX_SESSIONS"
+            for policy in sorted(policies)
+        ]
 
     async def close(self) -> None:
         await self._reads.close()
