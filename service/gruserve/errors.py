@@ -347,11 +347,12 @@ class SnapshotError(GruServeError):
 
 
 class StoreUnavailable(GruServeError):
-    """The session store (Redis) cannot be reached."""
+    """The session store (Redis) cannot be reached, or answers that it takes no writes now
+    (its disk fails, too few replicas, a script running too long: the reason says)."""
 
     def __init__(self, store: str, reason: object) -> None:
         self.store = store
-        super().__init__(f"session store {store} is unreachable ({reason}); retry shortly")
+        super().__init__(f"session store {store} cannot answer now ({reason}); retry shortly")
 
 
 class StoreFull(StoreUnavailable):

@@ -1,16 +1,19 @@
-"""A full Redis: at its ``maxmemory`` it refuses writes (``noeviction``) or drops keys.
+"""A Redis that answers but takes no writes: full, failing its disk, short of replicas.
 
 With ``noeviction`` (Redis's default policy) every write script fails with ``OOM`` once
 Redis holds more than ``maxmemory``. gruserve answers those steps and creates 503
 ``StoreFull`` naming the cause, never 500; nothing of a refused write is stored, reads and
 deletes still work, and once memory is freed a numbered resend applies the step once,
 with the numbers the model gives. An evicting policy would drop sessions without a word
-instead, so the server says so in its start-up log. A real ``redis-server`` each time;
-``CONFIG SET maxmemory 1`` makes it full at once.
+instead, so the server says so in its start-up log. A Redis whose snapshot failed
+(``MISCONF``) or that has fewer replicas than ``min-replicas-to-write`` (``NOREPLICAS``)
+refuses writes too: 503 ``StoreUnavailable`` with the reason, and the same recovery. A real
+``redis-server`` each time; ``CONFIG SET maxmemory 1`` makes it full at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 from collections.abc import Iterator
@@ -20,6 +23,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+import redis
 from bench.redis_topology import Node, wait_for
 
 from conftest import serve
@@ -37,6 +41,8 @@ def redis_node(tmp_path: Path) -> Iterator[Node]:
         wait_for(node.serving, f"redis-server on port {node.port}")
         yield node
     finally:
+        with contextlib.suppress(redis.RedisError):  # no save at exit into a removed folder
+            node.client.config_set("save", "")
         node.stop()
 
 
@@ -100,6 +106,67 @@ async def test_a_full_redis_answers_503_store_full_and_loses_no_step(
         resent = await _step(client, sid, x, 2)
         assert resent.status_code == 200, resent.text
         assert (await _step(client, sid, x, 2)).json() == resent.json()  # kept: applied once
+        read = await client.get(f"/v1/sessions/{sid}", params={"include_state": "true"})
+        assert read.json()["step"] == 3
+        np.testing.assert_allclose(resent.json()["outputs"], outputs[0][0, 2], atol=1e-5)
+        for key, value in states.items():
+            np.testing.assert_allclose(read.json()["states"][key], value[0], atol=1e-5)
+
+
+def _refuse(node: Node, code: str) -> None:
+    """Make ``node`` refuse writes with error ``code``."""
+    if code == "NOREPLICAS":
+        node.client.config_set("min-replicas-to-write", 1)  # and it has none
+        return
+    node.client.config_set("save", "3600 1")  # snapshots on, and the next one fails:
+    shutil.rmtree(node.dir)  # no folder to write its temporary file in
+    node.client.bgsave()
+
+    def failed() -> bool:
+        persistence = node.info("persistence")
+        return (
+            persistence["rdb_bgsave_in_progress"] == 0
+            and persistence["rdb_last_bgsave_status"] == "err"
+        )
+
+    wait_for(failed, "a failed BGSAVE")
+
+
+def _allow(node: Node, code: str) -> None:
+    if code == "NOREPLICAS":
+        node.client.config_set("min-replicas-to-write", 0)
+    else:
+        node.client.config_set("save", "")  # no snapshots: writes no longer wait on one
+
+
+@pytest.mark.parametrize("code", ["NOREPLICAS", "MISCONF"])
+async def test_a_redis_refusing_writes_answers_503_and_loses_no_step(
+    models_dir: Path,
+    tiny_models: dict[str, Any],
+    redis_node: Node,
+    rng: np.random.Generator,
+    code: str,
+) -> None:
+    model = tiny_models["simple"]
+    x = rng.normal(size=(3, model.features)).astype(np.float32)
+    outputs, states = model.reference(x[None])
+    async for s in serve(models_dir, _url(redis_node)):
+        client = s.client
+        sid = await _create(client)
+        for n in range(2):
+            assert (await _step(client, sid, x, n)).status_code == 200
+
+        _refuse(redis_node, code)
+        refused = await _step(client, sid, x, 2)
+        assert refused.status_code == 503, refused.text
+        error = refused.json()["error"]
+        assert error["type"] == "StoreUnavailable" and code in error["message"], error
+        assert "script:" not in error["message"]  # which line of gruserve's Lua: noise
+        assert (await client.get(f"/v1/sessions/{sid}")).json()["step"] == 2
+
+        _allow(redis_node, code)
+        resent = await _step(client, sid, x, 2)
+        assert resent.status_code == 200, resent.text
         read = await client.get(f"/v1/sessions/{sid}", params={"include_state": "true"})
         assert read.json()["step"] == 3
         np.testing.assert_allclose(resent.json()["outputs"], outputs[0][0, 2], atol=1e-5)

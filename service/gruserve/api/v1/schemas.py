@@ -289,6 +289,6 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         413: "Too many bytes or timesteps.",
         422: "Invalid value; `field` names it.",
         429: "The session limit is reached (`GRUSERVE_SESSION_EVICTION=reject`).",
-        503: "Session store unreachable or model not loaded.",
+        503: "Session store unreachable, full or refusing writes, or model not loaded.",
     }.items()
 }

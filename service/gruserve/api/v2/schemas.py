@@ -159,6 +159,6 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         409: "Concurrent update of a sequence, or `sequence_step` out of order.",
         413: "Too many bytes or timesteps.",
         422: "Malformed request or tensor (name, datatype, shape, byte count).",
-        503: "Session store unreachable or model not loaded.",
+        503: "Session store unreachable, full or refusing writes, or model not loaded.",
     }.items()
 }

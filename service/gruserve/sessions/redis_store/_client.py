@@ -5,7 +5,7 @@ A cluster client asks the nodes the URL names for the slot map and follows it
 (``MOVED``, failovers) by itself, and starts while one of the masters is down
 (:class:`_Cluster`). Also here: which redis-py errors mean "the store
 cannot answer now" (a 503 and a retry, never a 500), for one server, for a
-cluster in the middle of a failover, and for a Redis that is full.
+cluster in the middle of a failover, and for a Redis that is full or refuses writes.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from redis.exceptions import (
     OutOfMemoryError,
     ReadOnlyError,
     RedisClusterException,
+    ResponseError,
     TryAgainError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -52,6 +53,23 @@ UNAVAILABLE: tuple[type[BaseException], ...] = (
     OutOfMemoryError,
 )
 """Errors that mean the store cannot answer now (the caller gets 503 and retries)."""
+
+REFUSING = frozenset({"MISCONF", "NOREPLICAS", "BUSY"})
+"""Codes of Redis errors that redis-py has no class for, from a Redis that answers but takes
+no writes (or no call) now: its snapshots or append-only file fail to reach the disk
+(``MISCONF``, with ``stop-writes-on-bgsave-error``), fewer replicas than its
+``min-replicas-to-write`` are connected (``NOREPLICAS``), or another script outruns
+``busy-reply-threshold`` (``BUSY``). Redis checks the first two at a script's first write
+and the third before it runs anything, so nothing of the refused call was stored."""
+
+
+def cannot_answer(exc: BaseException) -> bool:
+    """Whether ``exc`` means the store cannot answer now (503 and a retry), not a bug: one
+    of :data:`UNAVAILABLE`, or a Redis error with a code in :data:`REFUSING` (found at the
+    head of its message: redis-py keeps the code there for the errors it has no class for)."""
+    if isinstance(exc, UNAVAILABLE):
+        return True
+    return isinstance(exc, ResponseError) and str(exc).split(" ", 1)[0] in REFUSING
 
 
 class _Cluster(RedisCluster):

@@ -47,7 +47,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, RedisError
 
 from gruserve.errors import StoreUnavailable
-from gruserve.sessions.redis_store._client import UNAVAILABLE, node_client
+from gruserve.sessions.redis_store._client import UNAVAILABLE, cannot_answer, node_client
 
 
 class Call(NamedTuple):
@@ -126,11 +126,13 @@ class MasterPipelines:
                 return [await calls[0]]
             except StoreUnavailable as exc:
                 return [exc]
-            except UNAVAILABLE as exc:
+            except Exception as exc:
+                if not cannot_answer(exc):
+                    raise
                 return [self._unavailable(exc)]
         answers: list[Any] = list(await asyncio.gather(*calls, return_exceptions=True))
         for i, answer in enumerate(answers):
-            if isinstance(answer, UNAVAILABLE):
+            if cannot_answer(answer):
                 answers[i] = self._unavailable(answer)
             elif isinstance(answer, BaseException) and not isinstance(answer, StoreUnavailable):
                 raise answer
@@ -183,13 +185,13 @@ class MasterPipelines:
                     f"within {self._wait_ms} ms",
                 )
             for i in failed:  # the others ran, and WAIT counted them
-                if not isinstance(replies[i], (*UNAVAILABLE, NoScriptError)):
+                if not (cannot_answer(replies[i]) or isinstance(replies[i], NoScriptError)):
                     raise replies[i]  # the script itself failed
                 replies[i] = self._unavailable(replies[i])
             return replies
         for i in failed:
-            if replies[i] is not _UNANSWERED and not isinstance(
-                replies[i], (*UNAVAILABLE, NoScriptError)
+            if replies[i] is not _UNANSWERED and not (
+                cannot_answer(replies[i]) or isinstance(replies[i], NoScriptError)
             ):
                 raise replies[i]  # the script itself failed
         if failed:  # through the cluster client, as a call on its own goes: redirections

@@ -85,7 +85,12 @@ from gruserve.errors import (
     TooManySessions,
 )
 from gruserve.sessions.events import IDLE, LIFETIME, SessionEvents
-from gruserve.sessions.redis_store._client import UNAVAILABLE, connect, is_cluster_url
+from gruserve.sessions.redis_store._client import (
+    UNAVAILABLE,
+    cannot_answer,
+    connect,
+    is_cluster_url,
+)
 from gruserve.sessions.redis_store._coalesce import Coalescer
 from gruserve.sessions.redis_store._keyspace import CLUSTER_BUCKETS, Keyspace
 from gruserve.sessions.redis_store._master_pipelines import Call, MasterPipelines
@@ -294,14 +299,16 @@ class RedisSessionStore:
     async def _call(self, make: Callable[[], Awaitable[T]]) -> T:
         try:
             return await make()
-        except UNAVAILABLE as exc:
+        except Exception as exc:
+            if not cannot_answer(exc):
+                raise
             raise self._unavailable(exc) from exc
 
     def _unavailable(self, exc: BaseException) -> StoreUnavailable:
+        said = str(exc).split(". script:")[0]  # not which script line: nobody acts on it
         if isinstance(exc, OutOfMemoryError):
-            said = str(exc).split(". script:")[0]  # not which script line: nobody acts on it
             return StoreFull(f"redis at {self._redis_location()}", f"OOM {said}")
-        return StoreUnavailable(f"redis at {self._redis_location()}", exc)
+        return StoreUnavailable(f"redis at {self._redis_location()}", said or type(exc).__name__)
 
     def _redis_location(self) -> str:
         if isinstance(self._redis, RedisCluster):
