@@ -61,6 +61,20 @@ async def _step(client: httpx.AsyncClient, sid: str, x: np.ndarray, n: int) -> h
     return await client.post(f"/v1/sessions/{sid}/step", json={"inputs": x[n].tolist(), "step": n})
 
 
+def _three_steps(
+    resent: httpx.Response,
+    read: httpx.Response,
+    reference: tuple[list[np.ndarray], dict[str, np.ndarray]],
+) -> None:
+    """The third step's reply and the session read after it are what the model gives for
+    the three steps as one sequence (``reference``): each step applied once."""
+    outputs, states = reference
+    assert read.json()["step"] == 3
+    np.testing.assert_allclose(resent.json()["outputs"], outputs[0][0, 2], atol=1e-5)
+    for key, value in states.items():
+        np.testing.assert_allclose(read.json()["states"][key], value[0], atol=1e-5)
+
+
 def _full(error: dict[str, Any]) -> None:
     """``error`` (an error body's ``error``) is the store refusing for want of memory."""
     assert error["type"] == "StoreFull", error
@@ -72,7 +86,6 @@ async def test_a_full_redis_answers_503_store_full_and_loses_no_step(
 ) -> None:
     model = tiny_models["simple"]
     x = rng.normal(size=(3, model.features)).astype(np.float32)  # three single-timestep steps
-    outputs, states = model.reference(x[None])  # the three steps as one sequence
     async for s in serve(models_dir, _url(redis_node)):
         client = s.client
         sid, spare = await _create(client), await _create(client)
@@ -107,10 +120,7 @@ async def test_a_full_redis_answers_503_store_full_and_loses_no_step(
         assert resent.status_code == 200, resent.text
         assert (await _step(client, sid, x, 2)).json() == resent.json()  # kept: applied once
         read = await client.get(f"/v1/sessions/{sid}", params={"include_state": "true"})
-        assert read.json()["step"] == 3
-        np.testing.assert_allclose(resent.json()["outputs"], outputs[0][0, 2], atol=1e-5)
-        for key, value in states.items():
-            np.testing.assert_allclose(read.json()["states"][key], value[0], atol=1e-5)
+        _three_steps(resent, read, model.reference(x[None]))
 
 
 def _refuse(node: Node, code: str) -> None:
@@ -149,7 +159,6 @@ async def test_a_redis_refusing_writes_answers_503_and_loses_no_step(
 ) -> None:
     model = tiny_models["simple"]
     x = rng.normal(size=(3, model.features)).astype(np.float32)
-    outputs, states = model.reference(x[None])
     async for s in serve(models_dir, _url(redis_node)):
         client = s.client
         sid = await _create(client)
@@ -168,10 +177,7 @@ async def test_a_redis_refusing_writes_answers_503_and_loses_no_step(
         resent = await _step(client, sid, x, 2)
         assert resent.status_code == 200, resent.text
         read = await client.get(f"/v1/sessions/{sid}", params={"include_state": "true"})
-        assert read.json()["step"] == 3
-        np.testing.assert_allclose(resent.json()["outputs"], outputs[0][0, 2], atol=1e-5)
-        for key, value in states.items():
-            np.testing.assert_allclose(read.json()["states"][key], value[0], atol=1e-5)
+        _three_steps(resent, read, model.reference(x[None]))
 
 
 async def test_start_up_warns_when_redis_would_evict_sessions(
