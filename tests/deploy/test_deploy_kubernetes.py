@@ -195,6 +195,31 @@ def test_configmap_holds_real_settings_and_points_at_redis() -> None:
     assert "memory" not in settings.session_store and settings.provider == "cpu"
 
 
+def test_the_shipped_redis_fills_up_before_its_container_limit_and_then_refuses(
+    tmp_path: Path,
+) -> None:
+    """Redis's ``maxmemory`` is below the container's memory limit, with ``noeviction``: a
+    full Redis refuses writes (503 StoreFull, nothing lost) before the kernel would kill it
+    with every session; checked on a real ``redis-server`` started with the manifest's
+    arguments."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed (Debian: apt-get install redis-server)")
+    from bench.redis_topology import Node, wait_for
+
+    (redis,) = find(render("base"), "Deployment", "redis")["spec"]["template"]["spec"]["containers"]
+    limit = redis["resources"]["limits"]["memory"]
+    assert limit.endswith("Mi"), limit
+    node = Node(binary, tmp_path, list(redis["args"]))
+    try:
+        wait_for(node.serving, f"redis-server on port {node.port}")
+        config = node.client.config_get("maxmemory*")
+    finally:
+        node.stop()
+    assert 0 < int(str(config["maxmemory"])) <= 0.8 * int(limit.removesuffix("Mi")) * 2**20
+    assert config["maxmemory-policy"] == "noeviction"
+
+
 def test_gpu_overlay_asks_for_a_gpu_and_cuda() -> None:
     base, gpu = render("base"), render("gpu")
     c = container(gpu)
