@@ -18,10 +18,11 @@ def rng() -> np.random.Generator:
 
 # -- serving ---------------------------------------------------------------------------------
 import asyncio  # noqa: E402
+import contextlib  # noqa: E402
 import shutil  # noqa: E402
 import socket  # noqa: E402
 import time  # noqa: E402
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping  # noqa: E402
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import TYPE_CHECKING, Any, TypeVar  # noqa: E402
 
@@ -30,6 +31,7 @@ import httpx  # noqa: E402
 import fixtures  # noqa: E402
 
 if TYPE_CHECKING:  # the otel extra: imported by the tests that use it (importorskip)
+    from bench.redis_topology import Node
     from opentelemetry.sdk.trace import ReadableSpan
     from opentelemetry.util.types import AnyValue
 
@@ -61,9 +63,10 @@ def tiny_models(models_dir: Path) -> dict[str, fixtures.TinyModel]:
     return fixtures.build_all(models_dir)
 
 
-@pytest.fixture(scope="session")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A private redis-server on a free port (no persistence) for the whole run."""
+@contextlib.contextmanager
+def private_redis(workdir: Path, args: Sequence[str] = ()) -> Iterator[Node]:
+    """A redis-server of its own on a free port (no persistence, then ``args``), in a
+    folder under ``workdir``; stopped after. Skips the test where Redis is not installed."""
     binary = shutil.which("redis-server")
     if binary is None:
         pytest.skip(
@@ -74,12 +77,19 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
     # Node.serving: answered by this process (the port was free when picked, but another
     # test run on the machine may have started its server there first)
-    node = Node(binary, tmp_path_factory.mktemp("redis"), [])
+    node = Node(binary, workdir, list(args))
     try:
         wait_for(node.serving, f"redis-server on port {node.port}")
-        yield f"redis://127.0.0.1:{node.port}/0"
+        yield node
     finally:
         node.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A private redis-server on a free port (no persistence) for the whole run."""
+    with private_redis(tmp_path_factory.mktemp("redis")) as node:
+        yield f"redis://127.0.0.1:{node.port}/0"
 
 
 @pytest.fixture

@@ -30,6 +30,7 @@ from deploy_helpers import (
     wait_ready,
 )
 
+from conftest import private_redis
 from gruserve.settings import Settings
 
 KUSTOMIZATIONS = {"base": K8S_DIR / "base", "gpu": K8S_DIR / "overlays" / "gpu"}
@@ -202,20 +203,11 @@ def test_the_shipped_redis_fills_up_before_its_container_limit_and_then_refuses(
     full Redis refuses writes (503 StoreFull, nothing lost) before the kernel would kill it
     with every session; checked on a real ``redis-server`` started with the manifest's
     arguments."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not installed (Debian: apt-get install redis-server)")
-    from bench.redis_topology import Node, wait_for
-
     (redis,) = find(render("base"), "Deployment", "redis")["spec"]["template"]["spec"]["containers"]
     limit = redis["resources"]["limits"]["memory"]
     assert limit.endswith("Mi"), limit
-    node = Node(binary, tmp_path, list(redis["args"]))
-    try:
-        wait_for(node.serving, f"redis-server on port {node.port}")
+    with private_redis(tmp_path, redis["args"]) as node:
         config = node.client.config_get("maxmemory*")
-    finally:
-        node.stop()
     assert 0 < int(str(config["maxmemory"])) <= 0.8 * int(limit.removesuffix("Mi")) * 2**20
     assert config["maxmemory-policy"] == "noeviction"
 

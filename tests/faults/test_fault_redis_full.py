@@ -26,24 +26,17 @@ import pytest
 import redis
 from bench.redis_topology import Node, wait_for
 
-from conftest import serve
+from conftest import private_redis, serve
 from gruserve.client import errors as client_errors
 
 
 @pytest.fixture
 def redis_node(tmp_path: Path) -> Iterator[Node]:
     """A private redis-server of this test's own (its memory settings are changed)."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not installed (Debian: apt-get install redis-server)")
-    node = Node(binary, tmp_path, [])
-    try:
-        wait_for(node.serving, f"redis-server on port {node.port}")
+    with private_redis(tmp_path) as node:
         yield node
-    finally:
         with contextlib.suppress(redis.RedisError):  # no save at exit into a removed folder
             node.client.config_set("save", "")
-        node.stop()
 
 
 def _url(node: Node) -> str:
