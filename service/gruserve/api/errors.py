@@ -96,10 +96,11 @@ def error_type(exc: BaseException) -> str:
 
 
 def count_answered(metrics: Metrics | None, answers: Iterable[object]) -> None:
-    """Count in ``gruserve_errors_total`` each exception among ``answers``: the errors a
-    stream or a bulk reply carries inside a 200 (a WebSocket's error messages, NDJSON error
-    lines, a bulk request's failed steps), as a request's own error is counted, so that an
-    alert on an error type sees every client it answers."""
+    """Count in ``gruserve_errors_total`` each exception among ``answers``: a gRPC call's or
+    stream message's error, and the errors a stream or a bulk reply carries inside a 200 (a
+    WebSocket's error messages, NDJSON error lines, a bulk request's failed steps), as an
+    HTTP request's own error is counted, so that an alert on an error type sees every
+    client it answers."""
     if metrics is None:
         return
     for answer in answers:

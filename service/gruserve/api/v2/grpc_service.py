@@ -33,6 +33,7 @@ from tritonclient.grpc import service_pb2 as pb
 
 from gruserve import __version__
 from gruserve.api._auth import ApiKeys
+from gruserve.api.errors import count_answered
 from gruserve.api.v2 import grpc_codec, grpc_status, repository
 from gruserve.api.v2 import infer as v2_infer
 from gruserve.api.v2.grpc_telemetry import Call, GrpcTelemetry
@@ -64,7 +65,7 @@ def _answers(method: Unary[Req, Resp]) -> Unary[Req, Resp]:
             try:
                 return await method(self, request, context)
             except Exception as exc:
-                grpc_status.count(self.services.metrics, exc)
+                count_answered(self.services.metrics, [exc])
                 call.code, message = grpc_status.status_of(exc)
         await context.abort(call.code, message)
         raise AssertionError("unreachable: abort raises")  # pragma: no cover
@@ -227,7 +228,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         try:
             caller = self._caller(context)
         except GruServeError as exc:
-            grpc_status.count(self.services.metrics, exc)
+            count_answered(self.services.metrics, [exc])
             code, message = grpc_status.status_of(exc)
             self.telemetry.count(STREAM, code, 0.0)
             await context.abort(code, message)
@@ -260,7 +261,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
             await self._infer(request, caller, answer.infer_response)
             return answer
         except Exception as exc:
-            grpc_status.count(self.services.metrics, exc)
+            count_answered(self.services.metrics, [exc])
             call.code, message = grpc_status.status_of(exc)
             failed = pb.ModelInferResponse(model_name=request.model_name, id=request.id)
             return pb.ModelStreamInferResponse(error_message=message, infer_response=failed)

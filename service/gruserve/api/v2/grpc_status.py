@@ -29,7 +29,6 @@ import logging
 import grpc
 
 from gruserve import errors as e
-from gruserve.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +56,8 @@ STATUS: dict[type[e.GruServeError], grpc.StatusCode] = {
 
 
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The code and message ``exc`` is answered with; logs it, and counts it in
-    ``metrics`` (``gruserve_errors_total`` by error type) when given."""
+    """The code and message ``exc`` is answered with; logs it (the caller counts it:
+    :func:`gruserve.api.errors.count_answered`)."""
     if isinstance(exc, e.GruServeError):
         code = next(
             (STATUS[k] for k in type(exc).__mro__ if k in STATUS),
@@ -70,9 +69,3 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return code, message
     log.error("unexpected error answering a gRPC call", exc_info=exc)
     return Code.INTERNAL, "internal server error; the server log has the details"
-
-
-def count(metrics: Metrics | None, exc: BaseException) -> None:
-    if metrics is not None:
-        kind = type(exc).__name__ if isinstance(exc, e.GruServeError) else "InternalError"
-        metrics.errors.labels(kind).inc()

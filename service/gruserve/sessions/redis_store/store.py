@@ -86,7 +86,6 @@ from gruserve.errors import (
 )
 from gruserve.sessions.events import IDLE, LIFETIME, SessionEvents
 from gruserve.sessions.redis_store._client import (
-    UNAVAILABLE,
     cannot_answer,
     connect,
     is_cluster_url,
@@ -529,9 +528,7 @@ class RedisSessionStore:
                 configs = list(per_node.values())  # one answer per master
             else:
                 configs = [await self._redis.config_get("maxmemory*")]
-        except UNAVAILABLE:
-            return []
-        except RedisError:  # CONFIG renamed or refused
+        except (RedisError, OSError):  # no answer, or CONFIG renamed or refused
             return []
         policies = {
             str(config.get("maxmemory-policy"))
