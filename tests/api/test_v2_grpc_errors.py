@@ -155,6 +155,8 @@ def test_a_lost_compare_and_set_is_aborted(serving: Any, redis_server: str) -> N
         if line.startswith("gruserve_session_conflicts_total ")
     ]
     assert float(conflicts[0].split()[1]) >= 1
+    errors = httpx.get(f"{http}/metrics").text  # a gRPC error counts as an HTTP one does
+    assert 'gruserve_errors_total{type="SessionConflict"} 1.0' in errors
     store.close()
 
 
