@@ -376,6 +376,27 @@ class StoreFull(StoreUnavailable):
         )
 
 
+class StoreDenied(StoreUnavailable):
+    """The session store refuses gruserve's Redis user: a wrong name or password, or an ACL
+    that denies a command or key the store needs.
+
+    A kind of :class:`StoreUnavailable` (503), as a wrong password always was: this
+    replica can serve no session until an operator fixes the user, and then it serves again
+    without a restart (a client's retry, or a load balancer's next try, succeeds). Its own
+    type and message say that the cause is the Redis user, not an outage. Redis checks the
+    user before a command runs, so nothing of a refused call was stored.
+    """
+
+    def __init__(self, store: str, reason: object) -> None:
+        self.store = store
+        GruServeError.__init__(
+            self,
+            f"session store {store} refuses gruserve's Redis user ({reason}); give the user "
+            "the commands and keys listed in the README (Session stores, 'Redis users'), "
+            "or fix the user name and password in GRUSERVE_SESSION_STORE",
+        )
+
+
 # -- training ------------------------------------------------------------------------
 
 

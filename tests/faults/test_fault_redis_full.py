@@ -7,7 +7,8 @@ deletes still work, and once memory is freed a numbered resend applies the step 
 with the numbers the model gives. An evicting policy would drop sessions without a word
 instead, so the server says so in its start-up log. A Redis whose snapshot failed
 (``MISCONF``) or that has fewer replicas than ``min-replicas-to-write`` (``NOREPLICAS``)
-refuses writes too: 503 ``StoreUnavailable`` with the reason, and the same recovery. A real
+refuses writes too, and one running a script past ``busy-reply-threshold`` (``BUSY``)
+refuses every call: 503 ``StoreUnavailable`` with the reason, and the same recovery. A real
 ``redis-server`` each time; ``CONFIG SET maxmemory 1`` makes it full at once.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -116,11 +118,26 @@ async def test_a_full_redis_answers_503_store_full_and_loses_no_step(
         _three_steps(resent, read, model.reference(x[None]))
 
 
-def _refuse(node: Node, code: str) -> None:
-    """Make ``node`` refuse writes with error ``code``."""
+def _refuse(node: Node, code: str) -> threading.Thread | None:
+    """Make ``node`` refuse writes with error ``code`` (``BUSY``: every call; the thread
+    running the script that keeps it busy is returned, for :func:`_allow` to end)."""
     if code == "NOREPLICAS":
         node.client.config_set("min-replicas-to-write", 1)  # and it has none
-        return
+        return None
+    if code == "BUSY":
+        node.client.config_set("busy-reply-threshold", 10)  # ms a script runs before BUSY
+        looping = threading.Thread(target=_loop_until_killed, args=(node.port,), daemon=True)
+        looping.start()
+
+        def busy() -> bool:
+            try:
+                node.client.ping()
+            except redis.ResponseError as exc:
+                return str(exc).startswith("BUSY")
+            return False
+
+        wait_for(busy, "a script keeping Redis busy")
+        return looping
     node.client.config_set("save", "3600 1")  # snapshots on, and the next one fails:
     shutil.rmtree(node.dir)  # no folder to write its temporary file in
     node.client.bgsave()
@@ -133,16 +150,28 @@ def _refuse(node: Node, code: str) -> None:
         )
 
     wait_for(failed, "a failed BGSAVE")
+    return None
 
 
-def _allow(node: Node, code: str) -> None:
+def _loop_until_killed(port: int) -> None:
+    """Run a script that never ends on its own (it writes nothing, so SCRIPT KILL ends it)."""
+    with redis.Redis(port=port) as client, contextlib.suppress(redis.ResponseError):
+        client.eval("while true do end", 0)
+
+
+def _allow(node: Node, code: str, looping: threading.Thread | None) -> None:
     if code == "NOREPLICAS":
         node.client.config_set("min-replicas-to-write", 0)
+    elif code == "BUSY":
+        node.client.script_kill()
+        assert looping is not None
+        looping.join(timeout=30)
+        assert not looping.is_alive()
     else:
         node.client.config_set("save", "")  # no snapshots: writes no longer wait on one
 
 
-@pytest.mark.parametrize("code", ["NOREPLICAS", "MISCONF"])
+@pytest.mark.parametrize("code", ["NOREPLICAS", "MISCONF", "BUSY"])
 async def test_a_redis_refusing_writes_answers_503_and_loses_no_step(
     models_dir: Path,
     tiny_models: dict[str, Any],
@@ -158,15 +187,19 @@ async def test_a_redis_refusing_writes_answers_503_and_loses_no_step(
         for n in range(2):
             assert (await _step(client, sid, x, n)).status_code == 200
 
-        _refuse(redis_node, code)
+        looping = _refuse(redis_node, code)
         refused = await _step(client, sid, x, 2)
         assert refused.status_code == 503, refused.text
         error = refused.json()["error"]
         assert error["type"] == "StoreUnavailable" and code in error["message"], error
         assert "script:" not in error["message"]  # which line of gruserve's Lua: noise
-        assert (await client.get(f"/v1/sessions/{sid}")).json()["step"] == 2
+        read = await client.get(f"/v1/sessions/{sid}")
+        if code == "BUSY":  # Redis runs nothing else, reads included
+            assert read.status_code == 503 and "BUSY" in read.text, read.text
+        else:
+            assert read.json()["step"] == 2
 
-        _allow(redis_node, code)
+        _allow(redis_node, code, looping)
         resent = await _step(client, sid, x, 2)
         assert resent.status_code == 200, resent.text
         read = await client.get(f"/v1/sessions/{sid}", params={"include_state": "true"})

@@ -182,14 +182,14 @@ def create_app(settings: Settings, services: Services) -> GruServeAPI:
 
 
 async def _check_store(services: Services) -> None:
-    """Say at start-up when the session store does not answer (the server starts anyway),
-    or when its own configuration can lose sessions."""
+    """Say at start-up when the session store does not answer or refuses gruserve's user
+    (the server starts anyway), or when its own configuration can lose sessions."""
     try:
         await services.store.ping()
     except GruServeError as exc:
         log.warning(
-            "the session store (%s) does not answer at start-up: %s; /readyz answers 503 and "
-            "session requests 503 until it does",
+            "the session store (%s) is not ready at start-up: %s; /readyz answers 503 and "
+            "session requests 503 until it is",
             services.store.name,
             exc,
         )

@@ -1,7 +1,8 @@
 """Liveness, readiness and Prometheus metrics.
 
 ``/healthz`` answers as long as the event loop runs. ``/readyz`` answers 200
-only when at least one model is loaded and the session store answers a ping:
+only when at least one model is loaded and the session store answers a ping (on one
+Redis, a ping that also asks whether gruserve's user may run the store's commands):
 a load balancer should send traffic only then. Failed models are listed but
 do not make the server unready while others serve. When the server has API keys, the
 list and the reasons (model paths, onnxruntime and store errors) go only to a request

@@ -118,6 +118,12 @@ class StoreFull(StoreUnavailable):
     before this is raised, as any 503 is."""
 
 
+class StoreDenied(StoreUnavailable):
+    """The session store (Redis) refuses the server's Redis user (a wrong password, or an
+    ACL denying a command or key) until an operator fixes it; retried before this is
+    raised, as any 503 is."""
+
+
 class ModelUnavailable(ApiError):
     """The model failed to load on the server."""
 
@@ -143,6 +149,7 @@ _TYPES: dict[str, type[ApiError]] = {
         TooManySessions,
         StoreUnavailable,
         StoreFull,
+        StoreDenied,
         ModelUnavailable,
         InternalError,
     )

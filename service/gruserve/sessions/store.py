@@ -263,11 +263,13 @@ class SessionStore(Protocol):
         refusing, so the limit counts live sessions only."""
 
     async def ping(self) -> None:
-        """Return when the store is reachable; raise ``StoreUnavailable`` otherwise."""
+        """Return when the store is reachable and would serve; raise ``StoreUnavailable``
+        (or its kind ``StoreDenied``) otherwise."""
 
     async def cautions(self) -> list[str]:
-        """What in the store's own configuration can lose sessions, one sentence each for
-        the start-up log (empty: nothing; a store that cannot tell says nothing)."""
+        """What in the store's own configuration can lose sessions or refuse requests, one
+        sentence each for the start-up log (empty: nothing; a store that cannot tell says
+        nothing)."""
 
     async def close(self) -> None:
         """Release connections and background tasks."""

@@ -19,10 +19,12 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import (
     AskError,
+    AuthenticationError,
     ClusterDownError,
     ClusterError,
     MasterDownError,
     MaxConnectionsError,
+    NoPermissionError,
     OutOfMemoryError,
     ReadOnlyError,
     RedisClusterException,
@@ -51,6 +53,9 @@ UNAVAILABLE: tuple[type[BaseException], ...] = (
     # Redis at its maxmemory with the noeviction policy: it refuses a script's first write,
     # so nothing of the call was stored (the store answers StoreFull, a kind of 503)
     OutOfMemoryError,
+    # an ACL that denies gruserve's user a command or key (a wrong password is an
+    # AuthenticationError, a ConnectionError): StoreDenied, a 503 until the user is fixed
+    NoPermissionError,
 )
 """Errors that mean the store cannot answer now (the caller gets 503 and retries)."""
 
@@ -63,13 +68,31 @@ no writes (or no call) now: its snapshots or append-only file fail to reach the 
 and the third before it runs anything, so nothing of the refused call was stored."""
 
 
+SCRIPT_DENIED = "The user executing the script can't"
+"""How Redis 7.0 words an ACL denial met inside a script (a command, or a key the script
+did not declare): a plain ``ERR``, not ``NOPERM``, so redis-py raises a bare
+``ResponseError``. The script stops there and keeps what it wrote before, which is why the
+store checks its user's permissions before it serves (``RedisSessionStore.ping``)."""
+
+
 def cannot_answer(exc: BaseException) -> bool:
     """Whether ``exc`` means the store cannot answer now (503 and a retry), not a bug: one
-    of :data:`UNAVAILABLE`, or a Redis error with a code in :data:`REFUSING` (found at the
-    head of its message: redis-py keeps the code there for the errors it has no class for)."""
+    of :data:`UNAVAILABLE`, a Redis error with a code in :data:`REFUSING` (found at the
+    head of its message: redis-py keeps the code there for the errors it has no class for),
+    or a denial (:func:`denied`)."""
     if isinstance(exc, UNAVAILABLE):
         return True
-    return isinstance(exc, ResponseError) and str(exc).split(" ", 1)[0] in REFUSING
+    if not isinstance(exc, ResponseError):
+        return False
+    return str(exc).split(" ", 1)[0] in REFUSING or SCRIPT_DENIED in str(exc)
+
+
+def denied(exc: BaseException) -> bool:
+    """Whether Redis refused gruserve's user: a wrong name or password (``WRONGPASS``,
+    ``NOAUTH``), or an ACL denying a command or key, at the call or inside a script."""
+    if isinstance(exc, (AuthenticationError, NoPermissionError)):
+        return True
+    return isinstance(exc, ResponseError) and SCRIPT_DENIED in str(exc)
 
 
 class _Cluster(RedisCluster):

@@ -207,6 +207,36 @@ return {more, found, ended[1], ended[2]}
 """
 )
 
+# KEYS[1..3] a bucket's sets, KEYS[4] a session hash (need not exist); ARGV[1] '1' when
+# writes wait for replicas. Answers what the store sends or its scripts call that Redis's
+# ACL denies the user running this, each as 'COMMAND key' (empty: all allowed). It reads and
+# writes nothing: redis.acl_check_cmd (Redis 7.0 and later; on older Redis, {}) asks the ACL.
+# A denial met in the middle of a script stops it there with what it wrote so far kept, so
+# the store asks before it serves (RedisSessionStore.ping and cautions).
+PERMISSIONS = """
+if not redis.acl_check_cmd then return {} end
+local denied = {}
+local function check(...)
+    if not redis.acl_check_cmd(...) then
+        local call = {...}
+        denied[#denied + 1] = call[1] .. (call[2] and (' ' .. call[2]) or '')
+    end
+end
+local h = KEYS[4]
+check('EVALSHA', '0', '1', h) check('SCRIPT', 'LOAD', 'return 0') check('PING') check('TIME')
+check('HMGET', h, 'revision') check('HGET', h, 'record') check('HSET', h, 'revision', '0')
+check('EXISTS', h) check('PEXPIREAT', h, '0') check('DEL', h)
+for i = 1, 3 do
+    check('ZADD', KEYS[i], '0', 'id') check('ZREM', KEYS[i], 'id')
+end
+check('ZRANGEBYSCORE', KEYS[1], '-inf', '0') check('ZRANGEBYSCORE', KEYS[2], '-inf', '0')
+check('ZCARD', KEYS[1]) check('ZRANGE', KEYS[1], '0', '0') check('ZRANGEBYLEX', KEYS[3], '-', '+')
+if ARGV[1] == '1' then check('WAIT', '0', '0') end
+return denied
+"""
+PROBE_ID = "gruserve-permission-check"
+"""The session id whose hash key :data:`PERMISSIONS` is asked about (nothing touches it)."""
+
 
 FIELDS_IN_ORDER = (
     "model",

@@ -70,6 +70,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import re
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Literal, NamedTuple, TypeVar
 
@@ -80,6 +81,7 @@ from redis.exceptions import OutOfMemoryError, RedisError
 from gruserve.errors import (
     SessionExists,
     SessionNotFound,
+    StoreDenied,
     StoreFull,
     StoreUnavailable,
     TooManySessions,
@@ -88,10 +90,11 @@ from gruserve.sessions.events import IDLE, LIFETIME, SessionEvents
 from gruserve.sessions.redis_store._client import (
     cannot_answer,
     connect,
+    denied,
     is_cluster_url,
 )
 from gruserve.sessions.redis_store._coalesce import Coalescer
-from gruserve.sessions.redis_store._keyspace import CLUSTER_BUCKETS, Keyspace
+from gruserve.sessions.redis_store._keyspace import CLUSTER_BUCKETS, Bucket, Keyspace
 from gruserve.sessions.redis_store._master_pipelines import Call, MasterPipelines
 from gruserve.sessions.redis_store._packing import (
     history_value,
@@ -106,6 +109,8 @@ from gruserve.sessions.redis_store._scripts import (
     COUNT,
     DELETE,
     PAGE,
+    PERMISSIONS,
+    PROBE_ID,
     scripts,
 )
 from gruserve.sessions.store import (
@@ -287,6 +292,8 @@ class RedisSessionStore:
         self._deletes: Coalescer[str, None] = Coalescer(self._delete_many, batch_limit)
         self._count = self._redis.register_script(COUNT)
         self._page = self._redis.register_script(PAGE)
+        self._permissions = self._redis.register_script(PERMISSIONS)
+        self._waits = "1" if min_replicas > 0 else "0"  # the permission check asks for WAIT
 
     def _key(self, session_id: str) -> str:
         return self._keyspace.bucket(session_id).session_key(session_id)
@@ -304,9 +311,12 @@ class RedisSessionStore:
             raise self._unavailable(exc) from exc
 
     def _unavailable(self, exc: BaseException) -> StoreUnavailable:
-        said = str(exc).split(". script:")[0]  # not which script line: nobody acts on it
+        # not which script and line: nobody acts on it
+        said = re.split(r"\.? script: ", str(exc), maxsplit=1)[0]
         if isinstance(exc, OutOfMemoryError):
             return StoreFull(f"redis at {self._redis_location()}", f"OOM {said}")
+        if denied(exc):
+            return StoreDenied(f"redis at {self._redis_location()}", said)
         return StoreUnavailable(f"redis at {self._redis_location()}", said or type(exc).__name__)
 
     def _redis_location(self) -> str:
@@ -506,10 +516,67 @@ class RedisSessionStore:
         return SessionPage(sessions, stop.decode() if stop else None)
 
     async def ping(self) -> None:
-        await self._call(self._redis.ping)
+        """Redis answers, and (on one Redis) lets gruserve's user run what the store runs.
+
+        Redis checks a user's ACL command by command, so a user denied a command that a
+        script calls half-way would have that script stop with its first writes kept: the
+        permission check (:data:`PERMISSIONS`, which writes nothing) is the ping, and
+        ``/readyz`` fails while it finds a denial. A cluster's ping stays Redis's ``PING``
+        (one master failing over must not make every replica unready); :meth:`cautions`
+        asks each of its masters at start-up.
+
+        Raises:
+            StoreDenied: a wrong password, or an ACL denying a command or key.
+            StoreUnavailable: Redis does not answer.
+        """
+        if isinstance(self._redis, RedisCluster):
+            await self._call(self._redis.ping)
+            return
+        bucket = self._keyspace.buckets[0]
+        keys = [*bucket.sets, bucket.session_key(PROBE_ID)]
+        found = await self._call(lambda: self._permissions(keys=keys, args=[self._waits]))
+        if found:
+            raise self._acl_denies(found)
+
+    def _acl_denies(self, found: Sequence[bytes], where: str | None = None) -> StoreDenied:
+        """What :data:`PERMISSIONS` found denied, as the error naming it (a cluster's bucket
+        tags folded: the same denial on each bucket of a master is said once)."""
+        calls = sorted({re.sub(r"\{\d+\}", "{*}", c.decode(errors="replace")) for c in found})
+        where = where or f"redis at {self._redis_location()}"
+        return StoreDenied(where, f"its ACL denies {', '.join(calls)}")
+
+    async def _denials(self) -> list[str]:
+        """What Redis refuses gruserve's user, asked of every bucket: one text per master
+        (a cluster's are named) or per different refusal; none where all is allowed or
+        nothing answers (an unreachable Redis is the ping's to report)."""
+        buckets = self._keyspace.buckets
+        calls = [
+            Call(self._permissions, [*b.sets, b.session_key(PROBE_ID)], [self._waits])
+            for b in buckets
+        ]
+        try:
+            answers = await self._call(lambda: self._masters.run(calls))
+        except StoreUnavailable as exc:
+            answers = [exc] * len(buckets)
+        texts = {str(answer) for answer in answers if isinstance(answer, StoreDenied)}
+        found: dict[str, list[bytes]] = {}
+        for bucket, answer in zip(buckets, answers, strict=True):
+            if isinstance(answer, list) and answer:
+                found.setdefault(self._master_of(bucket), []).extend(answer)
+        texts.update(str(self._acl_denies(calls, where)) for where, calls in found.items())
+        return sorted(texts)
+
+    def _master_of(self, bucket: Bucket) -> str:
+        """Where ``bucket``'s keys are, for a message: on a cluster, its master's address."""
+        if isinstance(self._redis, RedisCluster):
+            node = self._redis.get_node_from_key(bucket.sets[0])
+            if node is not None:
+                return f"redis at {node.name} (a master of {self._redis_location()})"
+        return f"redis at {self._redis_location()}"
 
     async def cautions(self) -> list[str]:
-        """A caution for each Redis (every master of a cluster) that evicts keys when full.
+        """A caution for each Redis (every master of a cluster) that refuses gruserve's user
+        a command or key (:meth:`ping`), and for each that evicts keys when full.
 
         Under an evicting ``maxmemory-policy`` (any but ``noeviction``) a full Redis drops
         keys on its own: sessions' records (they carry a TTL, so the ``volatile-*``
@@ -519,6 +586,9 @@ class RedisSessionStore:
         and nothing is lost. Where ``CONFIG`` is not allowed (managed services often rename
         it) nothing can be said, and nothing is.
         """
+        return [*await self._denials(), *await self._evictions()]
+
+    async def _evictions(self) -> list[str]:
         configs: list[Any]
         try:
             if isinstance(self._redis, RedisCluster):
