@@ -26,6 +26,7 @@ from deploy_helpers import (
     stage,
 )
 
+from conftest import private_redis
 from gruserve.settings import Settings
 
 COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())
@@ -202,3 +203,17 @@ def test_rollout_override_shares_one_read_only_repository(
         assert settings.repository_poll_s > 0
         assert settings.version_policies()["demo"].kept([1, 2, 3]) == [2, 3]
         assert settings.session_store.startswith("redis://")  # the base's settings are kept
+
+
+def test_the_redis_fills_up_before_its_memory_limit_and_then_refuses(tmp_path: Path) -> None:
+    """As in Kubernetes: Redis's ``maxmemory`` is below the container's ``mem_limit``, with
+    ``noeviction``, so a full Redis refuses writes (503 StoreFull) instead of being killed;
+    checked on a real ``redis-server`` started with the file's own arguments."""
+    redis = SERVICES["redis"]
+    assert redis["command"][0] == "redis-server"
+    limit = redis["mem_limit"]
+    assert limit.endswith("m"), limit
+    with private_redis(tmp_path, redis["command"][1:]) as node:
+        config = node.client.config_get("maxmemory*")
+    assert 0 < int(str(config["maxmemory"])) <= 0.8 * int(limit.removesuffix("m")) * 2**20
+    assert config["maxmemory-policy"] == "noeviction"
