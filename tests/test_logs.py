@@ -137,7 +137,7 @@ def test_an_unreachable_store_is_warned_about_at_start_up(
     summary = next(line for line in lines if line.startswith("INFO gruserve: gruserve "))
     assert "store redis://***@127.0.0.1:" in summary and "secret" not in "".join(lines)
     assert any(
-        line.startswith("WARNING gruserve: the session store (redis) does not answer")
+        line.startswith("WARNING gruserve: the session store (redis) is not ready at start-up")
         for line in lines
     )
 
