@@ -162,9 +162,10 @@ async def _session_loop(
 ) -> int:
     rng = np.random.default_rng(seed)
     rows = rng.normal(size=(16, features)).astype(np.float32)
+    requests: list[bytes] = []  # REST: each row's whole HTTP request
+    payloads: list[bytes] = []  # WebSocket: each row's frame payload
     if transport == "ws":
         conn = await _open(host, port, True, f"/v1/sessions/{session_id}/ws")
-        requests: list[bytes] = []
         payloads = [row.tobytes() for row in rows]
     else:
         conn = await _open(host, port, False, "")

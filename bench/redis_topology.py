@@ -137,7 +137,10 @@ class Node:
         self.client.close()
         if self.proc.poll() is None:
             self.proc.terminate()
-            self.proc.wait(timeout=10)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:  # a script running on: SIGTERM waits for it
+                self.kill()
 
 
 class LocalCluster:

@@ -563,7 +563,7 @@ class RedisSessionStore:
         for bucket, answer in zip(buckets, answers, strict=True):
             if isinstance(answer, list) and answer:
                 found.setdefault(self._master_of(bucket), []).extend(answer)
-        texts.update(str(self._acl_denies(calls, where)) for where, calls in found.items())
+        texts.update(str(self._acl_denies(said, where)) for where, said in found.items())
         return sorted(texts)
 
     def _master_of(self, bucket: Bucket) -> str:
