@@ -14,7 +14,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
-from typing import Any
+from typing import Any, assert_type
 
 import httpx
 import numpy as np
@@ -38,6 +38,7 @@ from gruserve.client import (
     ConnectionLost,
     InvalidInput,
     ModelNotFound,
+    Outputs,
     Session,
     SessionExists,
     SessionNotFound,
@@ -178,16 +179,16 @@ def test_initial_state_and_predict_with_states(server: str) -> None:
     initial = {"gru": rng.normal(size=32), "gru_1": rng.normal(size=16)}
     with Client(server, api_key=KEY) as c:
         s = c.create_session("demo", initial_state=initial)
-        stepped = array(s.step(x))
-        outputs, states = with_states(
-            c.predict(
-                "demo",
-                x[None],
-                initial_state={k: v[None] for k, v in initial.items()},
-                return_state=True,
-            )
+        # the return types follow return_state and end (the suite's mypy checks these)
+        stepped = array(assert_type(s.step(x), Outputs))
+        answered = c.predict(
+            "demo",
+            x[None],
+            initial_state={k: v[None] for k, v in initial.items()},
+            return_state=True,
         )
-        plain = array(c.predict("demo", np.stack([x, x])))
+        outputs, states = with_states(assert_type(answered, tuple[Outputs, dict[str, np.ndarray]]))
+        plain = array(assert_type(c.predict("demo", np.stack([x, x])), Outputs))
         s.delete()
     raw = httpx.post(
         f"{server}/v1/models/demo/predict",
@@ -293,7 +294,7 @@ def test_async_client_through_a_proxy_losing_every_5th_reply(server: str) -> Non
     async def run(url: str) -> tuple[str, list[np.ndarray], list[np.ndarray]]:
         async with AsyncClient(url, api_key=KEY, timeout=5.0, retries=5) as c:
             s = await c.create_session("demo")
-            outputs = [array(await s.step(x)) for x in chunks[:30]]
+            outputs = [array(assert_type(await s.step(x), Outputs)) for x in chunks[:30]]
             streamed = [array(y) async for y in s.stream(chunks[30:])]
             assert s.step_number == 40 and (await s.info())["step"] == 40
             attached = await c.session(s.session_id)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal, overload
 from urllib.parse import quote
 
 import httpx
@@ -138,6 +138,37 @@ class AsyncClient:
         path = w.session_path(session_id, "/upgrade")
         return dict(await self._json("POST", path, "upgrade", body))
 
+    @overload
+    async def predict(
+        self,
+        model: str,
+        X: Any,
+        initial_state: Mapping[str, Any] | None = None,
+        return_state: Literal[False] = False,
+        mask: Any = None,
+    ) -> w.Outputs: ...
+
+    @overload
+    async def predict(
+        self,
+        model: str,
+        X: Any,
+        initial_state: Mapping[str, Any] | None = None,
+        *,
+        return_state: Literal[True],
+        mask: Any = None,
+    ) -> tuple[w.Outputs, dict[str, np.ndarray]]: ...
+
+    @overload
+    async def predict(
+        self,
+        model: str,
+        X: Any,
+        initial_state: Mapping[str, Any] | None = None,
+        return_state: bool = False,
+        mask: Any = None,
+    ) -> w.Outputs | tuple[w.Outputs, dict[str, np.ndarray]]: ...
+
     async def predict(
         self,
         model: str,
@@ -252,6 +283,16 @@ class AsyncSession:
     def step_number(self) -> int:
         """Steps the session has applied, as of this client's last answer from it."""
         return self._step
+
+    @overload
+    async def step(
+        self, x: Any, mask: Any = None, *, create: w.Create = None, end: bool | None = None
+    ) -> w.Outputs: ...
+
+    @overload
+    async def step(
+        self, x: Any, mask: Any = None, *, create: w.Create = None, end: w.End = None
+    ) -> w.Outputs | tuple[w.Outputs, dict[str, np.ndarray]]: ...
 
     async def step(
         self, x: Any, mask: Any = None, *, create: w.Create = None, end: w.End = None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal, overload
 from urllib.parse import quote
 
 import httpx
@@ -135,6 +135,37 @@ class Client:
         path = w.session_path(session_id, "/upgrade")
         return dict(self._json("POST", path, "upgrade", body))
 
+    @overload
+    def predict(
+        self,
+        model: str,
+        X: Any,
+        initial_state: Mapping[str, Any] | None = None,
+        return_state: Literal[False] = False,
+        mask: Any = None,
+    ) -> w.Outputs: ...
+
+    @overload
+    def predict(
+        self,
+        model: str,
+        X: Any,
+        initial_state: Mapping[str, Any] | None = None,
+        *,
+        return_state: Literal[True],
+        mask: Any = None,
+    ) -> tuple[w.Outputs, dict[str, np.ndarray]]: ...
+
+    @overload
+    def predict(
+        self,
+        model: str,
+        X: Any,
+        initial_state: Mapping[str, Any] | None = None,
+        return_state: bool = False,
+        mask: Any = None,
+    ) -> w.Outputs | tuple[w.Outputs, dict[str, np.ndarray]]: ...
+
     def predict(
         self,
         model: str,
@@ -252,6 +283,16 @@ class Session:
     def step_number(self) -> int:
         """Steps the session has applied, as of this client's last answer from it."""
         return self._step
+
+    @overload
+    def step(
+        self, x: Any, mask: Any = None, *, create: w.Create = None, end: bool | None = None
+    ) -> w.Outputs: ...
+
+    @overload
+    def step(
+        self, x: Any, mask: Any = None, *, create: w.Create = None, end: w.End = None
+    ) -> w.Outputs | tuple[w.Outputs, dict[str, np.ndarray]]: ...
 
     def step(
         self, x: Any, mask: Any = None, *, create: w.Create = None, end: w.End = None
