@@ -41,7 +41,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gruserve.api import encode
 from gruserve.api._request_id import HEADER, REQUEST_ID
-from gruserve.api.errors import error_payload, shaped_for
+from gruserve.api.errors import counted_error, shaped_for
 from gruserve.errors import ConfigError, GruServeError, InvalidApiKey, MissingApiKey
 from gruserve.metrics import Metrics
 from gruserve.sessions.owner import ANYONE, Caller
@@ -227,8 +227,7 @@ class ApiKeyMiddleware:
             scope[CALLER] = refusal
             await self.app(scope, receive, send)
             return
-        status, body = error_payload(refusal)
-        self.metrics.errors.labels(body["error"]["type"]).inc()
+        status, body = counted_error(refusal, self.metrics)
         content = encode.dumps(shaped_for(scope["path"], body))
         headers = [
             (b"content-type", b"application/json"),

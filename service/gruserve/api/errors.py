@@ -133,6 +133,17 @@ def error_payload(exc: BaseException) -> tuple[int, dict[str, Any]]:
     return status, {"error": error}
 
 
+def counted_error(exc: BaseException, metrics: Metrics | None) -> tuple[int, dict[str, Any]]:
+    """:func:`error_payload`, counted in ``gruserve_errors_total``: the one way an error
+    answered on its own is answered and counted, a request's (the framework's handlers, the
+    fast step and bulk routes, the edge, the API-key check) or a message's (a WebSocket's
+    error message, an NDJSON error line). A bulk reply's failed steps and gRPC errors are
+    counted by :func:`count_answered`, where their answers are built."""
+    status, body = error_payload(exc)
+    count_answered(metrics, [exc])
+    return status, body
+
+
 def json_error(
     status: int, body: dict[str, Any], headers: dict[str, str] | None = None
 ) -> Response:
@@ -173,8 +184,7 @@ def install(app: FastAPI, metrics: Metrics | None = None) -> None:
 
     @app.exception_handler(e.GruServeError)
     async def _ours(request: Request, exc: e.GruServeError) -> Response:
-        status, body = error_payload(exc)
-        count(body["error"]["type"])
+        status, body = counted_error(exc, metrics)
         return json_error(status, shaped(request, body))
 
     @app.exception_handler(RequestValidationError)
@@ -215,6 +225,5 @@ def install(app: FastAPI, metrics: Metrics | None = None) -> None:
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception) -> Response:
-        status, body = error_payload(exc)
-        count(body["error"]["type"])
+        status, body = counted_error(exc, metrics)
         return json_error(status, shaped(request, body))

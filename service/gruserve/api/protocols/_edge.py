@@ -39,7 +39,7 @@ from prometheus_client import Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gruserve.api._request_id import HEADER, REQUEST_ID, chosen
-from gruserve.api.errors import error_payload, json_error, shaped_for
+from gruserve.api.errors import counted_error, json_error, shaped_for
 from gruserve.errors import PayloadTooLarge
 from gruserve.metrics import Metrics
 
@@ -107,8 +107,7 @@ class EdgeMiddleware:
         send: Send,
         headers: dict[str, str] | None = None,
     ) -> None:
-        code, body = error_payload(exc)  # logs an unexpected error, with the request id
-        self.metrics.errors.labels(body["error"]["type"]).inc()
+        code, body = counted_error(exc, self.metrics)  # logs an unexpected one, with its id
         body = shaped_for(scope["path"], body)  # /v2 answers in the protocol's shape
         await json_error(code, body, headers)(scope, receive, send)
 

@@ -21,7 +21,7 @@ from starlette.types import Receive, Scope, Send
 from gruserve.api import encode
 from gruserve.api._auth import caller_of
 from gruserve.api._request_id import HEADER, REQUEST_ID
-from gruserve.api.errors import count_answered, error_payload
+from gruserve.api.errors import count_answered, counted_error
 from gruserve.api.protocols._disconnect import DisconnectWatch, unless_disconnected
 from gruserve.api.protocols._edge import SETTING
 from gruserve.api.v1 import bulk_codec
@@ -142,8 +142,7 @@ class BulkEndpoint:
             else:
                 content = bulk_codec.json_reply(decoded.ids, outcomes)
         except Exception as exc:  # every error gets the one JSON shape, as in api/errors.py
-            status, payload = error_payload(exc)
-            self.services.metrics.errors.labels(payload["error"]["type"]).inc()
+            status, payload = counted_error(exc, self.services.metrics)
             content, kind = encode.dumps(payload), _JSON
         headers = [(b"content-length", b"%d" % len(content)), (b"content-type", kind)]
         await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -151,8 +150,7 @@ class BulkEndpoint:
 
 
 def _error_text(exc: GruServeError, metrics: Metrics) -> str:
-    count_answered(metrics, [exc])
-    status, body = error_payload(exc)
+    status, body = counted_error(exc, metrics)
     body["error"]["status"] = status
     return encode.dumps(body).decode()
 

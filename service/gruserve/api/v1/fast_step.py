@@ -22,8 +22,8 @@ them, but these requests are answered by one of these first:
 Both answer with :meth:`StepEndpoint.answer`: :func:`gruserve.api.decode.step_message`
 for the body (step number included), one
 :meth:`~gruserve.sessions.service.SessionService.step` call, :func:`gruserve.api.encode.step`
-for the reply, :func:`gruserve.api.errors.error_payload` for every error (counted like
-the exception handlers count them); a client that disconnects has its step cancelled.
+for the reply, :func:`gruserve.api.errors.counted_error` for every error (answered and counted as
+the exception handlers do); a client that disconnects has its step cancelled.
 Request ids and HTTP metrics are the edge's own pieces (measured in ``bench/README.md``).
 """
 
@@ -39,7 +39,7 @@ from starlette.types import Message, Receive, Scope, Send
 from gruserve.api import decode, encode
 from gruserve.api._auth import ApiKeys, caller_of
 from gruserve.api._request_id import HEADER, REQUEST_ID, chosen
-from gruserve.api.errors import ClientDisconnected, error_payload
+from gruserve.api.errors import ClientDisconnected, counted_error
 from gruserve.api.protocols._disconnect import DisconnectWatch, Watch
 from gruserve.api.protocols._edge import HttpMetrics, scan_headers
 from gruserve.metrics import Metrics
@@ -166,8 +166,7 @@ class StepEndpoint:
             return self.failed(exc)
 
     def failed(self, exc: Exception) -> tuple[int, bytes]:
-        status, payload = error_payload(exc)
-        self.metrics.errors.labels(payload["error"]["type"]).inc()
+        status, payload = counted_error(exc, self.metrics)
         return status, encode.dumps(payload)
 
 

@@ -21,7 +21,7 @@ from starlette.types import Receive, Scope, Send
 
 from gruserve.api import decode, encode
 from gruserve.api._auth import caller_of
-from gruserve.api.errors import count_answered, error_payload
+from gruserve.api.errors import counted_error
 from gruserve.api.protocols._edge import SETTING
 from gruserve.api.v1 import schemas as s
 from gruserve.errors import GruServeError, PayloadTooLarge
@@ -101,8 +101,7 @@ class StepStream(Response):
         return True
 
     async def _send_error(self, exc: GruServeError, send: Send) -> None:
-        count_answered(self._metrics, [exc])
-        status, body = error_payload(exc)
+        status, body = counted_error(exc, self._metrics)
         body["error"]["status"] = status
         body["line"] = self._line
         await send(

@@ -40,7 +40,7 @@ from starlette.types import Receive, Scope, Send
 from gruserve.api import decode, encode
 from gruserve.api._auth import caller_of
 from gruserve.api._request_id import HEADER, REQUEST_ID
-from gruserve.api.errors import count_answered, error_payload
+from gruserve.api.errors import counted_error
 from gruserve.api.protocols._edge import SETTING
 from gruserve.errors import (
     GruServeError,
@@ -62,8 +62,7 @@ NO_NUMBER = 2**64 - 1
 
 
 def _error(exc: GruServeError, metrics: Metrics) -> dict[str, Any]:
-    count_answered(metrics, [exc])
-    status, body = error_payload(exc)
+    status, body = counted_error(exc, metrics)
     body["error"]["status"] = status
     return {"type": "websocket.send", "text": encode.dumps(body).decode()}
 
