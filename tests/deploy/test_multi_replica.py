@@ -162,6 +162,42 @@ def test_nginx_keeps_each_session_on_one_replica_and_spreads_the_rest(cluster: C
     assert creates == bulks == set(cluster.replicas), "requests naming no session go round robin"
 
 
+def test_a_gruserve_session_header_keeps_what_names_no_session_on_one_replica(
+    cluster: Cluster,
+) -> None:
+    """Requests whose path names no session go round robin (above), unless they carry a
+    ``Gruserve-Session`` header: a KServe v2 sequence's steps (its id is in the body, out of
+    nginx's sight) and a gateway's bulk steps then each reach one replica, and the sequence
+    gives what one process gives."""
+    infer, bulk = "/v2/models/demo/infer", "/v1/models/demo/steps"
+    logged = upstreams_by_uri(cluster.access_log)
+    before = {uri: len(logged.get(uri, [])) for uri in (infer, bulk)}
+    x = (np.random.default_rng(7).normal(size=(8, 1)) * 20 + 60).astype(np.float32)
+    got = []
+    for t in range(8):
+        given = {"name": "inputs", "shape": [1, 1, 1], "datatype": "FP32", "data": [float(x[t, 0])]}
+        sequence = {"sequence_id": "kept-7", "sequence_start": t == 0}
+        body = {"inputs": [given], "parameters": sequence}
+        reply = cluster.client.post(infer, json=body, headers={"Gruserve-Session": "kept-7"})
+        assert reply.status_code == 200, reply.text
+        (out,) = reply.json()["outputs"]
+        got.append(out["data"])
+    sids = [f"gateway-{i}" for i in range(4)]
+    for sid in sids:
+        cluster.create(sid)
+    steps = {"steps": [{"session_id": sid, "inputs": [1.0]} for sid in sids]}
+    for _ in range(6):
+        reply = cluster.client.post(bulk, json=steps, headers={"Gruserve-Session": "gateway-a"})
+        assert reply.status_code == 200, reply.text
+
+    served = upstreams_by_uri(cluster.access_log)
+    for uri, count in ((infer, 8), (bulk, 6)):
+        answered = [tried[-1] for tried in served[uri][before[uri] :]]
+        assert len(answered) == count and len(set(answered)) == 1, (uri, answered)
+    expected, _ = cluster.reference(x)
+    np.testing.assert_allclose(np.ravel(got), np.ravel(expected), atol=ATOL, rtol=RTOL)
+
+
 def test_ndjson_stream_through_nginx_flushes_each_line(cluster: Cluster) -> None:
     rng = np.random.default_rng(8)
     x = _sequence(rng, 8)

@@ -93,3 +93,32 @@ def test_a_sequence_continues_across_replicas(front: Any, rng: np.random.Generat
     answered_by = {tried[-1] for tried in served[INFER]}
     assert len(answered_by) == REPLICAS, served  # both replicas stepped the one sequence
     assert len(served[STREAM]) == 1
+
+
+def test_gruserve_session_metadata_keeps_a_sequence_on_one_replica(
+    front: Any, rng: np.random.Generator
+) -> None:
+    """Unary calls carrying ``gruserve-session`` metadata reach one replica (the upstream
+    hashes on it), where those without it go round robin (above)."""
+    address, replicas, access_log = front
+    before = len(upstreams_by_uri(access_log)[INFER])
+    x = (rng.normal(size=(1, 6, 1)) * 20 + 60).astype(np.float32)
+    client = grpcclient.InferenceServerClient(address)
+    try:
+        got = [
+            client.infer(
+                "demo",
+                _step(x[:, t : t + 1]),
+                sequence_id="stay-1",
+                sequence_start=t == 0,
+                sequence_end=t == 5,
+                headers={"gruserve-session": "stay-1"},
+            ).as_numpy("outputs")
+            for t in range(6)
+        ]
+    finally:
+        client.close()
+    expected, _ = reference(f"http://{replicas[0]}", x[0], timeout=10)
+    np.testing.assert_allclose(np.concatenate(got, axis=1)[0], expected, atol=ATOL, rtol=RTOL)
+    answered = [tried[-1] for tried in upstreams_by_uri(access_log)[INFER][before:]]
+    assert len(answered) == 6 and len(set(answered)) == 1, answered
