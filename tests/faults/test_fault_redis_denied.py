@@ -25,6 +25,7 @@ from bench.redis_topology import Node
 
 from conftest import private_redis, serve
 from gruserve.client import errors as client_errors
+from gruserve.sessions.redis_store._scripts import COUNT, DELETE, PAGE, PERMISSIONS, scripts
 
 PASSWORD = "s3cret"
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -42,6 +43,21 @@ def cluster_additions() -> list[str]:
     text = README.read_text()
     said = text[text.index("On a Redis Cluster, set the same user") :].split(".", 1)[0]
     return re.findall(r"`(\+[^`]+)`", said)[0].split()
+
+
+def test_the_readme_and_the_permission_check_cover_every_command_gruserve_sends() -> None:
+    """Every command any store script calls (each layout, with and without history) is one
+    the permission check asks about and the README's line allows, and so is every command
+    the store sends itself; a new command in a script fails here, not half-way through a
+    write on a production Redis."""
+    texts = [COUNT, DELETE, PAGE]
+    texts += [text for h in (False, True) for p in (False, True) for text in scripts(h, p)]
+    called = set(re.findall(r"redis\.call\('(\w+)'", "\n".join(texts)))
+    sent = {"EVALSHA", "SCRIPT", "PING", "WAIT"}  # the calls, script loads, pings, WAIT
+    asked = set(re.findall(r"check\('(\w+)'", PERMISSIONS))
+    assert called | sent <= asked, (called | sent) - asked
+    allowed = {r[1:].split("|")[0].upper() for r in readme_rule() if r.startswith("+")}
+    assert asked <= allowed, asked - allowed
 
 
 @pytest.fixture

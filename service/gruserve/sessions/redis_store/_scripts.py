@@ -225,7 +225,7 @@ end
 local h = KEYS[4]
 check('EVALSHA', '0', '1', h) check('SCRIPT', 'LOAD', 'return 0') check('PING') check('TIME')
 check('HMGET', h, 'revision') check('HGET', h, 'record') check('HSET', h, 'revision', '0')
-check('EXISTS', h) check('PEXPIREAT', h, '0') check('DEL', h)
+check('HDEL', h, 'state') check('EXISTS', h) check('PEXPIREAT', h, '0') check('DEL', h)
 for i = 1, 3 do
     check('ZADD', KEYS[i], '0', 'id') check('ZREM', KEYS[i], 'id')
 end
