@@ -53,8 +53,9 @@ UNAVAILABLE: tuple[type[BaseException], ...] = (
     # Redis at its maxmemory with the noeviction policy: it refuses a script's first write,
     # so nothing of the call was stored (the store answers StoreFull, a kind of 503)
     OutOfMemoryError,
-    # an ACL that denies gruserve's user a command or key (a wrong password is an
-    # AuthenticationError, a ConnectionError): StoreDenied, a 503 until the user is fixed
+    # an ACL that denies gruserve's user a command or key, as a failed script load or WAIT
+    # on one master meets it too (a wrong password is an AuthenticationError, a
+    # ConnectionError): StoreDenied, a 503 until the user is fixed (see denied)
     NoPermissionError,
 )
 """Errors that mean the store cannot answer now (the caller gets 503 and retries)."""
@@ -79,12 +80,11 @@ def cannot_answer(exc: BaseException) -> bool:
     """Whether ``exc`` means the store cannot answer now (503 and a retry), not a bug: one
     of :data:`UNAVAILABLE`, a Redis error with a code in :data:`REFUSING` (found at the
     head of its message: redis-py keeps the code there for the errors it has no class for),
-    or a denial (:func:`denied`)."""
-    if isinstance(exc, UNAVAILABLE):
+    or a denial of gruserve's user (:func:`denied`: StoreDenied, a 503 until the user is
+    fixed)."""
+    if isinstance(exc, UNAVAILABLE) or denied(exc):
         return True
-    if not isinstance(exc, ResponseError):
-        return False
-    return str(exc).split(" ", 1)[0] in REFUSING or SCRIPT_DENIED in str(exc)
+    return isinstance(exc, ResponseError) and str(exc).split(" ", 1)[0] in REFUSING
 
 
 def denied(exc: BaseException) -> bool:
