@@ -125,6 +125,18 @@ async def test_the_readmes_user_serves_every_session_request_with_no_denial(
         np.testing.assert_allclose(item["outputs"], outputs[0][0, 3], atol=1e-5)
         for key, value in states.items():
             np.testing.assert_allclose(read.json()["states"][key], value[0], atol=1e-5)
+
+    # a session written in the ten-field layout of 0.1.0, then stepped by a packed writer,
+    # which rewrites the hash packed and drops the old fields (HDEL) in the same script
+    async for s in serve(models_dir, _url(redis_node), store_packed_records=False):
+        old = await _create(s.client)
+        r = await s.client.post(f"/v1/sessions/{old}/step", json={"inputs": x[0].tolist()})
+        assert r.status_code == 200, r.text
+    assert redis_node.client.hexists(f"gruserve:session:{old}", "state")
+    async for s in serve(models_dir, _url(redis_node)):
+        r = await s.client.post(f"/v1/sessions/{old}/step", json={"inputs": x[1].tolist()})
+        assert r.status_code == 200, r.text
+    assert not redis_node.client.hexists(f"gruserve:session:{old}", "state")  # packed now
     assert _acl_log(redis_node.client) == []  # nothing gruserve sent was denied
 
 
