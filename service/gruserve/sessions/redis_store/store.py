@@ -88,6 +88,7 @@ from gruserve.errors import (
 )
 from gruserve.sessions.events import IDLE, LIFETIME, SessionEvents
 from gruserve.sessions.redis_store._client import (
+    SCRIPT_DENIED,
     cannot_answer,
     connect,
     denied,
@@ -316,6 +317,8 @@ class RedisSessionStore:
         if isinstance(exc, OutOfMemoryError):
             return StoreFull(f"redis at {self._redis_location()}", f"OOM {said}")
         if denied(exc):
+            if SCRIPT_DENIED in said:  # Redis does not say which command: the check does
+                said += "; /readyz and the start-up log name what it denies"
             return StoreDenied(f"redis at {self._redis_location()}", said)
         return StoreUnavailable(f"redis at {self._redis_location()}", said or type(exc).__name__)
 
