@@ -32,7 +32,8 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def readme_rule() -> list[str]:
-    """The README's ``ACL SETUSER gruserve ...`` line as arguments, and its cluster additions."""
+    """The rules of the README's ``ACL SETUSER gruserve ...`` line (after the user's name),
+    with this test's password."""
     text = README.read_text()
     (line,) = re.findall(r"^\s*(ACL SETUSER gruserve .+)$", text, flags=re.MULTILINE)
     return line.replace("PASSWORD", PASSWORD).split()[3:]
@@ -69,8 +70,8 @@ def redis_node(tmp_path: Path) -> Iterator[Node]:
         yield node
 
 
-def _url(node: Node, password: str = PASSWORD) -> str:
-    return f"redis://gruserve:{password}@127.0.0.1:{node.port}/0"
+def _url(node: Node) -> str:
+    return f"redis://gruserve:{PASSWORD}@127.0.0.1:{node.port}/0"
 
 
 def _acl_log(client: redis.Redis) -> list[Any]:
