@@ -352,7 +352,12 @@ class StoreUnavailable(GruServeError):
 
     def __init__(self, store: str, reason: object) -> None:
         self.store = store
-        super().__init__(f"session store {store} cannot answer now ({reason}); retry shortly")
+        super().__init__(self.describe(store, reason))
+
+    @staticmethod
+    def describe(store: str, reason: object) -> str:
+        """The message; its kinds below say their own cause and what to do."""
+        return f"session store {store} cannot answer now ({reason}); retry shortly"
 
 
 class StoreFull(StoreUnavailable):
@@ -365,14 +370,13 @@ class StoreFull(StoreUnavailable):
     stored, so a resend (with its step number) applies it once.
     """
 
-    def __init__(self, store: str, reason: object) -> None:
-        self.store = store
-        GruServeError.__init__(
-            self,
+    @staticmethod
+    def describe(store: str, reason: object) -> str:
+        return (
             f"session store {store} is full: it refuses writes above its memory limit "
             f"({reason}); steps and new sessions fail until memory is freed: raise Redis's "
             "maxmemory, lower GRUSERVE_MAX_SESSIONS or GRUSERVE_SESSION_TTL_S, or delete "
-            "finished sessions; retry later",
+            "finished sessions; retry later"
         )
 
 
@@ -387,13 +391,12 @@ class StoreDenied(StoreUnavailable):
     user before a command runs, so nothing of a refused call was stored.
     """
 
-    def __init__(self, store: str, reason: object) -> None:
-        self.store = store
-        GruServeError.__init__(
-            self,
+    @staticmethod
+    def describe(store: str, reason: object) -> str:
+        return (
             f"session store {store} refuses gruserve's Redis user ({reason}); give the user "
             "the commands and keys listed in the README (Session stores, 'Redis users'), "
-            "or fix the user name and password in GRUSERVE_SESSION_STORE",
+            "or fix the user name and password in GRUSERVE_SESSION_STORE"
         )
 
 

@@ -535,11 +535,14 @@ class RedisSessionStore:
         if isinstance(self._redis, RedisCluster):
             await self._call(self._redis.ping)
             return
-        bucket = self._keyspace.buckets[0]
-        keys = [*bucket.sets, bucket.session_key(PROBE_ID)]
-        found = await self._call(lambda: self._permissions(keys=keys, args=[self._waits]))
+        check = self._permission_check(self._keyspace.buckets[0])
+        found = await self._call(lambda: check.script(keys=check.keys, args=check.args))
         if found:
             raise self._acl_denies(found)
+
+    def _permission_check(self, bucket: Bucket) -> Call:
+        """:data:`PERMISSIONS` asked on ``bucket``'s keys."""
+        return Call(self._permissions, [*bucket.sets, bucket.session_key(PROBE_ID)], [self._waits])
 
     def _acl_denies(self, found: Sequence[bytes], where: str | None = None) -> StoreDenied:
         """What :data:`PERMISSIONS` found denied, as the error naming it (a cluster's bucket
@@ -549,14 +552,14 @@ class RedisSessionStore:
         return StoreDenied(where, f"its ACL denies {', '.join(calls)}")
 
     async def _denials(self) -> list[str]:
-        """What Redis refuses gruserve's user, asked of every bucket: one text per master
-        (a cluster's are named) or per different refusal; none where all is allowed or
-        nothing answers (an unreachable Redis is the ping's to report)."""
+        """What a cluster's masters refuse gruserve's user, asked of every bucket: one text
+        per master or per different refusal; none where all is allowed or nothing answers
+        (an unreachable Redis is the ping's to report). One Redis: none, since its ping asks
+        the same and a refused user's start-up stops at the ping."""
+        if not isinstance(self._redis, RedisCluster):
+            return []
         buckets = self._keyspace.buckets
-        calls = [
-            Call(self._permissions, [*b.sets, b.session_key(PROBE_ID)], [self._waits])
-            for b in buckets
-        ]
+        calls = [self._permission_check(b) for b in buckets]
         try:
             answers = await self._call(lambda: self._masters.run(calls))
         except StoreUnavailable as exc:
@@ -578,8 +581,9 @@ class RedisSessionStore:
         return f"redis at {self._redis_location()}"
 
     async def cautions(self) -> list[str]:
-        """A caution for each Redis (every master of a cluster) that refuses gruserve's user
-        a command or key (:meth:`ping`), and for each that evicts keys when full.
+        """A caution for each master of a cluster that refuses gruserve's user a command or
+        key (one Redis: its :meth:`ping` says so), and for each Redis (every master of a
+        cluster) that evicts keys when full.
 
         Under an evicting ``maxmemory-policy`` (any but ``noeviction``) a full Redis drops
         keys on its own: sessions' records (they carry a TTL, so the ``volatile-*``
